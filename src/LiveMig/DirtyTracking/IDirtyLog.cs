@@ -1,0 +1,49 @@
+using LiveMig.Memory;
+
+namespace LiveMig.DirtyTracking;
+
+/// <summary>
+/// Which guest pages were written since the last harvest. The engine starts it before round 0
+/// reads any page, so every write after that point is seen by some later harvest.
+/// </summary>
+public interface IDirtyLog : IDisposable
+{
+    /// <summary>Short name for reports: <c>software</c> or <c>uffd-wp</c>.</summary>
+    string Name { get; }
+
+    bool IsTracking { get; }
+
+    /// <summary>Begins tracking; every page starts clean.</summary>
+    void Start();
+
+    /// <summary>ORs the pages written since the last harvest into <paramref name="into"/>, clears them, returns how many.</summary>
+    long Harvest(PageBitmap into);
+
+    void Stop();
+}
+
+public enum DirtyLogKind
+{
+    /// <summary>Kernel tracking where available (userfaultfd async write-protect + PAGEMAP_SCAN), else software.</summary>
+    Auto,
+    Software,
+    Kernel,
+}
+
+public static class DirtyLogFactory
+{
+    /// <summary>
+    /// Makes the dirty log for <paramref name="memory"/>. <c>Auto</c> falls back to the software
+    /// log when the kernel lacks the mechanism, and says why in <paramref name="note"/>.
+    /// </summary>
+    public static IDirtyLog Create(GuestMemory memory, DirtyLogKind kind, out string? note)
+    {
+        note = null;
+        if (kind == DirtyLogKind.Software) return new SoftwareDirtyLog(memory);
+        if (UffdWriteProtectDirtyLog.TryCreate(memory, out var log, out string? why)) return log!;
+        if (kind == DirtyLogKind.Kernel)
+            throw new NotSupportedException($"kernel dirty tracking unavailable: {why}");
+        note = $"kernel dirty tracking unavailable ({why}); using the software dirty log";
+        return new SoftwareDirtyLog(memory);
+    }
+}

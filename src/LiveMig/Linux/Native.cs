@@ -1,0 +1,61 @@
+using System.Runtime.InteropServices;
+
+namespace LiveMig.Linux;
+
+/// <summary>
+/// Every libc entry point LiveMig uses, in one place. Linux x86_64 only; callers
+/// check <see cref="OperatingSystem.IsLinux"/> before touching any of these.
+/// </summary>
+internal static unsafe partial class Native
+{
+    private const string Libc = "libc";
+
+    public const int PROT_READ = 0x1, PROT_WRITE = 0x2;
+    public const int MAP_SHARED = 0x01, MAP_NORESERVE = 0x4000;
+    public const int MFD_CLOEXEC = 0x1;
+    public const int MADV_DONTNEED = 4, MADV_REMOVE = 9, MADV_POPULATE_WRITE = 23;
+    public const int SEEK_DATA = 3, SEEK_HOLE = 4;
+    public const int O_RDWR = 0x2, O_RDONLY = 0x0, O_CLOEXEC = 0x80000, O_NONBLOCK = 0x800;
+    public const int FALLOC_FL_KEEP_SIZE = 0x1, FALLOC_FL_PUNCH_HOLE = 0x2;
+    public const int ENXIO = 6, EINTR = 4, EAGAIN = 11, EEXIST = 17;
+    public const long SYS_userfaultfd = 323;
+
+    public static readonly nint MAP_FAILED = -1;
+
+    [LibraryImport(Libc, SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int memfd_create(string name, uint flags);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int ftruncate(int fd, long length);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial nint mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int munmap(nint addr, nuint length);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int madvise(nint addr, nuint length, int advice);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial long lseek(int fd, long offset, int whence);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int fallocate(int fd, int mode, long offset, long len);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int close(int fd);
+
+    [LibraryImport(Libc, SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int open(string path, int flags);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int ioctl(int fd, ulong request, void* arg);
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial long syscall(long number, long arg0);
+
+    public static int Errno => Marshal.GetLastPInvokeError();
+
+    public static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno) + $" (errno {errno})";
+}

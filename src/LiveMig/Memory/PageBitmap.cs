@@ -1,0 +1,106 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+
+namespace LiveMig.Memory;
+
+/// <summary>
+/// One bit per guest page. <see cref="Set"/> is lock-free and safe from any number of
+/// writers; <see cref="HarvestInto"/> reads and clears in one pass over 64-bit words, so a
+/// write racing the harvest lands either in this harvest or the next, never in neither.
+/// </summary>
+public sealed class PageBitmap
+{
+    private readonly ulong[] _words;
+
+    public PageBitmap(long pageCount)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(pageCount);
+        PageCount = pageCount;
+        _words = new ulong[(pageCount + 63) / 64];
+    }
+
+    public long PageCount { get; }
+
+    internal ulong[] Words => _words;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Set(long page)
+    {
+        ref ulong w = ref _words[page >> 6];
+        ulong bit = 1UL << (int)(page & 63);
+        // Plain read first: a page that is already marked (the common case for hot pages)
+        // costs no locked instruction.
+        if ((Volatile.Read(ref w) & bit) == 0) Interlocked.Or(ref w, bit);
+    }
+
+    /// <summary>Non-atomic set for single-threaded builders (the engine's own bitmaps).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void SetUnsynchronized(long page) => _words[page >> 6] |= 1UL << (int)(page & 63);
+
+    public void SetRange(long first, long count)
+    {
+        for (long p = first; p < first + count;)
+        {
+            if ((p & 63) == 0 && p + 64 <= first + count) { _words[p >> 6] = ulong.MaxValue; p += 64; }
+            else { SetUnsynchronized(p); p++; }
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public bool IsSet(long page) => (Volatile.Read(ref _words[page >> 6]) & (1UL << (int)(page & 63))) != 0;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Clear(long page) => Interlocked.And(ref _words[page >> 6], ~(1UL << (int)(page & 63)));
+
+    public void ClearAll() => Array.Clear(_words);
+
+    public void SetAll()
+    {
+        Array.Fill(_words, ulong.MaxValue);
+        int tail = (int)(PageCount & 63);
+        if (tail != 0) _words[^1] = (1UL << tail) - 1;
+    }
+
+    /// <summary>ORs every set bit into <paramref name="into"/> and clears this bitmap, atomically per word.</summary>
+    public long HarvestInto(PageBitmap into)
+    {
+        if (into.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(into));
+        long count = 0;
+        ulong[] dst = into._words;
+        for (int i = 0; i < _words.Length; i++)
+        {
+            if (Volatile.Read(ref _words[i]) == 0) continue;
+            ulong v = Interlocked.Exchange(ref _words[i], 0);
+            dst[i] |= v;
+            count += BitOperations.PopCount(v);
+        }
+        return count;
+    }
+
+    /// <summary>ORs <paramref name="other"/> into this bitmap (single-threaded).</summary>
+    public void Or(PageBitmap other)
+    {
+        for (int i = 0; i < _words.Length; i++) _words[i] |= other._words[i];
+    }
+
+    public long Count()
+    {
+        long n = 0;
+        foreach (ulong w in _words) n += BitOperations.PopCount(w);
+        return n;
+    }
+
+    /// <summary>Next set page at or after <paramref name="from"/>, or -1.</summary>
+    public long NextSet(long from)
+    {
+        if (from >= PageCount) return -1;
+        int i = (int)(from >> 6);
+        ulong w = _words[i] & (ulong.MaxValue << (int)(from & 63));
+        while (true)
+        {
+            if (w != 0) return ((long)i << 6) + BitOperations.TrailingZeroCount(w);
+            if (++i >= _words.Length) return -1;
+            w = _words[i];
+        }
+    }
+}

@@ -1,0 +1,274 @@
+using System.Diagnostics;
+using LiveMig.DirtyTracking;
+using LiveMig.Memory;
+using LiveMig.Workloads;
+
+namespace LiveMig.Vm;
+
+/// <summary>Everything needed to make a built-in VM.</summary>
+public sealed record VmConfig
+{
+    public string Name { get; init; } = "vm0";
+    public long MemoryBytes { get; init; } = 256L << 20;
+    public int Vcpus { get; init; } = 2;
+    public string Workload { get; init; } = "idle";
+    public ulong Seed { get; init; } = 1;
+    public MemoryFill Fill { get; init; } = MemoryFill.Zero;
+    public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
+}
+
+/// <summary>
+/// LiveMig's own VM: N vCPU threads, each running its workload program in short bursts against
+/// guest memory. Pause parks every vCPU at a barrier between bursts; the vCPU "registers" are
+/// the programs' state, serialised by <see cref="SaveState"/> and restored by <see cref="Restore"/>.
+/// </summary>
+public sealed class BuiltInVm : IVirtualMachine
+{
+    private const uint StateMagic = 0x53564D4C; // "LMVS"
+    private const ushort StateFormat = 1;
+    private const int MaxVcpus = 1024;
+
+    private readonly object _gate = new();
+    private readonly Thread[] _threads;
+    private readonly VcpuProgram[] _programs;
+    private bool _pauseRequested;
+    private bool _stopping;
+    private int _parked;
+    private int _live;
+    private double _throttle;
+
+    private BuiltInVm(string name, GuestMemory memory, IDirtyLog dirtyLog, Workload workload, ulong seed, VcpuProgram[] programs)
+    {
+        Name = name;
+        Memory = memory;
+        DirtyLog = dirtyLog;
+        Workload = workload;
+        Seed = seed;
+        _programs = programs;
+        _threads = new Thread[programs.Length];
+    }
+
+    public string Name { get; }
+    public GuestMemory Memory { get; }
+    public IDirtyLog DirtyLog { get; }
+    public Workload Workload { get; }
+    public ulong Seed { get; }
+    public int VcpuCount => _programs.Length;
+    public IReadOnlyList<VcpuProgram> Programs => _programs;
+    public VmRunState State { get; private set; } = VmRunState.Created;
+    public double ThrottleFraction => Volatile.Read(ref _throttle);
+    /// <summary>Said once when the dirty log had to fall back to software.</summary>
+    public string? DirtyLogNote { get; private init; }
+
+    public long Operations
+    {
+        get { long n = 0; foreach (var p in _programs) n += Volatile.Read(ref p.Operations); return n; }
+    }
+
+    /// <summary>Makes a VM (memory filled, vCPUs not yet started: call <see cref="Start"/>).</summary>
+    public static BuiltInVm Create(VmConfig config)
+    {
+        if (config.Vcpus < 1 || config.Vcpus > MaxVcpus) throw new ArgumentOutOfRangeException(nameof(config), $"vcpus must be 1..{MaxVcpus}");
+        var spec = WorkloadSpec.Parse(config.Workload);
+        var memory = GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
+        try
+        {
+            var workload = Workloads.Workload.Create(spec, memory.PageCount);
+            var dirtyLog = DirtyLogFactory.Create(memory, config.DirtyLog, out string? note);
+            MemoryFiller.Fill(memory, config.Fill, config.Seed);
+            var programs = new VcpuProgram[config.Vcpus];
+            ulong s = config.Seed;
+            for (int i = 0; i < programs.Length; i++) programs[i] = workload.CreateProgram(memory, i, programs.Length, Xoshiro256.SplitMix(ref s));
+            return new BuiltInVm(config.Name, memory, dirtyLog, workload, config.Seed, programs) { DirtyLogNote = note };
+        }
+        catch
+        {
+            memory.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Rebuilds a VM from its saved state over memory that already holds its pages (the
+    /// destination side of a migration). Takes ownership of <paramref name="memory"/>. The VM is
+    /// paused: vCPU threads exist but wait for <see cref="Resume"/>. Hostile state bytes get an
+    /// <see cref="InvalidDataException"/>.
+    /// </summary>
+    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind = DirtyLogKind.Auto)
+    {
+        try
+        {
+            using var ms = new MemoryStream(state.ToArray(), writable: false);
+            using var r = new BinaryReader(ms);
+            if (r.ReadUInt32() != StateMagic) throw new InvalidDataException("VM state: bad magic");
+            ushort format = r.ReadUInt16();
+            if (format != StateFormat) throw new InvalidDataException($"VM state: format {format} not supported (this build reads {StateFormat})");
+            string name = r.ReadString();
+            string workloadText = r.ReadString();
+            ulong seed = r.ReadUInt64();
+            int vcpus = r.ReadInt32();
+            if (vcpus < 1 || vcpus > MaxVcpus) throw new InvalidDataException($"VM state: {vcpus} vCPUs is out of range");
+            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount);
+            var programs = new VcpuProgram[vcpus];
+            ulong s = seed;
+            for (int i = 0; i < vcpus; i++)
+            {
+                programs[i] = workload.CreateProgram(memory, i, vcpus, Xoshiro256.SplitMix(ref s));
+                programs[i].Load(r);
+            }
+            double throttle = r.ReadDouble();
+            if (ms.Position != ms.Length) throw new InvalidDataException($"VM state: {ms.Length - ms.Position} unexpected trailing bytes");
+            var dirtyLog = DirtyLogFactory.Create(memory, dirtyLogKind, out string? note);
+            var vm = new BuiltInVm(name, memory, dirtyLog, workload, seed, programs) { DirtyLogNote = note };
+            vm._throttle = 0; // a throttle never outlives the migration that set it
+            _ = throttle;
+            vm.StartPaused();
+            return vm;
+        }
+        catch (EndOfStreamException) { throw new InvalidDataException("VM state: truncated"); }
+        catch (FormatException e) { throw new InvalidDataException("VM state: " + e.Message); }
+    }
+
+    public byte[] SaveState()
+    {
+        if (State == VmRunState.Running) throw new InvalidOperationException("save VM state only while paused");
+        using var ms = new MemoryStream();
+        using var w = new BinaryWriter(ms);
+        w.Write(StateMagic);
+        w.Write(StateFormat);
+        w.Write(Name);
+        w.Write(Workload.Spec.ToString());
+        w.Write(Seed);
+        w.Write(_programs.Length);
+        foreach (var p in _programs) p.Save(w);
+        w.Write(ThrottleFraction);
+        w.Flush();
+        return ms.ToArray();
+    }
+
+    public void Start()
+    {
+        lock (_gate)
+        {
+            if (State != VmRunState.Created) throw new InvalidOperationException($"VM {Name} is {State}");
+            StartThreads();
+            State = VmRunState.Running;
+        }
+    }
+
+    private void StartPaused()
+    {
+        lock (_gate)
+        {
+            _pauseRequested = true;
+            StartThreads();
+            while (_parked < _live) Monitor.Wait(_gate);
+            State = VmRunState.Paused;
+        }
+    }
+
+    private void StartThreads()
+    {
+        for (int i = 0; i < _threads.Length; i++)
+        {
+            int index = i;
+            _threads[i] = new Thread(() => RunVcpu(index)) { IsBackground = true, Name = $"{Name}/vcpu{i}" };
+            _live++;
+            _threads[i].Start();
+        }
+    }
+
+    public void Pause()
+    {
+        lock (_gate)
+        {
+            if (State != VmRunState.Running) return;
+            _pauseRequested = true;
+            while (_parked < _live) Monitor.Wait(_gate);
+            State = VmRunState.Paused;
+        }
+    }
+
+    public void Resume()
+    {
+        lock (_gate)
+        {
+            if (State != VmRunState.Paused) return;
+            foreach (var p in _programs) p.OnResume();
+            _pauseRequested = false;
+            State = VmRunState.Running;
+            Monitor.PulseAll(_gate);
+        }
+    }
+
+    public void Throttle(double fraction) => Volatile.Write(ref _throttle, Math.Clamp(fraction, 0, 0.99));
+
+    private void RunVcpu(int index)
+    {
+        VcpuProgram program = _programs[index];
+        long runTicks = 0;
+        try
+        {
+            while (true)
+            {
+                if (Volatile.Read(ref _pauseRequested) || Volatile.Read(ref _stopping))
+                {
+                    if (!Park()) return;
+                    continue;
+                }
+                long t0 = Stopwatch.GetTimestamp();
+                int done = program.Step(Memory);
+                if (done == 0) { Thread.Sleep(1); continue; }
+                double throttle = Volatile.Read(ref _throttle);
+                if (throttle > 0)
+                {
+                    // Sleep so that running time is (1 - throttle) of the wall time.
+                    runTicks += Stopwatch.GetTimestamp() - t0;
+                    double sleepMs = runTicks * throttle / (1 - throttle) * 1000.0 / Stopwatch.Frequency;
+                    if (sleepMs >= 1) { Thread.Sleep((int)sleepMs); runTicks = 0; }
+                }
+            }
+        }
+        finally
+        {
+            lock (_gate) { _live--; Monitor.PulseAll(_gate); }
+        }
+    }
+
+    /// <summary>Waits at the barrier; false when the VM is stopping.</summary>
+    private bool Park()
+    {
+        lock (_gate)
+        {
+            _parked++;
+            Monitor.PulseAll(_gate);
+            while (_pauseRequested && !_stopping) Monitor.Wait(_gate);
+            _parked--;
+            return !_stopping;
+        }
+    }
+
+    /// <summary>Ends the vCPU threads for good (the VM cannot run again); memory stays readable until Dispose.</summary>
+    public void Stop()
+    {
+        lock (_gate)
+        {
+            if (State == VmRunState.Stopped) return;
+            _stopping = true;
+            Monitor.PulseAll(_gate);
+            State = VmRunState.Stopped;
+        }
+        foreach (var t in _threads) t?.Join();
+    }
+
+    /// <summary>Checks the workload's memory invariant; call while paused or stopped.</summary>
+    public string? CheckInvariant() => Workload.CheckInvariant(Memory, _programs);
+
+    public void Dispose()
+    {
+        Stop();
+        (Workload as IDisposable)?.Dispose();
+        DirtyLog.Dispose();
+        Memory.Dispose();
+    }
+}

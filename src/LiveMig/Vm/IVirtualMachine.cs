@@ -1,0 +1,28 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Memory;
+
+namespace LiveMig.Vm;
+
+public enum VmRunState { Created, Running, Paused, Stopped }
+
+/// <summary>What the migration engine needs from a VM, whatever runs it (built-in vCPUs, later QEMU).</summary>
+public interface IVirtualMachine : IDisposable
+{
+    string Name { get; }
+    GuestMemory Memory { get; }
+    IDirtyLog DirtyLog { get; }
+    VmRunState State { get; }
+
+    /// <summary>Stops every vCPU at a barrier; when it returns no vCPU writes guest memory.</summary>
+    void Pause();
+
+    void Resume();
+
+    /// <summary>vCPU and device state (everything but guest memory) as bytes; call while paused.</summary>
+    byte[] SaveState();
+
+    /// <summary>Fraction of time (0–0.99) the vCPUs sleep; for auto-converge.</summary>
+    void Throttle(double fraction);
+
+    double ThrottleFraction { get; }
+}
