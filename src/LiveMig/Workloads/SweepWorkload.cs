@@ -3,10 +3,11 @@ using LiveMig.Memory;
 namespace LiveMig.Workloads;
 
 /// <summary>
-/// Like QEMU's migration-test guest: increments the first byte of every page of a range, pass
-/// after pass. Each vCPU owns a slice; its registers are (pass, position), so after migration
-/// every page's byte is exactly determined — pages before the position hold pass+1, the rest
-/// pass (mod 256) — and <see cref="CheckInvariant"/> checks every page.
+/// Like QEMU's migration-test guest: bumps the first byte of every page of a range, pass after
+/// pass (pass p writes p+1, mod 256). Each vCPU owns a slice; its registers are (pass, position),
+/// so after migration every page's byte is exactly determined — pages before the position hold
+/// pass+1, the rest pass (or, during the first pass, their initial content) — and
+/// <see cref="CheckInvariant"/> checks every page.
 /// Parameters: <c>range</c> (size or %, default all memory), <c>rate</c> (pages/s, 0 = as fast as it can).
 /// </summary>
 public sealed class SweepWorkload : Workload
@@ -33,7 +34,8 @@ public sealed class SweepWorkload : Workload
     {
         foreach (Program p in programs.Cast<Program>())
         {
-            for (long i = 0; i < p.Count; i++)
+            long end = p.Pass == 0 ? p.Position : p.Count; // the first pass has not reached the rest yet
+            for (long i = 0; i < end; i++)
             {
                 byte expected = (byte)(i < p.Position ? p.Pass + 1 : p.Pass);
                 byte actual = memory.Page(p.First + i)[0];
@@ -57,7 +59,7 @@ public sealed class SweepWorkload : Workload
             for (int i = 0; i < n; i++)
             {
                 long page = First + Position;
-                memory.PagePointer(page)[0]++;
+                memory.PagePointer(page)[0] = (byte)(Pass + 1);
                 memory.NoteWrite(page);
                 if (++Position == Count) { Position = 0; Pass++; }
             }

@@ -1,0 +1,209 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using LiveMig.Memory;
+using LiveMig.Pipeline;
+using LiveMig.Protocol;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+
+namespace LiveMig.Engine;
+
+/// <summary>A VM that arrived and runs here, with the destination's report of its migration.</summary>
+public sealed record ArrivedVm(BuiltInVm Vm, MigrationReport Report);
+
+/// <summary>
+/// The destination side of one migration: a state machine over the frames (docs/protocol.md).
+/// It checks every frame against the state it is in, places pages as they come, and resumes
+/// the VM only on Commit. Any failure before that discards the partial VM and tells the source.
+/// </summary>
+public sealed class IncomingMigration
+{
+    private enum State { AwaitHello, Live, StopAndCopy, HaveState, Prepared }
+
+    private readonly DestinationOptions _options;
+
+    public IncomingMigration(DestinationOptions options) => _options = options;
+
+    public ArrivedVm Receive(Stream stream)
+    {
+        if (stream is NetworkStream ns)
+        {
+            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+        }
+        var started = DateTimeOffset.UtcNow;
+        long t0 = Stopwatch.GetTimestamp();
+        using var reader = new FrameReader(stream);
+        using var frames = new FrameWriter(stream);
+        Span<byte> small = stackalloc byte[64];
+        var state = State.AwaitHello;
+        GuestMemory? memory = null;
+        BuiltInVm? vm = null;
+        PageBatchReader? placer = null;
+        byte[]? vmState = null;
+        HelloMessage hello = default;
+        long pauseSeenTs = 0;
+        double verifyMs = 0;
+        ulong hash = 0;
+        bool verify = false;
+        var rounds = new List<RoundReport>();
+        int currentRound = -1;
+
+        try
+        {
+            while (true)
+            {
+                var type = reader.Read(out var payload);
+                long frame = reader.FramesRead - 1;
+                if (type == FrameType.Error)
+                    throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
+                switch (state, type)
+                {
+                    case (State.AwaitHello, FrameType.Hello):
+                        hello = HelloMessage.Parse(payload);
+                        Refuse(CheckHello(hello));
+                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName);
+                        placer = new PageBatchReader(memory);
+                        var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);
+                        frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
+                        state = State.Live;
+                        break;
+                    case (State.Live, FrameType.RoundStart):
+                        var rs = RoundStartMessage.Parse(payload);
+                        if (rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
+                        currentRound = rs.Round;
+                        if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); }
+                        break;
+                    case (State.Live or State.StopAndCopy, FrameType.PageBatch):
+                        if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
+                        int round = placer!.Apply(payload, frame);
+                        if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        break;
+                    case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
+                        var re = RoundEndMessage.Parse(payload);
+                        if (re.Round != currentRound) throw new ProtocolException($"RoundEnd (frame {frame}) for round {re.Round} inside round {currentRound}");
+                        rounds.Add(new RoundReport
+                        {
+                            Round = re.Round, Final = state == State.StopAndCopy, PagesSent = re.PagesSent, PagesDirtied = re.PagesDirtied, BytesSent = re.BytesSent,
+                            DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
+                        });
+                        break;
+                    case (State.StopAndCopy, FrameType.VmState):
+                        if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
+                        vmState = payload.ToArray();
+                        state = State.HaveState;
+                        break;
+                    case (State.HaveState, FrameType.Prepare):
+                        var prep = PrepareMessage.Parse(payload);
+                        verify = prep.Verify;
+                        if (verify)
+                        {
+                            long h0 = Stopwatch.GetTimestamp();
+                            hash = memory!.ComputeHash();
+                            verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
+                            if (hash != prep.SourceHash)
+                            {
+                                SendError(frames, ErrorMessage.VerificationFailed, $"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
+                                throw new VerificationException($"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
+                            }
+                        }
+                        try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog); }
+                        catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
+                        memory = null; // the VM owns it now
+                        var readyMsg = new ReadyMessage(hash, (long)(verifyMs * 1000));
+                        frames.Send(FrameType.Ready, small[..readyMsg.Write(small)]);
+                        state = State.Prepared;
+                        break;
+                    case (State.Prepared, FrameType.Commit):
+                        if (payload.Length != 0) throw new ProtocolException($"Commit (frame {frame}) carries {payload.Length} bytes");
+                        _options.BeforeResume?.Invoke(vm!);
+                        vm!.Resume();
+                        long resumedTs = Stopwatch.GetTimestamp();
+                        // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
+                        try { frames.Send(FrameType.Resumed, []); } catch (IOException) { }
+                        var report = new MigrationReport
+                        {
+                            MigrationId = hello.MigrationId.ToString(),
+                            Role = "destination",
+                            VmName = hello.VmName,
+                            Workload = vm.Workload.Spec.ToString(),
+                            MemoryBytes = hello.MemoryBytes,
+                            Vcpus = vm.VcpuCount,
+                            DirtyLog = vm.DirtyLog.Name,
+                            StartedAt = started,
+                            TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
+                            DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
+                            VerifyMs = verifyMs,
+                            BytesOnWire = reader.BytesRead,
+                            PagesByEncoding = placer!.Counters.PagesByName(),
+                            PagesSent = placer.PagesPlaced,
+                            Verified = verify ? true : null,
+                            DestinationHash = verify ? $"{hash:x16}" : null,
+                            SourceHash = verify ? $"{hash:x16}" : null,
+                            Rounds = rounds,
+                        };
+                        return new ArrivedVm(vm, report);
+                    default:
+                        throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
+                }
+            }
+        }
+        catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
+        {
+            // Discard the partial VM: it never ran here.
+            vm?.Dispose();
+            memory?.Dispose();
+            if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
+            var report = new MigrationReport
+            {
+                MigrationId = hello.MigrationId.ToString(),
+                Role = "destination",
+                Outcome = "failed",
+                Error = e.Message,
+                VmName = hello.VmName ?? "",
+                MemoryBytes = hello.MemoryBytes,
+                StartedAt = started,
+                TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
+                BytesOnWire = reader.BytesRead,
+                Verified = e is VerificationException ? false : null,
+                Rounds = rounds,
+            };
+            throw new MigrationFailedException(e.Message, report, e);
+        }
+    }
+
+    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify;
+
+    private string? CheckHello(HelloMessage h)
+    {
+        if (h.MaxVersion < ProtocolVersion.MinSupported || h.MinVersion > ProtocolVersion.Version)
+            return $"protocol version mismatch: source speaks {h.MinVersion}..{h.MaxVersion}, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}";
+        if (h.PageSize != GuestMemory.PageSize) return $"page size {h.PageSize} not supported (only {GuestMemory.PageSize})";
+        if (h.MemoryBytes <= 0 || h.MemoryBytes % GuestMemory.PageSize != 0) return $"memory size {h.MemoryBytes} is not a positive multiple of the page size";
+        if (h.MemoryBytes > _options.MaxMemoryBytes) return $"memory size {Units.Bytes(h.MemoryBytes)} exceeds this destination's limit of {Units.Bytes(_options.MaxMemoryBytes)}";
+        if (h.MemoryBytes / GuestMemory.PageSize > uint.MaxValue) return "memory larger than 16 TiB is not supported";
+        if (h.Vcpus < 1 || h.Vcpus > 1024) return $"{h.Vcpus} vCPUs is out of range (1..1024)";
+        var missing = h.Required & ~Supported;
+        if (missing != 0) return $"destination lacks required capabilities: {missing}";
+        return null;
+    }
+
+    private static void Refuse(string? why)
+    {
+        if (why is not null) throw new RefusedException(why);
+    }
+
+    private static void SendError(FrameWriter frames, ushort code, string text)
+    {
+        try
+        {
+            if (frames.IsOpen) frames.Abandon();
+            Span<byte> buf = stackalloc byte[4100];
+            frames.Send(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]);
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException) { }
+    }
+
+    private sealed class RefusedException(string message) : Exception("refused: " + message);
+    private sealed class VerificationException(string message) : Exception(message);
+}

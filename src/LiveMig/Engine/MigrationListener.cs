@@ -1,0 +1,82 @@
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using LiveMig.Vm;
+
+namespace LiveMig.Engine;
+
+/// <summary>
+/// A destination agent: accepts migrations on a TCP port, each on its own thread, and keeps
+/// every VM that arrives running (so it can be migrated onward).
+/// </summary>
+public sealed class MigrationListener : IDisposable
+{
+    private readonly TcpListener _listener;
+    private readonly DestinationOptions _options;
+    private readonly ConcurrentDictionary<string, BuiltInVm> _vms = new();
+    private readonly CancellationTokenSource _stop = new();
+    private Thread? _acceptThread;
+
+    public MigrationListener(IPAddress address, int port, DestinationOptions options)
+    {
+        _listener = new TcpListener(address, port);
+        _options = options;
+    }
+
+    public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+
+    /// <summary>Raised on the migration's thread when a VM has arrived and runs here.</summary>
+    public event Action<ArrivedVm>? Arrived;
+
+    /// <summary>Raised when an incoming migration fails (its partial VM is already discarded).</summary>
+    public event Action<MigrationFailedException>? Failed;
+
+    public IReadOnlyCollection<BuiltInVm> Vms => (IReadOnlyCollection<BuiltInVm>)_vms.Values;
+
+    public void Start()
+    {
+        _listener.Start();
+        _acceptThread = new Thread(AcceptLoop) { IsBackground = true, Name = "livemig-accept" };
+        _acceptThread.Start();
+    }
+
+    private void AcceptLoop()
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            TcpClient client;
+            try { client = _listener.AcceptTcpClient(); }
+            catch (SocketException) { return; }
+            catch (ObjectDisposedException) { return; }
+            client.NoDelay = true;
+            new Thread(() => Handle(client)) { IsBackground = true, Name = "livemig-incoming" }.Start();
+        }
+    }
+
+    private void Handle(TcpClient client)
+    {
+        using (client)
+        {
+            try
+            {
+                using var stream = client.GetStream();
+                var arrived = new IncomingMigration(_options).Receive(stream);
+                _vms[arrived.Report.MigrationId] = arrived.Vm;
+                Arrived?.Invoke(arrived);
+            }
+            catch (MigrationFailedException e)
+            {
+                Failed?.Invoke(e);
+            }
+        }
+    }
+
+    public void Dispose()
+    {
+        _stop.Cancel();
+        _listener.Stop();
+        _acceptThread?.Join(TimeSpan.FromSeconds(5));
+        foreach (var vm in _vms.Values) vm.Dispose();
+        _vms.Clear();
+    }
+}

@@ -1,0 +1,64 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Policies;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+
+namespace LiveMig.Engine;
+
+/// <summary>Source-side settings of one migration.</summary>
+public sealed record MigrationOptions
+{
+    public PreCopyOptions PreCopy { get; init; } = new();
+    /// <summary>Bytes per second for all the migration's traffic; 0 = unlimited. Can be changed while running through <see cref="PreCopyMigration.Limiter"/>.</summary>
+    public long BandwidthLimit { get; init; }
+    /// <summary>Hash memory at pause and have the destination compare before it resumes.</summary>
+    public bool Verify { get; init; } = true;
+    /// <summary>A peer silent for this long is taken as gone.</summary>
+    public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeProvider Time { get; init; } = TimeProvider.System;
+}
+
+/// <summary>Destination-side settings.</summary>
+public sealed record DestinationOptions
+{
+    /// <summary>Largest VM memory the destination accepts (default: the machine's memory).</summary>
+    public long MaxMemoryBytes { get; init; } = MachineMemory.TotalBytes;
+    public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
+    public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
+    public Action<BuiltInVm>? BeforeResume { get; init; }
+}
+
+/// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>
+public sealed class MigrationFailedException(string message, MigrationReport report, Exception? inner = null) : Exception(message, inner)
+{
+    public MigrationReport Report { get; } = report;
+}
+
+/// <summary>What the engine tells whoever watches (the progress display, tests).</summary>
+public interface IMigrationObserver
+{
+    void RoundStarted(int round, long pagesToSend, bool final) { }
+    /// <summary>After each batch: pages sent in this round so far.</summary>
+    void Progress(int round, long pagesSentInRound, long pagesToSend, long bytesOnWire) { }
+    void RoundCompleted(RoundReport round) { }
+    void Phase(string phase) { }
+}
+
+public static class MachineMemory
+{
+    public static long TotalBytes
+    {
+        get
+        {
+            try
+            {
+                foreach (string line in File.ReadLines("/proc/meminfo"))
+                    if (line.StartsWith("MemTotal:", StringComparison.Ordinal))
+                        return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+            }
+            catch (IOException) { }
+            return GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
+        }
+    }
+}

@@ -1,0 +1,328 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using LiveMig.Memory;
+using LiveMig.Pipeline;
+using LiveMig.Policies;
+using LiveMig.Protocol;
+using LiveMig.Reporting;
+using LiveMig.Transport;
+using LiveMig.Vm;
+
+namespace LiveMig.Engine;
+
+/// <summary>
+/// The source side of a pre-copy migration (Clark et al., NSDI 2005): round 0 sends every
+/// populated page, each later round the pages dirtied during the previous one, until the policy
+/// says stop; then pause, send the last dirty pages and the VM state, and switch over in two
+/// steps (Prepare → Ready, Commit → Resumed). Until Commit is sent any failure resumes the VM
+/// here; after a successful switch-over the source VM is stopped for good.
+/// </summary>
+public sealed class PreCopyMigration
+{
+    private readonly IVirtualMachine _vm;
+    private readonly MigrationOptions _options;
+    private readonly IMigrationObserver _observer;
+    private readonly IPreCopyPolicy _policy;
+    private readonly List<RoundReport> _rounds = [];
+    private readonly Guid _id = Guid.NewGuid();
+
+    public PreCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? policy = null)
+    {
+        _vm = vm;
+        _options = options;
+        _observer = observer ?? new NullObserver();
+        _policy = policy ?? new PreCopyPolicy(options.PreCopy, options.Time);
+        Limiter = new RateLimiter(options.BandwidthLimit);
+    }
+
+    /// <summary>The migration's bandwidth cap; set <see cref="RateLimiter.BytesPerSecond"/> to change it while running.</summary>
+    public RateLimiter Limiter { get; }
+
+    private sealed class NullObserver : IMigrationObserver;
+
+    /// <summary>Connects to a destination agent and migrates.</summary>
+    public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
+    {
+        var client = new TcpClient { NoDelay = true };
+        try
+        {
+            client.Connect(host, port);
+        }
+        catch (SocketException e)
+        {
+            client.Dispose();
+            throw new MigrationFailedException($"cannot connect to destination {host}:{port}: {e.Message}", BaseReport() with { Outcome = "failed", Error = e.Message }, e);
+        }
+        using (client)
+        using (var stream = client.GetStream())
+            return Run(stream, cancel);
+    }
+
+    /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one).</summary>
+    public MigrationReport Run(Stream stream, CancellationToken cancel = default)
+    {
+        if (stream is NetworkStream ns)
+        {
+            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+        }
+        var started = DateTimeOffset.UtcNow;
+        long t0 = Stopwatch.GetTimestamp();
+        using var frames = new FrameWriter(stream, Limiter);
+        using var reader = new FrameReader(stream);
+        var batches = new PageBatchWriter(frames, _vm.Memory);
+        var memory = _vm.Memory;
+        bool paused = false, committed = false;
+        long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
+        double verifyMs = 0, maxThrottle = 0;
+        ulong sourceHash = 0;
+        ReadyMessage ready = default;
+        PreCopyDecision decision = default;
+        Span<byte> small = stackalloc byte[512];
+
+        try
+        {
+            _observer.Phase("handshake");
+            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported,
+                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
+                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
+                memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
+            frames.Send(FrameType.Hello, small[..hello.Write(small)]);
+            var type = reader.Read(out var payload);
+            if (type == FrameType.Error) throw new MigrationAbort($"destination refused: {ErrorMessage.Parse(payload).Text}");
+            if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
+            _ = HelloAckMessage.Parse(payload);
+
+            // Tracking starts before round 0 reads a page: every later write is caught.
+            if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+            var toSend = new PageBitmap(memory.PageCount);
+            long populated = memory.MarkPopulated(toSend);
+            long toSendCount = populated;
+            // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
+            batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);
+            int round = 0;
+            _observer.Phase("live");
+            while (true)
+            {
+                cancel.ThrowIfCancellationRequested();
+                var (stats, zeros) = SendRound(round, final: false, toSend, toSendCount, frames, batches, skipZero: round == 0, cancel);
+                zeroMarkers += zeros;
+                pagesSent += stats.PagesSent;
+                toSend.ClearAll();
+                toSendCount = _vm.DirtyLog.Harvest(toSend);
+                var roundStats = stats with { DirtyPagesAfter = toSendCount, DirtyRatePagesPerSecond = toSendCount / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
+                SendRoundEnd(frames, roundStats, small);
+                decision = _policy.AfterRound(roundStats);
+                Record(roundStats, final: false);
+                maxThrottle = Math.Max(maxThrottle, _vm.ThrottleFraction);
+                if (decision.StopAndCopy) break;
+                round++;
+            }
+
+            // Stop and copy.
+            _observer.Phase("paused");
+            _vm.Pause();
+            pauseTs = Stopwatch.GetTimestamp();
+            paused = true;
+            toSendCount += _vm.DirtyLog.Harvest(toSend);
+            toSendCount = toSend.Count();
+            // Memory is frozen from here: hash it while the last pages go out.
+            var hashTask = _options.Verify ? Task.Run(() => { long h0 = Stopwatch.GetTimestamp(); ulong h = memory.ComputeHash(); return (h, Stopwatch.GetElapsedTime(h0)); }) : null;
+            round++;
+            var (finalStats, finalZeros) = SendRound(round, final: true, toSend, toSendCount, frames, batches, skipZero: false, CancellationToken.None);
+            zeroMarkers += finalZeros;
+            pagesSent += finalStats.PagesSent;
+            SendRoundEnd(frames, finalStats, small);
+            Record(finalStats, final: true);
+
+            byte[] state = _vm.SaveState();
+            frames.Send(FrameType.VmState, state);
+            stateBytes = state.Length + FrameFormat.HeaderSize;
+            if (hashTask is not null)
+            {
+                _observer.Phase("verifying");
+                var (h, took) = hashTask.GetAwaiter().GetResult();
+                sourceHash = h;
+                verifyMs = took.TotalMilliseconds;
+            }
+            var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
+            frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
+            type = reader.Read(out payload);
+            if (type == FrameType.Error) throw new MigrationAbort($"destination refused the switch-over: {ErrorMessage.Parse(payload).Text}");
+            if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+            ready = ReadyMessage.Parse(payload);
+            if (_options.Verify && ready.DestinationHash != sourceHash)
+                throw new MigrationAbort($"destination memory hash {ready.DestinationHash:x16} differs from the source's {sourceHash:x16}");
+
+            // Step 2: from here on the destination may run the VM, so the source never resumes it.
+            frames.Send(FrameType.Commit, []);
+            committed = true;
+            type = reader.Read(out payload);
+            if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
+            long resumedTs = Stopwatch.GetTimestamp();
+            _observer.Phase("resumed");
+            _vm.DirtyLog.Stop();
+            if (_vm is BuiltInVm b) b.Stop();
+
+            return BaseReport() with
+            {
+                StartedAt = started,
+                TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
+                DowntimeMs = Stopwatch.GetElapsedTime(pauseTs, resumedTs).TotalMilliseconds,
+                VerifyMs = verifyMs + ready.VerifyUs / 1000.0,
+                BytesOnWire = frames.BytesWritten,
+                Bytes = WireBreakdown(frames.BytesWritten, batches, zeroMarkers, stateBytes),
+                PagesByEncoding = batches.Counters.PagesByName(),
+                PagesSent = pagesSent,
+                StopReason = ReasonName(decision.Reason),
+                EstimatedDowntimeMs = Ms(decision.EstimatedDowntime),
+                Verified = _options.Verify ? true : null,
+                SourceHash = _options.Verify ? $"{sourceHash:x16}" : null,
+                DestinationHash = _options.Verify ? $"{ready.DestinationHash:x16}" : null,
+                Throttle = maxThrottle,
+                Rounds = [.. _rounds],
+            };
+        }
+        catch (Exception e) when (e is ProtocolException or IOException or MigrationAbort or OperationCanceledException or SocketException or ObjectDisposedException)
+        {
+            string why = e switch
+            {
+                OperationCanceledException => "migration cancelled",
+                IOException io when !committed => DestinationError(reader, stream) ?? $"connection to the destination failed: {io.InnerException?.Message ?? io.Message}",
+                _ => e.Message,
+            };
+            if (!committed)
+            {
+                // The destination never got Commit: it discards its copy, the VM carries on here.
+                TrySendError(frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
+                _vm.DirtyLog.Stop();
+                _vm.Throttle(0);
+                if (paused) _vm.Resume();
+            }
+            else
+            {
+                why += " — after Commit: the destination may have resumed the VM, so the source keeps it paused (never running on both)";
+            }
+            var report = BaseReport() with
+            {
+                StartedAt = started,
+                Outcome = "failed",
+                Error = why,
+                TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
+                BytesOnWire = frames.BytesWritten,
+                PagesByEncoding = batches.Counters.PagesByName(),
+                PagesSent = pagesSent,
+                Verified = _options.Verify && why.Contains("hash", StringComparison.Ordinal) ? false : null,
+                Rounds = [.. _rounds],
+            };
+            throw new MigrationFailedException(why, report, e);
+        }
+    }
+
+    private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
+
+    private (RoundStats Stats, long ZeroMarkers) SendRound(int round, bool final, PageBitmap pages, long count, FrameWriter frames, PageBatchWriter batches, bool skipZero, CancellationToken cancel)
+    {
+        Span<byte> small = stackalloc byte[16];
+        long ts = Stopwatch.GetTimestamp();
+        long bytes0 = frames.BytesWritten;
+        long zero0 = batches.Counters.Pages(PageEncoding.Zero), raw0 = batches.Counters.Pages(PageEncoding.Raw);
+        _observer.RoundStarted(round, count, final);
+        frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
+        batches.BeginRound(round);
+        long done = 0, sinceProgress = 0;
+        for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
+        {
+            batches.Add(p, skipZero);
+            done++;
+            if (++sinceProgress == 256)
+            {
+                sinceProgress = 0;
+                cancel.ThrowIfCancellationRequested();
+                _observer.Progress(round, done, count, frames.BytesWritten);
+            }
+        }
+        batches.Flush();
+        _observer.Progress(round, done, count, frames.BytesWritten);
+        var duration = Stopwatch.GetElapsedTime(ts);
+        long bytes = frames.BytesWritten - bytes0;
+        long sent = batches.Counters.Pages(PageEncoding.Raw) - raw0 + (skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0);
+        long zeroMarkers = skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0;
+        return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers);
+    }
+
+    private static void SendRoundEnd(FrameWriter frames, RoundStats s, Span<byte> scratch)
+    {
+        var m = new RoundEndMessage(s.Round, s.PagesSent, s.DirtyPagesAfter, s.BytesSent, (long)s.Duration.TotalMicroseconds);
+        frames.Send(FrameType.RoundEnd, scratch[..m.Write(scratch)]);
+    }
+
+    private void Record(RoundStats s, bool final)
+    {
+        var r = new RoundReport
+        {
+            Round = s.Round, Final = final, PagesSent = s.PagesSent, PagesDirtied = s.DirtyPagesAfter, BytesSent = s.BytesSent,
+            DurationMs = s.Duration.TotalMilliseconds, BandwidthBytesPerSecond = s.BandwidthBytesPerSecond, DirtyRatePagesPerSecond = s.DirtyRatePagesPerSecond,
+        };
+        _rounds.Add(r);
+        _observer.RoundCompleted(r);
+    }
+
+    private static WireBytes WireBreakdown(long total, PageBatchWriter batches, long zeroMarkers, long stateBytes)
+    {
+        long pageData = batches.Counters.Bytes(PageEncoding.Raw);
+        long zero = zeroMarkers * PageBatchWriter.EntryHeaderSize;
+        return new WireBytes { PageData = pageData, ZeroMarkers = zero, VmState = stateBytes, Protocol = total - pageData - zero - stateBytes };
+    }
+
+    private MigrationReport BaseReport() => new()
+    {
+        MigrationId = _id.ToString(),
+        Role = "source",
+        Strategy = "precopy",
+        VmName = _vm.Name,
+        Workload = _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "",
+        MemoryBytes = _vm.Memory.Size,
+        Vcpus = VcpuCount,
+        DirtyLog = _vm.DirtyLog.Name,
+        BandwidthLimitBytesPerSecond = Limiter.BytesPerSecond,
+        DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
+    };
+
+    internal static string ReasonName(StopReason r) => r switch
+    {
+        StopReason.DowntimeTarget => "downtime-target",
+        StopReason.MaxRounds => "max-rounds",
+        StopReason.NonConvergence => "non-convergence",
+        StopReason.TimeBudget => "time-budget",
+        _ => "",
+    };
+
+    private static double Ms(TimeSpan t) => t == TimeSpan.MaxValue ? -1 : t.TotalMilliseconds;
+
+    /// <summary>After a failed write, the destination may have said why before closing: read it briefly.</summary>
+    private static string? DestinationError(FrameReader reader, Stream stream)
+    {
+        try
+        {
+            if (stream.CanTimeout) stream.ReadTimeout = 1000;
+            if (reader.Read(out var payload) == FrameType.Error) return "destination aborted: " + ErrorMessage.Parse(payload).Text;
+        }
+        catch (Exception e) when (e is IOException or ProtocolException or ObjectDisposedException or InvalidOperationException) { }
+        return null;
+    }
+
+    private static void TrySendError(FrameWriter frames, ushort code, string text)
+    {
+        try
+        {
+            if (frames.IsOpen) frames.Abandon();
+            Span<byte> buf = stackalloc byte[4100];
+            frames.Send(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]);
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException or InvalidOperationException) { }
+    }
+
+    /// <summary>A deliberate stop with a reason (refusal, verification failure).</summary>
+    private sealed class MigrationAbort(string message) : Exception(message);
+}

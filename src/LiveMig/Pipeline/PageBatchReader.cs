@@ -1,0 +1,61 @@
+using System.Buffers.Binary;
+using LiveMig.Memory;
+using LiveMig.Protocol;
+
+namespace LiveMig.Pipeline;
+
+/// <summary>
+/// Destination half of the page path: PageBatch payload → check each entry → decode → place
+/// into guest memory. Every field is checked before it is used: page inside memory, encoding
+/// known and negotiated, length right for the encoding and inside the frame.
+/// </summary>
+public sealed class PageBatchReader(GuestMemory memory)
+{
+    public EncodingCounters Counters { get; } = new();
+    public long PagesPlaced { get; private set; }
+
+    /// <summary>Places every page of one batch; returns the batch's round.</summary>
+    public int Apply(ReadOnlySpan<byte> payload, long frameIndex)
+    {
+        if (payload.Length < PageBatchWriter.BatchHeaderSize)
+            throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length} bytes is shorter than its header");
+        int round = (int)BinaryPrimitives.ReadUInt32LittleEndian(payload);
+        uint count = BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]);
+        int at = PageBatchWriter.BatchHeaderSize;
+        for (uint i = 0; i < count; i++)
+        {
+            if (payload.Length - at < PageBatchWriter.EntryHeaderSize)
+                throw new ProtocolException($"PageBatch (frame {frameIndex}): entry {i} of {count} is cut off at byte {at}");
+            ReadOnlySpan<byte> e = payload[at..];
+            uint page = BinaryPrimitives.ReadUInt32LittleEndian(e);
+            var encoding = (PageEncoding)e[4];
+            int length = BinaryPrimitives.ReadUInt16LittleEndian(e[6..]);
+            if (page >= memory.PageCount)
+                throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: page {page} is outside guest memory of {memory.PageCount} pages");
+            if (e[5] != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: reserved byte is {e[5]}");
+            at += PageBatchWriter.EntryHeaderSize;
+            if (payload.Length - at < length)
+                throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: payload of {length} bytes runs past the frame");
+            ReadOnlySpan<byte> data = payload.Slice(at, length);
+            Span<byte> target = memory.Page(page);
+            switch (encoding)
+            {
+                case PageEncoding.Raw:
+                    if (length != GuestMemory.PageSize) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: raw page {page} has {length} bytes, not {GuestMemory.PageSize}");
+                    data.CopyTo(target);
+                    break;
+                case PageEncoding.Zero:
+                    if (length != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: zero page {page} carries {length} bytes");
+                    target.Clear();
+                    break;
+                default:
+                    throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: unknown page encoding {(byte)encoding}");
+            }
+            Counters.Add(encoding, length);
+            PagesPlaced++;
+            at += length;
+        }
+        if (at != payload.Length) throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length - at} trailing bytes after {count} entries");
+        return round;
+    }
+}

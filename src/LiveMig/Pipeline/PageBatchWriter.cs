@@ -1,0 +1,83 @@
+using System.Buffers.Binary;
+using LiveMig.Memory;
+using LiveMig.Protocol;
+
+namespace LiveMig.Pipeline;
+
+/// <summary>
+/// Source half of the page path: page in guest memory → encode → into the open PageBatch frame
+/// → send when full. Pages are encoded straight into the frame writer's buffer, so a page is
+/// copied exactly once (guest memory → socket buffer).
+/// <code>
+/// PageBatch payload: u32 round | u32 count | count × entry
+/// entry:             u32 page  | u8 encoding | u8 reserved (0) | u16 length | length bytes
+/// </code>
+/// </summary>
+public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
+{
+    public const int BatchHeaderSize = 8;
+    public const int EntryHeaderSize = 8;
+    /// <summary>A batch is sent once it holds this much (1 MiB: large writes, bounded latency).</summary>
+    public const int TargetBatchBytes = 1 << 20;
+    private const int FrameCapacity = TargetBatchBytes + BatchHeaderSize + EntryHeaderSize + GuestMemory.PageSize;
+
+    private int _used;
+    private int _count;
+    private int _round;
+
+    public EncodingCounters Counters { get; } = new();
+
+    public void BeginRound(int round) => _round = round;
+
+    /// <summary>
+    /// Encodes one page and queues it. <paramref name="skipZero"/> drops zero pages entirely
+    /// (round 0: the destination's memory starts zero); they are still counted as zero pages.
+    /// Returns false when the page was skipped.
+    /// </summary>
+    public bool Add(long page, bool skipZero)
+    {
+        ReadOnlySpan<byte> data = memory.Page(page);
+        bool zero = !data.ContainsAnyExcept((byte)0);
+        if (zero && skipZero) { Counters.Add(PageEncoding.Zero, 0); return false; }
+        if (!frames.IsOpen) Open();
+        Span<byte> entry = frames.OpenPayload[_used..];
+        BinaryPrimitives.WriteUInt32LittleEndian(entry, (uint)page);
+        entry[5] = 0;
+        if (zero)
+        {
+            entry[4] = (byte)PageEncoding.Zero;
+            BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], 0);
+            _used += EntryHeaderSize;
+            Counters.Add(PageEncoding.Zero, 0);
+        }
+        else
+        {
+            entry[4] = (byte)PageEncoding.Raw;
+            BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], GuestMemory.PageSize);
+            data.CopyTo(entry[EntryHeaderSize..]);
+            _used += EntryHeaderSize + GuestMemory.PageSize;
+            Counters.Add(PageEncoding.Raw, GuestMemory.PageSize);
+        }
+        _count++;
+        if (_used >= TargetBatchBytes) Flush();
+        return true;
+    }
+
+    private void Open()
+    {
+        frames.Begin(FrameType.PageBatch, FrameCapacity);
+        _used = BatchHeaderSize;
+        _count = 0;
+    }
+
+    /// <summary>Sends the open batch, if any.</summary>
+    public void Flush()
+    {
+        if (!frames.IsOpen) return;
+        Span<byte> p = frames.OpenPayload;
+        BinaryPrimitives.WriteUInt32LittleEndian(p, (uint)_round);
+        BinaryPrimitives.WriteUInt32LittleEndian(p[4..], (uint)_count);
+        frames.Commit(_used);
+        _count = 0;
+    }
+}

@@ -1,0 +1,205 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.IO.Hashing;
+
+namespace LiveMig.Protocol;
+
+/// <summary>Frame kinds. The numbers are part of the wire format: never reuse one.</summary>
+public enum FrameType : byte
+{
+    Hello = 1,
+    HelloAck = 2,
+    RoundStart = 3,
+    PageBatch = 4,
+    RoundEnd = 5,
+    VmState = 6,
+    Prepare = 7,
+    Ready = 8,
+    Commit = 9,
+    Resumed = 10,
+    Error = 11,
+}
+
+/// <summary>
+/// Every frame: a 16-byte header then the payload.
+/// <code>
+/// 0  u32 magic "LMF1"   4 u8 type   5 u8 flags   6 u16 reserved (0)
+/// 8  u32 payload length 12 u32 checksum = low 32 bits of xxHash3-64(payload, seed = bytes 0..7 of the header)
+/// </code>
+/// The checksum's seed covers the type and flags, so a flipped type byte fails the check too.
+/// </summary>
+public static class FrameFormat
+{
+    public const uint Magic = 0x31464D4C; // "LMF1" little-endian
+    public const int HeaderSize = 16;
+
+    /// <summary>The largest payload of each type: a reader never allocates more than this for one frame.</summary>
+    public static int MaxPayload(FrameType type) => type switch
+    {
+        FrameType.PageBatch => 2 << 20,
+        FrameType.VmState => 16 << 20,
+        _ => 64 << 10,
+    };
+
+    public const int LargestPayload = 16 << 20;
+
+    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Error;
+
+    public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
+        (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));
+}
+
+/// <summary>
+/// Writes frames to a stream from one pooled buffer (owned here, returned on Dispose). The
+/// caller fills the payload in place (<see cref="Begin"/>), then <see cref="Commit"/> adds the
+/// header and sends header and payload in one write: no copy between building and sending.
+/// </summary>
+public sealed class FrameWriter : IDisposable
+{
+    private readonly Stream _stream;
+    private byte[] _buffer;
+    private FrameType _type;
+    private bool _open;
+    private int _capacity;
+
+    public FrameWriter(Stream stream, Transport.RateLimiter? limiter = null)
+    {
+        _stream = stream;
+        Limiter = limiter;
+        _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
+    }
+
+    public Transport.RateLimiter? Limiter { get; set; }
+    /// <summary>Bytes handed to the stream so far, headers included.</summary>
+    public long BytesWritten { get; private set; }
+    public long FramesWritten { get; private set; }
+
+    /// <summary>Starts a frame; returns the space for its payload.</summary>
+    public Span<byte> Begin(FrameType type, int capacity = 0)
+    {
+        if (_open) throw new InvalidOperationException("a frame is already open");
+        int max = FrameFormat.MaxPayload(type);
+        int need = FrameFormat.HeaderSize + Math.Max(capacity, 0);
+        if (capacity > max) throw new ArgumentOutOfRangeException(nameof(capacity), $"{type} payload limit is {max} bytes");
+        if (_buffer.Length < need)
+        {
+            ArrayPool<byte>.Shared.Return(_buffer);
+            _buffer = ArrayPool<byte>.Shared.Rent(need);
+        }
+        _type = type;
+        _open = true;
+        _capacity = Math.Min(_buffer.Length - FrameFormat.HeaderSize, max);
+        return OpenPayload;
+    }
+
+    /// <summary>The open frame's payload space (the same span <see cref="Begin"/> returned).</summary>
+    public Span<byte> OpenPayload => _open ? _buffer.AsSpan(FrameFormat.HeaderSize, _capacity) : throw new InvalidOperationException("no frame is open");
+
+    public bool IsOpen => _open;
+
+    public void Commit(int payloadLength)
+    {
+        if (!_open) throw new InvalidOperationException("no frame is open");
+        _open = false;
+        Span<byte> h = _buffer.AsSpan(0, FrameFormat.HeaderSize);
+        BinaryPrimitives.WriteUInt32LittleEndian(h, FrameFormat.Magic);
+        h[4] = (byte)_type;
+        h[5] = 0;
+        BinaryPrimitives.WriteUInt16LittleEndian(h[6..], 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(h[8..], (uint)payloadLength);
+        BinaryPrimitives.WriteUInt32LittleEndian(h[12..], FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
+        int total = FrameFormat.HeaderSize + payloadLength;
+        Limiter?.Consume(total);
+        _stream.Write(_buffer, 0, total);
+        BytesWritten += total;
+        FramesWritten++;
+    }
+
+    public void Abandon() => _open = false;
+
+    /// <summary>Sends a whole small frame.</summary>
+    public void Send(FrameType type, ReadOnlySpan<byte> payload)
+    {
+        payload.CopyTo(Begin(type, payload.Length));
+        Commit(payload.Length);
+    }
+
+    public void Flush() => _stream.Flush();
+
+    public void Dispose()
+    {
+        byte[] b = Interlocked.Exchange(ref _buffer, []);
+        if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
+    }
+}
+
+/// <summary>
+/// Reads and checks frames: magic, known type, bounded length (per type, before any
+/// allocation), checksum. Every error names the frame's index and byte offset in the stream.
+/// The returned payload stays valid until the next <see cref="Read"/>.
+/// </summary>
+public sealed class FrameReader : IDisposable
+{
+    private readonly Stream _stream;
+    private readonly byte[] _header = new byte[FrameFormat.HeaderSize];
+    private byte[] _buffer;
+
+    public FrameReader(Stream stream)
+    {
+        _stream = stream;
+        _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
+    }
+
+    public long BytesRead { get; private set; }
+    public long FramesRead { get; private set; }
+
+    public FrameType Read(out ReadOnlySpan<byte> payload)
+    {
+        long at = BytesRead;
+        string where = $"frame {FramesRead} at stream byte {at}";
+        ReadExactly(_header, where, "header");
+        uint magic = BinaryPrimitives.ReadUInt32LittleEndian(_header);
+        if (magic != FrameFormat.Magic) throw new ProtocolException($"{where}: bad magic 0x{magic:X8} (not a LiveMig stream, or out of sync)");
+        byte type = _header[4];
+        if (!FrameFormat.IsKnown(type)) throw new ProtocolException($"{where}: unknown frame type {type}");
+        if (_header[5] != 0 || _header[6] != 0 || _header[7] != 0) throw new ProtocolException($"{where}: reserved header bits set");
+        uint length = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(8));
+        int max = FrameFormat.MaxPayload((FrameType)type);
+        if (length > (uint)max) throw new ProtocolException($"{where}: {(FrameType)type} payload of {length} bytes exceeds the limit of {max}");
+        if (_buffer.Length < length)
+        {
+            ArrayPool<byte>.Shared.Return(_buffer);
+            _buffer = ArrayPool<byte>.Shared.Rent((int)length);
+        }
+        ReadExactly(_buffer.AsSpan(0, (int)length), where, $"{(FrameType)type} payload ({length} bytes)");
+        uint sum = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(12));
+        if (FrameFormat.Checksum(_header.AsSpan(0, 8), _buffer.AsSpan(0, (int)length)) != sum)
+            throw new ProtocolException($"{where}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)");
+        FramesRead++;
+        payload = _buffer.AsSpan(0, (int)length);
+        return (FrameType)type;
+    }
+
+    private void ReadExactly(Span<byte> into, string where, string what)
+    {
+        int got = 0;
+        while (got < into.Length)
+        {
+            int n;
+            try { n = _stream.Read(into[got..]); }
+            catch (IOException e) { throw new ProtocolException($"{where}: connection failed while reading the {what}: {e.InnerException?.Message ?? e.Message}"); }
+            if (n == 0)
+                throw new ProtocolException(got == 0 && what == "header"
+                    ? $"{where}: peer closed the connection"
+                    : $"{where}: peer closed the connection in the middle of the {what} ({got} of {into.Length} bytes)");
+            got += n;
+            BytesRead += n;
+        }
+    }
+
+    public void Dispose()
+    {
+        byte[] b = Interlocked.Exchange(ref _buffer, []);
+        if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
+    }
+}

@@ -1,0 +1,146 @@
+namespace LiveMig.Protocol;
+
+/// <summary>
+/// Protocol version and capabilities. Rule: <see cref="Version"/> goes up by one whenever a
+/// frame's layout or a message's meaning changes incompatibly; peers speak
+/// min(their maxima) if it is at least both minima, else the destination refuses naming both
+/// ranges. Optional features that an older peer can do without are capability bits instead,
+/// never a version change: the source asks, the destination answers with what it accepts.
+/// </summary>
+public static class ProtocolVersion
+{
+    public const ushort Version = 1;
+    public const ushort MinSupported = 1;
+}
+
+[Flags]
+public enum Capabilities : ulong
+{
+    None = 0,
+    /// <summary>Raw pages (always required).</summary>
+    Raw = 1UL << 0,
+    /// <summary>Zero-page markers (always required).</summary>
+    ZeroPages = 1UL << 1,
+    /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
+    Verify = 1UL << 16,
+}
+
+/// <summary>Source → destination, first frame.</summary>
+public readonly record struct HelloMessage(
+    ushort MaxVersion, ushort MinVersion, Capabilities Requested, Capabilities Required,
+    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName)
+{
+    public const int MaxNameBytes = 255;
+
+    public int Write(Span<byte> into)
+    {
+        var w = new SpanWriter(into);
+        w.U16(MaxVersion); w.U16(MinVersion);
+        w.U64((ulong)Requested); w.U64((ulong)Required);
+        w.I64(MemoryBytes); w.U32((uint)PageSize); w.U32((uint)Vcpus);
+        MigrationId.TryWriteBytes(w.Remaining); w.Advance(16);
+        w.String(VmName, MaxNameBytes);
+        return w.Position;
+    }
+
+    public static HelloMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "Hello");
+        var m = new HelloMessage(r.U16("maxVersion"), r.U16("minVersion"), (Capabilities)r.U64("requested"), (Capabilities)r.U64("required"),
+            r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes));
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Destination → source: the version it will speak and the capabilities it accepts.</summary>
+public readonly record struct HelloAckMessage(ushort Version, Capabilities Accepted)
+{
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U16(Version); w.U64((ulong)Accepted); return w.Position; }
+
+    public static HelloAckMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "HelloAck");
+        var m = new HelloAckMessage(r.U16("version"), (Capabilities)r.U64("accepted"));
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Source → destination: a round begins; <see cref="Final"/> means the source VM is now paused (stop-and-copy).</summary>
+public readonly record struct RoundStartMessage(int Round, bool Final)
+{
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U32((uint)Round); w.U8(Final ? (byte)1 : (byte)0); return w.Position; }
+
+    public static RoundStartMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "RoundStart");
+        var m = new RoundStartMessage((int)r.U32("round"), r.U8("final") switch { 0 => false, 1 => true, var b => throw new ProtocolException($"RoundStart: final flag {b} is not 0 or 1") });
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Source → destination: the round's figures, so the destination's report has them too.</summary>
+public readonly record struct RoundEndMessage(int Round, long PagesSent, long PagesDirtied, long BytesSent, long DurationUs)
+{
+    public int Write(Span<byte> into)
+    {
+        var w = new SpanWriter(into);
+        w.U32((uint)Round); w.I64(PagesSent); w.I64(PagesDirtied); w.I64(BytesSent); w.I64(DurationUs);
+        return w.Position;
+    }
+
+    public static RoundEndMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "RoundEnd");
+        var m = new RoundEndMessage((int)r.U32("round"), r.I64("pagesSent"), r.I64("pagesDirtied"), r.I64("bytesSent"), r.I64("durationUs"));
+        r.End();
+        if (m.PagesSent < 0 || m.PagesDirtied < 0 || m.BytesSent < 0 || m.DurationUs < 0) throw new ProtocolException("RoundEnd: negative figure");
+        return m;
+    }
+}
+
+/// <summary>Source → destination after the last pages and the VM state: switch-over step 1.</summary>
+public readonly record struct PrepareMessage(bool Verify, ulong SourceHash, long TotalPagesSent)
+{
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U8(Verify ? (byte)1 : (byte)0); w.U64(SourceHash); w.I64(TotalPagesSent); return w.Position; }
+
+    public static PrepareMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "Prepare");
+        var m = new PrepareMessage(r.U8("verify") != 0, r.U64("sourceHash"), r.I64("totalPagesSent"));
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Destination → source: memory verified (or verification off) and VM loaded, paused, ready to run.</summary>
+public readonly record struct ReadyMessage(ulong DestinationHash, long VerifyUs)
+{
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U64(DestinationHash); w.I64(VerifyUs); return w.Position; }
+
+    public static ReadyMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "Ready");
+        var m = new ReadyMessage(r.U64("destinationHash"), r.I64("verifyUs"));
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Either direction: the sender gives up; the message says why.</summary>
+public readonly record struct ErrorMessage(ushort Code, string Text)
+{
+    public const ushort Refused = 1, VerificationFailed = 2, BadStream = 3, Internal = 4, Cancelled = 5;
+
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U16(Code); w.String(Text, 4000); return w.Position; }
+
+    public static ErrorMessage Parse(ReadOnlySpan<byte> payload)
+    {
+        var r = new SpanReader(payload, "Error");
+        var m = new ErrorMessage(r.U16("code"), r.String("text", 4000));
+        r.End();
+        return m;
+    }
+}

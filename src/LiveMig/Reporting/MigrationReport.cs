@@ -1,0 +1,95 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace LiveMig.Reporting;
+
+/// <summary>One pre-copy round as the report shows it.</summary>
+public sealed record RoundReport
+{
+    public int Round { get; init; }
+    public bool Final { get; init; }
+    public long PagesSent { get; init; }
+    /// <summary>Pages found dirty at the end of the round (the next round's work).</summary>
+    public long PagesDirtied { get; init; }
+    public long BytesSent { get; init; }
+    public double DurationMs { get; init; }
+    public double BandwidthBytesPerSecond { get; init; }
+    public double DirtyRatePagesPerSecond { get; init; }
+}
+
+/// <summary>Bytes the source put on the wire, by what they carried.</summary>
+public sealed record WireBytes
+{
+    public long PageData { get; init; }
+    public long ZeroMarkers { get; init; }
+    public long VmState { get; init; }
+    /// <summary>Frame, batch and entry headers and the control messages.</summary>
+    public long Protocol { get; init; }
+}
+
+/// <summary>What the kv client saw, when the VM ran the kv workload with a client attached.</summary>
+public sealed record ClientReport
+{
+    public long Requests { get; init; }
+    public long Errors { get; init; }
+    public long Mismatches { get; init; }
+    public double P50Us { get; init; }
+    public double P99Us { get; init; }
+    public double MaxUs { get; init; }
+    /// <summary>The longest time the client went without a completed request: the downtime the application saw.</summary>
+    public double ObservedDowntimeMs { get; init; }
+}
+
+/// <summary>
+/// The result of one migration. The JSON form is a stable contract (docs/report.md): fields are
+/// added, never renamed or removed.
+/// </summary>
+public sealed record MigrationReport
+{
+    public string MigrationId { get; init; } = "";
+    /// <summary><c>source</c> or <c>destination</c>: which side wrote the report.</summary>
+    public string Role { get; init; } = "source";
+    public string Strategy { get; init; } = "precopy";
+    /// <summary><c>completed</c> or <c>failed</c>.</summary>
+    public string Outcome { get; init; } = "completed";
+    public string? Error { get; init; }
+    public string VmName { get; init; } = "";
+    public string Workload { get; init; } = "";
+    public long MemoryBytes { get; init; }
+    public int Vcpus { get; init; }
+    public string DirtyLog { get; init; } = "";
+    public long BandwidthLimitBytesPerSecond { get; init; }
+    public double DowntimeLimitMs { get; init; }
+    public DateTimeOffset StartedAt { get; init; }
+    public double TotalTimeMs { get; init; }
+    /// <summary>Source pause to destination resume (as the source saw it: includes the resume acknowledgement).</summary>
+    public double DowntimeMs { get; init; }
+    /// <summary>Part of the downtime spent hashing memory for verification.</summary>
+    public double VerifyMs { get; init; }
+    public long BytesOnWire { get; init; }
+    public WireBytes Bytes { get; init; } = new();
+    public Dictionary<string, long> PagesByEncoding { get; init; } = [];
+    public long PagesSent { get; init; }
+    public string StopReason { get; init; } = "";
+    public double EstimatedDowntimeMs { get; init; }
+    /// <summary>true or false when verification ran, null when it was not asked for.</summary>
+    public bool? Verified { get; init; }
+    public string? SourceHash { get; init; }
+    public string? DestinationHash { get; init; }
+    public double Throttle { get; init; }
+    public List<RoundReport> Rounds { get; init; } = [];
+    public ClientReport? Client { get; init; }
+
+    public string ToJson(bool indented = false) =>
+        JsonSerializer.Serialize(this, indented ? ReportJson.Indented.MigrationReport : ReportJson.Default.MigrationReport);
+
+    public static MigrationReport FromJson(string json) =>
+        JsonSerializer.Deserialize(json, ReportJson.Default.MigrationReport) ?? throw new InvalidDataException("empty report");
+}
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase, DefaultIgnoreCondition = JsonIgnoreCondition.Never)]
+[JsonSerializable(typeof(MigrationReport))]
+internal partial class ReportJson : JsonSerializerContext
+{
+    public static ReportJson Indented { get; } = new(new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.CamelCase });
+}

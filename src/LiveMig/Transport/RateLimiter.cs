@@ -1,0 +1,48 @@
+using System.Diagnostics;
+
+namespace LiveMig.Transport;
+
+/// <summary>
+/// Token bucket shared by every sender of a migration. The rate can change while a migration
+/// runs. A sender that takes more than the bucket holds goes into debt and sleeps it off, so
+/// large frames need no special case; the burst is 10 ms worth of the rate (at least 256 KiB).
+/// </summary>
+public sealed class RateLimiter
+{
+    private readonly object _lock = new();
+    private long _bytesPerSecond;
+    private double _tokens;
+    private long _last = Stopwatch.GetTimestamp();
+
+    public RateLimiter(long bytesPerSecond) => BytesPerSecond = bytesPerSecond;
+
+    /// <summary>Bytes per second; 0 means unlimited.</summary>
+    public long BytesPerSecond
+    {
+        get => Volatile.Read(ref _bytesPerSecond);
+        set
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(value);
+            lock (_lock) { _bytesPerSecond = value; _tokens = Math.Min(_tokens, Burst(value)); }
+        }
+    }
+
+    private static double Burst(long rate) => Math.Max(256 << 10, rate / 100.0);
+
+    public void Consume(int bytes)
+    {
+        double waitSeconds;
+        lock (_lock)
+        {
+            long rate = _bytesPerSecond;
+            if (rate <= 0) return;
+            long now = Stopwatch.GetTimestamp();
+            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / Stopwatch.Frequency);
+            _last = now;
+            _tokens -= bytes;
+            if (_tokens >= 0) return;
+            waitSeconds = -_tokens / rate;
+        }
+        Thread.Sleep(TimeSpan.FromSeconds(waitSeconds));
+    }
+}

@@ -1,0 +1,39 @@
+using System.Net;
+using LiveMig.Engine;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+
+namespace LiveMig.Tests;
+
+/// <summary>A destination agent on 127.0.0.1 and a source, in one process, over real TCP.</summary>
+internal sealed class Loopback : IDisposable
+{
+    private readonly TaskCompletionSource<ArrivedVm> _arrived = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource<MigrationFailedException> _failed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public Loopback(DestinationOptions? options = null)
+    {
+        Listener = new MigrationListener(IPAddress.Loopback, 0, options ?? new DestinationOptions());
+        Listener.Arrived += a => _arrived.TrySetResult(a);
+        Listener.Failed += f => _failed.TrySetResult(f);
+        Listener.Start();
+    }
+
+    public MigrationListener Listener { get; }
+    public int Port => Listener.Port;
+
+    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions? options = null)
+    {
+        var report = new PreCopyMigration(vm, options ?? new MigrationOptions()).MigrateTo("127.0.0.1", Port);
+        Assert.True(_arrived.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report the arrival");
+        return (report, _arrived.Task.Result);
+    }
+
+    public MigrationFailedException DestinationFailure()
+    {
+        Assert.True(_failed.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report a failure");
+        return _failed.Task.Result;
+    }
+
+    public void Dispose() => Listener.Dispose();
+}

@@ -1,0 +1,82 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Engine;
+using LiveMig.Vm;
+
+namespace LiveMig.Tests;
+
+public class PreCopyMigrationTests
+{
+    [Theory]
+    [InlineData(DirtyLogKind.Software)]
+    [InlineData(DirtyLogKind.Kernel)]
+    public void Sweep_guest_keeps_writing_and_its_invariant_holds_on_the_destination(DirtyLogKind kind)
+    {
+        using var loop = new Loopback(new DestinationOptions { DirtyLog = kind });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=200000", Fill = MemoryFill.Mixed, Seed = 5, DirtyLog = kind });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        var (report, arrived) = loop.Migrate(vm);
+
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        Assert.Equal(report.SourceHash, report.DestinationHash);
+        Assert.True(report.Rounds.Count >= 2);
+        Assert.True(report.Rounds[^1].Final);
+        Assert.True(report.DowntimeMs > 0 && report.DowntimeMs < report.TotalTimeMs);
+        Assert.Equal(VmRunState.Stopped, vm.State);
+        // The source stopped at pause: its memory is the reference.
+        Assert.Equal(vm.Memory.ComputeHash().ToString("x16"), report.SourceHash);
+
+        var dest = arrived.Vm;
+        Assert.Equal(VmRunState.Running, dest.State);
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+        Assert.True(dest.Operations > ops);
+    }
+
+    [Fact]
+    public void Idle_vm_migrates_with_zero_pages_as_markers_only()
+    {
+        using var loop = new Loopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Mixed, Seed = 9 });
+        vm.Start();
+        ulong before = vm.Memory.ComputeHash();
+        var (report, arrived) = loop.Migrate(vm);
+        Assert.True(report.Verified);
+        Assert.Equal(before, arrived.Vm.Memory.ComputeHash());
+        // Mixed fill: about a third of pages are zero and none of them carried data.
+        long raw = report.PagesByEncoding["raw"], zero = report.PagesByEncoding["zero"];
+        Assert.True(zero > raw / 3, $"zero {zero}, raw {raw}");
+        Assert.Equal(raw * 4096, report.Bytes.PageData);
+        Assert.True(report.BytesOnWire < (raw + 64) * 4096 + raw * 16);
+        Assert.Equal("downtime-target", report.StopReason);
+    }
+
+    [Fact]
+    public void Non_converging_guest_stops_after_its_dirty_set_stops_shrinking()
+    {
+        using var loop = new Loopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep", Seed = 3 });
+        vm.Start();
+        var options = new MigrationOptions { BandwidthLimit = 64L << 20, PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 50 } };
+        var (report, arrived) = loop.Migrate(vm, options);
+        Assert.True(report.Verified);
+        Assert.Contains(report.StopReason, new[] { "non-convergence", "max-rounds" });
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    [Fact]
+    public void Hotcold_guest_converges_and_verifies()
+    {
+        using var loop = new Loopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 128L << 20, Vcpus = 2, Workload = "hotcold:rate=20000,wss=10%", Fill = MemoryFill.Mixed, Seed = 11 });
+        vm.Start();
+        var (report, arrived) = loop.Migrate(vm, new MigrationOptions { BandwidthLimit = 512L << 20 });
+        Assert.True(report.Verified);
+        Assert.Equal(arrived.Report.DestinationHash, report.SourceHash);
+        Assert.True(report.Rounds.Sum(r => r.PagesSent) == report.PagesSent);
+    }
+}

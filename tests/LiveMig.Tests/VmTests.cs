@@ -1,0 +1,82 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Memory;
+using LiveMig.Vm;
+
+namespace LiveMig.Tests;
+
+public class VmTests
+{
+    [Theory]
+    [InlineData(DirtyLogKind.Software)]
+    [InlineData(DirtyLogKind.Kernel)]
+    public void Pause_stops_every_write_and_resume_continues(DirtyLogKind kind)
+    {
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 3, Workload = "random:rate=0", DirtyLog = kind });
+        vm.DirtyLog.Start();
+        vm.Start();
+        var dirty = new PageBitmap(vm.Memory.PageCount);
+        SpinWait.SpinUntil(() => vm.Operations > 10_000);
+        vm.Pause();
+        long ops = vm.Operations;
+        vm.DirtyLog.Harvest(dirty);
+        ulong hash = vm.Memory.ComputeHash();
+        // Paused: no vCPU writes, so the memory and the dirty log stay still.
+        for (int i = 0; i < 3; i++)
+        {
+            Thread.Yield();
+            Assert.Equal(0, vm.DirtyLog.Harvest(dirty));
+        }
+        Assert.Equal(ops, vm.Operations);
+        Assert.Equal(hash, vm.Memory.ComputeHash());
+        vm.Resume();
+        SpinWait.SpinUntil(() => vm.Operations > ops + 1000);
+        vm.Pause();
+        Assert.True(vm.DirtyLog.Harvest(dirty) > 0);
+    }
+
+    [Fact]
+    public void State_round_trip_continues_sweep_exactly()
+    {
+        using var a = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 2, Workload = "sweep", DirtyLog = DirtyLogKind.Software });
+        a.Start();
+        SpinWait.SpinUntil(() => a.Operations > 5000);
+        a.Pause();
+        Assert.Null(a.CheckInvariant());
+        byte[] state = a.SaveState();
+        var mem = GuestMemory.Create(a.Memory.Size);
+        for (long p = 0; p < mem.PageCount; p++) a.Memory.Page(p).CopyTo(mem.Page(p));
+        using var b = BuiltInVm.Restore(mem, state, DirtyLogKind.Software);
+        Assert.Equal(VmRunState.Paused, b.State);
+        Assert.Null(b.CheckInvariant());
+        b.Resume();
+        long ops = b.Operations;
+        SpinWait.SpinUntil(() => b.Operations > ops + 5000);
+        b.Pause();
+        Assert.Null(b.CheckInvariant());
+        // A page changed behind the workload's back is caught by the invariant.
+        b.Memory.Page(17)[0] ^= 0x55;
+        Assert.NotNull(b.CheckInvariant());
+    }
+
+    [Fact]
+    public void Corrupt_state_is_refused_clearly()
+    {
+        using var mem = GuestMemory.Create(1L << 20);
+        Assert.Throws<InvalidDataException>(() => BuiltInVm.Restore(mem, [1, 2, 3]));
+        using var a = BuiltInVm.Create(new VmConfig { MemoryBytes = 1L << 20, Workload = "random" });
+        byte[] state = a.SaveState();
+        Assert.Throws<InvalidDataException>(() => BuiltInVm.Restore(mem, state.AsSpan(0, state.Length - 3)));
+        var trailing = state.Concat(new byte[] { 0 }).ToArray();
+        Assert.Throws<InvalidDataException>(() => BuiltInVm.Restore(mem, trailing));
+    }
+
+    [Fact]
+    public void Throttle_is_clamped_to_a_sane_range()
+    {
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 1, Workload = "random:rate=0" });
+        vm.Throttle(0.9);
+        Assert.Equal(0.9, vm.ThrottleFraction, 3);
+        vm.Throttle(5);
+        Assert.Equal(0.99, vm.ThrottleFraction, 3);
+    }
+}
