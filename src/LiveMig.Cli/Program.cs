@@ -1,6 +1,166 @@
+using System.CommandLine;
+using System.Net;
+using LiveMig.Engine;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+using Spectre.Console;
+
 namespace LiveMig.Cli;
 
 public static class Program
 {
-    public static int Main(string[] args) => 0;
+    public static int Main(string[] args)
+    {
+        var o = new CliOptions();
+        var root = new RootCommand("LiveMig: live migration of a running VM's memory between hosts over TCP, verified and measured.\n" +
+                                   "Start with 'livemig demo'; see 'livemig COMMAND --help' for each command.");
+
+        var demo = new Command("demo", "Runs a source and a destination in this process over loopback TCP: starts a VM, lets its workload run, live-migrates it with a progress display, checks the memory, and prints the report.");
+        o.AddVmOptions(demo);
+        o.AddMigrationOptions(demo);
+        demo.SetAction(r => Guard(r, o, () => Demo(r, o)));
+        root.Add(demo);
+
+        var port = new Option<int>("--port") { Description = "TCP port to listen on (0 picks a free one; the chosen port is printed).", DefaultValueFactory = _ => 7480 };
+        var bind = new Option<string>("--bind") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1", HelpName = "ADDRESS" };
+        var once = new Option<bool>("--once") { Description = "Exit after one migration and print its report (exit code 0 only if it completed)." };
+        var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
+        var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
+        {
+            port, bind, once, maxMemory, o.DirtyLog, o.Json,
+        };
+        listen.SetAction(r => Guard(r, o, () => Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory))));
+        root.Add(listen);
+
+        var to = new Option<string>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen').", Required = true, HelpName = "HOST:PORT" };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; Ctrl-C cancels cleanly.") { to };
+        o.AddVmOptions(migrate);
+        o.AddMigrationOptions(migrate);
+        migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!)));
+        root.Add(migrate);
+
+        return root.Parse(args).Invoke();
+    }
+
+    private static int Guard(ParseResult r, CliOptions o, Func<int> body)
+    {
+        try { return body(); }
+        catch (UsageException e)
+        {
+            Console.Error.WriteLine($"livemig: {e.Message}");
+            return 2;
+        }
+        catch (MigrationFailedException e)
+        {
+            if (r.GetValue(o.Json)) Console.WriteLine(e.Report.ToJson());
+            Console.Error.WriteLine($"livemig: migration failed: {e.Message}");
+            return 1;
+        }
+    }
+
+    private static bool Interactive(ParseResult r, CliOptions o) => !r.GetValue(o.Json) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+
+    private static BuiltInVm StartVm(VmConfig config, TimeSpan warmup, bool quiet)
+    {
+        var vm = BuiltInVm.Create(config);
+        if (vm.DirtyLogNote is not null) Console.Error.WriteLine($"livemig: note: {vm.DirtyLogNote}");
+        vm.Start();
+        if (!quiet) Console.Error.WriteLine($"VM {config.Name}: {Units.Bytes(config.MemoryBytes)}, {config.Vcpus} vCPUs, workload {vm.Workload.Spec}, dirty log {vm.DirtyLog.Name}; warming up {warmup.TotalSeconds:0.#} s");
+        Thread.Sleep(warmup);
+        return vm;
+    }
+
+    private static MigrationReport RunWithProgress(ParseResult r, CliOptions o, Func<IMigrationObserver, MigrationReport> run)
+    {
+        if (r.GetValue(o.Json)) return run(new Observers());
+        if (!Interactive(r, o)) return run(new LineProgress(Console.Out));
+        MigrationReport? report = null;
+        AnsiConsole.Progress().AutoClear(false).HideCompleted(false)
+            .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn())
+            .Start(ctx => report = run(new SpectreProgress(ctx)));
+        return report!;
+    }
+
+    private static int Finish(ParseResult r, CliOptions o, MigrationReport report)
+    {
+        if (r.GetValue(o.Json)) Console.WriteLine(report.ToJson());
+        else ReportView.Render(report, AnsiConsole.Console);
+        return report.Outcome == "completed" && report.Verified != false ? 0 : 1;
+    }
+
+    private static int Demo(ParseResult r, CliOptions o)
+    {
+        var config = o.VmConfig(r, "vm0", MachineMemory.TotalBytes / 2);
+        var options = o.MigrationOptions(r);
+        bool json = r.GetValue(o.Json);
+        var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions { DirtyLog = config.DirtyLog });
+        listener.Arrived += a => arrived.TrySetResult(a);
+        listener.Start();
+        using var vm = StartVm(config, o.WarmupTime(r), json);
+        if (!json) Console.Error.WriteLine($"migrating to the destination agent on 127.0.0.1:{listener.Port}");
+        using var cancel = CancelOnCtrlC();
+        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo("127.0.0.1", listener.Port, cancel.Token));
+        if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
+        var dest = arrived.Task.Result.Vm;
+        // The VM keeps running on the destination: let it work, then check its invariant there.
+        long ops = dest.Operations;
+        Thread.Sleep(200);
+        dest.Pause();
+        string? broken = dest.CheckInvariant();
+        if (!json) Console.Error.WriteLine(broken is null
+            ? $"destination VM is running: {dest.Operations - ops:N0} operations in its first 200 ms there; workload invariant holds"
+            : $"destination VM: workload invariant BROKEN: {broken}");
+        return broken is null ? Finish(r, o, report) : 1;
+    }
+
+    private static int Migrate(ParseResult r, CliOptions o, string target)
+    {
+        int colon = target.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
+            throw new UsageException($"--to '{target}': expected HOST:PORT");
+        var config = o.VmConfig(r, "vm0");
+        var options = o.MigrationOptions(r);
+        using var vm = StartVm(config, o.WarmupTime(r), r.GetValue(o.Json));
+        using var cancel = CancelOnCtrlC();
+        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token));
+        return Finish(r, o, report);
+    }
+
+    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory)
+    {
+        if (port is < 0 or > 65535) throw new UsageException($"--port {port}: must be 0..65535");
+        if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind '{bind}': not an IP address");
+        long max = MachineMemory.TotalBytes;
+        if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
+        bool json = r.GetValue(o.Json);
+        var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max });
+        listener.Arrived += a =>
+        {
+            Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");
+            if (!once) return;
+            if (json) Console.WriteLine(a.Report.ToJson()); else ReportView.Render(a.Report, AnsiConsole.Console);
+            done.TrySetResult(0);
+        };
+        listener.Failed += f =>
+        {
+            Console.Error.WriteLine($"livemig: incoming migration failed: {f.Message}");
+            if (!once) return;
+            if (json) Console.WriteLine(f.Report.ToJson());
+            done.TrySetResult(1);
+        };
+        try { listener.Start(); }
+        catch (System.Net.Sockets.SocketException e) { throw new UsageException($"--port {port}: cannot listen on {bind}:{port}: {e.Message}"); }
+        Console.Error.WriteLine($"listening on {bind}:{listener.Port}");
+        Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.TrySetResult(130); };
+        return done.Task.GetAwaiter().GetResult();
+    }
+
+    private static CancellationTokenSource CancelOnCtrlC()
+    {
+        var cts = new CancellationTokenSource();
+        Console.CancelKeyPress += (_, e) => { e.Cancel = true; cts.Cancel(); };
+        return cts;
+    }
 }

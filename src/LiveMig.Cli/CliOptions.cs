@@ -1,0 +1,94 @@
+using System.CommandLine;
+using LiveMig.DirtyTracking;
+using LiveMig.Engine;
+using LiveMig.Policies;
+using LiveMig.Vm;
+using LiveMig.Workloads;
+
+namespace LiveMig.Cli;
+
+/// <summary>A bad option: printed as one line naming the option, exit code 2.</summary>
+public sealed class UsageException(string message) : Exception(message);
+
+/// <summary>The options shared by the commands, their help texts, and their checks.</summary>
+internal sealed class CliOptions
+{
+    public readonly Option<string> Memory = new("--memory") { Description = "Guest memory size, e.g. 512MiB, 4GiB (64MiB to the machine's memory).", DefaultValueFactory = _ => "1GiB", HelpName = "SIZE" };
+    public readonly Option<int> Vcpus = new("--vcpus") { Description = "Number of vCPU threads running the workload.", DefaultValueFactory = _ => 2, HelpName = "N" };
+    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]. Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
+    public readonly Option<ulong> Seed = new("--seed") { Description = "Seed for the memory fill and the workload: the same seed gives the same guest.", DefaultValueFactory = _ => 1UL };
+    public readonly Option<string> Fill = new("--fill") { Description = "Initial memory content: zero (sparse), random (incompressible), mixed (35% zero, 25% random, 40% text).", DefaultValueFactory = _ => "mixed", HelpName = "KIND" };
+    public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };
+    public readonly Option<string> Bandwidth = new("--bandwidth") { Description = "Cap on migration traffic, e.g. 100MiB/s, 1Gbit; 'unlimited' for none.", DefaultValueFactory = _ => "unlimited", HelpName = "RATE" };
+    public readonly Option<string> DowntimeLimit = new("--downtime-limit") { Description = "Stop iterating once the remaining dirty pages would take at most this long to send.", DefaultValueFactory = _ => "300ms", HelpName = "TIME" };
+    public readonly Option<int> MaxRounds = new("--max-rounds") { Description = "Most pre-copy rounds (round 0 included) before stop-and-copy.", DefaultValueFactory = _ => 30, HelpName = "N" };
+    public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy.", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
+    public readonly Option<bool> Verify = new("--verify") { Description = "Hash memory at pause (source) and before resume (destination); a mismatch fails the migration. On by default; --verify false to skip.", DefaultValueFactory = _ => true };
+    public readonly Option<bool> Json = new("--json") { Description = "Print the report as one JSON object on stdout; no progress display." };
+    public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
+
+    public void AddVmOptions(Command c)
+    {
+        c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
+    }
+
+    public void AddMigrationOptions(Command c)
+    {
+        c.Add(Strategy); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
+    }
+
+    public VmConfig VmConfig(ParseResult r, string name, long? maxMemory = null)
+    {
+        string memText = r.GetValue(Memory)!;
+        if (!Units.TryParseBytes(memText, out long memory) || memory <= 0)
+            throw new UsageException($"--memory '{memText}': expected a size such as 512MiB or 4GiB");
+        long machine = maxMemory ?? MachineMemory.TotalBytes;
+        if (memory < 64L << 20) throw new UsageException($"--memory {memText}: at least 64MiB");
+        if (memory > machine) throw new UsageException($"--memory {memText}: larger than this machine's memory ({Units.Bytes(machine)})");
+        if (memory % 4096 != 0) throw new UsageException($"--memory {memText}: must be a whole number of 4 KiB pages");
+        int vcpus = r.GetValue(Vcpus);
+        if (vcpus < 1 || vcpus > 256) throw new UsageException($"--vcpus {vcpus}: must be between 1 and 256");
+        string workload = r.GetValue(Workload)!;
+        try { _ = Workloads.Workload.Create(WorkloadSpec.Parse(workload), memory / 4096); }
+        catch (FormatException e) { throw new UsageException($"--workload '{workload}': {e.Message}"); }
+        string fill = r.GetValue(Fill)!;
+        var fillKind = fill.ToLowerInvariant() switch
+        {
+            "zero" => MemoryFill.Zero, "random" => MemoryFill.Random, "mixed" => MemoryFill.Mixed,
+            _ => throw new UsageException($"--fill '{fill}': expected zero, random or mixed"),
+        };
+        return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!) };
+    }
+
+    public static DirtyLogKind ParseDirtyLog(string text) => text.ToLowerInvariant() switch
+    {
+        "auto" => DirtyLogKind.Auto, "kernel" => DirtyLogKind.Kernel, "software" => DirtyLogKind.Software,
+        _ => throw new UsageException($"--dirty-log '{text}': expected auto, kernel or software"),
+    };
+
+    public MigrationOptions MigrationOptions(ParseResult r)
+    {
+        string strategy = r.GetValue(Strategy)!;
+        if (!strategy.Equals("precopy", StringComparison.OrdinalIgnoreCase))
+            throw new UsageException($"--strategy '{strategy}': only precopy is available in this build");
+        string bw = r.GetValue(Bandwidth)!;
+        if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': expected a rate such as 100MiB/s or 1Gbit, or unlimited");
+        string dl = r.GetValue(DowntimeLimit)!;
+        if (!Units.TryParseDuration(dl, out var downtime) || downtime <= TimeSpan.Zero) throw new UsageException($"--downtime-limit '{dl}': expected a positive duration such as 300ms");
+        int rounds = r.GetValue(MaxRounds);
+        if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
+        return new MigrationOptions
+        {
+            BandwidthLimit = rate,
+            Verify = r.GetValue(Verify),
+            PreCopy = new PreCopyOptions { DowntimeLimit = downtime, MaxRounds = rounds },
+        };
+    }
+
+    public TimeSpan WarmupTime(ParseResult r)
+    {
+        string w = r.GetValue(Warmup)!;
+        if (!Units.TryParseDuration(w, out var t) || t > TimeSpan.FromHours(1)) throw new UsageException($"--warmup '{w}': expected a duration such as 1s (at most 1h)");
+        return t;
+    }
+}

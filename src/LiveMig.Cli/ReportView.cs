@@ -1,0 +1,98 @@
+using System.Globalization;
+using LiveMig.Engine;
+using LiveMig.Reporting;
+using Spectre.Console;
+
+namespace LiveMig.Cli;
+
+/// <summary>The report as tables for people (the JSON form is <see cref="MigrationReport.ToJson"/>).</summary>
+internal static class ReportView
+{
+    public static void Render(MigrationReport r, IAnsiConsole console)
+    {
+        var summary = new Table().Border(TableBorder.Rounded).Title($"[bold]{Markup.Escape(r.Strategy)} migration of {Markup.Escape(r.VmName)} ({Markup.Escape(r.Role)} report)[/]");
+        summary.AddColumn("what").AddColumn(new TableColumn("value"));
+        void Row(string k, string v) => summary.AddRow(Markup.Escape(k), Markup.Escape(v));
+        Row("outcome", r.Outcome + (r.Error is null ? "" : ": " + r.Error));
+        Row("guest", $"{Units.Bytes(r.MemoryBytes)}, {r.Vcpus} vCPUs, workload {r.Workload}, dirty log {r.DirtyLog}");
+        Row("total migration time", $"{r.TotalTimeMs:0.0} ms");
+        Row("downtime", $"{r.DowntimeMs:0.0} ms (of which verification {r.VerifyMs:0.0} ms; limit {r.DowntimeLimitMs:0} ms)");
+        if (r.Client is { } c)
+            Row("downtime seen by the kv client", $"{c.ObservedDowntimeMs:0.0} ms (requests {c.Requests}, errors {c.Errors}, wrong answers {c.Mismatches}, p50 {c.P50Us:0} µs, p99 {c.P99Us:0} µs, max {c.MaxUs / 1000:0.0} ms)");
+        Row("bytes on the wire", $"{Units.Bytes(r.BytesOnWire)} (page data {Units.Bytes(r.Bytes.PageData)}, zero markers {Units.Bytes(r.Bytes.ZeroMarkers)}, VM state {Units.Bytes(r.Bytes.VmState)}, protocol {Units.Bytes(r.Bytes.Protocol)})");
+        Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Select(kv => $"{kv.Key} {kv.Value}")));
+        Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
+        Row("verified", r.Verified switch { true => $"yes (xxHash3 {r.SourceHash})", false => "NO: memory differs", null => "not asked" });
+        console.Write(summary);
+
+        if (r.Rounds.Count == 0) return;
+        var rounds = new Table().Border(TableBorder.Simple);
+        rounds.AddColumn("round").AddColumn(new TableColumn("pages sent").RightAligned()).AddColumn(new TableColumn("dirtied meanwhile").RightAligned())
+            .AddColumn(new TableColumn("bytes").RightAligned()).AddColumn(new TableColumn("time").RightAligned()).AddColumn(new TableColumn("bandwidth").RightAligned())
+            .AddColumn(new TableColumn("dirty rate").RightAligned());
+        foreach (var x in r.Rounds)
+            rounds.AddRow(x.Final ? $"{x.Round} (stop-and-copy)" : x.Round.ToString(CultureInfo.InvariantCulture), x.PagesSent.ToString("N0", CultureInfo.InvariantCulture),
+                x.Final ? "-" : x.PagesDirtied.ToString("N0", CultureInfo.InvariantCulture), Units.Bytes(x.BytesSent), $"{x.DurationMs:0.0} ms",
+                Units.Rate(x.BandwidthBytesPerSecond), x.Final ? "-" : $"{x.DirtyRatePagesPerSecond:N0} pages/s");
+        console.Write(rounds);
+    }
+}
+
+/// <summary>Live progress: a bar per round when the terminal is interactive.</summary>
+internal sealed class SpectreProgress(ProgressContext ctx) : IMigrationObserver
+{
+    private ProgressTask? _task;
+    private int _round;
+    private bool _final;
+    private long _startBytes;
+    private long _startTicks;
+
+    public void RoundStarted(int round, long pagesToSend, bool final)
+    {
+        _round = round;
+        _final = final;
+        _task = ctx.AddTask(Label(0), maxValue: Math.Max(pagesToSend, 1));
+        _startBytes = -1;
+        _startTicks = System.Diagnostics.Stopwatch.GetTimestamp();
+    }
+
+    public void Progress(int round, long pagesSentInRound, long pagesToSend, long bytesOnWire)
+    {
+        if (_task is null) return;
+        if (_startBytes < 0) _startBytes = bytesOnWire;
+        double secs = System.Diagnostics.Stopwatch.GetElapsedTime(_startTicks).TotalSeconds;
+        _task.Value = pagesSentInRound;
+        _task.Description = Label((bytesOnWire - _startBytes) / Math.Max(secs, 1e-6)) + $" {pagesToSend - pagesSentInRound:N0} pages left";
+    }
+
+    public void RoundCompleted(RoundReport r)
+    {
+        if (_task is null) return;
+        _task.Value = _task.MaxValue;
+        _task.Description = Label(r.BandwidthBytesPerSecond) + (r.Final ? "" : $" {r.PagesDirtied:N0} dirtied ({r.DirtyRatePagesPerSecond:N0}/s)");
+        _task.StopTask();
+    }
+
+    private string Label(double bw) => Markup.Escape($"round {_round}{(_final ? " stop-and-copy" : "")} {Units.Rate(bw)}");
+}
+
+/// <summary>Progress as one line per round, for logs and pipes.</summary>
+internal sealed class LineProgress(TextWriter output) : IMigrationObserver
+{
+    public void Phase(string phase) => output.WriteLine($"[{DateTime.Now:HH:mm:ss.fff}] {phase}");
+
+    public void RoundCompleted(RoundReport r) =>
+        output.WriteLine(r.Final
+            ? $"  round {r.Round} (stop-and-copy): {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms"
+            : $"  round {r.Round}: {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms at {Units.Rate(r.BandwidthBytesPerSecond)}; {r.PagesDirtied:N0} dirtied ({r.DirtyRatePagesPerSecond:N0} pages/s)");
+}
+
+/// <summary>Forwards to several observers.</summary>
+internal sealed class Observers(params IMigrationObserver[] all) : IMigrationObserver
+{
+    public void RoundStarted(int round, long pagesToSend, bool final) { foreach (var o in all) o.RoundStarted(round, pagesToSend, final); }
+    public void Progress(int round, long sent, long total, long bytes) { foreach (var o in all) o.Progress(round, sent, total, bytes); }
+    public void RoundCompleted(RoundReport r) { foreach (var o in all) o.RoundCompleted(r); }
+    public void Phase(string phase) { foreach (var o in all) o.Phase(phase); }
+}
