@@ -1,0 +1,90 @@
+using System.Diagnostics;
+using System.Text.RegularExpressions;
+using LiveMig.Reporting;
+
+namespace LiveMig.Tests;
+
+/// <summary>The livemig command as a user runs it: separate OS processes, real TCP between them.</summary>
+[Trait("Category", "Heavy")]
+public class CliProcessTests
+{
+    private static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
+
+    private static Process Start(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(CliDll);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        return Process.Start(psi)!;
+    }
+
+    [Fact]
+    public void Listen_and_migrate_in_two_processes_verify_and_agree()
+    {
+        using var listen = Start("listen", "--port", "0", "--once", "--json");
+        int port = 0;
+        var stderr = new List<string>();
+        while (port == 0)
+        {
+            string? line = listen.StandardError.ReadLine();
+            Assert.NotNull(line);
+            stderr.Add(line);
+            var m = Regex.Match(line, @"listening on [0-9.]+:(\d+)");
+            if (m.Success) port = int.Parse(m.Groups[1].Value);
+        }
+        using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "128MiB", "--workload", "hotcold:rate=20000", "--warmup", "300ms", "--json");
+        string srcJson = migrate.StandardOutput.ReadToEnd();
+        string srcErr = migrate.StandardError.ReadToEnd();
+        Assert.True(migrate.WaitForExit(60_000));
+        Assert.True(migrate.ExitCode == 0, $"migrate exited {migrate.ExitCode}: {srcErr}");
+        string dstJson = listen.StandardOutput.ReadToEnd();
+        Assert.True(listen.WaitForExit(60_000));
+        Assert.Equal(0, listen.ExitCode);
+
+        var src = MigrationReport.FromJson(srcJson);
+        var dst = MigrationReport.FromJson(dstJson);
+        Assert.Equal("completed", src.Outcome);
+        Assert.True(src.Verified);
+        Assert.True(dst.Verified);
+        Assert.Equal(src.MigrationId, dst.MigrationId);
+        Assert.Equal(src.SourceHash, dst.DestinationHash);
+        Assert.Equal(src.BytesOnWire, dst.BytesOnWire);
+        Assert.Equal(src.Rounds.Count, dst.Rounds.Count);
+    }
+
+    [Fact]
+    public void Bad_options_get_one_line_naming_the_option()
+    {
+        foreach (var (args, expect) in new[]
+        {
+            (new[] { "demo", "--memory", "-5GiB" }, "--memory"),
+            (new[] { "demo", "--memory", "100TiB" }, "--memory"),
+            (new[] { "demo", "--workload", "nosuch" }, "--workload"),
+            (new[] { "demo", "--workload", "hotcold:wss=200%" }, "--workload"),
+            (new[] { "demo", "--bandwidth", "fast" }, "--bandwidth"),
+            (new[] { "demo", "--downtime-limit", "-1s" }, "--downtime-limit"),
+            (new[] { "demo", "--vcpus", "0" }, "--vcpus"),
+            (new[] { "migrate", "--to", "nowhere" }, "--to"),
+        })
+        {
+            using var p = Start(args);
+            string err = p.StandardError.ReadToEnd().Trim();
+            p.StandardOutput.ReadToEnd();
+            Assert.True(p.WaitForExit(30_000));
+            Assert.Equal(2, p.ExitCode);
+            Assert.Single(err.Split('\n'));
+            Assert.Contains(expect, err);
+        }
+    }
+
+    [Fact]
+    public void Migrate_to_a_port_nobody_listens_on_fails_clearly()
+    {
+        using var p = Start("migrate", "--to", "127.0.0.1:1", "--memory", "64MiB", "--warmup", "0s", "--json");
+        string err = p.StandardError.ReadToEnd();
+        p.StandardOutput.ReadToEnd();
+        Assert.True(p.WaitForExit(30_000));
+        Assert.Equal(1, p.ExitCode);
+        Assert.Contains("cannot connect to destination 127.0.0.1:1", err);
+    }
+}
