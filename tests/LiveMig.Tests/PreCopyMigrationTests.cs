@@ -11,7 +11,7 @@ public class PreCopyMigrationTests
     [InlineData(DirtyLogKind.Kernel)]
     public void Sweep_guest_keeps_writing_and_its_invariant_holds_on_the_destination(DirtyLogKind kind)
     {
-        using var loop = new Loopback(new DestinationOptions { DirtyLog = kind });
+        using var loop = new Loopback(new DestinationOptions { DirtyLog = kind, VerifyFromScratch = true });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=200000", Fill = MemoryFill.Mixed, Seed = 5, DirtyLog = kind });
         vm.Start();
         SpinWait.SpinUntil(() => vm.Operations > 20_000);
@@ -71,7 +71,7 @@ public class PreCopyMigrationTests
     [Fact]
     public void Hotcold_guest_converges_and_verifies()
     {
-        using var loop = new Loopback();
+        using var loop = new Loopback(new DestinationOptions { VerifyFromScratch = true });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 128L << 20, Vcpus = 2, Workload = "hotcold:rate=20000,wss=10%", Fill = MemoryFill.Mixed, Seed = 11 });
         vm.Start();
         var (report, arrived) = loop.Migrate(vm, new MigrationOptions { BandwidthLimit = 512L << 20 });

@@ -25,6 +25,8 @@ public sealed record DestinationOptions
     public long MaxMemoryBytes { get; init; } = MachineMemory.TotalBytes;
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
     public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Also rehash all of memory from scratch before resuming and compare (slow: a full pass in the downtime; for tests and audits).</summary>
+    public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
     public Action<BuiltInVm>? BeforeResume { get; init; }
 }

@@ -95,6 +95,7 @@ public sealed class PreCopyMigration
 
             // Tracking starts before round 0 reads a page: every later write is caught.
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+            if (_options.Verify) batches.Hashes = new PageHashes(memory.PageCount);
             var toSend = new PageBitmap(memory.PageCount);
             long populated = memory.MarkPopulated(toSend);
             long toSendCount = populated;
@@ -126,8 +127,6 @@ public sealed class PreCopyMigration
             paused = true;
             toSendCount += _vm.DirtyLog.Harvest(toSend);
             toSendCount = toSend.Count();
-            // Memory is frozen from here: hash it while the last pages go out.
-            var hashTask = _options.Verify ? Task.Run(() => { long h0 = Stopwatch.GetTimestamp(); ulong h = memory.ComputeHash(); return (h, Stopwatch.GetElapsedTime(h0)); }) : null;
             round++;
             var (finalStats, finalZeros) = SendRound(round, final: true, toSend, toSendCount, frames, batches, skipZero: false, CancellationToken.None);
             zeroMarkers += finalZeros;
@@ -138,12 +137,13 @@ public sealed class PreCopyMigration
             byte[] state = _vm.SaveState();
             frames.Send(FrameType.VmState, state);
             stateBytes = state.Length + FrameFormat.HeaderSize;
-            if (hashTask is not null)
+            if (batches.Hashes is not null)
             {
-                _observer.Phase("verifying");
-                var (h, took) = hashTask.GetAwaiter().GetResult();
-                sourceHash = h;
-                verifyMs = took.TotalMilliseconds;
+                // Every page's hash was taken as it was sent, and the final round re-sent every
+                // page written since: the per-page hashes now describe the paused memory exactly.
+                long h0 = Stopwatch.GetTimestamp();
+                sourceHash = batches.Hashes.Combine();
+                verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
             }
             var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
             frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);

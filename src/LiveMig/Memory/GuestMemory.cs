@@ -1,4 +1,3 @@
-using System.IO.Hashing;
 using System.Runtime.CompilerServices;
 using LiveMig.Linux;
 
@@ -132,57 +131,24 @@ public sealed unsafe class GuestMemory : IDisposable
 
     // ---- verification ---------------------------------------------------------------------
 
-    private static readonly ulong ZeroChunkHash = HashZeroChunk();
-
-    private static ulong HashZeroChunk()
-    {
-        var h = new XxHash3();
-        ReadOnlySpan<byte> zero = stackalloc byte[PageSize];
-        for (int i = 0; i < HashChunkPages; i++) h.Append(zero);
-        return h.GetCurrentHashAsUInt64();
-    }
-
     /// <summary>
-    /// xxHash3-64 of the whole memory, computed in parallel as a hash of per-chunk hashes, so
-    /// it depends only on content: a hole and a written page of zeros hash the same. Holes are
+    /// The verification hash (see <see cref="PageHashes"/>) computed from scratch, in parallel.
+    /// Depends only on content: a hole and a written page of zeros hash the same, and holes are
     /// not touched. Call it only while no one writes (the VM is paused).
     /// </summary>
     public ulong ComputeHash(int? maxParallelism = null)
     {
-        long chunks = (PageCount + HashChunkPages - 1) / HashChunkPages;
-        var chunkHashes = new ulong[chunks];
-        // Which chunks are all hole, partly populated, or fully populated.
-        var populated = new PageBitmap(PageCount);
-        MarkPopulated(populated);
+        var hashes = new PageHashes(PageCount);
         var opts = new ParallelOptions { MaxDegreeOfParallelism = maxParallelism ?? Environment.ProcessorCount };
-        Parallel.For(0L, chunks, opts, () => new XxHash3(), (c, _, hasher) =>
+        // Populated extents only, cut into pieces of at most HashChunkPages for the workers.
+        var pieces = new List<(long First, long Count)>();
+        foreach (var (first, count) in DataExtents())
+            for (long p = first; p < first + count; p += HashChunkPages) pieces.Add((p, Math.Min(HashChunkPages, first + count - p)));
+        Parallel.ForEach(pieces, opts, piece =>
         {
-            long first = c * HashChunkPages;
-            int pages = (int)Math.Min(HashChunkPages, PageCount - first);
-            chunkHashes[c] = HashChunk(first, pages, populated, hasher);
-            return hasher;
-        }, _ => { });
-        return XxHash3.HashToUInt64(System.Runtime.InteropServices.MemoryMarshal.AsBytes(chunkHashes.AsSpan()));
-    }
-
-    private ulong HashChunk(long first, int pages, PageBitmap populated, XxHash3 hasher)
-    {
-        long next = populated.NextSet(first);
-        if (pages == HashChunkPages && (next < 0 || next >= first + pages)) return ZeroChunkHash;
-        hasher.Reset();
-        ReadOnlySpan<byte> zero = stackalloc byte[PageSize];
-        long p = first, end = first + pages;
-        while (p < end)
-        {
-            // Runs of populated pages are hashed straight from the mapping; holes as zeros.
-            long run = p;
-            bool present = populated.IsSet(p);
-            while (run < end && populated.IsSet(run) == present) run++;
-            if (present) hasher.Append(new ReadOnlySpan<byte>(PagePointer(p), (int)((run - p) << PageShift)));
-            else for (long q = p; q < run; q++) hasher.Append(zero);
-            p = run;
-        }
-        return hasher.GetCurrentHashAsUInt64();
+            for (long p = piece.First; p < piece.First + piece.Count; p++) hashes.Set(p, new ReadOnlySpan<byte>(PagePointer(p), PageSize));
+        });
+        return hashes.Combine();
     }
 
     public void Dispose()

@@ -12,6 +12,9 @@ namespace LiveMig.Pipeline;
 public sealed class PageBatchReader(GuestMemory memory)
 {
     public EncodingCounters Counters { get; } = new();
+
+    /// <summary>When set, every page placed updates its verification hash, read back from guest memory after placing.</summary>
+    public PageHashes? Hashes { get; set; }
     public long PagesPlaced { get; private set; }
 
     /// <summary>Places every page of one batch; returns the batch's round.</summary>
@@ -43,10 +46,12 @@ public sealed class PageBatchReader(GuestMemory memory)
                 case PageEncoding.Raw:
                     if (length != GuestMemory.PageSize) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: raw page {page} has {length} bytes, not {GuestMemory.PageSize}");
                     data.CopyTo(target);
+                    Hashes?.Set(page, target);
                     break;
                 case PageEncoding.Zero:
                     if (length != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: zero page {page} carries {length} bytes");
                     target.Clear();
+                    Hashes?.SetZero(page);
                     break;
                 default:
                     throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: unknown page encoding {(byte)encoding}");

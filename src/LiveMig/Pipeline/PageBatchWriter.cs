@@ -27,6 +27,9 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
 
     public EncodingCounters Counters { get; } = new();
 
+    /// <summary>When set, every page sent updates its verification hash (hashed from the copy that was sent).</summary>
+    public PageHashes? Hashes { get; set; }
+
     public void BeginRound(int round) => _round = round;
 
     /// <summary>
@@ -49,12 +52,15 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
             BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], 0);
             _used += EntryHeaderSize;
             Counters.Add(PageEncoding.Zero, 0);
+            Hashes?.SetZero(page);
         }
         else
         {
             entry[4] = (byte)PageEncoding.Raw;
             BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], GuestMemory.PageSize);
-            data.CopyTo(entry[EntryHeaderSize..]);
+            Span<byte> copy = entry.Slice(EntryHeaderSize, GuestMemory.PageSize);
+            data.CopyTo(copy);
+            Hashes?.Set(page, copy);
             _used += EntryHeaderSize + GuestMemory.PageSize;
             Counters.Add(PageEncoding.Raw, GuestMemory.PageSize);
         }

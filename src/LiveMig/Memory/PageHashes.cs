@@ -1,0 +1,32 @@
+using System.IO.Hashing;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+
+namespace LiveMig.Memory;
+
+/// <summary>
+/// The verification hash of a guest's memory, kept per page so it can be maintained as pages
+/// move instead of recomputed in the downtime: the memory hash is xxHash3-64 over the array of
+/// the pages' xxHash3-64 values (little-endian, page order). A page never written hashes as
+/// the zero page. <see cref="GuestMemory.ComputeHash"/> computes the same value from scratch.
+/// </summary>
+public sealed class PageHashes
+{
+    public static readonly ulong ZeroPageHash = XxHash3.HashToUInt64(new byte[GuestMemory.PageSize]);
+
+    private readonly ulong[] _hashes;
+
+    public PageHashes(long pageCount)
+    {
+        _hashes = GC.AllocateUninitializedArray<ulong>(checked((int)pageCount));
+        Array.Fill(_hashes, ZeroPageHash);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Set(long page, ReadOnlySpan<byte> content) => _hashes[page] = XxHash3.HashToUInt64(content);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void SetZero(long page) => _hashes[page] = ZeroPageHash;
+
+    public ulong Combine() => XxHash3.HashToUInt64(MemoryMarshal.AsBytes(_hashes.AsSpan()));
+}
