@@ -12,8 +12,13 @@ public static class Program
     public static int Main(string[] args)
     {
         var o = new CliOptions();
-        var root = new RootCommand("LiveMig: live migration of a running VM's memory between hosts over TCP, verified and measured.\n" +
-                                   "Start with 'livemig demo'; see 'livemig COMMAND --help' for each command.");
+        // A plain command named "livemig" (the launcher's name) rather than RootCommand, which would take the DLL's name.
+        var root = new Command("livemig", "LiveMig: live migration of a running VM's memory between hosts over TCP, verified and measured.\n" +
+                                          "Start with 'livemig demo'; see 'livemig COMMAND --help' for each command.")
+        {
+            new System.CommandLine.Help.HelpOption(),
+            new VersionOption(),
+        };
 
         var demo = new Command("demo", "Runs a source and a destination in this process over loopback TCP: starts a VM, lets its workload run, live-migrates it with a progress display, checks the memory, and prints the report.");
         o.AddVmOptions(demo);
