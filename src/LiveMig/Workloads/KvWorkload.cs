@@ -35,7 +35,9 @@ public sealed class KvWorkload : Workload, IDisposable
     {
         spec.CheckKnown("keys", "value", "at");
         int valueSize = (int)spec.Long("value", 256, 1, KvProtocol.MaxValueLength);
-        long at = spec.Parameters.TryGetValue("at", out string? atText) && atText.Trim() == "0" ? 0 : spec.Pages("at", 0, memoryPages);
+        // Pages() rejects 0 (it wants at least one page), but 0 is the natural start of a table.
+        bool atZero = spec.Parameters.TryGetValue("at", out string? atText) && Units.TryParseBytes(atText, out long atBytes) && atBytes == 0;
+        long at = atZero ? 0 : spec.Pages("at", 0, memoryPages);
         long room = memoryPages - at;
         long fit = KvTable.MaxCapacityFor(room, valueSize);
         if (fit < 1) throw new FormatException($"workload 'kv': no room for a table of {valueSize}-byte values in {room} pages from page {at}");
