@@ -138,9 +138,12 @@ public sealed class KvClient : IDisposable
             if (Completed >= count) return Task.FromResult(true);
             if (_ended) return Task.FromResult(false);
             if (_waiter is not null) throw new InvalidOperationException("already waiting");
-            _waiter = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-            Volatile.Write(ref _waitTarget, count);
-            return _waiter.Task;
+            var waiter = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            _waiter = waiter;
+            Interlocked.Exchange(ref _waitTarget, count);
+            // A reply recorded between the check above and publishing the target did not see it.
+            if (Completed >= count) { _waiter = null; _waitTarget = long.MaxValue; waiter.TrySetResult(true); }
+            return waiter.Task;
         }
     }
 
@@ -303,7 +306,8 @@ public sealed class KvClient : IDisposable
         {
             if (_count == _samples.Length) Array.Resize(ref _samples, (int)Math.Min((long)_samples.Length * 2, Math.Min(_o.MaxRequests, Array.MaxLength)));
             _samples[_count] = sample;
-            n = ++_count;
+            n = _count + 1;
+            Interlocked.Exchange(ref _count, n); // a full fence: ordered before the read of _waitTarget below (Dekker with the waiter)
         }
         if (n >= Volatile.Read(ref _waitTarget))
         {

@@ -110,8 +110,10 @@ public sealed class KvWorkload : Workload, IDisposable
     {
         _queue.Enqueue(request);
         if (_disposed) { FailQueued(); return; }
-        // The enqueue (an interlocked op, a full fence) precedes this read; a vCPU increments
-        // _sleepers before its last look at the queue, so one of the two sees the other.
+        // Dekker with WaitForArrival: the fence orders the enqueue's publishing store before this
+        // read; a vCPU increments _sleepers (a full fence) before its last look at the queue, so
+        // one of the two sees the other and no arrival sleeps through the vCPU's idle wait.
+        Interlocked.MemoryBarrier();
         if (Volatile.Read(ref _sleepers) > 0) _arrival.Set();
     }
 
