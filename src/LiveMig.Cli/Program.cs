@@ -3,6 +3,7 @@ using System.Net;
 using LiveMig.Engine;
 using LiveMig.Reporting;
 using LiveMig.Vm;
+using LiveMig.Workloads;
 using Spectre.Console;
 
 namespace LiveMig.Cli;
@@ -44,7 +45,14 @@ public static class Program
         migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!)));
         root.Add(migrate);
 
-        return root.Parse(args).Invoke();
+        var parsed = root.Parse(args);
+        if (parsed.Errors.Count > 0)
+        {
+            // One line per problem, naming the option, and exit code 2 like the other usage errors.
+            foreach (var e in parsed.Errors) Console.Error.WriteLine($"livemig: {e.Message}");
+            return 2;
+        }
+        return parsed.Invoke();
     }
 
     private static int Guard(ParseResult r, CliOptions o, Func<int> body)
@@ -65,15 +73,20 @@ public static class Program
 
     private static bool Interactive(ParseResult r, CliOptions o) => !r.GetValue(o.Json) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
 
-    private static BuiltInVm StartVm(VmConfig config, TimeSpan warmup, bool quiet)
+    private static void StartVm(BuiltInVm vm, VmConfig config, TimeSpan warmup, bool quiet, Action? afterStart = null)
     {
-        var vm = BuiltInVm.Create(config);
         if (vm.DirtyLogNote is not null) Console.Error.WriteLine($"livemig: note: {vm.DirtyLogNote}");
         vm.Start();
+        afterStart?.Invoke();
         if (!quiet) Console.Error.WriteLine($"VM {config.Name}: {Units.Bytes(config.MemoryBytes)}, {config.Vcpus} vCPUs, workload {vm.Workload.Spec}, dirty log {vm.DirtyLog.Name}; warming up {warmup.TotalSeconds:0.#} s");
         Thread.Sleep(warmup);
-        return vm;
     }
+
+    internal static ClientReport ToClientReport(KvClientStats s) => new()
+    {
+        Requests = s.Count, Errors = s.Errors, Mismatches = s.Mismatches, P50Us = s.P50Us, P99Us = s.P99Us, MaxUs = s.MaxUs,
+        ObservedDowntimeMs = Math.Max(s.MaxUs, s.LongestGapUs) / 1000.0,
+    };
 
     private static MigrationReport RunWithProgress(ParseResult r, CliOptions o, Func<IMigrationObserver, MigrationReport> run)
     {
@@ -99,24 +112,47 @@ public static class Program
         var options = o.MigrationOptions(r);
         bool json = r.GetValue(o.Json);
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions { DirtyLog = config.DirtyLog });
+        // For kv: the VM's network address, which moves to the destination at resume, and a client outside the VM.
+        using var kvEndpoint = WorkloadSpec.Parse(config.Workload).Name == "kv" ? new KvEndpoint() : null;
+        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions
+        {
+            DirtyLog = config.DirtyLog,
+            BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
+        });
         listener.Arrived += a => arrived.TrySetResult(a);
         listener.Start();
-        using var vm = StartVm(config, o.WarmupTime(r), json);
+        using var vm = BuiltInVm.Create(config);
+        KvClient? client = null;
+        if (kvEndpoint is not null)
+        {
+            kvEndpoint.Attach((KvWorkload)vm.Workload);
+            client = new KvClient(kvEndpoint.EndPoint, new KvClientOptions { Seed = config.Seed, MaxValueLength = Math.Min(256, ((KvWorkload)vm.Workload).ValueSize) });
+        }
+        StartVm(vm, config, o.WarmupTime(r), json, () => client?.Start());
         if (!json) Console.Error.WriteLine($"migrating to the destination agent on 127.0.0.1:{listener.Port}");
         using var cancel = CancelOnCtrlC();
         var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo("127.0.0.1", listener.Port, cancel.Token));
         if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
         var dest = arrived.Task.Result.Vm;
         // The VM keeps running on the destination: let it work, then check its invariant there.
-        long ops = dest.Operations;
+        long ops = dest.Operations, since = System.Diagnostics.Stopwatch.GetTimestamp();
         Thread.Sleep(200);
+        if (client is not null)
+        {
+            // Let the client see the VM at work on the destination, then report what it saw throughout.
+            Thread.Sleep(300);
+            var stats = client.StopAsync().GetAwaiter().GetResult();
+            client.Dispose();
+            report = report with { Client = ToClientReport(stats) };
+            if (stats.Failure is not null && !json) Console.Error.WriteLine($"kv client: {stats.Failure}");
+        }
         dest.Pause();
         string? broken = dest.CheckInvariant();
         if (!json) Console.Error.WriteLine(broken is null
-            ? $"destination VM is running: {dest.Operations - ops:N0} operations in its first 200 ms there; workload invariant holds"
+            ? $"destination VM is running: {dest.Operations - ops:N0} operations in its first {System.Diagnostics.Stopwatch.GetElapsedTime(since).TotalMilliseconds:0} ms there; workload invariant holds"
             : $"destination VM: workload invariant BROKEN: {broken}");
-        return broken is null ? Finish(r, o, report) : 1;
+        int rc = broken is null ? Finish(r, o, report) : 1;
+        return report.Client is { Errors: > 0 } or { Mismatches: > 0 } ? 1 : rc;
     }
 
     private static int Migrate(ParseResult r, CliOptions o, string target)
@@ -126,7 +162,8 @@ public static class Program
             throw new UsageException($"--to '{target}': expected HOST:PORT");
         var config = o.VmConfig(r, "vm0");
         var options = o.MigrationOptions(r);
-        using var vm = StartVm(config, o.WarmupTime(r), r.GetValue(o.Json));
+        using var vm = BuiltInVm.Create(config);
+        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         using var cancel = CancelOnCtrlC();
         var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token));
         return Finish(r, o, report);
