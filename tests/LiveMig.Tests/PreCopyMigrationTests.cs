@@ -80,3 +80,32 @@ public class PreCopyMigrationTests
         Assert.True(report.Rounds.Sum(r => r.PagesSent) == report.PagesSent);
     }
 }
+
+public class KvMigrationTests
+{
+    [Fact]
+    public async Task Kv_store_and_its_client_survive_a_live_migration()
+    {
+        using var endpoint = new LiveMig.Workloads.KvEndpoint();
+        using var loop = new Loopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(v.Workload as LiveMig.Workloads.KvWorkload), VerifyFromScratch = true });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "kv:keys=4096", Seed = 21 });
+        endpoint.Attach((LiveMig.Workloads.KvWorkload)vm.Workload);
+        vm.Start();
+        using var client = new LiveMig.Workloads.KvClient(endpoint.EndPoint, new LiveMig.Workloads.KvClientOptions { Keys = 2048, Seed = 4 });
+        client.Start();
+        await client.WaitForCompletedAsync(2000);
+        var (report, arrived) = loop.Migrate(vm);
+        long atSwitch = client.Completed;
+        await client.WaitForCompletedAsync(atSwitch + 2000);
+        var stats = await client.StopAsync();
+
+        Assert.True(report.Verified);
+        Assert.Null(stats.Failure);
+        Assert.Equal(0, stats.Errors);
+        Assert.Equal(0, stats.Mismatches); // every GET after the move returned what was PUT before it
+        Assert.True(stats.LongestGapUs > 0);
+        Assert.Same(arrived.Vm.Workload, endpoint.Target);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+}
