@@ -26,10 +26,10 @@ public sealed class IncomingMigration
 
     public ArrivedVm Receive(Stream stream)
     {
-        if (stream is NetworkStream ns)
+        if (stream.CanTimeout)
         {
-            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
-            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();

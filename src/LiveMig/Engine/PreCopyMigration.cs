@@ -61,10 +61,11 @@ public sealed class PreCopyMigration
     /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one).</summary>
     public MigrationReport Run(Stream stream, CancellationToken cancel = default)
     {
-        if (stream is NetworkStream ns)
+        // Any stream that can time out, not only a bare NetworkStream: a wrapper around a socket must not hang.
+        if (stream.CanTimeout)
         {
-            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
-            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();
