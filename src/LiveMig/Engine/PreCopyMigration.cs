@@ -92,7 +92,11 @@ public sealed class PreCopyMigration
             var type = reader.Read(out var payload);
             if (type == FrameType.Error) throw new MigrationAbort($"destination refused: {ErrorMessage.Parse(payload).Text}");
             if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
-            _ = HelloAckMessage.Parse(payload);
+            var ack = HelloAckMessage.Parse(payload);
+            if (ack.Version < ProtocolVersion.MinSupported || ack.Version > ProtocolVersion.Version)
+                throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
+            if ((hello.Required & ~ack.Accepted) != 0)
+                throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
 
             // Tracking starts before round 0 reads a page: every later write is caught.
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
