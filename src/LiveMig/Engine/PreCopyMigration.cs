@@ -51,7 +51,8 @@ public sealed class PreCopyMigration
         catch (SocketException e)
         {
             client.Dispose();
-            throw new MigrationFailedException($"cannot connect to destination {host}:{port}: {e.Message}", BaseReport() with { Outcome = "failed", Error = e.Message }, e);
+            string why = $"cannot connect to destination {host}:{port}: {e.Message}";
+            throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why }, e);
         }
         using (client)
         using (var stream = client.GetStream())
