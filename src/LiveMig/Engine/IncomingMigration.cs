@@ -62,7 +62,8 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
-                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName);
+                        // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
+                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]);
                         placer = new PageBatchReader(memory);
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
