@@ -503,6 +503,60 @@ public class FaultTests(ITestOutputHelper output)
         AssertNoIncomingMemory(vm.Name);
     }
 
+    // ---- the fault-injection stream itself ---------------------------------------------------
+
+    [Fact]
+    public void Fault_injecting_stream_does_exactly_what_its_plan_says()
+    {
+        byte[] data = Enumerable.Range(0, 100).Select(i => (byte)i).ToArray();
+
+        // Drop: exactly N bytes get through, then this and every later call fails.
+        var sink = new MemoryStream();
+        var drop = new FaultInjectingStream(sink, new FaultPlan { DropAfter = 130 });
+        drop.Write(data);
+        var ex = Assert.Throws<IOException>(() => drop.Write(data));
+        Assert.Contains("dropped after 130 bytes", ex.Message);
+        Assert.True(drop.Triggered);
+        Assert.Equal(data.Concat(data.Take(30)), sink.ToArray());
+        Assert.Throws<IOException>(() => drop.Write(data));
+        Assert.Throws<IOException>(() => drop.ReadByte());
+
+        // Truncate: N bytes get through, the rest vanish without an error.
+        sink = new MemoryStream();
+        var cut = new FaultInjectingStream(sink, new FaultPlan { TruncateAfter = 150 });
+        cut.Write(data); cut.Write(data); cut.Write(data);
+        Assert.Equal(data.Concat(data.Take(50)), sink.ToArray());
+        Assert.Equal(300, cut.BytesWritten);
+
+        // Corrupt: one byte flipped on the wire, the caller's buffer untouched.
+        sink = new MemoryStream();
+        var flip = new FaultInjectingStream(sink, new FaultPlan { CorruptAt = 142, CorruptMask = 0x80 });
+        flip.Write(data); Assert.False(flip.Triggered);
+        flip.Write(data); flip.Write(data);
+        byte[] wire = sink.ToArray();
+        Assert.Equal(300, wire.Length);
+        Assert.Equal((byte)(42 ^ 0x80), wire[142]);
+        Assert.Equal(42, data[42]);
+        wire[142] ^= 0x80;
+        Assert.Equal(data.Concat(data).Concat(data), wire);
+
+        // Delay: only the write that carries offset K waits, once.
+        sink = new MemoryStream();
+        var slow = new FaultInjectingStream(sink, new FaultPlan { DelayAt = 150, Delay = TimeSpan.FromMilliseconds(200) });
+        var sw = Stopwatch.StartNew();
+        slow.Write(data);
+        Assert.False(slow.Triggered);
+        slow.Write(data);
+        Assert.True(sw.ElapsedMilliseconds >= 190 && slow.Triggered, $"{sw.ElapsedMilliseconds} ms");
+        Assert.Equal(200, sink.Length);
+
+        // Reads pass through.
+        var reader = new FaultInjectingStream(new MemoryStream(data), new FaultPlan { CorruptAt = 0 });
+        var back = new byte[100];
+        reader.ReadExactly(back);
+        Assert.Equal(data, back);
+    }
+
     // ---- helpers ------------------------------------------------------------------------------
 
     private static string NewName() => "f" + Guid.NewGuid().ToString("N")[..12];
