@@ -26,10 +26,10 @@ public sealed class IncomingMigration
 
     public ArrivedVm Receive(Stream stream)
     {
-        if (stream is NetworkStream ns)
+        if (stream.CanTimeout)
         {
-            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
-            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();
@@ -62,7 +62,8 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
-                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName);
+                        // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
+                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]);
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);

@@ -51,7 +51,8 @@ public sealed class PreCopyMigration
         catch (SocketException e)
         {
             client.Dispose();
-            throw new MigrationFailedException($"cannot connect to destination {host}:{port}: {e.Message}", BaseReport() with { Outcome = "failed", Error = e.Message }, e);
+            string why = $"cannot connect to destination {host}:{port}: {e.Message}";
+            throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why }, e);
         }
         using (client)
         using (var stream = client.GetStream())
@@ -61,10 +62,11 @@ public sealed class PreCopyMigration
     /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one).</summary>
     public MigrationReport Run(Stream stream, CancellationToken cancel = default)
     {
-        if (stream is NetworkStream ns)
+        // Any stream that can time out, not only a bare NetworkStream: a wrapper around a socket must not hang.
+        if (stream.CanTimeout)
         {
-            ns.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
-            ns.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+            stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();
@@ -91,7 +93,11 @@ public sealed class PreCopyMigration
             var type = reader.Read(out var payload);
             if (type == FrameType.Error) throw new MigrationAbort($"destination refused: {ErrorMessage.Parse(payload).Text}");
             if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
-            _ = HelloAckMessage.Parse(payload);
+            var ack = HelloAckMessage.Parse(payload);
+            if (ack.Version < ProtocolVersion.MinSupported || ack.Version > ProtocolVersion.Version)
+                throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
+            if ((hello.Required & ~ack.Accepted) != 0)
+                throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
 
             // Tracking starts before round 0 reads a page: every later write is caught.
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
