@@ -63,7 +63,8 @@ public sealed class IncomingMigration
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
                         // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
-                        memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]);
+                        try { memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]); }
+                        catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);

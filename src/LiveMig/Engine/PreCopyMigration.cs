@@ -91,7 +91,7 @@ public sealed class PreCopyMigration
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
-            if (type == FrameType.Error) throw new MigrationAbort($"destination refused: {ErrorMessage.Parse(payload).Text}");
+            if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
             if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
             var ack = HelloAckMessage.Parse(payload);
             if (ack.Version < ProtocolVersion.MinSupported || ack.Version > ProtocolVersion.Version)
@@ -154,7 +154,7 @@ public sealed class PreCopyMigration
             var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
             frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
             type = reader.Read(out payload);
-            if (type == FrameType.Error) throw new MigrationAbort($"destination refused the switch-over: {ErrorMessage.Parse(payload).Text}");
+            if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
             if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
             ready = ReadyMessage.Parse(payload);
             if (_options.Verify && ready.DestinationHash != sourceHash)
