@@ -47,13 +47,42 @@ public sealed unsafe class UffdWriteProtectDirtyLog : IDirtyLog
         int pm = Native.open("/proc/self/pagemap", Native.O_RDONLY | Native.O_CLOEXEC);
         if (pm < 0) { why = $"open /proc/self/pagemap: {Native.ErrorText(Native.Errno)}"; Native.close(fd); return false; }
         log = new UffdWriteProtectDirtyLog(memory, fd, pm);
-        // Probe PAGEMAP_SCAN once (register + scan + unregister): some kernels have WP_ASYNC
-        // reporting but no scan ioctl.
-        try { log.Start(); log.Harvest(new PageBitmap(memory.PageCount)); log.Stop(); }
-        catch (IOException e) { why = e.Message; log.Dispose(); log = null; return false; }
+        if (!Probe.Value.Works)
+        {
+            log.Dispose();
+            log = null;
+            why = Probe.Value.Why;
+            return false;
+        }
         why = null;
         return true;
     }
+
+    /// <summary>
+    /// Some kernels accept WP_ASYNC but lack the scan ioctl: try register + write + scan +
+    /// unregister once per process, on a small scratch mapping (not the guest's memory, whose
+    /// registration costs milliseconds per GiB).
+    /// </summary>
+    private static readonly Lazy<(bool Works, string? Why)> Probe = new(() =>
+    {
+        using var scratch = GuestMemory.Create(64 * GuestMemory.PageSize, "livemig-uffd-probe");
+        int fd = (int)Native.syscall(Native.SYS_userfaultfd, Native.O_CLOEXEC | Native.O_NONBLOCK);
+        if (fd < 0) fd = (int)Native.syscall(Native.SYS_userfaultfd, Native.O_CLOEXEC | Native.O_NONBLOCK | UFFD_USER_MODE_ONLY);
+        var api = new UffdioApi { Api = UFFD_API, Features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM };
+        if (fd < 0 || Native.ioctl(fd, UFFDIO_API, &api) != 0) return (false, "userfaultfd probe failed");
+        int pm = Native.open("/proc/self/pagemap", Native.O_RDONLY | Native.O_CLOEXEC);
+        using var probe = new UffdWriteProtectDirtyLog(scratch, fd, pm);
+        try
+        {
+            probe.Start();
+            scratch.Page(5)[0] = 1;
+            var seen = new PageBitmap(scratch.PageCount);
+            long n = probe.Harvest(seen);
+            probe.Stop();
+            return n == 1 && seen.IsSet(5) ? (true, null) : (false, $"PAGEMAP_SCAN reported {n} written pages where 1 was written");
+        }
+        catch (IOException e) { return (false, e.Message); }
+    });
 
     public void Start()
     {

@@ -37,11 +37,20 @@ public sealed class BuiltInVm : IVirtualMachine
     private int _live;
     private double _throttle;
 
-    private BuiltInVm(string name, GuestMemory memory, IDirtyLog dirtyLog, Workload workload, ulong seed, VcpuProgram[] programs)
+    private readonly Lazy<IDirtyLog> _dirtyLog;
+
+    private BuiltInVm(string name, GuestMemory memory, DirtyLogKind dirtyLogKind, Workload workload, ulong seed, VcpuProgram[] programs)
     {
         Name = name;
         Memory = memory;
-        DirtyLog = dirtyLog;
+        // Made on first use: a VM that arrives by migration needs no tracking until it leaves
+        // again, and registering its memory for write-protection is not free.
+        _dirtyLog = new Lazy<IDirtyLog>(() =>
+        {
+            var log = DirtyLogFactory.Create(memory, dirtyLogKind, out string? note);
+            DirtyLogNote = note;
+            return log;
+        });
         Workload = workload;
         Seed = seed;
         _programs = programs;
@@ -50,7 +59,7 @@ public sealed class BuiltInVm : IVirtualMachine
 
     public string Name { get; }
     public GuestMemory Memory { get; }
-    public IDirtyLog DirtyLog { get; }
+    public IDirtyLog DirtyLog => _dirtyLog.Value;
     public Workload Workload { get; }
     public ulong Seed { get; }
     public int VcpuCount => _programs.Length;
@@ -58,7 +67,7 @@ public sealed class BuiltInVm : IVirtualMachine
     public VmRunState State { get; private set; } = VmRunState.Created;
     public double ThrottleFraction => Volatile.Read(ref _throttle);
     /// <summary>Said once when the dirty log had to fall back to software.</summary>
-    public string? DirtyLogNote { get; private init; }
+    public string? DirtyLogNote { get; private set; }
 
     public long Operations
     {
@@ -74,12 +83,13 @@ public sealed class BuiltInVm : IVirtualMachine
         try
         {
             var workload = Workloads.Workload.Create(spec, memory.PageCount);
-            var dirtyLog = DirtyLogFactory.Create(memory, config.DirtyLog, out string? note);
             MemoryFiller.Fill(memory, config.Fill, config.Seed);
             var programs = new VcpuProgram[config.Vcpus];
             ulong s = config.Seed;
             for (int i = 0; i < programs.Length; i++) programs[i] = workload.CreateProgram(memory, i, programs.Length, Xoshiro256.SplitMix(ref s));
-            return new BuiltInVm(config.Name, memory, dirtyLog, workload, config.Seed, programs) { DirtyLogNote = note };
+            var vm = new BuiltInVm(config.Name, memory, config.DirtyLog, workload, config.Seed, programs);
+            _ = vm.DirtyLog; // the source side tracks soon: make it now, so a fallback note is known up front
+            return vm;
         }
         catch
         {
@@ -118,8 +128,7 @@ public sealed class BuiltInVm : IVirtualMachine
             }
             double throttle = r.ReadDouble();
             if (ms.Position != ms.Length) throw new InvalidDataException($"VM state: {ms.Length - ms.Position} unexpected trailing bytes");
-            var dirtyLog = DirtyLogFactory.Create(memory, dirtyLogKind, out string? note);
-            var vm = new BuiltInVm(name, memory, dirtyLog, workload, seed, programs) { DirtyLogNote = note };
+            var vm = new BuiltInVm(name, memory, dirtyLogKind, workload, seed, programs);
             vm._throttle = 0; // a throttle never outlives the migration that set it
             _ = throttle;
             vm.StartPaused();
@@ -184,6 +193,7 @@ public sealed class BuiltInVm : IVirtualMachine
         {
             if (State != VmRunState.Running) return;
             _pauseRequested = true;
+            Monitor.PulseAll(_gate);
             while (_parked < _live) Monitor.Wait(_gate);
             State = VmRunState.Paused;
         }
@@ -218,7 +228,12 @@ public sealed class BuiltInVm : IVirtualMachine
                 }
                 long t0 = Stopwatch.GetTimestamp();
                 int done = program.Step(Memory);
-                if (done == 0) { Thread.Sleep(1); continue; }
+                if (done == 0)
+                {
+                    // Idle: nap on the gate, so that Pause wakes us at once instead of after a sleep.
+                    lock (_gate) { if (!_pauseRequested && !_stopping) Monitor.Wait(_gate, 1); }
+                    continue;
+                }
                 double throttle = Volatile.Read(ref _throttle);
                 if (throttle > 0)
                 {
@@ -268,7 +283,7 @@ public sealed class BuiltInVm : IVirtualMachine
     {
         Stop();
         (Workload as IDisposable)?.Dispose();
-        DirtyLog.Dispose();
+        if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
         Memory.Dispose();
     }
 }
