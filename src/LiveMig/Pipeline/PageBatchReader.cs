@@ -13,6 +13,9 @@ public sealed class PageBatchReader(GuestMemory memory)
 {
     public EncodingCounters Counters { get; } = new();
 
+    /// <summary>How pages are decoded; the baseline unless codecs were negotiated.</summary>
+    public IPageDecoder Decoder { get; set; } = BasicPageDecoder.Instance;
+
     /// <summary>When set, every page placed updates its verification hash, read back from guest memory after placing.</summary>
     public PageHashes? Hashes { get; set; }
     public long PagesPlaced { get; private set; }
@@ -41,20 +44,12 @@ public sealed class PageBatchReader(GuestMemory memory)
                 throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: payload of {length} bytes runs past the frame");
             ReadOnlySpan<byte> data = payload.Slice(at, length);
             Span<byte> target = memory.Page(page);
-            switch (encoding)
+            try { Decoder.Decode(page, encoding, data, target); }
+            catch (ProtocolException bad) { throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: {bad.Message}"); }
+            if (Hashes is { } h)
             {
-                case PageEncoding.Raw:
-                    if (length != GuestMemory.PageSize) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: raw page {page} has {length} bytes, not {GuestMemory.PageSize}");
-                    data.CopyTo(target);
-                    Hashes?.Set(page, target);
-                    break;
-                case PageEncoding.Zero:
-                    if (length != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: zero page {page} carries {length} bytes");
-                    target.Clear();
-                    Hashes?.SetZero(page);
-                    break;
-                default:
-                    throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: unknown page encoding {(byte)encoding}");
+                if (encoding == PageEncoding.Zero) h.SetZero(page);
+                else h.Set(page, target);
             }
             Counters.Add(encoding, length);
             PagesPlaced++;

@@ -27,6 +27,9 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
 
     public EncodingCounters Counters { get; } = new();
 
+    /// <summary>How pages are encoded; the baseline (zero or raw) unless codecs were negotiated.</summary>
+    public IPageEncoder Encoder { get; set; } = BasicPageEncoder.Instance;
+
     /// <summary>When set, every page sent updates its verification hash (hashed from the copy that was sent).</summary>
     public PageHashes? Hashes { get; set; }
 
@@ -40,30 +43,24 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
     public bool Add(long page, bool skipZero)
     {
         ReadOnlySpan<byte> data = memory.Page(page);
-        bool zero = !data.ContainsAnyExcept((byte)0);
-        if (zero && skipZero) { Counters.Add(PageEncoding.Zero, 0); return false; }
+        if (skipZero && PageCodec.IsZero(data)) { Counters.Add(PageEncoding.Zero, 0); return false; }
         if (!frames.IsOpen) Open();
         Span<byte> entry = frames.OpenPayload[_used..];
+        Span<byte> payload = entry.Slice(EntryHeaderSize, PageCodec.MaxEncodedSize);
+        PageEncoding encoding = Encoder.Encode(page, data, payload, out int written);
         BinaryPrimitives.WriteUInt32LittleEndian(entry, (uint)page);
+        entry[4] = (byte)encoding;
         entry[5] = 0;
-        if (zero)
+        BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], (ushort)written);
+        if (Hashes is { } h)
         {
-            entry[4] = (byte)PageEncoding.Zero;
-            BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], 0);
-            _used += EntryHeaderSize;
-            Counters.Add(PageEncoding.Zero, 0);
-            Hashes?.SetZero(page);
+            // A raw page is hashed from the copy that was sent; others from guest memory (a write
+            // racing this read dirties the page again, so it is re-sent and re-hashed later).
+            if (encoding == PageEncoding.Zero) h.SetZero(page);
+            else h.Set(page, encoding == PageEncoding.Raw ? payload[..written] : data);
         }
-        else
-        {
-            entry[4] = (byte)PageEncoding.Raw;
-            BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], GuestMemory.PageSize);
-            Span<byte> copy = entry.Slice(EntryHeaderSize, GuestMemory.PageSize);
-            data.CopyTo(copy);
-            Hashes?.Set(page, copy);
-            _used += EntryHeaderSize + GuestMemory.PageSize;
-            Counters.Add(PageEncoding.Raw, GuestMemory.PageSize);
-        }
+        _used += EntryHeaderSize + written;
+        Counters.Add(encoding, written);
         _count++;
         if (_used >= TargetBatchBytes) Flush();
         return true;
