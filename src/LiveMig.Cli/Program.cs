@@ -31,11 +31,17 @@ public static class Program
         var bind = new Option<string>("--bind") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1", HelpName = "ADDRESS" };
         var once = new Option<bool>("--once") { Description = "Exit after one migration and print its report (exit code 0 only if it completed)." };
         var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
+        var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, o.DirtyLog, o.Json,
+            port, bind, once, maxMemory, o.DirtyLog, o.Json, trust,
         };
-        listen.SetAction(r => Guard(r, o, () => Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory))));
+        o.AddSecurityOptions(listen);
+        listen.SetAction(r => Guard(r, o, () =>
+        {
+            var names = r.GetValue(trust)?.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToArray();
+            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names));
+        }));
         root.Add(listen);
 
         var to = new Option<string>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen').", Required = true, HelpName = "HOST:PORT" };
@@ -44,6 +50,7 @@ public static class Program
         o.AddMigrationOptions(migrate);
         migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!)));
         root.Add(migrate);
+        root.Add(CertsCommand());
 
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
@@ -53,6 +60,25 @@ public static class Program
             return 2;
         }
         return parsed.Invoke();
+    }
+
+    private static Command CertsCommand()
+    {
+        var outDir = new Option<string>("--out") { Description = "Directory to write ca.pem, ca.key and HOST.pem/HOST.key into.", Required = true, HelpName = "DIR" };
+        var hosts = new Option<string>("--hosts") { Description = "Comma-separated host names or IP addresses to make certificates for (each is both a source and a destination identity).", Required = true, HelpName = "A,B" };
+        var certs = new Command("certs", "Makes a small CA and host certificates (ECDSA P-256) for trying --tls out. Not for production: keep ca.key away from the hosts.") { outDir, hosts };
+        certs.SetAction(r =>
+        {
+            var names = r.GetValue(hosts)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            if (names.Length == 0 || names.Any(n => n.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 || n.StartsWith('.')))
+            {
+                Console.Error.WriteLine($"livemig: --hosts '{r.GetValue(hosts)}': expected host names such as src,dst");
+                return 2;
+            }
+            foreach (string f in Transport.Certificates.WriteCaAndHosts(r.GetValue(outDir)!, names)) Console.WriteLine(f);
+            return 0;
+        });
+        return certs;
     }
 
     private static int Guard(ParseResult r, CliOptions o, Func<int> body)
@@ -117,6 +143,7 @@ public static class Program
         using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions
         {
             DirtyLog = config.DirtyLog,
+            Security = options.Security,
             BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
         });
         listener.Arrived += a => arrived.TrySetResult(a);
@@ -169,7 +196,7 @@ public static class Program
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory)
+    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security)
     {
         if (port is < 0 or > 65535) throw new UsageException($"--port {port}: must be 0..65535");
         if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind '{bind}': not an IP address");
@@ -177,7 +204,7 @@ public static class Program
         if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
         bool json = r.GetValue(o.Json);
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max });
+        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security });
         listener.Arrived += a =>
         {
             Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");

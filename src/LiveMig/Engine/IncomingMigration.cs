@@ -133,6 +133,7 @@ public sealed class IncomingMigration
                         {
                             MigrationId = hello.MigrationId.ToString(),
                             Role = "destination",
+                            Security = _options.Security.Mode,
                             VmName = hello.VmName,
                             Workload = vm.Workload.Spec.ToString(),
                             MemoryBytes = hello.MemoryBytes,

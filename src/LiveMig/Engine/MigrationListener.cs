@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
+using LiveMig.Transport;
 using LiveMig.Vm;
 
 namespace LiveMig.Engine;
@@ -59,8 +60,19 @@ public sealed class MigrationListener : IDisposable
         {
             try
             {
-                using var stream = client.GetStream();
+                Stream stream = client.GetStream();
+                string? peer;
+                try { stream = _options.Security.SecureServer(stream, _options.IoTimeout, out peer); }
+                catch (AuthenticationFailedException e)
+                {
+                    stream.Dispose();
+                    var refused = new Reporting.MigrationReport { Role = "destination", Outcome = "failed", Error = e.Message, Security = _options.Security.Mode };
+                    Failed?.Invoke(new MigrationFailedException(e.Message, refused, e));
+                    return;
+                }
+                using var _ = stream;
                 var arrived = new IncomingMigration(_options).Receive(stream);
+                arrived = arrived with { Report = arrived.Report with { Peer = peer } };
                 _vms[arrived.Report.MigrationId] = arrived.Vm;
                 Arrived?.Invoke(arrived);
             }

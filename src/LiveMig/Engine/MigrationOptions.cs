@@ -16,6 +16,8 @@ public sealed record MigrationOptions
     /// <summary>A peer silent for this long is taken as gone.</summary>
     public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public TimeProvider Time { get; init; } = TimeProvider.System;
+    /// <summary>TLS and authentication of the connection (default: plain TCP).</summary>
+    public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -25,6 +27,8 @@ public sealed record DestinationOptions
     public long MaxMemoryBytes { get; init; } = MachineMemory.TotalBytes;
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
     public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>TLS and authentication required of sources (default: plain TCP).</summary>
+    public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
     /// <summary>Also rehash all of memory from scratch before resuming and compare (slow: a full pass in the downtime; for tests and audits).</summary>
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>

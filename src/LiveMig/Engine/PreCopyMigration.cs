@@ -55,9 +55,17 @@ public sealed class PreCopyMigration
             throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why }, e);
         }
         using (client)
-        using (var stream = client.GetStream())
-            return Run(stream, cancel);
+        {
+            Stream stream = client.GetStream();
+            try { stream = _options.Security.SecureClient(stream, host, _options.IoTimeout); }
+            catch (AuthenticationFailedException e)
+            {
+                throw new MigrationFailedException(e.Message, BaseReport() with { Outcome = "failed", Error = e.Message }, e);
+            }
+            using (stream) return Run(stream, cancel);
+        }
     }
+
 
     /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one).</summary>
     public MigrationReport Run(Stream stream, CancellationToken cancel = default)
@@ -293,6 +301,7 @@ public sealed class PreCopyMigration
         DirtyLog = _vm.DirtyLog.Name,
         BandwidthLimitBytesPerSecond = Limiter.BytesPerSecond,
         DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
+        Security = _options.Security.Mode,
     };
 
     internal static string ReasonName(StopReason r) => r switch

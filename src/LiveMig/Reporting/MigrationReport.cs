@@ -59,6 +59,10 @@ public sealed record MigrationReport
     public int Vcpus { get; init; }
     public string DirtyLog { get; init; } = "";
     public long BandwidthLimitBytesPerSecond { get; init; }
+    /// <summary><c>none</c>, <c>tls13-certificates</c> or <c>tls13-psk</c>.</summary>
+    public string Security { get; init; } = "none";
+    /// <summary>Destination: the authenticated source (certificate name, or <c>psk</c>); null on plain TCP.</summary>
+    public string? Peer { get; init; }
     public double DowntimeLimitMs { get; init; }
     public DateTimeOffset StartedAt { get; init; }
     public double TotalTimeMs { get; init; }

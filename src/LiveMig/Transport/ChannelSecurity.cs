@@ -1,0 +1,199 @@
+using System.Net.Security;
+using System.Security.Authentication;
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
+
+namespace LiveMig.Transport;
+
+/// <summary>Raised when a peer cannot be authenticated or the secure channel cannot be set up. The message says who and why.</summary>
+public sealed class AuthenticationFailedException(string message, Exception? inner = null) : Exception(message, inner);
+
+/// <summary>
+/// How a migration connection is protected. <see cref="None"/> is plain TCP (the CLI warns);
+/// otherwise TLS 1.3 with mutual authentication, either by certificates from a CA both sides
+/// trust (the destination also checks the source's name against its trust list) or by a
+/// pre-shared key. .NET has no TLS-PSK cipher suites, so the PSK mode runs TLS 1.3 with
+/// throw-away certificates and then has each side prove knowledge of the key with an HMAC
+/// bound to the channel (the server certificate's hash, RFC 5929 tls-server-end-point, plus
+/// both sides' nonces): a man in the middle terminates TLS with his own certificate, so the
+/// bindings differ and the proofs fail.
+/// </summary>
+public sealed class ChannelSecurity
+{
+    private ChannelSecurity() { }
+
+    public static ChannelSecurity None { get; } = new();
+
+    public bool Enabled => Certificate is not null;
+    public X509Certificate2? Certificate { get; private init; }
+    public X509Certificate2Collection? TrustedRoots { get; private init; }
+    /// <summary>Destination only: the source names accepted (certificate mode); null accepts any name the CA signed.</summary>
+    public IReadOnlyCollection<string>? TrustedPeers { get; private init; }
+    public byte[]? PreSharedKey { get; private init; }
+
+    /// <summary>For reports: <c>none</c>, <c>tls13-certificates</c> or <c>tls13-psk</c>.</summary>
+    public string Mode => !Enabled ? "none" : PreSharedKey is null ? "tls13-certificates" : "tls13-psk";
+
+    /// <summary>Certificate mode: this host's certificate and key (PEM) and the CA that signs its peers.</summary>
+    public static ChannelSecurity FromCertificates(string certPem, string keyPem, string caPem, IReadOnlyCollection<string>? trustedPeers = null)
+    {
+        X509Certificate2 cert;
+        try
+        {
+            using var loaded = X509Certificate2.CreateFromPemFile(certPem, keyPem);
+            // Round-trip through PKCS#12: SslStream on Linux needs a key it can hand to OpenSSL.
+            cert = X509CertificateLoader.LoadPkcs12(loaded.Export(X509ContentType.Pkcs12), null);
+        }
+        catch (Exception e) when (e is CryptographicException or IOException or UnauthorizedAccessException)
+        {
+            throw new AuthenticationFailedException($"cannot load certificate {certPem} with key {keyPem}: {e.Message}", e);
+        }
+        var roots = new X509Certificate2Collection();
+        try { roots.ImportFromPemFile(caPem); }
+        catch (Exception e) when (e is CryptographicException or IOException or UnauthorizedAccessException)
+        {
+            throw new AuthenticationFailedException($"cannot load CA certificate {caPem}: {e.Message}", e);
+        }
+        if (roots.Count == 0) throw new AuthenticationFailedException($"{caPem} holds no certificate");
+        return new ChannelSecurity { Certificate = cert, TrustedRoots = roots, TrustedPeers = trustedPeers };
+    }
+
+    /// <summary>Pre-shared-key mode: the key file's bytes (at least 16) are the secret.</summary>
+    public static ChannelSecurity FromPreSharedKey(string keyFile)
+    {
+        byte[] key;
+        try { key = File.ReadAllBytes(keyFile); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new AuthenticationFailedException($"cannot read pre-shared key {keyFile}: {e.Message}", e); }
+        return FromPreSharedKey(key);
+    }
+
+    public static ChannelSecurity FromPreSharedKey(byte[] key)
+    {
+        if (key.Length < 16) throw new AuthenticationFailedException($"pre-shared key has {key.Length} bytes; at least 16 are needed");
+        return new ChannelSecurity { Certificate = Certificates.SelfSigned("livemig-psk"), PreSharedKey = key };
+    }
+
+    /// <summary>Source side: secures a connected stream to <paramref name="targetHost"/>; returns the stream to use.</summary>
+    public Stream SecureClient(Stream inner, string targetHost, TimeSpan timeout)
+    {
+        if (!Enabled) return inner;
+        var ssl = new SslStream(inner, leaveInnerStreamOpen: false);
+        string? problem = null;
+        var options = new SslClientAuthenticationOptions
+        {
+            TargetHost = PreSharedKey is null ? targetHost : "livemig-psk",
+            EnabledSslProtocols = SslProtocols.Tls13,
+            ClientCertificates = [Certificate!],
+            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+            RemoteCertificateValidationCallback = (_, cert, _, errors) =>
+            {
+                if (PreSharedKey is not null) return true; // authenticated below by the PSK proof
+                problem = CheckChain(cert, errors, requireName: targetHost, role: "destination");
+                return problem is null;
+            },
+        };
+        Authenticate(ssl, () => ssl.AuthenticateAsClientAsync(options), timeout, () => problem, $"destination {targetHost}");
+        if (PreSharedKey is not null) ProvePsk(ssl, client: true);
+        return ssl;
+    }
+
+    /// <summary>Destination side: secures an accepted stream; returns it and the authenticated peer's name.</summary>
+    public Stream SecureServer(Stream inner, TimeSpan timeout, out string? peer)
+    {
+        peer = null;
+        if (!Enabled) return inner;
+        var ssl = new SslStream(inner, leaveInnerStreamOpen: false);
+        string? problem = null;
+        string? name = null;
+        var options = new SslServerAuthenticationOptions
+        {
+            ServerCertificate = Certificate,
+            EnabledSslProtocols = SslProtocols.Tls13,
+            ClientCertificateRequired = true,
+            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+            RemoteCertificateValidationCallback = (_, cert, _, errors) =>
+            {
+                if (PreSharedKey is not null) return cert is not null;
+                problem = CheckChain(cert, errors, requireName: null, role: "source");
+                if (problem is not null) return false;
+                name = (cert as X509Certificate2 ?? new X509Certificate2(cert!)).GetNameInfo(X509NameType.SimpleName, false);
+                if (TrustedPeers is not null && !TrustedPeers.Contains(name, StringComparer.OrdinalIgnoreCase))
+                {
+                    problem = $"source '{name}' is not in this destination's trust list ({string.Join(", ", TrustedPeers)})";
+                    return false;
+                }
+                return true;
+            },
+        };
+        Authenticate(ssl, () => ssl.AuthenticateAsServerAsync(options), timeout, () => problem, "source");
+        if (PreSharedKey is not null) { ProvePsk(ssl, client: false); name = "psk"; }
+        peer = name;
+        return ssl;
+    }
+
+    private static void Authenticate(SslStream ssl, Func<Task> handshake, TimeSpan timeout, Func<string?> problem, string who)
+    {
+        try
+        {
+            if (!handshake().Wait(timeout)) throw new AuthenticationFailedException($"TLS handshake with the {who} timed out after {timeout.TotalSeconds:0.#} s");
+        }
+        catch (AggregateException e) when (e.InnerException is AuthenticationException or IOException)
+        {
+            ssl.Dispose();
+            string why = problem() ?? e.InnerException!.Message;
+            throw new AuthenticationFailedException($"TLS with the {who} failed: {why}", e.InnerException);
+        }
+    }
+
+    private string? CheckChain(X509Certificate? cert, SslPolicyErrors errors, string? requireName, string role)
+    {
+        if (cert is null) return $"the {role} sent no certificate";
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.AddRange(TrustedRoots!);
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        var c2 = cert as X509Certificate2 ?? new X509Certificate2(cert);
+        if (!chain.Build(c2))
+            return $"the {role}'s certificate '{c2.Subject}' is not signed by the trusted CA ({string.Join("; ", chain.ChainStatus.Select(s => s.StatusInformation.Trim()))})";
+        if (requireName is not null && !c2.MatchesHostname(requireName))
+            return $"the {role}'s certificate '{c2.Subject}' does not name '{requireName}'";
+        _ = errors; // chain and name are checked above against our own CA, not the system store
+        return null;
+    }
+
+    private const int NonceSize = 32;
+
+    /// <summary>Both sides send a nonce, then HMAC(psk, label | role | server-cert hash | client nonce | server nonce); each checks the other's.</summary>
+    private void ProvePsk(SslStream ssl, bool client)
+    {
+        // The server's certificate as each side sees it: its own on the server, the one received on the client.
+        byte[] binding = SHA256.HashData(client ? ssl.RemoteCertificate!.GetRawCertData() : Certificate!.RawData);
+        Span<byte> mine = stackalloc byte[NonceSize];
+        RandomNumberGenerator.Fill(mine);
+        Span<byte> theirs = stackalloc byte[NonceSize];
+        ssl.Write(mine);
+        ssl.Flush();
+        ssl.ReadExactly(theirs);
+        ReadOnlySpan<byte> cNonce = client ? mine : theirs, sNonce = client ? theirs : mine;
+        byte[] myProof = Proof(client ? "client" : "server", binding, cNonce, sNonce);
+        byte[] expected = Proof(client ? "server" : "client", binding, cNonce, sNonce);
+        ssl.Write(myProof);
+        ssl.Flush();
+        byte[] got = new byte[expected.Length];
+        try { ssl.ReadExactly(got); }
+        catch (EndOfStreamException) { throw new AuthenticationFailedException($"the {(client ? "destination" : "source")} closed the connection during the pre-shared-key check (different key?)"); }
+        if (!CryptographicOperations.FixedTimeEquals(got, expected))
+            throw new AuthenticationFailedException($"the {(client ? "destination" : "source")} does not know the pre-shared key");
+    }
+
+    private byte[] Proof(string role, byte[] binding, ReadOnlySpan<byte> cNonce, ReadOnlySpan<byte> sNonce)
+    {
+        using var h = IncrementalHash.CreateHMAC(HashAlgorithmName.SHA256, PreSharedKey!);
+        h.AppendData("livemig-psk-v1"u8);
+        h.AppendData(System.Text.Encoding.ASCII.GetBytes(role));
+        h.AppendData(binding);
+        h.AppendData(cNonce);
+        h.AppendData(sNonce);
+        return h.GetHashAndReset();
+    }
+}

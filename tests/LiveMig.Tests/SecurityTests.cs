@@ -1,0 +1,108 @@
+using LiveMig.Engine;
+using LiveMig.Transport;
+using LiveMig.Vm;
+
+namespace LiveMig.Tests;
+
+public class SecurityTests : IDisposable
+{
+    private readonly string _dir = Path.Combine(Path.GetTempPath(), "livemig-certs-" + Guid.NewGuid().ToString("N"));
+    private readonly string _otherDir = Path.Combine(Path.GetTempPath(), "livemig-certs-" + Guid.NewGuid().ToString("N"));
+
+    public SecurityTests()
+    {
+        Certificates.WriteCaAndHosts(_dir, ["src.example", "dst.example", "127.0.0.1", "intruder.example"]);
+        Certificates.WriteCaAndHosts(_otherDir, ["127.0.0.1"]);
+    }
+
+    public void Dispose()
+    {
+        Directory.Delete(_dir, true);
+        Directory.Delete(_otherDir, true);
+    }
+
+    private ChannelSecurity Host(string name, string? dir = null, string[]? trust = null)
+    {
+        dir ??= _dir;
+        return ChannelSecurity.FromCertificates(Path.Combine(dir, name + ".pem"), Path.Combine(dir, name + ".key"), Path.Combine(_dir, "ca.pem"), trust);
+    }
+
+    private static BuiltInVm SmallVm() => BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed });
+
+    [Fact]
+    public void Mutual_tls_with_certificates_migrates_and_names_the_source()
+    {
+        using var loop = new Loopback(new DestinationOptions { Security = Host("127.0.0.1", trust: ["src.example"]) });
+        using var vm = SmallVm();
+        vm.Start();
+        var (report, arrived) = loop.Migrate(vm, new MigrationOptions { Security = Host("src.example") });
+        Assert.True(report.Verified);
+        Assert.Equal("tls13-certificates", report.Security);
+        Assert.Equal("src.example", arrived.Report.Peer);
+    }
+
+    [Fact]
+    public void A_source_the_destination_does_not_trust_is_refused()
+    {
+        using var loop = new Loopback(new DestinationOptions { Security = Host("127.0.0.1", trust: ["src.example"]) });
+        using var vm = SmallVm();
+        vm.Start();
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { Security = Host("intruder.example") }).MigrateTo("127.0.0.1", loop.Port));
+        var refused = loop.DestinationFailure();
+        Assert.True(e.Message.Contains("TLS") || e.Message.Contains("connection"), e.Message);
+        Assert.Contains("'intruder.example' is not in this destination's trust list", refused.Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+        Assert.Empty(loop.Listener.Vms);
+    }
+
+    [Fact]
+    public void A_destination_with_a_certificate_from_another_ca_is_refused_by_the_source()
+    {
+        // The destination's certificate names 127.0.0.1 but is signed by a CA the source does not trust.
+        var rogue = ChannelSecurity.FromCertificates(Path.Combine(_otherDir, "127.0.0.1.pem"), Path.Combine(_otherDir, "127.0.0.1.key"), Path.Combine(_dir, "ca.pem"));
+        using var loop = new Loopback(new DestinationOptions { Security = rogue });
+        using var vm = SmallVm();
+        vm.Start();
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { Security = Host("src.example") }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Contains("not signed by the trusted CA", e.Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+    }
+
+    [Fact]
+    public void A_plain_tcp_source_cannot_talk_to_a_tls_destination()
+    {
+        using var loop = new Loopback(new DestinationOptions { Security = Host("127.0.0.1"), IoTimeout = TimeSpan.FromSeconds(5) });
+        using var vm = SmallVm();
+        vm.Start();
+        Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { IoTimeout = TimeSpan.FromSeconds(5) }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Equal("failed", loop.DestinationFailure().Report.Outcome);
+        Assert.Equal(VmRunState.Running, vm.State);
+    }
+
+    [Fact]
+    public void Pre_shared_key_authenticates_both_ways()
+    {
+        byte[] key = Enumerable.Range(0, 32).Select(i => (byte)i).ToArray();
+        using (var loop = new Loopback(new DestinationOptions { Security = ChannelSecurity.FromPreSharedKey(key) }))
+        using (var vm = SmallVm())
+        {
+            vm.Start();
+            var (report, arrived) = loop.Migrate(vm, new MigrationOptions { Security = ChannelSecurity.FromPreSharedKey(key) });
+            Assert.True(report.Verified);
+            Assert.Equal("tls13-psk", report.Security);
+            Assert.Equal("psk", arrived.Report.Peer);
+        }
+        byte[] wrong = (byte[])key.Clone();
+        wrong[31] ^= 1;
+        using (var loop = new Loopback(new DestinationOptions { Security = ChannelSecurity.FromPreSharedKey(key) }))
+        using (var vm = SmallVm())
+        {
+            vm.Start();
+            var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { Security = ChannelSecurity.FromPreSharedKey(wrong) }).MigrateTo("127.0.0.1", loop.Port));
+            Assert.Contains("pre-shared key", e.Message);
+            Assert.Contains("pre-shared key", loop.DestinationFailure().Message);
+            Assert.Equal(VmRunState.Running, vm.State);
+        }
+        Assert.Throws<AuthenticationFailedException>(() => ChannelSecurity.FromPreSharedKey(new byte[8]));
+    }
+}
