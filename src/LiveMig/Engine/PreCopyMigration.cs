@@ -294,6 +294,7 @@ public sealed class PreCopyMigration
         MigrationId = _id.ToString(),
         Role = "source",
         Strategy = "precopy",
+        StartedAt = DateTimeOffset.UtcNow,
         VmName = _vm.Name,
         Workload = _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "",
         MemoryBytes = _vm.Memory.Size,
