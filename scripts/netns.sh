@@ -4,6 +4,10 @@
 #   scripts/netns.sh up [RATE]     create lm-src (10.77.0.1) and lm-dst (10.77.0.2); RATE e.g.
 #                                  100mbit, 1gbit, 10gbit or "none" (default none)
 #   scripts/netns.sh rate RATE     change the shaping of the existing link
+#   scripts/netns.sh wan RATE DELAY_MS [LOSS]
+#                                  also a WAN link: lm-src 10.78.0.1 <-> lm-dst 10.78.0.2 through
+#                                  the userspace forwarder (tools/LiveMig.WanLink), DELAY_MS each
+#                                  way (RTT = 2 x DELAY_MS), LOSS a probability (e.g. 0.001)
 #   scripts/netns.sh down          remove both namespaces
 #   scripts/netns.sh check         exit 0 if namespaces can be made here (root, iproute2, veth)
 #
@@ -61,7 +65,25 @@ case "${1:-}" in
   rate)
     shape "${2:?rate}"
     ;;
+  wan)
+    rate=${2:?rate} delay=${3:?delay in ms} loss=${4:-0}
+    "$0" up none >/dev/null
+    here="$(cd "$(dirname "$0")/.." && pwd)"
+    dll="$here/tools/LiveMig.WanLink/bin/Release/net10.0/LiveMig.WanLink.dll"
+    [ -f "$dll" ] || dotnet build -c Release "$here/tools/LiveMig.WanLink" -v quiet -nologo >&2
+    log=/tmp/lm-wanlink.log
+    nohup dotnet "$dll" --delay-ms "$delay" --loss "$loss" > "$log" 2>&1 &
+    echo $! > /tmp/lm-wanlink.pid
+    for _ in $(seq 100); do grep -q ready "$log" 2>/dev/null && break; sleep 0.1; done
+    grep -q ready "$log" || { echo "netns.sh: WAN forwarder did not start: $(cat "$log")" >&2; exit 1; }
+    if [ "$rate" != "none" ]; then
+      ip netns exec $SRC tc qdisc add dev lmwan-a root tbf rate "$rate" burst 1mbit latency 100ms
+      ip netns exec $DST tc qdisc add dev lmwan-b root tbf rate "$rate" burst 1mbit latency 100ms
+    fi
+    echo "WAN: lm-src 10.78.0.1 <-> lm-dst 10.78.0.2, rate $rate, one-way delay ${delay} ms, loss $loss"
+    ;;
   down)
+    if [ -f /tmp/lm-wanlink.pid ]; then kill "$(cat /tmp/lm-wanlink.pid)" 2>/dev/null || true; rm -f /tmp/lm-wanlink.pid; fi
     ip netns del $SRC 2>/dev/null || true
     ip netns del $DST 2>/dev/null || true
     ;;

@@ -91,6 +91,12 @@ public sealed class IncomingMigration
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
                         });
                         break;
+                    case (State.Live, FrameType.Sync):
+                        var sync = SyncMessage.Parse(payload, "Sync");
+                        if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");
+                        // Everything before this frame is placed: acknowledge, so the source times the round by delivery.
+                        frames.Send(FrameType.SyncAck, small[..sync.Write(small)]);
+                        break;
                     case (State.StopAndCopy, FrameType.VmState):
                         if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
                         vmState = payload.ToArray();
@@ -181,7 +187,7 @@ public sealed class IncomingMigration
         }
     }
 
-    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify;
+    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync;
 
     private string? CheckHello(HelloMessage h)
     {

@@ -94,8 +94,8 @@ public sealed class PreCopyMigration
         {
             _observer.Phase("handshake");
             var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported,
-                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
-                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
+                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0),
+                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0),
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
@@ -121,8 +121,18 @@ public sealed class PreCopyMigration
             {
                 cancel.ThrowIfCancellationRequested();
                 var (stats, zeros) = SendRound(round, final: false, toSend, toSendCount, frames, batches, skipZero: round == 0, cancel);
+                long syncFrom = Stopwatch.GetTimestamp();
                 zeroMarkers += zeros;
                 pagesSent += stats.PagesSent;
+                // Wait until the destination has the round: the socket buffers (megabytes on a
+                // long link) drain while the VM still runs, not in the downtime, and the round's
+                // time and bandwidth are those of delivery.
+                frames.Send(FrameType.Sync, small[..new SyncMessage(round).Write(small)]);
+                type = reader.Read(out payload);
+                if (type == FrameType.Error) throw new MigrationAbort($"destination aborted: {ErrorMessage.Parse(payload).Text}");
+                if (type != FrameType.SyncAck || SyncMessage.Parse(payload, "SyncAck").Round != round) throw new ProtocolException($"expected SyncAck for round {round}, got {type}");
+                stats = stats with { Duration = stats.Duration + Stopwatch.GetElapsedTime(syncFrom) };
+                stats = stats with { BandwidthBytesPerSecond = stats.BytesSent / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
                 toSend.ClearAll();
                 toSendCount = _vm.DirtyLog.Harvest(toSend);
                 var roundStats = stats with { DirtyPagesAfter = toSendCount, DirtyRatePagesPerSecond = toSendCount / Math.Max(stats.Duration.TotalSeconds, 1e-6) };

@@ -18,6 +18,10 @@ public enum FrameType : byte
     Commit = 9,
     Resumed = 10,
     Error = 11,
+    /// <summary>S→D after a live round's pages: "tell me when you have all of them".</summary>
+    Sync = 12,
+    /// <summary>D→S: every frame before the Sync has been received and applied.</summary>
+    SyncAck = 13,
 }
 
 /// <summary>
@@ -43,7 +47,7 @@ public static class FrameFormat
 
     public const int LargestPayload = 16 << 20;
 
-    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Error;
+    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.SyncAck;
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));

@@ -21,6 +21,8 @@ public enum Capabilities : ulong
     Raw = 1UL << 0,
     /// <summary>Zero-page markers (always required).</summary>
     ZeroPages = 1UL << 1,
+    /// <summary>Sync/SyncAck after each live round, so rounds are timed by delivery, not by filling socket buffers.</summary>
+    RoundSync = 1UL << 2,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
 }
@@ -140,6 +142,20 @@ public readonly record struct ErrorMessage(ushort Code, string Text)
     {
         var r = new SpanReader(payload, "Error");
         var m = new ErrorMessage(r.U16("code"), r.String("text", 4000));
+        r.End();
+        return m;
+    }
+}
+
+/// <summary>Sync (S→D) and SyncAck (D→S): the round being synchronised.</summary>
+public readonly record struct SyncMessage(int Round)
+{
+    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U32((uint)Round); return w.Position; }
+
+    public static SyncMessage Parse(ReadOnlySpan<byte> payload, string what)
+    {
+        var r = new SpanReader(payload, what);
+        var m = new SyncMessage((int)r.U32("round"));
         r.End();
         return m;
     }
