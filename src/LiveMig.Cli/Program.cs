@@ -45,12 +45,21 @@ public static class Program
         }));
         root.Add(listen);
 
+        var control = new Option<string>("--control") { Description = "Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel' and 'livemig set-bandwidth'.", DefaultValueFactory = _ => ControlSocket.DefaultPath, HelpName = "PATH" };
         var to = new Option<string>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen').", Required = true, HelpName = "HOST:PORT" };
-        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; Ctrl-C cancels cleanly.") { to };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; Ctrl-C or 'livemig cancel' cancels cleanly; 'livemig set-bandwidth' changes the cap while it runs.") { to, control };
         o.AddVmOptions(migrate);
         o.AddMigrationOptions(migrate);
-        migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!)));
+        migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!, r.GetValue(control)!)));
         root.Add(migrate);
+
+        var cancelCmd = new Command("cancel", "Cancels the running 'livemig migrate' (any phase before the switch-over): the VM keeps running on the source, unthrottled.") { control };
+        cancelCmd.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "cancel"))));
+        root.Add(cancelCmd);
+        var rateArg = new Argument<string>("RATE") { Description = "New cap, e.g. 200MiB/s, 1Gbit, unlimited." };
+        var setBw = new Command("set-bandwidth", "Changes the bandwidth cap of the running 'livemig migrate'; the new cap takes effect within a frame.") { rateArg, control };
+        setBw.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "bandwidth " + r.GetValue(rateArg)))));
+        root.Add(setBw);
         root.Add(CertsCommand());
 
         var parsed = root.Parse(args);
@@ -183,7 +192,13 @@ public static class Program
         return report.Client is { Errors: > 0 } or { Mismatches: > 0 } ? 1 : rc;
     }
 
-    private static int Migrate(ParseResult r, CliOptions o, string target)
+    private static int Answer(string reply)
+    {
+        Console.WriteLine(reply);
+        return reply.StartsWith("ok", StringComparison.Ordinal) ? 0 : 1;
+    }
+
+    private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)
     {
         int colon = target.LastIndexOf(':');
         if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
@@ -193,7 +208,9 @@ public static class Program
         using var vm = BuiltInVm.Create(config);
         StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         using var cancel = CancelOnCtrlC();
-        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token));
+        var migration = new PreCopyMigration(vm, options);
+        using var controlSocket = new ControlSocket(controlPath, cancel, migration.Limiter);
+        var report = RunWithProgress(r, o, obs => { migration.Observer = obs; return migration.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token); });
         return Finish(r, o, report);
     }
 

@@ -87,4 +87,72 @@ public class CliProcessTests
         Assert.Equal(1, p.ExitCode);
         Assert.Contains("cannot connect to destination 127.0.0.1:1", err);
     }
+
+    private static (Process Listen, int Port) StartListener()
+    {
+        var listen = Start("listen", "--port", "0", "--once", "--json");
+        int port = 0;
+        while (port == 0)
+        {
+            string? line = listen.StandardError.ReadLine();
+            Assert.NotNull(line);
+            var m = Regex.Match(line, @"listening on [0-9.]+:(\d+)");
+            if (m.Success) port = int.Parse(m.Groups[1].Value);
+        }
+        return (listen, port);
+    }
+
+    private static string Control(string path, params string[] command)
+    {
+        // The migrate process opens its control socket once its VM runs: wait for it (bounded).
+        var deadline = Stopwatch.StartNew();
+        while (!File.Exists(path) && deadline.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(20);
+        using var p = Start([.. command, "--control", path]);
+        string answer = p.StandardOutput.ReadToEnd() + p.StandardError.ReadToEnd();
+        Assert.True(p.WaitForExit(30_000));
+        return answer;
+    }
+
+    [Fact]
+    public void Cancel_stops_a_running_migration_and_the_destination_discards_it()
+    {
+        var (listen, port) = StartListener();
+        using var _ = listen;
+        string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
+        using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
+            "--bandwidth", "8MiB/s", "--warmup", "0s", "--control", sock, "--json");
+        string answer = Control(sock, "cancel");
+        Assert.StartsWith("ok", answer);
+        string srcErr = migrate.StandardError.ReadToEnd();
+        string srcOut = migrate.StandardOutput.ReadToEnd();
+        Assert.True(migrate.WaitForExit(60_000));
+        Assert.Equal(1, migrate.ExitCode);
+        Assert.Contains("migration cancelled", srcErr);
+        Assert.Equal("failed", MigrationReport.FromJson(srcOut).Outcome);
+        listen.StandardOutput.ReadToEnd();
+        Assert.True(listen.WaitForExit(60_000));
+        Assert.Equal(1, listen.ExitCode); // --once: the incoming migration failed (cancelled by the source)
+    }
+
+    [Fact]
+    public void Set_bandwidth_changes_the_cap_of_a_running_migration()
+    {
+        var (listen, port) = StartListener();
+        using var _ = listen;
+        string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
+        // At 4 MiB/s this would take a minute; lifting the cap lets it finish in seconds.
+        using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
+            "--bandwidth", "4MiB/s", "--warmup", "0s", "--control", sock, "--json");
+        Assert.StartsWith("ok: bandwidth unlimited", Control(sock, "set-bandwidth", "unlimited"));
+        Assert.StartsWith("error", Control(sock, "set-bandwidth", "fast") + " ");
+        string srcOut = migrate.StandardOutput.ReadToEnd();
+        migrate.StandardError.ReadToEnd();
+        Assert.True(migrate.WaitForExit(60_000));
+        var report = MigrationReport.FromJson(srcOut);
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        Assert.True(report.TotalTimeMs < 30_000, $"took {report.TotalTimeMs} ms");
+        listen.StandardOutput.ReadToEnd();
+        Assert.True(listen.WaitForExit(60_000));
+    }
 }

@@ -21,7 +21,7 @@ public sealed class PreCopyMigration
 {
     private readonly IVirtualMachine _vm;
     private readonly MigrationOptions _options;
-    private readonly IMigrationObserver _observer;
+    private IMigrationObserver _observer;
     private readonly IPreCopyPolicy _policy;
     private readonly List<RoundReport> _rounds = [];
     private readonly Guid _id = Guid.NewGuid();
@@ -34,6 +34,9 @@ public sealed class PreCopyMigration
         _policy = policy ?? new PreCopyPolicy(options.PreCopy, options.Time);
         Limiter = new RateLimiter(options.BandwidthLimit);
     }
+
+    /// <summary>Who is told about progress; set before <see cref="Run"/>.</summary>
+    public IMigrationObserver Observer { get => _observer; set => _observer = value ?? new NullObserver(); }
 
     /// <summary>The migration's bandwidth cap; set <see cref="RateLimiter.BytesPerSecond"/> to change it while running.</summary>
     public RateLimiter Limiter { get; }
