@@ -155,4 +155,24 @@ public class CliProcessTests
         listen.StandardOutput.ReadToEnd();
         Assert.True(listen.WaitForExit(60_000));
     }
+
+    [Fact]
+    public void Source_process_killed_mid_migration_makes_the_destination_discard_it()
+    {
+        var (listen, port) = StartListener();
+        using var _ = listen;
+        string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
+        using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
+            "--bandwidth", "8MiB/s", "--warmup", "0s", "--control", sock, "--json");
+        var deadline = Stopwatch.StartNew();
+        while (!File.Exists(sock) && deadline.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(20);
+        Thread.Sleep(300); // let some pages flow; the kill may land anywhere in the live phase
+        migrate.Kill(entireProcessTree: true);
+        string dstOut = listen.StandardOutput.ReadToEnd();
+        Assert.True(listen.WaitForExit(60_000));
+        Assert.Equal(1, listen.ExitCode);
+        var report = MigrationReport.FromJson(dstOut);
+        Assert.Equal("failed", report.Outcome);
+        Assert.Contains("closed the connection", report.Error);
+    }
 }

@@ -1,0 +1,129 @@
+using System.Buffers.Binary;
+using System.Net.Sockets;
+using LiveMig.Engine;
+using LiveMig.Protocol;
+using LiveMig.Vm;
+
+namespace LiveMig.Tests;
+
+/// <summary>
+/// The switch-over under failure, one cell of docs/reliability.md per test: the link dies just
+/// before the source sends a given frame, and neither a lost VM nor a VM running on both hosts
+/// may result.
+/// </summary>
+public class SwitchoverFailureTests
+{
+    /// <summary>Passes writes through until the source is about to send a frame of type <paramref name="cut"/>; then the link is gone.</summary>
+    private sealed class CutBeforeFrame(Stream inner, FrameType cut) : Stream
+    {
+        public bool Cut { get; private set; }
+        public override bool CanRead => true;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override bool CanTimeout => inner.CanTimeout;
+        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
+        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+        public override int Read(Span<byte> buffer) => Cut ? throw new IOException("link cut (test)") : inner.Read(buffer);
+        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            // FrameWriter writes one whole frame per call: the type byte is at offset 4.
+            if (!Cut && buffer.Length >= FrameFormat.HeaderSize && BinaryPrimitives.ReadUInt32LittleEndian(buffer) == FrameFormat.Magic && buffer[4] == (byte)cut)
+            {
+                Cut = true;
+                inner.Dispose();
+            }
+            if (Cut) throw new IOException("link cut (test)");
+            inner.Write(buffer);
+        }
+        public override void Flush() { if (!Cut) inner.Flush(); }
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+    }
+
+    private static (MigrationFailedException Source, Loopback Loop, BuiltInVm Vm) CutBefore(FrameType frame)
+    {
+        var loop = new Loopback(new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(5) });
+        var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed });
+        vm.Start();
+        using var client = new TcpClient("127.0.0.1", loop.Port);
+        using var cut = new CutBeforeFrame(client.GetStream(), frame);
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { IoTimeout = TimeSpan.FromSeconds(5) }).Run(cut));
+        Assert.True(cut.Cut);
+        return (e, loop, vm);
+    }
+
+    [Theory]
+    [InlineData(FrameType.Sync)]      // live phase
+    [InlineData(FrameType.VmState)]   // stop-and-copy: the source is paused
+    [InlineData(FrameType.Prepare)]   // last pages and VM state sent, not yet verified
+    [InlineData(FrameType.Commit)]    // destination verified and holds the VM paused, ready
+    public void Link_lost_before_commit_resumes_the_source_and_the_destination_discards(FrameType frame)
+    {
+        var (e, loop, vm) = CutBefore(frame);
+        using (loop)
+        using (vm)
+        {
+            Assert.Equal("failed", e.Report.Outcome);
+            Assert.Equal(VmRunState.Running, vm.State);
+            long ops = vm.Operations;
+            SpinWait.SpinUntil(() => vm.Operations > ops, TimeSpan.FromSeconds(10));
+            Assert.True(vm.Operations > ops, "the source VM does not run");
+            Assert.Equal(0, vm.ThrottleFraction);
+            Assert.False(vm.DirtyLog.IsTracking);
+            var dest = loop.DestinationFailure();
+            Assert.Equal("failed", dest.Report.Outcome);
+            Assert.Empty(loop.Listener.Vms);
+        }
+    }
+
+    /// <summary>A link cut right after Commit: the destination runs the VM, the source keeps its copy paused and says the outcome is unknown to it.</summary>
+    private sealed class CutAfterCommit(Stream inner) : Stream
+    {
+        private bool _committed;
+        public override bool CanRead => true;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override bool CanTimeout => inner.CanTimeout;
+        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
+        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+        public override int Read(Span<byte> buffer) => _committed ? throw new IOException("link cut after Commit (test)") : inner.Read(buffer);
+        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            inner.Write(buffer);
+            if (buffer.Length >= FrameFormat.HeaderSize && BinaryPrimitives.ReadUInt32LittleEndian(buffer) == FrameFormat.Magic && buffer[4] == (byte)FrameType.Commit)
+                _committed = true;
+        }
+        public override void Flush() => inner.Flush();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+    }
+
+    [Fact]
+    public void Link_lost_after_commit_leaves_the_vm_running_on_the_destination_only()
+    {
+        using var loop = new Loopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed });
+        vm.Start();
+        using var client = new TcpClient("127.0.0.1", loop.Port);
+        using var cut = new CutAfterCommit(client.GetStream());
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions()).Run(cut));
+        Assert.Contains("never running on both", e.Message);
+        Assert.Equal(VmRunState.Paused, vm.State); // not resumed: the destination may (and here does) run it
+        var (_, arrived) = (0, loop.Listener.Vms.Count == 1 ? loop.Listener.Vms.First() : WaitArrived(loop));
+        Assert.Equal(VmRunState.Running, arrived.State);
+    }
+
+    private static BuiltInVm WaitArrived(Loopback loop)
+    {
+        SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
+        return loop.Listener.Vms.Single();
+    }
+}
