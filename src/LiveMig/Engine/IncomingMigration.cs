@@ -41,6 +41,7 @@ public sealed class IncomingMigration
         BuiltInVm? vm = null;
         PageBatchReader? placer = null;
         byte[]? vmState = null;
+        Prefaulter? prefaulter = null;
         HelloMessage hello = default;
         long pauseSeenTs = 0;
         double verifyMs = 0;
@@ -84,12 +85,18 @@ public sealed class IncomingMigration
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
+                        if (prefaulter is not null) { prefaulter.Dispose(); prefaulter = null; placer!.Placed = null; } // round 0 is in
                         if (re.Round != currentRound) throw new ProtocolException($"RoundEnd (frame {frame}) for round {re.Round} inside round {currentRound}");
                         rounds.Add(new RoundReport
                         {
                             Round = re.Round, Final = state == State.StopAndCopy, PagesSent = re.PagesSent, PagesDirtied = re.PagesDirtied, BytesSent = re.BytesSent,
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
                         });
+                        break;
+                    case (State.Live, FrameType.Extents):
+                        if (currentRound >= 0 || prefaulter is not null) throw new ProtocolException($"Extents (frame {frame}) after round 0 began");
+                        prefaulter = new Prefaulter(memory!, ExtentsMessage.Parse(payload, memory!.PageCount));
+                        placer!.Placed = prefaulter.Placed;
                         break;
                     case (State.Live, FrameType.Sync):
                         var sync = SyncMessage.Parse(payload, "Sync");
@@ -165,6 +172,7 @@ public sealed class IncomingMigration
         }
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
+            prefaulter?.Dispose();
             // Discard the partial VM: it never ran here.
             vm?.Dispose();
             memory?.Dispose();
@@ -187,7 +195,7 @@ public sealed class IncomingMigration
         }
     }
 
-    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync;
+    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents;
 
     private string? CheckHello(HelloMessage h)
     {

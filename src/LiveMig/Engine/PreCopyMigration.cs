@@ -97,7 +97,7 @@ public sealed class PreCopyMigration
         {
             _observer.Phase("handshake");
             var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported,
-                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0),
+                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | Capabilities.Extents | (_options.Verify ? Capabilities.Verify : 0),
                 Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0),
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
@@ -114,7 +114,15 @@ public sealed class PreCopyMigration
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
             if (_options.Verify) batches.Hashes = new PageHashes(memory.PageCount);
             var toSend = new PageBitmap(memory.PageCount);
-            long populated = memory.MarkPopulated(toSend);
+            var extents = memory.DataExtents();
+            long populated = 0;
+            foreach (var (first, count) in extents) { toSend.SetRange(first, count); populated += count; }
+            if ((ack.Accepted & Capabilities.Extents) != 0 && extents.Count <= ExtentsMessage.MaxExtents)
+            {
+                // Lets the destination fault its memory in ahead of the pages (first touch is slow).
+                var buf = frames.Begin(FrameType.Extents, extents.Count * 8);
+                frames.Commit(ExtentsMessage.Write(buf, extents));
+            }
             long toSendCount = populated;
             // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
             batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);

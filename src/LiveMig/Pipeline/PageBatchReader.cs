@@ -13,6 +13,9 @@ public sealed class PageBatchReader(GuestMemory memory)
 {
     public EncodingCounters Counters { get; } = new();
 
+    /// <summary>Told each page placed (the destination's prefaulter follows it).</summary>
+    public Action<long>? Placed { get; set; }
+
     /// <summary>How pages are decoded; the baseline unless codecs were negotiated.</summary>
     public IPageDecoder Decoder { get; set; } = BasicPageDecoder.Instance;
 
@@ -51,6 +54,7 @@ public sealed class PageBatchReader(GuestMemory memory)
                 if (encoding == PageEncoding.Zero) h.SetZero(page);
                 else h.Set(page, target);
             }
+            Placed?.Invoke(page);
             Counters.Add(encoding, length);
             PagesPlaced++;
             at += length;

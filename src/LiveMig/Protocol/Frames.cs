@@ -19,9 +19,11 @@ public enum FrameType : byte
     Resumed = 10,
     Error = 11,
     /// <summary>S→D after a live round's pages: "tell me when you have all of them".</summary>
-    Sync = 12,
+    Sync = 14,
     /// <summary>D→S: every frame before the Sync has been received and applied.</summary>
-    SyncAck = 13,
+    SyncAck = 15,
+    /// <summary>S→D before round 0: the populated extents the source will send, so the destination can fault them in ahead.</summary>
+    Extents = 16,
 }
 
 /// <summary>
@@ -42,12 +44,13 @@ public static class FrameFormat
     {
         FrameType.PageBatch => 2 << 20,
         FrameType.VmState => 16 << 20,
+        FrameType.Extents => 2 << 20,
         _ => 64 << 10,
     };
 
     public const int LargestPayload = 16 << 20;
 
-    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.SyncAck;
+    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents && type is not 12 and not 13;
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));

@@ -22,7 +22,9 @@ public enum Capabilities : ulong
     /// <summary>Zero-page markers (always required).</summary>
     ZeroPages = 1UL << 1,
     /// <summary>Sync/SyncAck after each live round, so rounds are timed by delivery, not by filling socket buffers.</summary>
-    RoundSync = 1UL << 2,
+    RoundSync = 1UL << 8,
+    /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>
+    Extents = 1UL << 9,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
 }
@@ -158,5 +160,35 @@ public readonly record struct SyncMessage(int Round)
         var m = new SyncMessage((int)r.U32("round"));
         r.End();
         return m;
+    }
+}
+
+/// <summary>Extents (S→D): populated page ranges, (u32 first, u32 count) each, ascending, non-overlapping, inside memory.</summary>
+public static class ExtentsMessage
+{
+    public const int MaxExtents = (2 << 20) / 8;
+
+    public static int Write(Span<byte> into, IReadOnlyList<(long First, long Count)> extents)
+    {
+        var w = new SpanWriter(into);
+        for (int i = 0; i < extents.Count && i < MaxExtents; i++) { w.U32((uint)extents[i].First); w.U32((uint)extents[i].Count); }
+        return w.Position;
+    }
+
+    public static (long First, long Count)[] Parse(ReadOnlySpan<byte> payload, long pageCount)
+    {
+        if (payload.Length % 8 != 0) throw new ProtocolException($"Extents: {payload.Length} bytes is not a whole number of extents");
+        var r = new SpanReader(payload, "Extents");
+        var list = new (long, long)[payload.Length / 8];
+        long end = 0;
+        for (int i = 0; i < list.Length; i++)
+        {
+            long first = r.U32("first"), count = r.U32("count");
+            if (first < end || count == 0 || first + count > pageCount)
+                throw new ProtocolException($"Extents: extent {i} ({first}+{count}) overlaps, is empty, or leaves memory of {pageCount} pages");
+            list[i] = (first, count);
+            end = first + count;
+        }
+        return list;
     }
 }
