@@ -6,8 +6,12 @@ using LiveMig.Vm;
 
 namespace LiveMig.Bench;
 
-/// <summary>The two reports of one migration, plus how long the source VM took to build (not part of the migration).</summary>
-internal sealed record MigrationResult(MigrationReport Source, MigrationReport Destination, double SetupMs);
+/// <summary>
+/// The two reports of one migration, how long the source VM took to build (not part of the
+/// migration), and the CPU time of the source's migration thread (this one) and of the
+/// destination's receiving thread over the whole migration.
+/// </summary>
+internal sealed record MigrationResult(MigrationReport Source, MigrationReport Destination, double SetupMs, ThreadCpu SourceCpu, ThreadCpu DestinationCpu);
 
 /// <summary>
 /// One in-process migration over 127.0.0.1: a fresh destination agent, a fresh source VM, the
@@ -19,9 +23,11 @@ internal static class LoopbackMigration
     public static MigrationResult Run(VmConfig config, MigrationOptions options, TimeSpan warmup = default)
     {
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
+        // Arrived runs on the destination's receiving thread, which started with the connection: its CPU time so far is the migration's.
+        ThreadCpu destinationCpu = default;
         var failed = new TaskCompletionSource<MigrationFailedException>(TaskCreationOptions.RunContinuationsAsynchronously);
         using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions());
-        listener.Arrived += a => arrived.TrySetResult(a);
+        listener.Arrived += a => { destinationCpu = ThreadCpu.Now(); arrived.TrySetResult(a); };
         listener.Failed += f => failed.TrySetResult(f);
         listener.Start();
 
@@ -32,9 +38,12 @@ internal static class LoopbackMigration
         if (warmup > TimeSpan.Zero) Thread.Sleep(warmup);
 
         MigrationReport source;
+        var cpu0 = ThreadCpu.Now();
+        ThreadCpu sourceCpu;
         try
         {
             source = new PreCopyMigration(vm, options).MigrateTo("127.0.0.1", listener.Port);
+            sourceCpu = ThreadCpu.Now() - cpu0;
         }
         catch (MigrationFailedException e)
         {
@@ -47,6 +56,6 @@ internal static class LoopbackMigration
         var a = arrived.Task.Result;
         // Stop the arrived VM's vCPUs now; listener.Dispose frees its memory.
         a.Vm.Stop();
-        return new MigrationResult(source, a.Report, setupMs);
+        return new MigrationResult(source, a.Report, setupMs, sourceCpu, destinationCpu);
     }
 }
