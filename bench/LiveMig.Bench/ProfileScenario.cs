@@ -42,7 +42,13 @@ internal static class ProfileScenario
                 Add("source: dirty-log `Start` on populated memory (register + write-protect all)", Time(tracking.Start));
                 var bitmap = new PageBitmap(pages);
                 Add("pause: dirty-log `Harvest` with nothing written", Time(() => tracking.Harvest(bitmap)));
-                tracking.Stop();
+                Add("source: dirty-log `Stop` on populated memory (unregister)", Time(tracking.Stop));
+                // What the destination does between Prepare and Ready (inside the downtime), verification aside.
+                byte[] state;
+                using (var tiny = Vm.BuiltInVm.Create(new Vm.VmConfig { Name = "profile", MemoryBytes = 1L << 20, Workload = "idle" })) state = tiny.SaveState();
+                Vm.BuiltInVm? restored = null;
+                Add("destination at Prepare: `BuiltInVm.Restore` on populated memory (VM threads + dirty log)", Time(() => restored = Vm.BuiltInVm.Restore(fresh, state)));
+                restored!.Dispose(); // also unmaps `fresh`; its own Dispose is then a no-op
             }
 
             using (var fresh = GuestMemory.Create(memoryBytes, "livemig-bench-populate"))
