@@ -49,6 +49,16 @@ public static class Program
             }
         }
 
+        if (scenario is not ("throughput" or "downtime" or "profile" or "all"))
+        {
+            Console.Error.WriteLine($"unknown scenario '{scenario}'");
+            return Usage(2);
+        }
+        if (workloads is not null && scenario is not ("downtime" or "all"))
+        {
+            Console.Error.WriteLine("--workloads applies to the downtime scenario only");
+            return Usage(2);
+        }
         var output = Console.Out;
         var sw = Stopwatch.StartNew();
         output.WriteLine("## LiveMig end-to-end benchmarks");
