@@ -1,0 +1,111 @@
+using System.Diagnostics;
+
+namespace LiveMig.Bench;
+
+/// <summary>
+/// End-to-end benchmarks of LiveMig over loopback TCP. Markdown on stdout (paste it), progress on stderr.
+/// <code>
+/// LiveMig.Bench throughput [--memory 4GiB] [--reps 3]
+/// LiveMig.Bench downtime   [--memory 1GiB] [--reps 3] [--workloads idle,sweep,...]
+/// LiveMig.Bench profile    [--memory 1GiB] [--reps 3]
+/// LiveMig.Bench all        [--reps 3]
+/// </code>
+/// </summary>
+public static class Program
+{
+    public static int Main(string[] args)
+    {
+        if (args.Length == 0 || args[0] is "-h" or "--help" or "help") return Usage(0);
+        string scenario = args[0];
+        long? memory = null;
+        int reps = 3;
+        string[]? workloads = null;
+        for (int i = 1; i < args.Length; i++)
+        {
+            string a = args[i];
+            string Next() => i + 1 < args.Length ? args[++i] : throw new ArgumentException($"{a} needs a value");
+            try
+            {
+                switch (a)
+                {
+                    case "--memory":
+                        if (!Units.TryParseBytes(Next(), out long m) || m <= 0 || m % 4096 != 0) throw new ArgumentException("--memory must be a positive multiple of 4 KiB, e.g. 4GiB");
+                        memory = m;
+                        break;
+                    case "--reps":
+                        if (!int.TryParse(Next(), out reps) || reps < 1) throw new ArgumentException("--reps must be a positive whole number");
+                        break;
+                    case "--workloads":
+                        workloads = Next().Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+                        break;
+                    default:
+                        throw new ArgumentException($"unknown option {a}");
+                }
+            }
+            catch (ArgumentException e)
+            {
+                Console.Error.WriteLine(e.Message);
+                return Usage(2);
+            }
+        }
+
+        if (scenario is not ("throughput" or "downtime" or "profile" or "all"))
+        {
+            Console.Error.WriteLine($"unknown scenario '{scenario}'");
+            return Usage(2);
+        }
+        if (workloads is not null && scenario is not ("downtime" or "all"))
+        {
+            Console.Error.WriteLine("--workloads applies to the downtime scenario only");
+            return Usage(2);
+        }
+        var output = Console.Out;
+        var sw = Stopwatch.StartNew();
+        output.WriteLine("## LiveMig end-to-end benchmarks");
+        output.WriteLine();
+        output.WriteLine($"Command: `LiveMig.Bench {string.Join(' ', args)}`");
+        output.WriteLine();
+        output.WriteLine(MachineInfo.Markdown());
+        output.WriteLine($"Load average at start: {MachineInfo.LoadAverage()} (other work shares this machine).");
+        output.WriteLine();
+        if (scenario is "throughput" or "downtime" or "all") Warmup.Run();
+        switch (scenario)
+        {
+            case "throughput":
+                ThroughputScenario.Run(memory ?? 4L << 30, reps, output);
+                break;
+            case "downtime":
+                DowntimeScenario.Run(memory ?? 1L << 30, reps, output, workloads);
+                break;
+            case "profile":
+                ProfileScenario.Run(memory ?? 1L << 30, reps, output);
+                break;
+            case "all":
+                if (memory is not null) { Console.Error.WriteLine("`all` uses 4 GiB for throughput and 1 GiB for downtime; run the scenarios on their own to change sizes"); return 2; }
+                ThroughputScenario.Run(4L << 30, reps, output);
+                DowntimeScenario.Run(1L << 30, reps, output, workloads);
+                break;
+            default:
+                Console.Error.WriteLine($"unknown scenario '{scenario}'");
+                return Usage(2);
+        }
+        output.WriteLine($"_Benchmark wall time: {sw.Elapsed.TotalMinutes:0.0} min; load average at the end: {MachineInfo.LoadAverage()}._");
+        return 0;
+    }
+
+    private static int Usage(int code)
+    {
+        (code == 0 ? Console.Out : Console.Error).WriteLine("""
+            usage: LiveMig.Bench <scenario> [options]
+              throughput   4 GiB random-filled idle guest over loopback, verify on/off, vs plain TCP copies
+              downtime     1 GiB guests (idle, sweep:rate=100000, sweep, hotcold), unlimited and 1 Gbit/s
+              profile      each step of the page path timed alone (default 1 GiB): where the time goes
+              all          throughput and downtime, default sizes
+            options:
+              --memory SIZE      guest memory (throughput 4GiB, downtime and profile 1GiB by default)
+              --reps N           repetitions, median reported (default 3)
+              --workloads LIST   downtime only: workloads separated by ';' (default idle;sweep:rate=100000;sweep;hotcold)
+            """);
+        return code;
+    }
+}
