@@ -25,6 +25,10 @@ internal sealed class CliOptions
     public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy.", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
     public readonly Option<bool> Verify = new("--verify") { Description = "Hash memory at pause (source) and before resume (destination); a mismatch fails the migration. On by default; --verify false to skip.", DefaultValueFactory = _ => true };
     public readonly Option<bool> Json = new("--json") { Description = "Print the report as one JSON object on stdout; no progress display." };
+    public readonly Option<bool> DeferHotPages = new("--defer-hot-pages") { Description = "Keep the writable working set (pages re-dirtied in 2 of the last 3 rounds) for the stop-and-copy instead of re-sending it every round, at most what the downtime limit can carry; with the software dirty log, also skip pages written again since they were harvested." };
+    public readonly Option<bool> PredictiveStop = new("--predictive-stop") { Description = "Also stop iterating when the dirty-rate predictor says one more round would not cut the downtime by at least a tenth of that round's duration." };
+    public readonly Option<string?> AutoConverge = new("--auto-converge") { Description = "Throttle the vCPUs when rounds do not converge: INITIAL percent at first, INCREMENT more each time they still do not, up to MAX (QEMU's cpu-throttle-initial/-increment). Without a value: 20,10,99.", Arity = ArgumentArity.ZeroOrOne, HelpName = "INITIAL,INCREMENT[,MAX]" };
+    public readonly Option<string?> DirtyLimit = new("--dirty-limit") { Description = "When rounds do not converge, cap each vCPU at this many page writes per second (QEMU's dirty-limit); with --auto-converge the throttle steps follow if that is not enough.", HelpName = "PAGES_PER_S" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -72,6 +76,7 @@ internal sealed class CliOptions
     public void AddMigrationOptions(Command c)
     {
         c.Add(Strategy); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
+        c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit);
         AddSecurityOptions(c);
     }
 
@@ -115,13 +120,51 @@ internal sealed class CliOptions
         if (!Units.TryParseDuration(dl, out var downtime) || downtime <= TimeSpan.Zero) throw new UsageException($"--downtime-limit '{dl}': expected a positive duration such as 300ms");
         int rounds = r.GetValue(MaxRounds);
         if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
+        bool defer = r.GetValue(DeferHotPages);
         return new MigrationOptions
         {
             Security = Security(r),
             BandwidthLimit = rate,
             Verify = r.GetValue(Verify),
-            PreCopy = new PreCopyOptions { DowntimeLimit = downtime, MaxRounds = rounds },
+            PreCopy = new PreCopyOptions
+            {
+                DowntimeLimit = downtime,
+                MaxRounds = rounds,
+                DeferHotPages = defer,
+                SkipRewrittenPages = defer,
+                PredictiveStop = r.GetValue(PredictiveStop),
+                AutoConverge = r.GetResult(AutoConverge) is null ? null : ParseAutoConverge(r.GetValue(AutoConverge)),
+                DirtyLimit = ParseDirtyLimit(r.GetValue(DirtyLimit)),
+            },
         };
+    }
+
+    /// <summary>"INITIAL,INCREMENT[,MAX]" in percent (a trailing % is allowed); null or empty: QEMU's 20,10,99.</summary>
+    public static AutoConvergeOptions ParseAutoConverge(string? text)
+    {
+        var defaults = new AutoConvergeOptions();
+        if (string.IsNullOrWhiteSpace(text)) return defaults;
+        string[] parts = text.Split(',', StringSplitOptions.TrimEntries);
+        string Bad(string why) => throw new UsageException($"--auto-converge '{text}': {why}");
+        if (parts.Length is < 2 or > 3) Bad("expected INITIAL,INCREMENT[,MAX] in percent, e.g. 20,10 or 20,10,99");
+        double[] v = new double[parts.Length];
+        for (int i = 0; i < parts.Length; i++)
+            if (!double.TryParse(parts[i].TrimEnd('%'), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out v[i]) || !double.IsFinite(v[i]))
+                Bad($"'{parts[i]}' is not a percentage");
+        double max = parts.Length == 3 ? v[2] : 99;
+        if (v[0] is <= 0 or > 99) Bad("INITIAL must be more than 0 and at most 99 percent");
+        if (v[1] is < 0 or > 99) Bad("INCREMENT must be 0 to 99 percent");
+        if (max < v[0] || max > 99) Bad("MAX must be between INITIAL and 99 percent");
+        return defaults with { Initial = v[0] / 100, Increment = v[1] / 100, Max = max / 100 };
+    }
+
+    /// <summary>Page writes per second per vCPU; null: none.</summary>
+    public static double ParseDirtyLimit(string? text)
+    {
+        if (text is null) return 0;
+        if (!double.TryParse(text, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double v) || !double.IsFinite(v) || v <= 0 || v > 1e9)
+            throw new UsageException($"--dirty-limit '{text}': expected page writes per second per vCPU, a number above 0, e.g. 2000");
+        return v;
     }
 
     public TimeSpan WarmupTime(ParseResult r)

@@ -23,6 +23,15 @@ internal static class ReportView
         Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Select(kv => $"{kv.Key} {kv.Value}")));
         Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
         Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
+        if (r.ConvergenceAids.Count > 0) Row("convergence aids", string.Join(", ", r.ConvergenceAids));
+        if (r.PagesSkipped > 0 || r.PagesDeferred > 0) Row("pages not re-sent", $"{r.PagesSkipped:N0} skipped (written again since harvest); {r.PagesDeferred:N0} hot pages kept for the stop-and-copy");
+        if (r.Throttle > 0 || r.DirtyLimit > 0)
+        {
+            string how = string.Join(" and ", new[] { r.Throttle > 0 ? $"throttle up to {r.Throttle * 100:0}%" : null, r.DirtyLimit > 0 ? $"dirty limit {r.DirtyLimit:N0} pages/s per vCPU" : null }.OfType<string>());
+            string cost = r.OpsPerSecondBeforeThrottle is { } before && r.OpsPerSecondThrottled is { } during
+                ? $"; guest {before:N0} ops/s before, {during:N0} while slowed, {r.OperationsLost:N0} operations lost" : "";
+            Row("guest slowed", $"{how} for {r.ThrottledMs:0} ms{cost}");
+        }
         Row("verified", r.Verified switch { true => $"yes (xxHash3 {r.SourceHash})", false => "NO: memory differs", null => "not asked" });
         console.Write(summary);
 
@@ -31,12 +40,28 @@ internal static class ReportView
         rounds.AddColumn("round").AddColumn(new TableColumn("pages sent").RightAligned()).AddColumn(new TableColumn("dirtied meanwhile").RightAligned())
             .AddColumn(new TableColumn("bytes").RightAligned()).AddColumn(new TableColumn("time").RightAligned()).AddColumn(new TableColumn("bandwidth").RightAligned())
             .AddColumn(new TableColumn("dirty rate").RightAligned());
+        bool held = r.Rounds.Any(x => x.PagesSkipped > 0 || x.PagesDeferred > 0), slowed = r.Rounds.Any(x => x.Throttle > 0 || x.DirtyLimit > 0);
+        if (held) rounds.AddColumn(new TableColumn("skip").RightAligned()).AddColumn(new TableColumn("defer").RightAligned());
+        if (slowed) rounds.AddColumn(new TableColumn("slowed").RightAligned());
         foreach (var x in r.Rounds)
-            rounds.AddRow(x.Final ? $"{x.Round} (stop-and-copy)" : x.Round.ToString(CultureInfo.InvariantCulture), x.PagesSent.ToString("N0", CultureInfo.InvariantCulture),
+        {
+            var cells = new List<string>
+            {
+                x.Final ? $"{x.Round} (stop-and-copy)" : x.Round.ToString(CultureInfo.InvariantCulture), x.PagesSent.ToString("N0", CultureInfo.InvariantCulture),
                 x.Final ? "-" : x.PagesDirtied.ToString("N0", CultureInfo.InvariantCulture), Units.Bytes(x.BytesSent), $"{x.DurationMs:0.0} ms",
-                Units.Rate(x.BandwidthBytesPerSecond), x.Final ? "-" : $"{x.DirtyRatePagesPerSecond:N0} pages/s");
+                Units.Rate(x.BandwidthBytesPerSecond), x.Final ? "-" : $"{x.DirtyRatePagesPerSecond:N0} pages/s",
+            };
+            if (held) { cells.Add(x.PagesSkipped.ToString("N0", CultureInfo.InvariantCulture)); cells.Add(x.PagesDeferred.ToString("N0", CultureInfo.InvariantCulture)); }
+            if (slowed) cells.Add(Slowed(x));
+            rounds.AddRow([.. cells.Select(Markup.Escape)]);
+        }
         console.Write(rounds);
     }
+
+    /// <summary>"50%" (throttle), "1,000/s" (dirty limit per vCPU), both, or "-".</summary>
+    internal static string Slowed(RoundReport x) =>
+        x.Throttle <= 0 && x.DirtyLimit <= 0 ? "-"
+        : string.Join(" ", new[] { x.Throttle > 0 ? (x.Throttle * 100).ToString("0", CultureInfo.InvariantCulture) + "%" : null, x.DirtyLimit > 0 ? $"{x.DirtyLimit.ToString("N0", CultureInfo.InvariantCulture)}/s" : null }.OfType<string>());
 }
 
 /// <summary>Live progress: a bar per round when the terminal is interactive.</summary>
@@ -85,7 +110,9 @@ internal sealed class LineProgress(TextWriter output) : IMigrationObserver
     public void RoundCompleted(RoundReport r) =>
         output.WriteLine(r.Final
             ? $"  round {r.Round} (stop-and-copy): {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms"
-            : $"  round {r.Round}: {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms at {Units.Rate(r.BandwidthBytesPerSecond)}; {r.PagesDirtied:N0} dirtied ({r.DirtyRatePagesPerSecond:N0} pages/s)");
+            : $"  round {r.Round}: {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms at {Units.Rate(r.BandwidthBytesPerSecond)}; {r.PagesDirtied:N0} dirtied ({r.DirtyRatePagesPerSecond:N0} pages/s)"
+              + (r.PagesSkipped > 0 || r.PagesDeferred > 0 ? $"; {r.PagesSkipped:N0} skipped, {r.PagesDeferred:N0} deferred" : "")
+              + (r.Throttle > 0 || r.DirtyLimit > 0 ? $"; guest slowed: {ReportView.Slowed(r)}{(r.DirtyLimit > 0 ? " per vCPU" : "")}" : ""));
 }
 
 /// <summary>Forwards to several observers.</summary>

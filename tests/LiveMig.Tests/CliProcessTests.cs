@@ -65,6 +65,8 @@ public class CliProcessTests
             (new[] { "demo", "--downtime-limit", "-1s" }, "--downtime-limit"),
             (new[] { "demo", "--vcpus", "0" }, "--vcpus"),
             (new[] { "migrate", "--to", "nowhere" }, "--to"),
+            (new[] { "demo", "--auto-converge", "150,10" }, "--auto-converge"),
+            (new[] { "demo", "--dirty-limit", "fast" }, "--dirty-limit"),
         })
         {
             using var p = Start(args);

@@ -20,6 +20,12 @@ public interface IDirtyLog : IDisposable
     long Harvest(PageBitmap into);
 
     void Stop();
+
+    /// <summary>True when <see cref="WrittenSinceHarvest"/> can answer cheaply (a memory read, no system call).</summary>
+    bool CanPeek => false;
+
+    /// <summary>Was the page written since the last harvest? Only meaningful when <see cref="CanPeek"/>; does not clear anything.</summary>
+    bool WrittenSinceHarvest(long page) => false;
 }
 
 public enum DirtyLogKind

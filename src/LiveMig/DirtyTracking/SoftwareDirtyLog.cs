@@ -29,6 +29,10 @@ public sealed class SoftwareDirtyLog : IDirtyLog
 
     public long Harvest(PageBitmap into) => _written.HarvestInto(into);
 
+    public bool CanPeek => true;
+
+    public bool WrittenSinceHarvest(long page) => _written.IsSet(page);
+
     public void Stop()
     {
         _memory.AttachSoftwareWriteLog(null);

@@ -10,7 +10,10 @@ namespace LiveMig.DirtyTracking;
 /// first write to a protected page itself, no handler thread, so no managed code ever waits
 /// on a fault), and <c>PAGEMAP_SCAN</c> on /proc/self/pagemap returns the written pages and
 /// re-protects them in one call. Linux 6.7+. Soft-dirty would be the classic tool but is
-/// often not compiled in. Sees writes through this process's mapping only.
+/// often not compiled in. Sees writes through this process's mapping only. It cannot be peeked
+/// at per page cheaply (<see cref="IDirtyLog.CanPeek"/> is false): asking whether one page was
+/// written again since the harvest would be a PAGEMAP_SCAN system call, so the engine does not
+/// skip re-written pages with this log (it re-sends them; the next harvest has them anyway).
 /// </summary>
 public sealed unsafe class UffdWriteProtectDirtyLog : IDirtyLog
 {

@@ -87,7 +87,9 @@ public sealed class PreCopyMigration
         var memory = _vm.Memory;
         bool paused = false, committed = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
-        double verifyMs = 0, maxThrottle = 0;
+        long pagesSkipped = 0, deferredAtStop = 0;
+        double verifyMs = 0, maxThrottle = 0, maxDirtyLimit = 0;
+        var meter = new ThrottleMeter(_vm);
         ulong sourceHash = 0;
         ReadyMessage ready = default;
         PreCopyDecision decision = default;
@@ -112,29 +114,40 @@ public sealed class PreCopyMigration
 
             // Tracking starts before round 0 reads a page: every later write is caught.
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+            long lastHarvest = Stopwatch.GetTimestamp();
             if (_options.Verify) batches.Hashes = new PageHashes(memory.PageCount);
-            var toSend = new PageBitmap(memory.PageCount);
+            // pending: every page the destination does not have as it is now. sendNow: what the
+            // current live round sends (the policy may hold hot pages back). dirtied: one harvest.
+            var pending = new PageBitmap(memory.PageCount);
+            var sendNow = new PageBitmap(memory.PageCount);
+            var dirtied = new PageBitmap(memory.PageCount);
             var extents = memory.DataExtents();
             long populated = 0;
-            foreach (var (first, count) in extents) { toSend.SetRange(first, count); populated += count; }
+            foreach (var (first, count) in extents) { pending.SetRange(first, count); populated += count; }
             if ((ack.Accepted & Capabilities.Extents) != 0 && extents.Count <= ExtentsMessage.MaxExtents)
             {
                 // Lets the destination fault its memory in ahead of the pages (first touch is slow).
                 var buf = frames.Begin(FrameType.Extents, extents.Count * 8);
                 frames.Commit(ExtentsMessage.Write(buf, extents));
             }
-            long toSendCount = populated;
+            sendNow.CopyFrom(pending);
+            long sendCount = populated, deferred = 0;
             // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
             batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);
+            // Clark's trick, where the dirty log can be peeked at for free: a page written again since
+            // its harvest is pending again, so sending it now would be wasted.
+            bool skipRewritten = _policy.SkipRewrittenPages && _vm.DirtyLog.CanPeek;
             int round = 0;
             _observer.Phase("live");
             while (true)
             {
                 cancel.ThrowIfCancellationRequested();
-                var (stats, zeros) = SendRound(round, final: false, toSend, toSendCount, frames, batches, skipZero: round == 0, cancel);
+                pending.AndNot(sendNow);
+                var (stats, zeros, skipped) = SendRound(round, final: false, sendNow, sendCount, frames, batches, skipZero: round == 0, skipRewritten ? pending : null, cancel);
                 long syncFrom = Stopwatch.GetTimestamp();
                 zeroMarkers += zeros;
                 pagesSent += stats.PagesSent;
+                pagesSkipped += skipped;
                 // Wait until the destination has the round: the socket buffers (megabytes on a
                 // long link) drain while the VM still runs, not in the downtime, and the round's
                 // time and bandwidth are those of delivery.
@@ -144,30 +157,55 @@ public sealed class PreCopyMigration
                 if (type != FrameType.SyncAck || SyncMessage.Parse(payload, "SyncAck").Round != round) throw new ProtocolException($"expected SyncAck for round {round}, got {type}");
                 stats = stats with { Duration = stats.Duration + Stopwatch.GetElapsedTime(syncFrom) };
                 stats = stats with { BandwidthBytesPerSecond = stats.BytesSent / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
-                toSend.ClearAll();
-                toSendCount = _vm.DirtyLog.Harvest(toSend);
-                var roundStats = stats with { DirtyPagesAfter = toSendCount, DirtyRatePagesPerSecond = toSendCount / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
+                dirtied.ClearAll();
+                long harvested = _vm.DirtyLog.Harvest(dirtied);
+                long harvestTs = Stopwatch.GetTimestamp();
+                double interval = Stopwatch.GetElapsedTime(lastHarvest, harvestTs).TotalSeconds;
+                lastHarvest = harvestTs;
+                pending.Or(dirtied);
+                long pendingCount = pending.Count();
+                sendCount = _policy.PlanNextRound(dirtied, pending, sendNow);
+                var roundStats = stats with
+                {
+                    DirtyPagesAfter = pendingCount,
+                    DirtyRatePagesPerSecond = harvested / Math.Max(interval, 1e-6),
+                    PagesSkipped = skipped,
+                    PagesDeferred = deferred,
+                    PagesDirtied = harvested,
+                    NextRoundPages = sendCount,
+                };
+                deferred = pendingCount - sendCount;
                 SendRoundEnd(frames, roundStats, small);
                 decision = _policy.AfterRound(roundStats);
-                Record(roundStats, final: false);
+                Record(roundStats, final: false, decision.EstimatedDowntime);
+                // Mechanism only: the policy decided whether and how hard to slow the guest.
+                if (decision.Throttle is { } t) _vm.Throttle(t);
+                if (decision.DirtyLimit is { } l) _vm.LimitDirtyRate(l);
+                if (_vm.ThrottleFraction > 0 || _vm.DirtyRateLimit > 0) meter.SlowedDown();
                 maxThrottle = Math.Max(maxThrottle, _vm.ThrottleFraction);
+                maxDirtyLimit = Math.Max(maxDirtyLimit, _vm.DirtyRateLimit);
                 if (decision.StopAndCopy) break;
                 round++;
             }
+            deferredAtStop = deferred;
 
             // Stop and copy.
             _observer.Phase("paused");
             _vm.Pause();
             pauseTs = Stopwatch.GetTimestamp();
             paused = true;
-            toSendCount += _vm.DirtyLog.Harvest(toSend);
-            toSendCount = toSend.Count();
+            // Paused, a throttle or limit has nothing left to do: release it now, so the guest
+            // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
+            meter.Ended();
+            ReleaseGuest();
+            _vm.DirtyLog.Harvest(pending);
+            long finalCount = pending.Count();
             round++;
-            var (finalStats, finalZeros) = SendRound(round, final: true, toSend, toSendCount, frames, batches, skipZero: false, CancellationToken.None);
+            var (finalStats, finalZeros, _) = SendRound(round, final: true, pending, finalCount, frames, batches, skipZero: false, null, CancellationToken.None);
             zeroMarkers += finalZeros;
             pagesSent += finalStats.PagesSent;
             SendRoundEnd(frames, finalStats, small);
-            Record(finalStats, final: true);
+            Record(finalStats, final: true, TimeSpan.Zero);
 
             byte[] state = _vm.SaveState();
             frames.Send(FrameType.VmState, state);
@@ -215,6 +253,13 @@ public sealed class PreCopyMigration
                 SourceHash = _options.Verify ? $"{sourceHash:x16}" : null,
                 DestinationHash = _options.Verify ? $"{ready.DestinationHash:x16}" : null,
                 Throttle = maxThrottle,
+                DirtyLimit = maxDirtyLimit,
+                PagesSkipped = pagesSkipped,
+                PagesDeferred = deferredAtStop,
+                ThrottledMs = meter.ThrottledMs,
+                OpsPerSecondBeforeThrottle = meter.RateBefore,
+                OpsPerSecondThrottled = meter.RateDuring,
+                OperationsLost = meter.OperationsLost,
                 Rounds = [.. _rounds],
             };
         }
@@ -231,7 +276,8 @@ public sealed class PreCopyMigration
                 // The destination never got Commit: it discards its copy, the VM carries on here.
                 TrySendError(frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
                 _vm.DirtyLog.Stop();
-                _vm.Throttle(0);
+                meter.Ended();
+                ReleaseGuest();
                 if (paused) _vm.Resume();
             }
             else
@@ -248,6 +294,13 @@ public sealed class PreCopyMigration
                 PagesByEncoding = batches.Counters.PagesByName(),
                 PagesSent = pagesSent,
                 Verified = _options.Verify && why.Contains("hash", StringComparison.Ordinal) ? false : null,
+                Throttle = maxThrottle,
+                DirtyLimit = maxDirtyLimit,
+                PagesSkipped = pagesSkipped,
+                ThrottledMs = meter.ThrottledMs,
+                OpsPerSecondBeforeThrottle = meter.RateBefore,
+                OpsPerSecondThrottled = meter.RateDuring,
+                OperationsLost = meter.OperationsLost,
                 Rounds = [.. _rounds],
             };
             throw new MigrationFailedException(why, report, e);
@@ -256,19 +309,40 @@ public sealed class PreCopyMigration
 
     private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
 
-    private (RoundStats Stats, long ZeroMarkers) SendRound(int round, bool final, PageBitmap pages, long count, FrameWriter frames, PageBatchWriter batches, bool skipZero, CancellationToken cancel)
+    /// <summary>Releases any throttle or dirty limit this migration may have put on the guest.</summary>
+    private void ReleaseGuest()
+    {
+        _vm.Throttle(0);
+        _vm.LimitDirtyRate(0);
+    }
+
+    /// <summary>
+    /// Sends the pages set in <paramref name="pages"/>. With <paramref name="skipRewrittenInto"/>,
+    /// a page the dirty log says was written again since its harvest is not sent but put back
+    /// there (it is pending again anyway).
+    /// </summary>
+    private (RoundStats Stats, long ZeroMarkers, long Skipped) SendRound(int round, bool final, PageBitmap pages, long count, FrameWriter frames, PageBatchWriter batches, bool skipZero, PageBitmap? skipRewrittenInto, CancellationToken cancel)
     {
         Span<byte> small = stackalloc byte[16];
         long ts = Stopwatch.GetTimestamp();
         long bytes0 = frames.BytesWritten;
         long zero0 = batches.Counters.Pages(PageEncoding.Zero), raw0 = batches.Counters.Pages(PageEncoding.Raw);
+        var log = _vm.DirtyLog;
         _observer.RoundStarted(round, count, final);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
         batches.BeginRound(round);
-        long done = 0, sinceProgress = 0;
+        long done = 0, sinceProgress = 0, skipped = 0;
         for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
         {
-            batches.Add(p, skipZero);
+            if (skipRewrittenInto is not null && log.WrittenSinceHarvest(p))
+            {
+                skipRewrittenInto.SetUnsynchronized(p);
+                skipped++;
+            }
+            else
+            {
+                batches.Add(p, skipZero);
+            }
             done++;
             if (++sinceProgress == 256)
             {
@@ -283,7 +357,7 @@ public sealed class PreCopyMigration
         long bytes = frames.BytesWritten - bytes0;
         long sent = batches.Counters.Pages(PageEncoding.Raw) - raw0 + (skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0);
         long zeroMarkers = skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0;
-        return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers);
+        return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers, skipped);
     }
 
     private static void SendRoundEnd(FrameWriter frames, RoundStats s, Span<byte> scratch)
@@ -292,12 +366,14 @@ public sealed class PreCopyMigration
         frames.Send(FrameType.RoundEnd, scratch[..m.Write(scratch)]);
     }
 
-    private void Record(RoundStats s, bool final)
+    private void Record(RoundStats s, bool final, TimeSpan estimatedDowntime)
     {
         var r = new RoundReport
         {
             Round = s.Round, Final = final, PagesSent = s.PagesSent, PagesDirtied = s.DirtyPagesAfter, BytesSent = s.BytesSent,
             DurationMs = s.Duration.TotalMilliseconds, BandwidthBytesPerSecond = s.BandwidthBytesPerSecond, DirtyRatePagesPerSecond = s.DirtyRatePagesPerSecond,
+            PagesSkipped = s.PagesSkipped, PagesDeferred = s.PagesDeferred, Throttle = _vm.ThrottleFraction, DirtyLimit = _vm.DirtyRateLimit,
+            EstimatedDowntimeMs = final ? 0 : Ms(estimatedDowntime),
         };
         _rounds.Add(r);
         _observer.RoundCompleted(r);
@@ -324,7 +400,21 @@ public sealed class PreCopyMigration
         BandwidthLimitBytesPerSecond = Limiter.BytesPerSecond,
         DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
         Security = _options.Security.Mode,
+        ConvergenceAids = ConvergenceAids(),
     };
+
+    /// <summary>The convergence aids in force, for the report (skip-rewritten only where the dirty log allows it).</summary>
+    private List<string> ConvergenceAids()
+    {
+        var o = _options.PreCopy;
+        var aids = new List<string>();
+        if (o.DeferHotPages) aids.Add("defer-hot-pages");
+        if (_policy.SkipRewrittenPages && _vm.DirtyLog.CanPeek) aids.Add("skip-rewritten");
+        if (o.PredictiveStop) aids.Add("predictive-stop");
+        if (o.AutoConverge is not null) aids.Add("auto-converge");
+        if (o.DirtyLimit > 0) aids.Add("dirty-limit");
+        return aids;
+    }
 
     internal static string ReasonName(StopReason r) => r switch
     {
@@ -332,6 +422,7 @@ public sealed class PreCopyMigration
         StopReason.MaxRounds => "max-rounds",
         StopReason.NonConvergence => "non-convergence",
         StopReason.TimeBudget => "time-budget",
+        StopReason.NoGain => "no-gain",
         _ => "",
     };
 

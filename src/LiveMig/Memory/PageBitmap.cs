@@ -80,7 +80,22 @@ public sealed class PageBitmap
     /// <summary>ORs <paramref name="other"/> into this bitmap (single-threaded).</summary>
     public void Or(PageBitmap other)
     {
+        if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
         for (int i = 0; i < _words.Length; i++) _words[i] |= other._words[i];
+    }
+
+    /// <summary>Makes this bitmap a copy of <paramref name="other"/> (single-threaded).</summary>
+    public void CopyFrom(PageBitmap other)
+    {
+        if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
+        other._words.AsSpan().CopyTo(_words);
+    }
+
+    /// <summary>Clears every page set in <paramref name="other"/> (single-threaded).</summary>
+    public void AndNot(PageBitmap other)
+    {
+        if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
+        for (int i = 0; i < _words.Length; i++) _words[i] &= ~other._words[i];
     }
 
     public long Count()

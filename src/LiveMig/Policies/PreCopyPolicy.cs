@@ -4,18 +4,58 @@ using LiveMig.Pipeline;
 namespace LiveMig.Policies;
 
 /// <summary>What the engine measured in one round: all a policy sees.</summary>
+/// <param name="DirtyPagesAfter">Pages pending at the end of the round (dirtied, skipped or deferred): what a stop-and-copy now would send.</param>
+/// <param name="DirtyRatePagesPerSecond">Pages written during the round ÷ the time between its harvest and the previous one.</param>
 public sealed record RoundStats(
     int Round, long PagesSent, long BytesSent, TimeSpan Duration, long DirtyPagesAfter,
-    double BandwidthBytesPerSecond, double DirtyRatePagesPerSecond);
+    double BandwidthBytesPerSecond, double DirtyRatePagesPerSecond)
+{
+    /// <summary>Pages the round did not send because they were written again after their harvest (they stay pending).</summary>
+    public long PagesSkipped { get; init; }
+    /// <summary>Pending pages the round held back as hot (they stay pending).</summary>
+    public long PagesDeferred { get; init; }
+    /// <summary>Pages written during the round (its harvest); null: take <see cref="DirtyPagesAfter"/>.</summary>
+    public long? PagesDirtied { get; init; }
+    /// <summary>How many of the pending pages the next live round would send (the rest are deferred); null: all of them.</summary>
+    public long? NextRoundPages { get; init; }
+}
 
-public enum StopReason { None, DowntimeTarget, MaxRounds, NonConvergence, TimeBudget }
+public enum StopReason { None, DowntimeTarget, MaxRounds, NonConvergence, TimeBudget, NoGain }
 
-public readonly record struct PreCopyDecision(bool StopAndCopy, StopReason Reason, TimeSpan EstimatedDowntime);
+/// <param name="EstimatedDowntime">What a stop-and-copy now would take: pending pages at the measured bandwidth.</param>
+public readonly record struct PreCopyDecision(bool StopAndCopy, StopReason Reason, TimeSpan EstimatedDowntime)
+{
+    /// <summary>Set the vCPU throttle to this (auto-converge); null: leave it.</summary>
+    public double? Throttle { get; init; }
+    /// <summary>Cap each vCPU's dirty rate at this many pages/s (dirty-limit); null: leave it.</summary>
+    public double? DirtyLimit { get; init; }
+    /// <summary>What the predictor expected when the decision was made.</summary>
+    public RoundForecast? Forecast { get; init; }
+}
 
-/// <summary>Answers "iterate again or stop and copy?". No I/O, no clock but the one given: the simulator can drive it too.</summary>
+/// <summary>
+/// Answers the engine's questions: which pending pages the next round sends, and after each
+/// round whether to iterate again or stop and copy, and whether to slow the guest. It sees
+/// statistics and bitmaps only; no I/O, no clock but the one given: a simulator can drive it too.
+/// </summary>
 public interface IPreCopyPolicy
 {
     PreCopyDecision AfterRound(RoundStats round);
+
+    /// <summary>
+    /// After each live round's harvest and before <see cref="AfterRound"/>: <paramref name="dirtied"/>
+    /// holds the pages written during the round, <paramref name="pending"/> every page waiting to
+    /// be sent. Fills <paramref name="sendNow"/> with the pages the next live round sends; the rest
+    /// stay pending for a later round or the stop-and-copy. Returns how many. Default: all of them.
+    /// </summary>
+    long PlanNextRound(PageBitmap dirtied, PageBitmap pending, PageBitmap sendNow)
+    {
+        sendNow.CopyFrom(pending);
+        return pending.Count();
+    }
+
+    /// <summary>Whether live rounds skip a page already written again since its harvest (it will be sent later anyway; only where the dirty log can tell cheaply).</summary>
+    bool SkipRewrittenPages => false;
 }
 
 public sealed record PreCopyOptions
@@ -28,45 +68,131 @@ public sealed record PreCopyOptions
     public double ShrinkFactor { get; init; } = 0.9;
     /// <summary>Stop and copy when the live phase has run this long (null: no budget).</summary>
     public TimeSpan? TimeBudget { get; init; }
+
+    /// <summary>Hold pages dirtied in at least <see cref="HotThreshold"/> of the last <see cref="HotWindow"/> rounds back for the stop-and-copy instead of re-sending them every round (at most as many as the downtime limit can carry).</summary>
+    public bool DeferHotPages { get; init; }
+    public int HotWindow { get; init; } = 3;
+    public int HotThreshold { get; init; } = 2;
+    /// <summary>In live rounds, skip a page written again since its harvest: it is pending again and will be sent later anyway (Clark et al.). Software dirty log only; the kernel log cannot be peeked at per page cheaply.</summary>
+    public bool SkipRewrittenPages { get; init; }
+    /// <summary>Also stop when the predictor says one more round would not lower the downtime enough to pay for its time (<see cref="DowntimeWorth"/>).</summary>
+    public bool PredictiveStop { get; init; }
+    /// <summary>How much migration time one unit of downtime saved is worth: another round must save at least 1/this of its own duration in downtime (10: a 1 s round must save 100 ms).</summary>
+    public double DowntimeWorth { get; init; } = 10;
+    /// <summary>Throttle the vCPUs in growing steps when rounds do not converge; null: off.</summary>
+    public AutoConvergeOptions? AutoConverge { get; init; }
+    /// <summary>When rounds do not converge, cap each vCPU at this many page writes per second (QEMU's dirty-limit), before any CPU throttle step; 0: off.</summary>
+    public double DirtyLimit { get; init; }
+
+    /// <summary>
+    /// These options with every convergence aid on: hot-page deferral, skipping re-written pages,
+    /// the predictive stop and auto-converge (QEMU's default steps). The one place to turn them
+    /// all on (e.g. for an "optimize all" switch); the dirty limit needs a number, so it is left as is.
+    /// </summary>
+    public PreCopyOptions WithConvergenceAids() => this with
+    {
+        DeferHotPages = true,
+        SkipRewrittenPages = true,
+        PredictiveStop = true,
+        AutoConverge = AutoConverge ?? new AutoConvergeOptions(),
+    };
+
+    /// <summary>Defaults with every convergence aid on (<see cref="WithConvergenceAids"/>).</summary>
+    public static PreCopyOptions Recommended => new PreCopyOptions().WithConvergenceAids();
+
+    internal void Check()
+    {
+        if (DowntimeLimit < TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(DowntimeLimit), DowntimeLimit, "must not be negative");
+        if (MaxRounds < 1) throw new ArgumentOutOfRangeException(nameof(MaxRounds), MaxRounds, "must be at least 1");
+        if (HotWindow is < 1 or > 8) throw new ArgumentOutOfRangeException(nameof(HotWindow), HotWindow, "must be 1..8 rounds");
+        if (HotThreshold < 1 || HotThreshold > HotWindow) throw new ArgumentOutOfRangeException(nameof(HotThreshold), HotThreshold, "must be 1..HotWindow");
+        if (!(DowntimeWorth > 0)) throw new ArgumentOutOfRangeException(nameof(DowntimeWorth), DowntimeWorth, "must be positive");
+        AutoConverge?.Check();
+        if (!(DirtyLimit >= 0) || double.IsInfinity(DirtyLimit)) throw new ArgumentOutOfRangeException(nameof(DirtyLimit), DirtyLimit, "must be a finite number of pages/s, 0 for none");
+    }
 }
 
 /// <summary>
-/// Clark et al.'s stop conditions: the estimated downtime (dirty bytes ÷ measured bandwidth) is
-/// under the target; or the round limit is hit; or the dirty set stops shrinking (the writable
-/// working set is as small as it gets); or the time budget is spent. Bandwidth is measured over
-/// all rounds so far (bytes ÷ time), which round 0 dominates, so tiny late rounds do not make
-/// it noisy.
+/// The pre-copy decisions. Stop conditions (Clark et al.): the estimated downtime (pending bytes
+/// ÷ measured bandwidth) is under the target; or the round limit is hit; or the time budget is
+/// spent; or the dirty set stops shrinking; or, with <see cref="PreCopyOptions.PredictiveStop"/>,
+/// the <see cref="DirtyRatePredictor"/> says another round would not pay for itself. Pages: with
+/// <see cref="PreCopyOptions.DeferHotPages"/> a <see cref="HotPageTracker"/> keeps the writable
+/// working set for the stop-and-copy. Guest: a <see cref="ConvergenceThrottle"/> throttles or
+/// dirty-limits a guest whose rounds do not converge, and while it still can, the policy does not
+/// give up on non-convergence.
 /// </summary>
-public sealed class PreCopyPolicy(PreCopyOptions options, TimeProvider time) : IPreCopyPolicy
+public sealed class PreCopyPolicy : IPreCopyPolicy
 {
-    private readonly long _start = time.GetTimestamp();
-    private long _bytes;
-    private TimeSpan _elapsed;
+    private readonly PreCopyOptions _options;
+    private readonly TimeProvider _time;
+    private readonly long _start;
     private long _previousDirty = long.MaxValue;
     private int _notShrinking;
 
-    public PreCopyOptions Options => options;
+    public PreCopyPolicy(PreCopyOptions options, TimeProvider time)
+    {
+        options.Check();
+        _options = options;
+        _time = time;
+        _start = time.GetTimestamp();
+        Convergence = new ConvergenceThrottle(options.AutoConverge, options.DirtyLimit);
+    }
+
+    public PreCopyOptions Options => _options;
+    public DirtyRatePredictor Predictor { get; } = new();
+    public ConvergenceThrottle Convergence { get; }
+    /// <summary>Made at the first plan when hot pages are deferred.</summary>
+    public HotPageTracker? HotPages { get; private set; }
 
     /// <summary>Wire bytes one page costs when sent raw: the bound the downtime estimate uses.</summary>
     public const int BytesPerPage = GuestMemory.PageSize + PageBatchWriter.EntryHeaderSize;
 
-    public double MeasuredBandwidth => _elapsed > TimeSpan.Zero ? _bytes / _elapsed.TotalSeconds : 0;
+    public double MeasuredBandwidth => Predictor.BandwidthBytesPerSecond;
+
+    public bool SkipRewrittenPages => _options.SkipRewrittenPages;
+
+    public long PlanNextRound(PageBitmap dirtied, PageBitmap pending, PageBitmap sendNow)
+    {
+        if (!_options.DeferHotPages)
+        {
+            sendNow.CopyFrom(pending);
+            return pending.Count();
+        }
+        HotPages ??= new HotPageTracker(pending.PageCount, _options.HotWindow, _options.HotThreshold);
+        HotPages.Observe(dirtied);
+        // Deferred pages are sent in the downtime: never hold back more than the downtime limit can carry.
+        long cap = (long)Math.Min(Math.Floor(Predictor.BandwidthPagesPerSecond * _options.DowntimeLimit.TotalSeconds + 1e-6), long.MaxValue / 2);
+        return HotPages.Select(pending, sendNow, cap, out _);
+    }
 
     public PreCopyDecision AfterRound(RoundStats round)
     {
-        _bytes += round.BytesSent;
-        _elapsed += round.Duration;
-        double bw = MeasuredBandwidth;
-        var estimate = bw > 0 ? TimeSpan.FromSeconds(round.DirtyPagesAfter * (double)BytesPerPage / bw) : TimeSpan.MaxValue;
-        if (round.DirtyPagesAfter == 0 || estimate <= options.DowntimeLimit) return new(true, StopReason.DowntimeTarget, estimate);
-        if (round.Round + 1 >= options.MaxRounds) return new(true, StopReason.MaxRounds, estimate);
-        if (round.Round >= 1)
-        {
-            _notShrinking = round.DirtyPagesAfter > _previousDirty * options.ShrinkFactor ? _notShrinking + 1 : 0;
-            if (_notShrinking >= options.NonConvergenceRounds) return new(true, StopReason.NonConvergence, estimate);
-        }
+        Predictor.Observe(round);
+        var forecast = Predictor.Forecast();
+        var estimate = forecast.DowntimeIfStopNow;
+        PreCopyDecision Stop(StopReason why) => new(true, why, estimate) { Forecast = forecast };
+
+        if (round.DirtyPagesAfter == 0 || estimate <= _options.DowntimeLimit) return Stop(StopReason.DowntimeTarget);
+        if (round.Round + 1 >= _options.MaxRounds) return Stop(StopReason.MaxRounds);
+        if (_options.TimeBudget is { } budget && _time.GetElapsedTime(_start) >= budget) return Stop(StopReason.TimeBudget);
+        // Everything pending is held back as hot: a live round would send nothing.
+        if (round.NextRoundPages == 0) return Stop(StopReason.NoGain);
+
+        if (round.Round >= 1) _notShrinking = round.DirtyPagesAfter > _previousDirty * _options.ShrinkFactor ? _notShrinking + 1 : 0;
         _previousDirty = round.DirtyPagesAfter;
-        if (options.TimeBudget is { } budget && time.GetElapsedTime(_start) >= budget) return new(true, StopReason.TimeBudget, estimate);
-        return new(false, StopReason.None, estimate);
+
+        if (Convergence.AfterRound(round) is { } step)
+        {
+            _notShrinking = 0; // the slowed guest gets its chance to converge
+            return new(false, StopReason.None, estimate) { Throttle = step.Throttle, DirtyLimit = step.DirtyLimit, Forecast = forecast };
+        }
+        // While the guest can still be slowed down and is about to be, giving up would be premature.
+        if (!Convergence.AboutToAct)
+        {
+            if (_notShrinking >= _options.NonConvergenceRounds) return Stop(StopReason.NonConvergence);
+            if (_options.PredictiveStop && !forecast.AnotherRoundPays(_options.DowntimeWorth)) return Stop(StopReason.NoGain);
+        }
+        return new(false, StopReason.None, estimate) { Forecast = forecast };
     }
 }

@@ -15,6 +15,16 @@ public sealed record RoundReport
     public double DurationMs { get; init; }
     public double BandwidthBytesPerSecond { get; init; }
     public double DirtyRatePagesPerSecond { get; init; }
+    /// <summary>Pages not sent because they were written again after their harvest (sent later).</summary>
+    public long PagesSkipped { get; init; }
+    /// <summary>Pending pages held back as hot (sent later, at the latest in the stop-and-copy).</summary>
+    public long PagesDeferred { get; init; }
+    /// <summary>vCPU throttle (0–0.99) in force during the round.</summary>
+    public double Throttle { get; init; }
+    /// <summary>Dirty-rate cap in force during the round, pages/s per vCPU (0 = none).</summary>
+    public double DirtyLimit { get; init; }
+    /// <summary>The policy's estimate, after the round, of a stop-and-copy's downtime (-1: unknown).</summary>
+    public double EstimatedDowntimeMs { get; init; }
 }
 
 /// <summary>Bytes the source put on the wire, by what they carried.</summary>
@@ -81,6 +91,22 @@ public sealed record MigrationReport
     public string? SourceHash { get; init; }
     public string? DestinationHash { get; init; }
     public double Throttle { get; init; }
+    /// <summary>Largest dirty-rate cap applied, pages/s per vCPU (0 = none).</summary>
+    public double DirtyLimit { get; init; }
+    /// <summary>Convergence aids that were on: defer-hot-pages, skip-rewritten, predictive-stop, auto-converge, dirty-limit.</summary>
+    public List<string> ConvergenceAids { get; init; } = [];
+    /// <summary>Pages skipped in live rounds because they were written again after their harvest.</summary>
+    public long PagesSkipped { get; init; }
+    /// <summary>Hot pages held back for the stop-and-copy when the live phase ended.</summary>
+    public long PagesDeferred { get; init; }
+    /// <summary>How long the guest ran throttled or dirty-limited before the pause.</summary>
+    public double ThrottledMs { get; init; }
+    /// <summary>The guest's operations per second from the start of the migration until it was first slowed; null when it never was (or cannot count).</summary>
+    public double? OpsPerSecondBeforeThrottle { get; init; }
+    /// <summary>The guest's operations per second while slowed.</summary>
+    public double? OpsPerSecondThrottled { get; init; }
+    /// <summary>Operations the guest did not do while slowed, compared with its rate before.</summary>
+    public long? OperationsLost { get; init; }
     public List<RoundReport> Rounds { get; init; } = [];
     public ClientReport? Client { get; init; }
 

@@ -36,6 +36,14 @@ public sealed class BuiltInVm : IVirtualMachine
     private int _parked;
     private int _live;
     private double _throttle;
+    private double _dirtyLimit;
+    /// <summary>Bumped whenever the throttle or the dirty limit changes, so a dozing vCPU re-reads them.</summary>
+    private int _controlVersion;
+
+    /// <summary>Wall time a throttled vCPU runs between sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).</summary>
+    public static readonly TimeSpan ThrottleTimeslice = TimeSpan.FromMilliseconds(10);
+    /// <summary>Page writes a dirty-limited vCPU may bank while it writes less than its limit.</summary>
+    private const double DirtyLimitBurstSeconds = 0.01;
 
     private readonly Lazy<IDirtyLog> _dirtyLog;
 
@@ -66,6 +74,7 @@ public sealed class BuiltInVm : IVirtualMachine
     public IReadOnlyList<VcpuProgram> Programs => _programs;
     public VmRunState State { get; private set; } = VmRunState.Created;
     public double ThrottleFraction => Volatile.Read(ref _throttle);
+    public double DirtyRateLimit => Volatile.Read(ref _dirtyLimit);
     /// <summary>Said once when the dirty log had to fall back to software.</summary>
     public string? DirtyLogNote { get; private set; }
 
@@ -129,7 +138,7 @@ public sealed class BuiltInVm : IVirtualMachine
             double throttle = r.ReadDouble();
             if (ms.Position != ms.Length) throw new InvalidDataException($"VM state: {ms.Length - ms.Position} unexpected trailing bytes");
             var vm = new BuiltInVm(name, memory, dirtyLogKind, workload, seed, programs);
-            vm._throttle = 0; // a throttle never outlives the migration that set it
+            vm._throttle = 0; // a throttle (or a dirty limit, which is not saved) never outlives the migration that set it
             _ = throttle;
             vm.StartPaused();
             return vm;
@@ -211,12 +220,38 @@ public sealed class BuiltInVm : IVirtualMachine
         }
     }
 
-    public void Throttle(double fraction) => Volatile.Write(ref _throttle, Math.Clamp(fraction, 0, 0.99));
+    /// <summary>
+    /// QEMU-style CPU throttle: a throttled vCPU runs for <see cref="ThrottleTimeslice"/> of wall
+    /// time, then sleeps fraction/(1-fraction) timeslices (at 0.99: 990 ms). A pause, a stop or a
+    /// change of throttle wakes it at once, so throttling never lengthens a pause.
+    /// </summary>
+    public void Throttle(double fraction) => SetControl(ref _throttle, Math.Clamp(double.IsNaN(fraction) ? 0 : fraction, 0, 0.99));
+
+    /// <summary>
+    /// QEMU's dirty-limit: every vCPU may write at most this many pages per second (each of its
+    /// program's operations counts as one page write); over budget it sleeps until back within
+    /// it. 0 lifts the limit.
+    /// </summary>
+    public void LimitDirtyRate(double pagesPerSecondPerVcpu) =>
+        SetControl(ref _dirtyLimit, double.IsNaN(pagesPerSecondPerVcpu) || pagesPerSecondPerVcpu <= 0 ? 0 : pagesPerSecondPerVcpu);
+
+    private void SetControl(ref double field, double value)
+    {
+        Volatile.Write(ref field, value);
+        lock (_gate)
+        {
+            _controlVersion++;
+            Monitor.PulseAll(_gate);
+        }
+    }
 
     private void RunVcpu(int index)
     {
         VcpuProgram program = _programs[index];
-        long runTicks = 0;
+        long sliceStart = Stopwatch.GetTimestamp();
+        long budgetTs = sliceStart;
+        double budget = 0; // dirty-limit credit, in page writes
+        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * Stopwatch.Frequency);
         try
         {
             while (true)
@@ -224,29 +259,59 @@ public sealed class BuiltInVm : IVirtualMachine
                 if (Volatile.Read(ref _pauseRequested) || Volatile.Read(ref _stopping))
                 {
                     if (!Park()) return;
+                    sliceStart = budgetTs = Stopwatch.GetTimestamp();
+                    budget = 0;
                     continue;
                 }
-                long t0 = Stopwatch.GetTimestamp();
                 int done = program.Step(Memory);
                 if (done == 0)
                 {
                     // Idle: nap on the gate, so that Pause wakes us at once instead of after a sleep.
                     lock (_gate) { if (!_pauseRequested && !_stopping) Monitor.Wait(_gate, 1); }
-                    continue;
+                }
+                long now = Stopwatch.GetTimestamp();
+                double limit = Volatile.Read(ref _dirtyLimit);
+                if (limit > 0)
+                {
+                    budget = Math.Min(budget + (now - budgetTs) * limit / Stopwatch.Frequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
+                    budgetTs = now;
+                    // In debt: sleep until the budget has grown back (only debts of a millisecond or more, as sleeps are that coarse).
+                    double debtMs = -budget / limit * 1000;
+                    if (debtMs >= 1) Doze(debtMs);
+                }
+                else
+                {
+                    budget = 0;
+                    budgetTs = now;
                 }
                 double throttle = Volatile.Read(ref _throttle);
-                if (throttle > 0)
+                if (throttle <= 0) sliceStart = now;
+                else if (now - sliceStart >= timeslice)
                 {
-                    // Sleep so that running time is (1 - throttle) of the wall time.
-                    runTicks += Stopwatch.GetTimestamp() - t0;
-                    double sleepMs = runTicks * throttle / (1 - throttle) * 1000.0 / Stopwatch.Frequency;
-                    if (sleepMs >= 1) { Thread.Sleep((int)sleepMs); runTicks = 0; }
+                    Doze(ThrottleTimeslice.TotalMilliseconds * throttle / (1 - throttle));
+                    sliceStart = Stopwatch.GetTimestamp();
                 }
             }
         }
         finally
         {
             lock (_gate) { _live--; Monitor.PulseAll(_gate); }
+        }
+    }
+
+    /// <summary>Sleeps up to <paramref name="ms"/>, waking early on pause, stop, or a throttle/limit change.</summary>
+    private void Doze(double ms)
+    {
+        long until = Stopwatch.GetTimestamp() + (long)(ms / 1000 * Stopwatch.Frequency);
+        lock (_gate)
+        {
+            int version = _controlVersion;
+            while (!_pauseRequested && !_stopping && _controlVersion == version)
+            {
+                long left = until - Stopwatch.GetTimestamp();
+                if (left <= 0) return;
+                Monitor.Wait(_gate, (int)Math.Min(int.MaxValue, Math.Ceiling(left * 1000.0 / Stopwatch.Frequency)));
+            }
         }
     }
 
