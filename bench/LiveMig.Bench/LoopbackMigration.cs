@@ -20,13 +20,13 @@ internal sealed record MigrationResult(MigrationReport Source, MigrationReport D
 /// </summary>
 internal static class LoopbackMigration
 {
-    public static MigrationResult Run(VmConfig config, MigrationOptions options, TimeSpan warmup = default)
+    public static MigrationResult Run(VmConfig config, MigrationOptions options, TimeSpan warmup = default, DestinationOptions? destination = null)
     {
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
         // Arrived runs on the destination's receiving thread, which started with the connection: its CPU time so far is the migration's.
         ThreadCpu destinationCpu = default;
         var failed = new TaskCompletionSource<MigrationFailedException>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions());
+        using var listener = new MigrationListener(IPAddress.Loopback, 0, destination ?? new DestinationOptions());
         listener.Arrived += a => { destinationCpu = ThreadCpu.Now(); arrived.TrySetResult(a); };
         listener.Failed += f => failed.TrySetResult(f);
         listener.Start();

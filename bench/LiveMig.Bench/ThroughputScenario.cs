@@ -25,6 +25,8 @@ internal static class ThroughputScenario
     private const string OnTotal = "LiveMig, verify on: whole migration (total time)";
     private const string OffRound0 = "LiveMig, verify off: live transfer (round 0)";
     private const string OffTotal = "LiveMig, verify off: whole migration (total time)";
+    private const string NoPrefaultRound0 = "LiveMig, destination prefault off: live transfer (round 0)";
+    private const string NoPrefaultTotal = "LiveMig, destination prefault off: whole migration (total time)";
 
     public static void Run(long memoryBytes, int reps, TextWriter output)
     {
@@ -48,6 +50,9 @@ internal static class ThroughputScenario
             var off = LoopbackMigration.Run(config with { Name = $"tput{r}off" }, new MigrationOptions { Verify = false });
             Progress($"rep {r + 1}/{reps}: LiveMig verify=off  {Describe(off)}");
             AddMigration(rep, off, OffRound0, OffTotal);
+            var noPrefault = LoopbackMigration.Run(config with { Name = $"tput{r}np" }, new MigrationOptions { Verify = true }, destination: new DestinationOptions { Prefault = false });
+            Progress($"rep {r + 1}/{reps}: LiveMig prefault=off {Describe(noPrefault)}");
+            AddMigration(rep, noPrefault, NoPrefaultRound0, NoPrefaultTotal);
             results.Add(rep);
             downtime.Add((on.Source.DowntimeMs, on.Source.VerifyMs, off.Source.DowntimeMs));
         }
@@ -60,7 +65,7 @@ internal static class ThroughputScenario
         output.WriteLine();
         output.WriteLine("| Transfer | Seconds | GB/s | Ratio to plain copy | Ratio to plain → fresh memfd | Ratio to plain → fresh memfd, source-sized memfd held |");
         output.WriteLine("|---|---:|---:|---:|---:|---:|");
-        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnRound0, OnTotal, OffRound0, OffTotal })
+        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnRound0, OnTotal, OffRound0, OffTotal, NoPrefaultRound0, NoPrefaultTotal })
         {
             double s = Stats.Median(results.Select(r => r[name].Seconds));
             double gbps = Stats.Median(results.Select(r => Stats.GB(r[name].BytesPerSecond)));
@@ -80,7 +85,7 @@ internal static class ThroughputScenario
         output.WriteLine();
         output.WriteLine("| Transfer | Wall s | Sender CPU s (user + sys) | Sender busy | Receiver CPU s (user + sys) | Receiver busy | Receiver minor faults | Receiver sys µs per fault |");
         output.WriteLine("|---|---:|---:|---:|---:|---:|---:|---:|");
-        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnTotal, OffTotal })
+        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnTotal, OffTotal, NoPrefaultTotal })
         {
             double wall = Stats.Median(results.Select(r => r[name].Seconds));
             string Cpu(Func<Transfer, ThreadCpu> pick) =>

@@ -42,6 +42,7 @@ public sealed class IncomingMigration
         PageBatchReader? placer = null;
         byte[]? vmState = null;
         Prefaulter? prefaulter = null;
+        bool extentsSeen = false;
         HelloMessage hello = default;
         long pauseSeenTs = 0;
         double verifyMs = 0;
@@ -94,9 +95,14 @@ public sealed class IncomingMigration
                         });
                         break;
                     case (State.Live, FrameType.Extents):
-                        if (currentRound >= 0 || prefaulter is not null) throw new ProtocolException($"Extents (frame {frame}) after round 0 began");
-                        prefaulter = new Prefaulter(memory!, ExtentsMessage.Parse(payload, memory!.PageCount));
-                        placer!.Placed = prefaulter.Placed;
+                        if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
+                        extentsSeen = true;
+                        var announced = ExtentsMessage.Parse(payload, memory!.PageCount);
+                        if (_options.Prefault)
+                        {
+                            prefaulter = new Prefaulter(memory, announced);
+                            placer!.Placed = prefaulter.Placed;
+                        }
                         break;
                     case (State.Live, FrameType.Sync):
                         var sync = SyncMessage.Parse(payload, "Sync");
