@@ -25,6 +25,8 @@ internal static class ThroughputScenario
     private const string OnTotal = "LiveMig, verify on: whole migration (total time)";
     private const string OffRound0 = "LiveMig, verify off: live transfer (round 0)";
     private const string OffTotal = "LiveMig, verify off: whole migration (total time)";
+    private const string PreparedRound0 = "LiveMig, destination memory prepared ahead (listen --prealloc): live transfer (round 0)";
+    private const string PreparedTotal = "LiveMig, destination memory prepared ahead (listen --prealloc): whole migration (total time)";
     private const string NoPrefaultRound0 = "LiveMig, destination prefault off: live transfer (round 0)";
     private const string NoPrefaultTotal = "LiveMig, destination prefault off: whole migration (total time)";
 
@@ -53,6 +55,13 @@ internal static class ThroughputScenario
             var noPrefault = LoopbackMigration.Run(config with { Name = $"tput{r}np" }, new MigrationOptions { Verify = true }, destination: new DestinationOptions { Prefault = false });
             Progress($"rep {r + 1}/{reps}: LiveMig prefault=off {Describe(noPrefault)}");
             AddMigration(rep, noPrefault, NoPrefaultRound0, NoPrefaultTotal);
+            using (var pool = new LiveMig.Memory.MemoryPool(memoryBytes, 1))
+            {
+                pool.WaitReady(); // prepared before the migration, as an agent does before VMs arrive
+                var prepared = LoopbackMigration.Run(config with { Name = $"tput{r}pp" }, new MigrationOptions { Verify = true }, destination: new DestinationOptions { MemoryPool = pool });
+                Progress($"rep {r + 1}/{reps}: LiveMig prepared   {Describe(prepared)}");
+                AddMigration(rep, prepared, PreparedRound0, PreparedTotal);
+            }
             results.Add(rep);
             downtime.Add((on.Source.DowntimeMs, on.Source.VerifyMs, off.Source.DowntimeMs));
         }
@@ -65,7 +74,7 @@ internal static class ThroughputScenario
         output.WriteLine();
         output.WriteLine("| Transfer | Seconds | GB/s | Ratio to plain copy | Ratio to plain → fresh memfd | Ratio to plain → fresh memfd, source-sized memfd held |");
         output.WriteLine("|---|---:|---:|---:|---:|---:|");
-        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnRound0, OnTotal, OffRound0, OffTotal, NoPrefaultRound0, NoPrefaultTotal })
+        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnRound0, OnTotal, OffRound0, OffTotal, NoPrefaultRound0, NoPrefaultTotal, PreparedRound0, PreparedTotal })
         {
             double s = Stats.Median(results.Select(r => r[name].Seconds));
             double gbps = Stats.Median(results.Select(r => Stats.GB(r[name].BytesPerSecond)));
@@ -85,7 +94,7 @@ internal static class ThroughputScenario
         output.WriteLine();
         output.WriteLine("| Transfer | Wall s | Sender CPU s (user + sys) | Sender busy | Receiver CPU s (user + sys) | Receiver busy | Receiver minor faults | Receiver sys µs per fault |");
         output.WriteLine("|---|---:|---:|---:|---:|---:|---:|---:|");
-        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnTotal, OffTotal, NoPrefaultTotal })
+        foreach (string name in new[] { Plain, PlainMemfd, PlainMemfdBallast, PlainPopulated, OnTotal, OffTotal, NoPrefaultTotal, PreparedTotal })
         {
             double wall = Stats.Median(results.Select(r => r[name].Seconds));
             string Cpu(Func<Transfer, ThreadCpu> pick) =>

@@ -30,18 +30,19 @@ public static class Program
         var port = new Option<int>("--port") { Description = "TCP port to listen on (0 picks a free one; the chosen port is printed).", DefaultValueFactory = _ => 7480 };
         var bind = new Option<string>("--bind") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1", HelpName = "ADDRESS" };
         var once = new Option<bool>("--once") { Description = "Exit after one migration and print its report (exit code 0 only if it completed)." };
+        var prealloc = new Option<string?>("--prealloc") { Description = "Prepare memory for incoming VMs before they arrive, as SIZE or SIZExCOUNT (e.g. 4GiBx2): a VM of exactly that size lands in memory already backed, so the migration does not pay the first touch of every page.", HelpName = "SIZE[xN]" };
         var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, o.DirtyLog, o.Json, trust,
+            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
         {
             var names = r.GetValue(trust)?.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToArray();
             if (names is { Length: 0 }) names = null;
-            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names));
+            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc));
         }));
         root.Add(listen);
 
@@ -214,15 +215,27 @@ public static class Program
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security)
+    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc)
     {
+        Memory.MemoryPool? pool = null;
+        if (prealloc is not null)
+        {
+            string[] parts = prealloc.ToLowerInvariant().Split('x');
+            int count = 1;
+            if (parts.Length > 2 || !Units.TryParseBytes(parts[0], out long size) || size < 64L << 20 || size % 4096 != 0 || (parts.Length == 2 && (!int.TryParse(parts[1], out count) || count < 1 || count > 64)))
+                throw new UsageException($"--prealloc '{prealloc}': expected SIZE or SIZExCOUNT, e.g. 4GiB or 1GiBx4 (64MiB or more, 1 to 64 regions)");
+            if (size * count > MachineMemory.TotalBytes) throw new UsageException($"--prealloc {prealloc}: more than this machine's memory ({Units.Bytes(MachineMemory.TotalBytes)})");
+            pool = new Memory.MemoryPool(size, count);
+            Console.Error.WriteLine($"preparing {count} × {Units.Bytes(size)} of guest memory in the background");
+        }
+        using var _pool = pool;
         if (port is < 0 or > 65535) throw new UsageException($"--port {port}: must be 0..65535");
         if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind '{bind}': not an IP address");
         long max = MachineMemory.TotalBytes;
         if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
         bool json = r.GetValue(o.Json);
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security });
+        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool });
         listener.Arrived += a =>
         {
             Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");

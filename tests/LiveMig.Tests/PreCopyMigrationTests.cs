@@ -109,3 +109,21 @@ public class KvMigrationTests
         Assert.Null(arrived.Vm.CheckInvariant());
     }
 }
+
+public class PreparedMemoryTests
+{
+    [Fact]
+    public void A_vm_lands_in_memory_the_agent_prepared_and_verifies()
+    {
+        using var pool = new LiveMig.Memory.MemoryPool(32L << 20, 1);
+        pool.WaitReady();
+        using var loop = new Loopback(new DestinationOptions { MemoryPool = pool, VerifyFromScratch = true });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed, Seed = 3 });
+        vm.Start();
+        var (report, arrived) = loop.Migrate(vm);
+        Assert.True(report.Verified);
+        // The region was taken from the pool (it was populated in full before the migration).
+        Assert.Null(pool.Take(32L << 20));
+        Assert.Equal(arrived.Vm.Memory.PageCount, arrived.Vm.Memory.PopulatedPages());
+    }
+}

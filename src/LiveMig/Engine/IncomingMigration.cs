@@ -42,7 +42,7 @@ public sealed class IncomingMigration
         PageBatchReader? placer = null;
         byte[]? vmState = null;
         Prefaulter? prefaulter = null;
-        bool extentsSeen = false;
+        bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
         long pauseSeenTs = 0;
         double verifyMs = 0;
@@ -65,7 +65,9 @@ public sealed class IncomingMigration
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
                         // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
-                        try { memory = GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]); }
+                        memory = _options.MemoryPool?.Take(hello.MemoryBytes);
+                        preparedMemory = memory is not null;
+                        try { memory ??= GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
@@ -98,7 +100,7 @@ public sealed class IncomingMigration
                         if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
                         extentsSeen = true;
                         var announced = ExtentsMessage.Parse(payload, memory!.PageCount);
-                        if (_options.Prefault)
+                        if (_options.Prefault && !preparedMemory) // prepared memory is populated already
                         {
                             prefaulter = new Prefaulter(memory, announced);
                             placer!.Placed = prefaulter.Placed;

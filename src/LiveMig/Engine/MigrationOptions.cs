@@ -29,6 +29,8 @@ public sealed record DestinationOptions
     public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>TLS and authentication required of sources (default: plain TCP).</summary>
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
+    /// <summary>Memory prepared before migrations arrive; an incoming VM of a matching size takes a region from it.</summary>
+    public Memory.MemoryPool? MemoryPool { get; init; }
     /// <summary>Fault announced extents in ahead of the pages on a helper thread (see <see cref="Memory.Prefaulter"/>); off only to measure what it buys.</summary>
     public bool Prefault { get; init; } = true;
     /// <summary>Also rehash all of memory from scratch before resuming and compare (slow: a full pass in the downtime; for tests and audits).</summary>
