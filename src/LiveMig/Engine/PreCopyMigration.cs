@@ -74,6 +74,7 @@ public sealed class PreCopyMigration
         using var reader = new FrameReader(stream);
         var batches = new PageBatchWriter(frames, _vm.Memory);
         var memory = _vm.Memory;
+        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
         bool paused = false, committed = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
         double verifyMs = 0, maxThrottle = 0;
@@ -85,9 +86,9 @@ public sealed class PreCopyMigration
         try
         {
             _observer.Phase("handshake");
-            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported,
-                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
-                Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0),
+            // Every stage asked for is required: a destination that lacks one refuses, naming it.
+            var needed = Capabilities.Raw | Capabilities.ZeroPages | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities;
+            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, needed, needed,
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
@@ -107,6 +108,16 @@ public sealed class PreCopyMigration
             long toSendCount = populated;
             // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
             batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);
+            if (pipeline is not null)
+            {
+                if (pipeline.Options.Capabilities != 0)
+                {
+                    batches.Encoder = pipeline.CreateEncoder();
+                    batches.Link = pipeline.Link;
+                }
+                if (pipeline.Options.SkipFreePages) toSendCount -= SkipFreePages(pipeline, toSend, populated, batches);
+                if (pipeline.Options.Dedup) toSendCount -= GangDedup(pipeline, toSend, frames, reader, batches);
+            }
             int round = 0;
             _observer.Phase("live");
             while (true)
@@ -179,6 +190,7 @@ public sealed class PreCopyMigration
                 BytesOnWire = frames.BytesWritten,
                 Bytes = WireBreakdown(frames.BytesWritten, batches, zeroMarkers, stateBytes),
                 PagesByEncoding = batches.Counters.PagesByName(),
+                Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 StopReason = ReasonName(decision.Reason),
                 EstimatedDowntimeMs = Ms(decision.EstimatedDowntime),
@@ -217,6 +229,7 @@ public sealed class PreCopyMigration
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
                 BytesOnWire = frames.BytesWritten,
                 PagesByEncoding = batches.Counters.PagesByName(),
+                Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 Verified = _options.Verify && why.Contains("hash", StringComparison.Ordinal) ? false : null,
                 Rounds = [.. _rounds],
@@ -232,7 +245,7 @@ public sealed class PreCopyMigration
         Span<byte> small = stackalloc byte[16];
         long ts = Stopwatch.GetTimestamp();
         long bytes0 = frames.BytesWritten;
-        long zero0 = batches.Counters.Pages(PageEncoding.Zero), raw0 = batches.Counters.Pages(PageEncoding.Raw);
+        long zero0 = batches.Counters.Pages(PageEncoding.Zero), entries0 = batches.EntriesWritten;
         _observer.RoundStarted(round, count, final);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
         batches.BeginRound(round);
@@ -252,7 +265,7 @@ public sealed class PreCopyMigration
         _observer.Progress(round, done, count, frames.BytesWritten);
         var duration = Stopwatch.GetElapsedTime(ts);
         long bytes = frames.BytesWritten - bytes0;
-        long sent = batches.Counters.Pages(PageEncoding.Raw) - raw0 + (skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0);
+        long sent = batches.EntriesWritten - entries0;
         long zeroMarkers = skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0;
         return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers);
     }
@@ -276,9 +289,63 @@ public sealed class PreCopyMigration
 
     private static WireBytes WireBreakdown(long total, PageBatchWriter batches, long zeroMarkers, long stateBytes)
     {
-        long pageData = batches.Counters.Bytes(PageEncoding.Raw);
+        long pageData = batches.Counters.TotalBytes();
         long zero = zeroMarkers * PageBatchWriter.EntryHeaderSize;
         return new WireBytes { PageData = pageData, ZeroMarkers = zero, VmState = stateBytes, Protocol = total - pageData - zero - stateBytes };
+    }
+
+    /// <summary>
+    /// Free-page hinting (round 0 only, as QEMU does): pages the guest reports free are not sent
+    /// and stay zero at the destination. Asked after dirty tracking started, so a page written
+    /// after the hint (or while it was taken) is dirty and sent in a later round. Their
+    /// verification hash stays the zero page's: that is what the destination holds.
+    /// </summary>
+    private long SkipFreePages(SourcePipeline pipeline, PageBitmap toSend, long populated, PageBatchWriter batches)
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        var free = new PageBitmap(toSend.PageCount);
+        _vm.ReportFreePages(free);
+        long skipped = toSend.AndNot(free);
+        batches.Counters.AddSkipped(skipped);
+        pipeline.FreePages.Offered += populated;
+        pipeline.FreePages.Encoded += skipped;
+        pipeline.FreePages.Ticks += Stopwatch.GetTimestamp() - t0;
+        return skipped;
+    }
+
+    /// <summary>
+    /// Gang dedup before round 0: tells the destination the content hashes of the pages about to
+    /// be sent; it fills those it already holds (from any VM it received, verified by hash) and
+    /// says which. Those pages are not sent in round 0; a write after the hash was taken dirties
+    /// the page, so it is sent in a later round like any other.
+    /// </summary>
+    private long GangDedup(SourcePipeline pipeline, PageBitmap toSend, FrameWriter frames, FrameReader reader, PageBatchWriter batches)
+    {
+        var candidates = pipeline.GangCandidates(_vm.Memory, toSend);
+        if (candidates.Count == 0) return 0;
+        var buffer = new byte[4 + DedupQuery.MaxEntries * DedupQuery.EntrySize];
+        long filled = 0;
+        for (int first = 0; first < candidates.Count; first += DedupQuery.MaxEntries)
+        {
+            int n = Math.Min(DedupQuery.MaxEntries, candidates.Count - first);
+            var chunk = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(candidates).Slice(first, n);
+            frames.Send(FrameType.DedupQuery, buffer.AsSpan(0, DedupQuery.Write(buffer, chunk)));
+            var type = reader.Read(out var payload);
+            if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
+            if (type != FrameType.DedupAnswer) throw new ProtocolException($"expected DedupAnswer, got {type}");
+            bool[] answer = DedupAnswer.Parse(payload, n);
+            for (int i = 0; i < n; i++)
+            {
+                if (!answer[i]) continue;
+                var (page, hash) = chunk[i];
+                toSend.Clear(page);
+                batches.Hashes?.Set(page, _vm.Memory.Page(page));
+                pipeline.GangFilled(page, hash);
+                filled++;
+            }
+        }
+        batches.Counters.AddPages(PageEncoding.Dedup, filled);
+        return filled;
     }
 
     private MigrationReport BaseReport() => new()
@@ -293,6 +360,7 @@ public sealed class PreCopyMigration
         DirtyLog = _vm.DirtyLog.Name,
         BandwidthLimitBytesPerSecond = Limiter.BytesPerSecond,
         DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
+        Pipeline = _options.Pipeline.ToString(),
     };
 
     internal static string ReasonName(StopReason r) => r switch

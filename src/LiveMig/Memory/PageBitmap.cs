@@ -83,6 +83,21 @@ public sealed class PageBitmap
         for (int i = 0; i < _words.Length; i++) _words[i] |= other._words[i];
     }
 
+    /// <summary>Clears every page set in <paramref name="other"/>; returns how many were set here (single-threaded).</summary>
+    public long AndNot(PageBitmap other)
+    {
+        if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
+        long cleared = 0;
+        for (int i = 0; i < _words.Length; i++)
+        {
+            ulong both = _words[i] & other._words[i];
+            if (both == 0) continue;
+            cleared += BitOperations.PopCount(both);
+            _words[i] &= ~both;
+        }
+        return cleared;
+    }
+
     public long Count()
     {
         long n = 0;

@@ -211,6 +211,9 @@ public sealed class BuiltInVm : IVirtualMachine
         }
     }
 
+    /// <summary>The workload's free-page hint (pages outside the range it uses).</summary>
+    public long ReportFreePages(PageBitmap into) => Workload.FreePages(into);
+
     public void Throttle(double fraction) => Volatile.Write(ref _throttle, Math.Clamp(fraction, 0, 0.99));
 
     private void RunVcpu(int index)

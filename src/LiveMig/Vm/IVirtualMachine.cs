@@ -25,4 +25,12 @@ public interface IVirtualMachine : IDisposable
     void Throttle(double fraction);
 
     double ThrottleFraction { get; }
+
+    /// <summary>
+    /// Free-page hint: marks in <paramref name="into"/> the pages the guest does not use now
+    /// (their content does not matter to it), as a balloon driver's free-page reporting does;
+    /// returns how many. A page reported free and written later is dirty again like any other.
+    /// Default: the guest reports nothing.
+    /// </summary>
+    long ReportFreePages(PageBitmap into) => 0;
 }
