@@ -1,6 +1,7 @@
 using System.CommandLine;
 using LiveMig.DirtyTracking;
 using LiveMig.Engine;
+using LiveMig.Pipeline;
 using LiveMig.Policies;
 using LiveMig.Vm;
 using LiveMig.Workloads;
@@ -25,6 +26,11 @@ internal sealed class CliOptions
     public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy.", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
     public readonly Option<bool> Verify = new("--verify") { Description = "Hash memory at pause (source) and before resume (destination); a mismatch fails the migration. On by default; --verify false to skip.", DefaultValueFactory = _ => true };
     public readonly Option<bool> Json = new("--json") { Description = "Print the report as one JSON object on stdout; no progress display." };
+    public readonly Option<string> Compress = new("--compress") { Description = "Page compression: none, lz4[:LEVEL] (0-12, 0 = fast), zstd[:LEVEL] (-5..19, default 3), or adaptive[:ZSTDLEVEL] (raw, LZ4 or Zstd per page from a content sample; none while the CPU rather than the link is the bottleneck). Pages that would not shrink by an eighth go raw.", DefaultValueFactory = _ => "none", HelpName = "MODE" };
+    public readonly Option<string> XbzrleCache = new("--xbzrle-cache") { Description = "Send re-dirtied pages as XBZRLE deltas against a cache of pages already sent, of this size (e.g. 64MiB); 0 = off.", DefaultValueFactory = _ => "0", HelpName = "SIZE" };
+    public readonly Option<bool> Dedup = new("--dedup") { Description = "Send a reference instead of content the destination already holds: a page identical to one sent earlier, or to one of another VM the destination received (xxHash3-128, verified there before use)." };
+    public readonly Option<bool> SkipFreePages = new("--skip-free-pages") { Description = "Do not send pages the guest reports free (free-page hint; the destination keeps them zero). A free page written later is sent like any dirty page." };
+    public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public void AddVmOptions(Command c)
@@ -35,6 +41,7 @@ internal sealed class CliOptions
     public void AddMigrationOptions(Command c)
     {
         c.Add(Strategy); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
+        c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
 
     public VmConfig VmConfig(ParseResult r, string name, long? maxMemory = null)
@@ -77,12 +84,62 @@ internal sealed class CliOptions
         if (!Units.TryParseDuration(dl, out var downtime) || downtime <= TimeSpan.Zero) throw new UsageException($"--downtime-limit '{dl}': expected a positive duration such as 300ms");
         int rounds = r.GetValue(MaxRounds);
         if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
-        return new MigrationOptions
+        var options = new MigrationOptions
         {
             BandwidthLimit = rate,
             Verify = r.GetValue(Verify),
             PreCopy = new PreCopyOptions { DowntimeLimit = downtime, MaxRounds = rounds },
         };
+        options = Optimizations.Apply(r.GetValue(Optimize)!, options);
+        return options with { Pipeline = ApplyPipelineOptions(r, options.Pipeline) };
+    }
+
+    private static bool Given(ParseResult r, Option o) => r.GetResult(o) is { Implicit: false };
+
+    /// <summary>The pipeline after <c>--optimize</c>, with the explicit pipeline options on top.</summary>
+    public PipelineOptions ApplyPipelineOptions(ParseResult r, PipelineOptions p)
+    {
+        if (Given(r, Compress)) p = ParseCompress(r.GetValue(Compress)!, p);
+        if (Given(r, XbzrleCache))
+        {
+            string text = r.GetValue(XbzrleCache)!;
+            long bytes = 0;
+            if (text.Trim().ToLowerInvariant() is not ("off" or "none") && (!Units.TryParseBytes(text, out bytes) || bytes < 0))
+                throw new UsageException($"--xbzrle-cache '{text}': expected a size such as 64MiB, or 0 for off");
+            if (bytes > 0 && bytes < 4096) throw new UsageException($"--xbzrle-cache '{text}': at least one page (4KiB), or 0 for off");
+            if (bytes > 1L << 40) throw new UsageException($"--xbzrle-cache '{text}': at most 1TiB");
+            p = p with { XbzrleCacheBytes = bytes };
+        }
+        if (Given(r, Dedup)) p = p with { Dedup = r.GetValue(Dedup) };
+        if (Given(r, SkipFreePages)) p = p with { SkipFreePages = r.GetValue(SkipFreePages) };
+        return p;
+    }
+
+    public static PipelineOptions ParseCompress(string text, PipelineOptions p)
+    {
+        string s = text.Trim().ToLowerInvariant();
+        int colon = s.IndexOf(':');
+        string name = colon < 0 ? s : s[..colon];
+        int? level = null;
+        if (colon >= 0)
+        {
+            if (!int.TryParse(s[(colon + 1)..], System.Globalization.NumberStyles.AllowLeadingSign, System.Globalization.CultureInfo.InvariantCulture, out int l))
+                throw new UsageException($"--compress '{text}': level '{s[(colon + 1)..]}' is not a whole number");
+            level = l;
+        }
+        var kind = name switch
+        {
+            "none" or "off" => CompressionKind.None,
+            "lz4" => CompressionKind.Lz4,
+            "zstd" => CompressionKind.Zstd,
+            "adaptive" => CompressionKind.Adaptive,
+            _ => throw new UsageException($"--compress '{text}': expected none, lz4[:LEVEL], zstd[:LEVEL] or adaptive"),
+        };
+        if (kind == CompressionKind.None && level is not null) throw new UsageException($"--compress '{text}': none takes no level");
+        var result = p with { Compression = kind, CompressionLevel = level };
+        try { result.Validate(); }
+        catch (ArgumentException e) { throw new UsageException($"--compress '{text}': {e.Message}"); }
+        return result;
     }
 
     public TimeSpan WarmupTime(ParseResult r)
