@@ -65,6 +65,10 @@ public class CliProcessTests
             (new[] { "demo", "--downtime-limit", "-1s" }, "--downtime-limit"),
             (new[] { "demo", "--vcpus", "0" }, "--vcpus"),
             (new[] { "migrate", "--to", "nowhere" }, "--to"),
+            (new[] { "demo", "--compress", "gzip" }, "--compress"),
+            (new[] { "demo", "--compress", "zstd:99" }, "--compress"),
+            (new[] { "demo", "--xbzrle-cache", "lots" }, "--xbzrle-cache"),
+            (new[] { "demo", "--optimize", "everything" }, "--optimize"),
         })
         {
             using var p = Start(args);
@@ -86,5 +90,21 @@ public class CliProcessTests
         Assert.True(p.WaitForExit(30_000));
         Assert.Equal(1, p.ExitCode);
         Assert.Contains("cannot connect to destination 127.0.0.1:1", err);
+    }
+
+    [Fact]
+    public void Demo_with_every_pipeline_stage_completes_and_reports_them()
+    {
+        using var p = Start("demo", "--memory", "128MiB", "--workload", "hotcold:rate=20000,wss=25%", "--bandwidth", "256MiB/s", "--warmup", "300ms", "--optimize", "all", "--json");
+        string json = p.StandardOutput.ReadToEnd();
+        string err = p.StandardError.ReadToEnd();
+        Assert.True(p.WaitForExit(60_000));
+        Assert.True(p.ExitCode == 0, $"demo exited {p.ExitCode}: {err}");
+        var r = MigrationReport.FromJson(json);
+        Assert.True(r.Verified);
+        Assert.Equal("compress=adaptive xbzrle=64.0 MiB dedup skip-free-pages", r.Pipeline);
+        Assert.True(r.PagesByEncoding["skipped"] > 0);
+        Assert.Contains("xbzrle", r.Stages.Keys);
+        Assert.Contains("adaptive", r.Stages.Keys);
     }
 }

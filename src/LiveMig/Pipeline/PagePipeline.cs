@@ -391,9 +391,10 @@ public sealed class PipelineDecoder : IPageDecoder, IDisposable
         _memory = memory;
         _accepted = accepted;
         _received = new PageBitmap(memory.PageCount);
-        if ((accepted & Capabilities.Zstd) != 0) { _zstd = new ZstdPageDecompressor(); _byEncoding[(int)PageEncoding.Zstd] = Stages.NewZstd(); }
-        if ((accepted & Capabilities.Lz4) != 0) _byEncoding[(int)PageEncoding.Lz4] = Stages.NewLz4();
-        if ((accepted & Capabilities.Xbzrle) != 0) _byEncoding[(int)PageEncoding.Xbzrle] = Stages.NewXbzrle();
+        // Decoding counts pages and time; of the encoders' extra counters only dedup's apply here.
+        if ((accepted & Capabilities.Zstd) != 0) { _zstd = new ZstdPageDecompressor(); _byEncoding[(int)PageEncoding.Zstd] = new StageCounters(Stages.Zstd); }
+        if ((accepted & Capabilities.Lz4) != 0) _byEncoding[(int)PageEncoding.Lz4] = new StageCounters(Stages.Lz4);
+        if ((accepted & Capabilities.Xbzrle) != 0) _byEncoding[(int)PageEncoding.Xbzrle] = new StageCounters(Stages.Xbzrle);
         if ((accepted & Capabilities.Dedup) != 0)
         {
             _byEncoding[(int)PageEncoding.Dedup] = Stages.NewDedup();
@@ -429,6 +430,7 @@ public sealed class PipelineDecoder : IPageDecoder, IDisposable
             case PageEncoding.Dedup:
                 Require(Capabilities.Dedup, page, encoding);
                 ApplyReference(page, payload, target);
+                _byEncoding[(int)PageEncoding.Dedup]!.Extra[Stages.WithinVm]++;
                 break;
             default:
                 throw new ProtocolException($"unknown page encoding {(byte)encoding} for page {page} (not negotiated or not known)");
