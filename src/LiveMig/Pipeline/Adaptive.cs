@@ -98,6 +98,7 @@ public sealed class AdaptiveState
 {
     public const int ProbeEvery = 64;
     private const double Weight = 0.05;
+    private const double MaxSampleSeconds = 1e-3;
 
     // [class, codec]: class 0 = redundant, 1 = ordinary; codec 0 = LZ4, 1 = Zstd.
     private readonly CodecFigures[,] _figures = { { AdaptivePolicy.Lz4Prior, AdaptivePolicy.ZstdPrior }, { AdaptivePolicy.Lz4Prior, AdaptivePolicy.ZstdPrior } };
@@ -127,6 +128,8 @@ public sealed class AdaptiveState
     {
         ref CodecFigures f = ref _figures[redundant ? 0 : 1, codec == AdaptiveChoice.Zstd ? 1 : 0];
         double seconds = Math.Max(ticks, 1) / (double)Stopwatch.Frequency;
+        // A page that took over a millisecond was preempted or met the JIT: not the codec's speed.
+        if (seconds > MaxSampleSeconds) return;
         double thr = GuestMemory.PageSize / seconds;
         double ratio = Math.Clamp(outputBytes / (double)GuestMemory.PageSize, 0, 1);
         f = new CodecFigures(f.InputBytesPerSecond * (1 - Weight) + thr * Weight, f.Ratio * (1 - Weight) + ratio * Weight);
