@@ -79,8 +79,9 @@ public sealed class DedupSourceIndex
 /// guest memory and page number), shared by every migration of one destination (gang
 /// migration: VMs that share content send it once). Entries are hints, never trusted: a
 /// candidate is copied, then hashed again, and used only if the copy has the hash, so a page
-/// overwritten since (its VM runs, or it was re-sent) or a hash collision can never put wrong
-/// content into memory; a stale entry is dropped. Memory that was disposed is skipped
+/// overwritten since (its VM runs, or it was re-sent) never puts wrong content into memory; a
+/// stale entry is dropped. (Hashes are compared, not bytes: a true xxHash3-128 collision would
+/// pass, and is left to the migration's verification hash.) Memory that was disposed is skipped
 /// (<see cref="GuestMemory.TryCopyPage"/>). Thread-safe.
 /// </summary>
 public sealed class DedupStore
