@@ -411,6 +411,44 @@ public class CodecTests
         foreach (var s in stages.Values) Assert.True(s.CpuMs >= 0 && s.PagesEncoded <= s.PagesOffered);
     }
 
+    /// <summary>One encoder per thread over a shared pipeline (cache, link estimate): each thread's pages decode right, and the counters add up.</summary>
+    [Fact]
+    public void Codec_encoders_on_several_threads_share_the_pipeline_safely()
+    {
+        const int N = 512, Threads = 4;
+        using var src = GuestMemory.Create(N * Size, "codec-mt-src");
+        using var dst = GuestMemory.Create(N * Size, "codec-mt-dst");
+        for (int p = 0; p < N; p++) ((p % 3) switch { 0 => Pages.Text(p), 1 => Pages.Random(p), _ => Pages.Runs(p) }).CopyTo(src.Page(p));
+        var options = new PipelineOptions { Compression = CompressionKind.Adaptive, XbzrleCacheBytes = 2 * N * Size };
+        using var pipeline = new SourcePipeline(options, N);
+        pipeline.Link.Set(50e6);
+        var decoders = Enumerable.Range(0, Threads).Select(_ => new PipelineDecoder(dst, options.Capabilities | Capabilities.Raw | Capabilities.ZeroPages)).ToArray();
+        long entries = 0;
+        for (int round = 0; round < 4; round++)
+        {
+            Parallel.For(0, Threads, new ParallelOptions { MaxDegreeOfParallelism = Threads }, t =>
+            {
+                var enc = pipeline.CreateEncoder();
+                enc.BeginRound(round);
+                var buf = new byte[PageCodec.MaxEncodedSize];
+                for (int p = t; p < N; p += Threads) // each thread owns its pages, as a parallel engine would partition them
+                {
+                    var e = enc.Encode(p, src.Page(p), buf, out int n);
+                    decoders[t].Decode(p, e, buf.AsSpan(0, n), dst.Page(p));
+                    Interlocked.Increment(ref entries);
+                }
+            });
+            for (int p = 0; p < N; p++) Assert.True(src.Page(p).SequenceEqual(dst.Page(p)), $"round {round} page {p} differs");
+            var rng = new Random(round);
+            for (int k = 0; k < 200; k++) BinaryPrimitives.WriteInt64LittleEndian(src.Page(rng.Next(N)).Slice(rng.Next(Size / 8) * 8), rng.NextInt64());
+        }
+        var stages = pipeline.Report();
+        Assert.Equal(entries, stages["adaptive"].PagesOffered + stages["xbzrle"].PagesEncoded);
+        Assert.True(stages["xbzrle"].Counters["cacheHits"] > 0);
+        Assert.True(pipeline.Cache!.Count <= pipeline.Cache.CapacityPages);
+        foreach (var d in decoders) d.Dispose();
+    }
+
     [Fact]
     public void Codec_dedup_index_drops_a_holder_whose_content_was_resent()
     {
