@@ -1,6 +1,7 @@
 using System.CommandLine;
 using LiveMig.DirtyTracking;
 using LiveMig.Engine;
+using LiveMig.Pipeline;
 using LiveMig.Policies;
 using LiveMig.Vm;
 using LiveMig.Workloads;
@@ -15,7 +16,7 @@ internal sealed class CliOptions
 {
     public readonly Option<string> Memory = new("--memory") { Description = "Guest memory size, e.g. 512MiB, 4GiB (64MiB to the machine's memory).", DefaultValueFactory = _ => "1GiB", HelpName = "SIZE" };
     public readonly Option<int> Vcpus = new("--vcpus") { Description = "Number of vCPU threads running the workload.", DefaultValueFactory = _ => 2, HelpName = "N" };
-    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]. Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
+    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle[:used=]; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]. Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
     public readonly Option<ulong> Seed = new("--seed") { Description = "Seed for the memory fill and the workload: the same seed gives the same guest.", DefaultValueFactory = _ => 1UL };
     public readonly Option<string> Fill = new("--fill") { Description = "Initial memory content: zero (sparse), random (incompressible), mixed (35% zero, 25% random, 40% text).", DefaultValueFactory = _ => "mixed", HelpName = "KIND" };
     public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };
@@ -29,6 +30,11 @@ internal sealed class CliOptions
     public readonly Option<bool> PredictiveStop = new("--predictive-stop") { Description = "Also stop iterating when the dirty-rate predictor says one more round would not cut the downtime by at least a tenth of that round's duration." };
     public readonly Option<string?> AutoConverge = new("--auto-converge") { Description = "Throttle the vCPUs when rounds do not converge: INITIAL percent at first, INCREMENT more each time they still do not, up to MAX (QEMU's cpu-throttle-initial/-increment). Without a value: 20,10,99.", Arity = ArgumentArity.ZeroOrOne, HelpName = "INITIAL,INCREMENT[,MAX]" };
     public readonly Option<string?> DirtyLimit = new("--dirty-limit") { Description = "When rounds do not converge, cap each vCPU at this many page writes per second (QEMU's dirty-limit); with --auto-converge the throttle steps follow if that is not enough.", HelpName = "PAGES_PER_S" };
+    public readonly Option<string> Compress = new("--compress") { Description = "Page compression: none, lz4[:LEVEL] (0-12, 0 = fast), zstd[:LEVEL] (-5..19, default 3), or adaptive[:ZSTDLEVEL] (raw, LZ4 or Zstd per page from a content sample; none while the CPU rather than the link is the bottleneck). Pages that would not shrink by an eighth go raw.", DefaultValueFactory = _ => "none", HelpName = "MODE" };
+    public readonly Option<string> XbzrleCache = new("--xbzrle-cache") { Description = "Send re-dirtied pages as XBZRLE deltas against a cache of pages already sent, of this size (e.g. 64MiB); 0 = off.", DefaultValueFactory = _ => "0", HelpName = "SIZE" };
+    public readonly Option<bool> Dedup = new("--dedup") { Description = "Send a reference instead of content the destination already holds: a page identical to one sent earlier, or to one of another VM the destination received (xxHash3-128, verified there before use)." };
+    public readonly Option<bool> SkipFreePages = new("--skip-free-pages") { Description = "Do not send pages the guest reports free (free-page hint; the destination keeps them zero). A free page written later is sent like any dirty page." };
+    public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -78,6 +84,7 @@ internal sealed class CliOptions
         c.Add(Strategy); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
         c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit);
         AddSecurityOptions(c);
+        c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
 
     public VmConfig VmConfig(ParseResult r, string name, long? maxMemory = null)
@@ -121,7 +128,7 @@ internal sealed class CliOptions
         int rounds = r.GetValue(MaxRounds);
         if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
         bool defer = r.GetValue(DeferHotPages);
-        return new MigrationOptions
+        var options = new MigrationOptions
         {
             Security = Security(r),
             BandwidthLimit = rate,
@@ -137,6 +144,56 @@ internal sealed class CliOptions
                 DirtyLimit = ParseDirtyLimit(r.GetValue(DirtyLimit)),
             },
         };
+        options = Optimizations.Apply(r.GetValue(Optimize)!, options);
+        return options with { Pipeline = ApplyPipelineOptions(r, options.Pipeline) };
+    }
+
+    private static bool Given(ParseResult r, Option o) => r.GetResult(o) is { Implicit: false };
+
+    /// <summary>The pipeline after <c>--optimize</c>, with the explicit pipeline options on top.</summary>
+    public PipelineOptions ApplyPipelineOptions(ParseResult r, PipelineOptions p)
+    {
+        if (Given(r, Compress)) p = ParseCompress(r.GetValue(Compress)!, p);
+        if (Given(r, XbzrleCache))
+        {
+            string text = r.GetValue(XbzrleCache)!;
+            long bytes = 0;
+            if (text.Trim().ToLowerInvariant() is not ("off" or "none") && (!Units.TryParseBytes(text, out bytes) || bytes < 0))
+                throw new UsageException($"--xbzrle-cache '{text}': expected a size such as 64MiB, or 0 for off");
+            if (bytes > 0 && bytes < 4096) throw new UsageException($"--xbzrle-cache '{text}': at least one page (4KiB), or 0 for off");
+            if (bytes > 1L << 40) throw new UsageException($"--xbzrle-cache '{text}': at most 1TiB");
+            p = p with { XbzrleCacheBytes = bytes };
+        }
+        if (Given(r, Dedup)) p = p with { Dedup = r.GetValue(Dedup) };
+        if (Given(r, SkipFreePages)) p = p with { SkipFreePages = r.GetValue(SkipFreePages) };
+        return p;
+    }
+
+    public static PipelineOptions ParseCompress(string text, PipelineOptions p)
+    {
+        string s = text.Trim().ToLowerInvariant();
+        int colon = s.IndexOf(':');
+        string name = colon < 0 ? s : s[..colon];
+        int? level = null;
+        if (colon >= 0)
+        {
+            if (!int.TryParse(s[(colon + 1)..], System.Globalization.NumberStyles.AllowLeadingSign, System.Globalization.CultureInfo.InvariantCulture, out int l))
+                throw new UsageException($"--compress '{text}': level '{s[(colon + 1)..]}' is not a whole number");
+            level = l;
+        }
+        var kind = name switch
+        {
+            "none" or "off" => CompressionKind.None,
+            "lz4" => CompressionKind.Lz4,
+            "zstd" => CompressionKind.Zstd,
+            "adaptive" => CompressionKind.Adaptive,
+            _ => throw new UsageException($"--compress '{text}': expected none, lz4[:LEVEL], zstd[:LEVEL] or adaptive"),
+        };
+        if (kind == CompressionKind.None && level is not null) throw new UsageException($"--compress '{text}': none takes no level");
+        var result = p with { Compression = kind, CompressionLevel = level };
+        try { result.Validate(); }
+        catch (ArgumentException e) { throw new UsageException($"--compress '{text}': {e.Message}"); }
+        return result;
     }
 
     /// <summary>"INITIAL,INCREMENT[,MAX]" in percent (a trailing % is allowed); null or empty: QEMU's 20,10,99.</summary>

@@ -20,7 +20,13 @@ internal static class ReportView
         if (r.Client is { } c)
             Row("downtime seen by the kv client", $"{c.ObservedDowntimeMs:0.0} ms (requests {c.Requests}, errors {c.Errors}, wrong answers {c.Mismatches}, p50 {c.P50Us:0} µs, p99 {c.P99Us:0} µs, max {c.MaxUs / 1000:0.0} ms)");
         Row("bytes on the wire", $"{Units.Bytes(r.BytesOnWire)} (page data {Units.Bytes(r.Bytes.PageData)}, zero markers {Units.Bytes(r.Bytes.ZeroMarkers)}, VM state {Units.Bytes(r.Bytes.VmState)}, protocol {Units.Bytes(r.Bytes.Protocol)})");
-        Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Select(kv => $"{kv.Key} {kv.Value}")));
+        Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Where(kv => kv.Value > 0 || kv.Key is "raw" or "zero").Select(kv => $"{kv.Key} {kv.Value}")));
+        if (r.Pipeline != "none") Row("pipeline", r.Pipeline);
+        foreach (var (name, st) in r.Stages)
+        {
+            string extra = string.Join(", ", st.Counters.Where(kv => kv.Value != 0).Select(kv => $"{kv.Key} {kv.Value}"));
+            Row($"stage {name}", $"{st.PagesEncoded:N0} of {st.PagesOffered:N0} pages, saved {Units.Bytes(st.BytesSaved)} ({Units.Bytes(st.BytesIn)} → {Units.Bytes(st.BytesOut)}), {st.CpuMs:0.0} ms" + (extra.Length > 0 ? $"; {extra}" : ""));
+        }
         Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
         Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
         if (r.ConvergenceAids.Count > 0) Row("convergence aids", string.Join(", ", r.ConvergenceAids));

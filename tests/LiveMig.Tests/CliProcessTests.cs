@@ -67,6 +67,10 @@ public class CliProcessTests
             (new[] { "migrate", "--to", "nowhere" }, "--to"),
             (new[] { "demo", "--auto-converge", "150,10" }, "--auto-converge"),
             (new[] { "demo", "--dirty-limit", "fast" }, "--dirty-limit"),
+            (new[] { "demo", "--compress", "gzip" }, "--compress"),
+            (new[] { "demo", "--compress", "zstd:99" }, "--compress"),
+            (new[] { "demo", "--xbzrle-cache", "lots" }, "--xbzrle-cache"),
+            (new[] { "demo", "--optimize", "everything" }, "--optimize"),
         })
         {
             using var p = Start(args);
@@ -176,5 +180,21 @@ public class CliProcessTests
         var report = MigrationReport.FromJson(dstOut);
         Assert.Equal("failed", report.Outcome);
         Assert.Contains("closed the connection", report.Error);
+    }
+
+    [Fact]
+    public void Demo_with_every_pipeline_stage_completes_and_reports_them()
+    {
+        using var p = Start("demo", "--memory", "128MiB", "--workload", "hotcold:rate=20000,wss=25%", "--bandwidth", "256MiB/s", "--warmup", "300ms", "--optimize", "all", "--json");
+        string json = p.StandardOutput.ReadToEnd();
+        string err = p.StandardError.ReadToEnd();
+        Assert.True(p.WaitForExit(60_000));
+        Assert.True(p.ExitCode == 0, $"demo exited {p.ExitCode}: {err}");
+        var r = MigrationReport.FromJson(json);
+        Assert.True(r.Verified);
+        Assert.Equal("compress=adaptive xbzrle=64.0 MiB dedup skip-free-pages", r.Pipeline);
+        Assert.True(r.PagesByEncoding["skipped"] > 0);
+        Assert.Contains("xbzrle", r.Stages.Keys);
+        Assert.Contains("adaptive", r.Stages.Keys);
     }
 }

@@ -18,7 +18,7 @@ namespace LiveMig.Tests;
 /// error naming the problem, tell the source, and keep no partial VM. The source loses its
 /// connection, its destination, or a byte in flight and must fail clearly with its VM running.
 /// </summary>
-public class FaultTests(ITestOutputHelper output)
+public partial class FaultTests(ITestOutputHelper output)
 {
     private static readonly TimeSpan Guard = TimeSpan.FromSeconds(10);
 

@@ -8,13 +8,13 @@ namespace LiveMig.Tests;
 /// <summary>A destination agent on 127.0.0.1 and a source, in one process, over real TCP.</summary>
 internal sealed class Loopback : IDisposable
 {
-    private readonly TaskCompletionSource<ArrivedVm> _arrived = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly System.Collections.Concurrent.BlockingCollection<ArrivedVm> _arrived = [];
     private readonly TaskCompletionSource<MigrationFailedException> _failed = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     public Loopback(DestinationOptions? options = null)
     {
         Listener = new MigrationListener(IPAddress.Loopback, 0, options ?? new DestinationOptions());
-        Listener.Arrived += a => _arrived.TrySetResult(a);
+        Listener.Arrived += a => _arrived.Add(a);
         Listener.Failed += f => _failed.TrySetResult(f);
         Listener.Start();
     }
@@ -22,11 +22,12 @@ internal sealed class Loopback : IDisposable
     public MigrationListener Listener { get; }
     public int Port => Listener.Port;
 
-    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions? options = null)
+    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions? options = null, IMigrationObserver? observer = null)
     {
-        var report = new PreCopyMigration(vm, options ?? new MigrationOptions()).MigrateTo("127.0.0.1", Port);
-        Assert.True(_arrived.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report the arrival");
-        return (report, _arrived.Task.Result);
+        var report = new PreCopyMigration(vm, options ?? new MigrationOptions(), observer).MigrateTo("127.0.0.1", Port);
+        // One arrival per migration, in order (a Loopback can take several: gang migration).
+        Assert.True(_arrived.TryTake(out var arrived, TimeSpan.FromSeconds(30)), "destination did not report the arrival");
+        return (report, arrived);
     }
 
     public MigrationFailedException DestinationFailure()
@@ -35,5 +36,9 @@ internal sealed class Loopback : IDisposable
         return _failed.Task.Result;
     }
 
-    public void Dispose() => Listener.Dispose();
+    public void Dispose()
+    {
+        Listener.Dispose();
+        _arrived.Dispose();
+    }
 }

@@ -40,6 +40,8 @@ public sealed class IncomingMigration
         GuestMemory? memory = null;
         BuiltInVm? vm = null;
         PageBatchReader? placer = null;
+        PipelineDecoder? decoder = null;
+        Capabilities accepted = 0;
         byte[]? vmState = null;
         Prefaulter? prefaulter = null;
         bool extentsSeen = false, preparedMemory = false;
@@ -71,9 +73,24 @@ public sealed class IncomingMigration
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
-                        var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);
+                        accepted = hello.Requested & Supported;
+                        if ((accepted & CodecBits) != 0)
+                        {
+                            decoder = new PipelineDecoder(memory, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null);
+                            placer.Decoder = decoder;
+                        }
+                        var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
+                        break;
+                    case (State.Live, FrameType.DedupQuery):
+                        if ((accepted & Capabilities.Dedup) == 0) throw new ProtocolException($"DedupQuery (frame {frame}) without the Dedup capability");
+                        if (currentRound >= 0) throw new ProtocolException($"DedupQuery (frame {frame}) after round 0 started");
+                        var filledPages = decoder!.Fill(payload, p => placer!.Hashes?.Set(p, memory!.Page(p)));
+                        long filledCount = filledPages.Count(f => f);
+                        placer!.Counters.AddPages(PageEncoding.Dedup, filledCount);
+                        var answer = new byte[4 + (filledPages.Length + 7) / 8];
+                        frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
@@ -166,12 +183,15 @@ public sealed class IncomingMigration
                             VerifyMs = verifyMs,
                             BytesOnWire = reader.BytesRead,
                             PagesByEncoding = placer!.Counters.PagesByName(),
+                            Stages = decoder?.Report() ?? [],
+                            Pipeline = CodecNames(accepted),
                             PagesSent = placer.PagesPlaced,
                             Verified = verify ? true : null,
                             DestinationHash = verify ? $"{hash:x16}" : null,
                             SourceHash = verify ? $"{hash:x16}" : null,
                             Rounds = rounds,
                         };
+                        decoder?.Dispose();
                         return new ArrivedVm(vm, report);
                     default:
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
@@ -181,6 +201,8 @@ public sealed class IncomingMigration
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
             prefaulter?.Dispose();
+            decoder?.Dispose();
+            decoder = null;
             // Discard the partial VM: it never ran here.
             vm?.Dispose();
             memory?.Dispose();
@@ -203,7 +225,22 @@ public sealed class IncomingMigration
         }
     }
 
-    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | CodecBits;
+    private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
+
+    /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>
+    private Capabilities Supported => All & ~_options.Disabled;
+
+    /// <summary>The codecs a migration negotiated, for the report: <c>lz4 zstd xbzrle dedup</c>, or <c>none</c>.</summary>
+    private static string CodecNames(Capabilities c)
+    {
+        var names = new List<string>();
+        if ((c & Capabilities.Lz4) != 0) names.Add("lz4");
+        if ((c & Capabilities.Zstd) != 0) names.Add("zstd");
+        if ((c & Capabilities.Xbzrle) != 0) names.Add("xbzrle");
+        if ((c & Capabilities.Dedup) != 0) names.Add("dedup");
+        return names.Count == 0 ? "none" : string.Join(' ', names);
+    }
 
     private string? CheckHello(HelloMessage h)
     {

@@ -1,4 +1,6 @@
 using LiveMig.DirtyTracking;
+using LiveMig.Pipeline;
+using LiveMig.Protocol;
 using LiveMig.Policies;
 using LiveMig.Reporting;
 using LiveMig.Vm;
@@ -18,6 +20,8 @@ public sealed record MigrationOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     /// <summary>TLS and authentication of the connection (default: plain TCP).</summary>
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
+    /// <summary>Page-pipeline stages: compression, XBZRLE, dedup, free-page skipping (all off by default).</summary>
+    public PipelineOptions Pipeline { get; init; } = new();
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -37,6 +41,14 @@ public sealed record DestinationOptions
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
     public Action<BuiltInVm>? BeforeResume { get; init; }
+    /// <summary>Capabilities this destination pretends not to have (e.g. <c>Capabilities.Zstd</c>, for tests of the refusal).</summary>
+    public Capabilities Disabled { get; init; }
+    /// <summary>
+    /// The destination-wide dedup index: every migration received with these options (a
+    /// <see cref="MigrationListener"/> uses one options object) indexes its pages here and can
+    /// fill pages from the others' (gang migration).
+    /// </summary>
+    public DedupStore DedupStore { get; init; } = new();
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>

@@ -85,6 +85,7 @@ public sealed class PreCopyMigration
         using var reader = new FrameReader(stream);
         var batches = new PageBatchWriter(frames, _vm.Memory);
         var memory = _vm.Memory;
+        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
         bool paused = false, committed = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
         long pagesSkipped = 0, deferredAtStop = 0;
@@ -98,9 +99,9 @@ public sealed class PreCopyMigration
         try
         {
             _observer.Phase("handshake");
-            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported,
-                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | Capabilities.Extents | (_options.Verify ? Capabilities.Verify : 0),
-                Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0),
+            // Every stage asked for is required: a destination that lacks one refuses, naming it.
+            var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities;
+            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, needed | Capabilities.Extents, needed,
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
@@ -124,12 +125,6 @@ public sealed class PreCopyMigration
             var extents = memory.DataExtents();
             long populated = 0;
             foreach (var (first, count) in extents) { pending.SetRange(first, count); populated += count; }
-            if ((ack.Accepted & Capabilities.Extents) != 0 && extents.Count <= ExtentsMessage.MaxExtents)
-            {
-                // Lets the destination fault its memory in ahead of the pages (first touch is slow).
-                var buf = frames.Begin(FrameType.Extents, extents.Count * 8);
-                frames.Commit(ExtentsMessage.Write(buf, extents));
-            }
             sendNow.CopyFrom(pending);
             long sendCount = populated, deferred = 0;
             // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
@@ -137,6 +132,29 @@ public sealed class PreCopyMigration
             // Clark's trick, where the dirty log can be peeked at for free: a page written again since
             // its harvest is pending again, so sending it now would be wasted.
             bool skipRewritten = _policy.SkipRewrittenPages && _vm.DirtyLog.CanPeek;
+            if (pipeline is not null)
+            {
+                if (pipeline.Options.Capabilities != 0)
+                {
+                    batches.Encoder = pipeline.CreateEncoder();
+                    batches.Link = pipeline.Link;
+                }
+                // Free pages and pages the destination already holds leave round 0 (and the pending set).
+                if (pipeline.Options.SkipFreePages) SkipFreePages(pipeline, pending, populated, batches);
+                if (pipeline.Options.Dedup) GangDedup(pipeline, pending, frames, reader, batches);
+                sendNow.CopyFrom(pending);
+                sendCount = pending.Count();
+            }
+            if ((ack.Accepted & Capabilities.Extents) != 0)
+            {
+                // Lets the destination fault in ahead the pages round 0 will bring (first touch is slow).
+                var runs = pipeline is null ? extents : pending.Runs();
+                if (runs.Count <= ExtentsMessage.MaxExtents)
+                {
+                    var buf = frames.Begin(FrameType.Extents, runs.Count * 8);
+                    frames.Commit(ExtentsMessage.Write(buf, runs));
+                }
+            }
             int round = 0;
             _observer.Phase("live");
             while (true)
@@ -246,6 +264,7 @@ public sealed class PreCopyMigration
                 BytesOnWire = frames.BytesWritten,
                 Bytes = WireBreakdown(frames.BytesWritten, batches, zeroMarkers, stateBytes),
                 PagesByEncoding = batches.Counters.PagesByName(),
+                Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 StopReason = ReasonName(decision.Reason),
                 EstimatedDowntimeMs = Ms(decision.EstimatedDowntime),
@@ -292,6 +311,7 @@ public sealed class PreCopyMigration
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
                 BytesOnWire = frames.BytesWritten,
                 PagesByEncoding = batches.Counters.PagesByName(),
+                Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 Verified = _options.Verify && why.Contains("hash", StringComparison.Ordinal) ? false : null,
                 Throttle = maxThrottle,
@@ -326,7 +346,7 @@ public sealed class PreCopyMigration
         Span<byte> small = stackalloc byte[16];
         long ts = Stopwatch.GetTimestamp();
         long bytes0 = frames.BytesWritten;
-        long zero0 = batches.Counters.Pages(PageEncoding.Zero), raw0 = batches.Counters.Pages(PageEncoding.Raw);
+        long zero0 = batches.Counters.Pages(PageEncoding.Zero), entries0 = batches.EntriesWritten;
         var log = _vm.DirtyLog;
         _observer.RoundStarted(round, count, final);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
@@ -355,7 +375,7 @@ public sealed class PreCopyMigration
         _observer.Progress(round, done, count, frames.BytesWritten);
         var duration = Stopwatch.GetElapsedTime(ts);
         long bytes = frames.BytesWritten - bytes0;
-        long sent = batches.Counters.Pages(PageEncoding.Raw) - raw0 + (skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0);
+        long sent = batches.EntriesWritten - entries0;
         long zeroMarkers = skipZero ? 0 : batches.Counters.Pages(PageEncoding.Zero) - zero0;
         return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers, skipped);
     }
@@ -381,9 +401,63 @@ public sealed class PreCopyMigration
 
     private static WireBytes WireBreakdown(long total, PageBatchWriter batches, long zeroMarkers, long stateBytes)
     {
-        long pageData = batches.Counters.Bytes(PageEncoding.Raw);
+        long pageData = batches.Counters.TotalBytes();
         long zero = zeroMarkers * PageBatchWriter.EntryHeaderSize;
         return new WireBytes { PageData = pageData, ZeroMarkers = zero, VmState = stateBytes, Protocol = total - pageData - zero - stateBytes };
+    }
+
+    /// <summary>
+    /// Free-page hinting (round 0 only, as QEMU does): pages the guest reports free are not sent
+    /// and stay zero at the destination. Asked after dirty tracking started, so a page written
+    /// after the hint (or while it was taken) is dirty and sent in a later round. Their
+    /// verification hash stays the zero page's: that is what the destination holds.
+    /// </summary>
+    private long SkipFreePages(SourcePipeline pipeline, PageBitmap toSend, long populated, PageBatchWriter batches)
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        var free = new PageBitmap(toSend.PageCount);
+        _vm.ReportFreePages(free);
+        long skipped = toSend.AndNot(free);
+        batches.Counters.AddSkipped(skipped);
+        pipeline.FreePages.Offered += populated;
+        pipeline.FreePages.Encoded += skipped;
+        pipeline.FreePages.Ticks += Stopwatch.GetTimestamp() - t0;
+        return skipped;
+    }
+
+    /// <summary>
+    /// Gang dedup before round 0: tells the destination the content hashes of the pages about to
+    /// be sent; it fills those it already holds (from any VM it received, verified by hash) and
+    /// says which. Those pages are not sent in round 0; a write after the hash was taken dirties
+    /// the page, so it is sent in a later round like any other.
+    /// </summary>
+    private long GangDedup(SourcePipeline pipeline, PageBitmap toSend, FrameWriter frames, FrameReader reader, PageBatchWriter batches)
+    {
+        var candidates = pipeline.GangCandidates(_vm.Memory, toSend);
+        if (candidates.Count == 0) return 0;
+        var buffer = new byte[4 + DedupQuery.MaxEntries * DedupQuery.EntrySize];
+        long filled = 0;
+        for (int first = 0; first < candidates.Count; first += DedupQuery.MaxEntries)
+        {
+            int n = Math.Min(DedupQuery.MaxEntries, candidates.Count - first);
+            var chunk = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(candidates).Slice(first, n);
+            frames.Send(FrameType.DedupQuery, buffer.AsSpan(0, DedupQuery.Write(buffer, chunk)));
+            var type = reader.Read(out var payload);
+            if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
+            if (type != FrameType.DedupAnswer) throw new ProtocolException($"expected DedupAnswer, got {type}");
+            bool[] answer = DedupAnswer.Parse(payload, n);
+            for (int i = 0; i < n; i++)
+            {
+                if (!answer[i]) continue;
+                var (page, hash) = chunk[i];
+                toSend.Clear(page);
+                batches.Hashes?.Set(page, _vm.Memory.Page(page));
+                pipeline.GangFilled(page, hash);
+                filled++;
+            }
+        }
+        batches.Counters.AddPages(PageEncoding.Dedup, filled);
+        return filled;
     }
 
     private MigrationReport BaseReport() => new()
@@ -401,6 +475,7 @@ public sealed class PreCopyMigration
         DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
         Security = _options.Security.Mode,
         ConvergenceAids = ConvergenceAids(),
+        Pipeline = _options.Pipeline.ToString(),
     };
 
     /// <summary>The convergence aids in force, for the report (skip-rewritten only where the dirty log allows it).</summary>

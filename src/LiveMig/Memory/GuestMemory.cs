@@ -151,9 +151,32 @@ public sealed unsafe class GuestMemory : IDisposable
         return hashes.Combine();
     }
 
+    // ---- reads by others (the destination-wide dedup index) ------------------------------
+
+    private readonly object _disposeLock = new();
+
+    public bool IsDisposed => Volatile.Read(ref _base) == 0;
+
+    /// <summary>
+    /// Copies one page into <paramref name="into"/> unless this memory was disposed; safe against
+    /// a concurrent <see cref="Dispose"/> (for readers that do not own the memory). The content
+    /// may be changing while it is copied: such readers verify what they copied.
+    /// </summary>
+    public bool TryCopyPage(long page, Span<byte> into)
+    {
+        if ((ulong)page >= (ulong)PageCount) return false;
+        lock (_disposeLock)
+        {
+            if (_base == 0) return false;
+            new ReadOnlySpan<byte>((byte*)_base + (page << PageShift), PageSize).CopyTo(into);
+            return true;
+        }
+    }
+
     public void Dispose()
     {
-        nint p = Interlocked.Exchange(ref _base, 0);
+        nint p;
+        lock (_disposeLock) p = Interlocked.Exchange(ref _base, 0);
         if (p == 0) return;
         Native.munmap(p, (nuint)Size);
         Native.close(_fd);

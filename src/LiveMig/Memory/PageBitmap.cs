@@ -91,11 +91,19 @@ public sealed class PageBitmap
         other._words.AsSpan().CopyTo(_words);
     }
 
-    /// <summary>Clears every page set in <paramref name="other"/> (single-threaded).</summary>
-    public void AndNot(PageBitmap other)
+    /// <summary>Clears every page set in <paramref name="other"/>; returns how many were set here (single-threaded).</summary>
+    public long AndNot(PageBitmap other)
     {
         if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
-        for (int i = 0; i < _words.Length; i++) _words[i] &= ~other._words[i];
+        long cleared = 0;
+        for (int i = 0; i < _words.Length; i++)
+        {
+            ulong both = _words[i] & other._words[i];
+            if (both == 0) continue;
+            cleared += BitOperations.PopCount(both);
+            _words[i] &= ~both;
+        }
+        return cleared;
     }
 
     public long Count()
@@ -117,5 +125,19 @@ public sealed class PageBitmap
             if (++i >= _words.Length) return -1;
             w = _words[i];
         }
+    }
+
+    /// <summary>The runs of set pages, ascending: (first page, count).</summary>
+    public List<(long First, long Count)> Runs()
+    {
+        var runs = new List<(long, long)>();
+        for (long p = NextSet(0); p >= 0;)
+        {
+            long end = p + 1;
+            while (end < PageCount && IsSet(end)) end++;
+            runs.Add((p, end - p));
+            p = NextSet(end);
+        }
+        return runs;
     }
 }

@@ -33,7 +33,19 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
     /// <summary>When set, every page sent updates its verification hash (hashed from the copy that was sent).</summary>
     public PageHashes? Hashes { get; set; }
 
-    public void BeginRound(int round) => _round = round;
+    /// <summary>When set, each batch sent tells it how fast the socket took the bytes (for the adaptive stage).</summary>
+    public LinkEstimate? Link { get; set; }
+
+    /// <summary>PageBatch entries written so far (pages sent, whatever their encoding).</summary>
+    public long EntriesWritten { get; private set; }
+
+    private long _linkBytes, _linkTicks;
+
+    public void BeginRound(int round)
+    {
+        _round = round;
+        Encoder.BeginRound(round);
+    }
 
     /// <summary>
     /// Encodes one page and queues it. <paramref name="skipZero"/> drops zero pages entirely
@@ -62,6 +74,7 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         _used += EntryHeaderSize + written;
         Counters.Add(encoding, written);
         _count++;
+        EntriesWritten++;
         if (_used >= TargetBatchBytes) Flush();
         return true;
     }
@@ -82,5 +95,11 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         BinaryPrimitives.WriteUInt32LittleEndian(p[4..], (uint)_count);
         frames.Commit(_used);
         _count = 0;
+        if (Link is { } link)
+        {
+            link.Observe(frames.BytesWritten - _linkBytes, frames.WriteTicks - _linkTicks);
+            _linkBytes = frames.BytesWritten;
+            _linkTicks = frames.WriteTicks;
+        }
     }
 }

@@ -13,6 +13,9 @@ public interface IPageEncoder
 {
     /// <summary>Encodes <paramref name="data"/> into <paramref name="destination"/>; returns the tag and the bytes written.</summary>
     PageEncoding Encode(long page, ReadOnlySpan<byte> data, Span<byte> destination, out int written);
+
+    /// <summary>A round begins (stages such as XBZRLE behave differently in round 0).</summary>
+    void BeginRound(int round) { }
 }
 
 /// <summary>Destination side: rebuild a page from its encoding. Throws <see cref="ProtocolException"/> on a bad payload.</summary>

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.IO.Hashing;
 
 namespace LiveMig.Protocol;
@@ -18,6 +19,10 @@ public enum FrameType : byte
     Commit = 9,
     Resumed = 10,
     Error = 11,
+    /// <summary>Source → destination before round 0 (capability Dedup): "do you hold these contents?"</summary>
+    DedupQuery = 12,
+    /// <summary>Destination → source: which of the queried pages it filled from content it already held.</summary>
+    DedupAnswer = 13,
     /// <summary>S→D after a live round's pages: "tell me when you have all of them".</summary>
     Sync = 14,
     /// <summary>D→S: every frame before the Sync has been received and applied.</summary>
@@ -45,12 +50,13 @@ public static class FrameFormat
         FrameType.PageBatch => 2 << 20,
         FrameType.VmState => 16 << 20,
         FrameType.Extents => 2 << 20,
+        FrameType.DedupQuery => 1 << 20,
         _ => 64 << 10,
     };
 
     public const int LargestPayload = 16 << 20;
 
-    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents && type is not 12 and not 13;
+    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents;
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));
@@ -80,6 +86,8 @@ public sealed class FrameWriter : IDisposable
     /// <summary>Bytes handed to the stream so far, headers included.</summary>
     public long BytesWritten { get; private set; }
     public long FramesWritten { get; private set; }
+    /// <summary>Stopwatch ticks spent inside the stream's Write (blocked on the socket), rate-limiter waits not included.</summary>
+    public long WriteTicks { get; private set; }
 
     /// <summary>Starts a frame; returns the space for its payload.</summary>
     public Span<byte> Begin(FrameType type, int capacity = 0)
@@ -117,7 +125,9 @@ public sealed class FrameWriter : IDisposable
         BinaryPrimitives.WriteUInt32LittleEndian(h[12..], FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
         int total = FrameFormat.HeaderSize + payloadLength;
         Limiter?.Consume(total);
+        long t0 = Stopwatch.GetTimestamp();
         _stream.Write(_buffer, 0, total);
+        WriteTicks += Stopwatch.GetTimestamp() - t0;
         BytesWritten += total;
         FramesWritten++;
     }

@@ -21,6 +21,14 @@ public enum Capabilities : ulong
     Raw = 1UL << 0,
     /// <summary>Zero-page markers (always required).</summary>
     ZeroPages = 1UL << 1,
+    /// <summary>LZ4-compressed pages (<c>PageEncoding.Lz4</c>).</summary>
+    Lz4 = 1UL << 2,
+    /// <summary>Zstandard-compressed pages (<c>PageEncoding.Zstd</c>).</summary>
+    Zstd = 1UL << 3,
+    /// <summary>XBZRLE deltas against the page the destination holds (<c>PageEncoding.Xbzrle</c>).</summary>
+    Xbzrle = 1UL << 4,
+    /// <summary>Dedup references (<c>PageEncoding.Dedup</c>) and the DedupQuery/DedupAnswer exchange before round 0.</summary>
+    Dedup = 1UL << 5,
     /// <summary>Sync/SyncAck after each live round, so rounds are timed by delivery, not by filling socket buffers.</summary>
     RoundSync = 1UL << 8,
     /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>

@@ -37,6 +37,27 @@ public sealed record WireBytes
     public long Protocol { get; init; }
 }
 
+/// <summary>
+/// One stage of the page pipeline (docs/report.md, <c>stages</c>). Both sides use the same
+/// meaning: <see cref="BytesIn"/> is page bytes (pages × 4096), <see cref="BytesOut"/> the
+/// payload bytes that stood for them on the wire.
+/// </summary>
+public sealed record StageReport
+{
+    /// <summary>Pages that reached the stage (source) or that it decoded (destination).</summary>
+    public long PagesOffered { get; init; }
+    /// <summary>Pages the stage took (its output was sent for them, or, for free-page skipping, nothing).</summary>
+    public long PagesEncoded { get; init; }
+    public long BytesIn { get; init; }
+    public long BytesOut { get; init; }
+    /// <summary><see cref="BytesIn"/> − <see cref="BytesOut"/>: what the stage kept off the wire.</summary>
+    public long BytesSaved { get; init; }
+    /// <summary>Time the encoding (decoding) thread spent in the stage, attempts that did not pay included.</summary>
+    public double CpuMs { get; init; }
+    /// <summary>Stage-specific counts (e.g. XBZRLE cacheHits, cacheMisses, overflows).</summary>
+    public Dictionary<string, long> Counters { get; init; } = [];
+}
+
 /// <summary>What the kv client saw, when the VM ran the kv workload with a client attached.</summary>
 public sealed record ClientReport
 {
@@ -83,6 +104,10 @@ public sealed record MigrationReport
     public long BytesOnWire { get; init; }
     public WireBytes Bytes { get; init; } = new();
     public Dictionary<string, long> PagesByEncoding { get; init; } = [];
+    /// <summary>The page-pipeline stages in use (compression, XBZRLE, dedup, free-page skipping), keyed by stage name; empty when none.</summary>
+    public Dictionary<string, StageReport> Stages { get; init; } = [];
+    /// <summary>The pipeline settings in force, e.g. <c>compress=adaptive xbzrle=64.0 MiB dedup skip-free-pages</c>, or <c>none</c>.</summary>
+    public string Pipeline { get; init; } = "none";
     public long PagesSent { get; init; }
     public string StopReason { get; init; } = "";
     public double EstimatedDowntimeMs { get; init; }

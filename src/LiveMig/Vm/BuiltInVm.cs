@@ -220,6 +220,9 @@ public sealed class BuiltInVm : IVirtualMachine
         }
     }
 
+    /// <summary>The workload's free-page hint (pages outside the range it uses).</summary>
+    public long ReportFreePages(PageBitmap into) => Workload.FreePages(into);
+
     /// <summary>
     /// QEMU-style CPU throttle: a throttled vCPU runs for <see cref="ThrottleTimeslice"/> of wall
     /// time, then sleeps fraction/(1-fraction) timeslices (at 0.99: 990 ms). A pause, a stop or a

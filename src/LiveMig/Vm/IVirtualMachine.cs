@@ -37,4 +37,12 @@ public interface IVirtualMachine : IDisposable
 
     /// <summary>Work the guest has done so far (its progress counter), or -1 when the VM cannot tell; lost progress under throttling shows here.</summary>
     long Operations => -1;
+
+    /// <summary>
+    /// Free-page hint: marks in <paramref name="into"/> the pages the guest does not use now
+    /// (their content does not matter to it), as a balloon driver's free-page reporting does;
+    /// returns how many. A page reported free and written later is dirty again like any other.
+    /// Default: the guest reports nothing.
+    /// </summary>
+    long ReportFreePages(PageBitmap into) => 0;
 }

@@ -23,6 +23,9 @@ public sealed class HotColdWorkload : Workload
         _rate = spec.Double("rate", 50000, 0, 1e12);
     }
 
+    /// <summary>Pages outside the working set are never touched: reported free.</summary>
+    public override long FreePages(PageBitmap into) => FreeAbove(into, _wss);
+
     public override VcpuProgram CreateProgram(GuestMemory memory, int vcpu, int vcpuCount, ulong seed)
     {
         long n = _wss;

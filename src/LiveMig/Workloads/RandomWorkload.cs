@@ -18,6 +18,9 @@ public sealed class RandomWorkload : Workload
         _rate = spec.Double("rate", 20000, 0, 1e12);
     }
 
+    /// <summary>Pages outside <c>range</c> are never touched: reported free.</summary>
+    public override long FreePages(PageBitmap into) => FreeAbove(into, _rangePages);
+
     public override VcpuProgram CreateProgram(GuestMemory memory, int vcpu, int vcpuCount, ulong seed) =>
         new PageWriterProgram(seed, _rate / vcpuCount, (ref Xoshiro256 rng) => rng.NextBelow(_rangePages));
 }

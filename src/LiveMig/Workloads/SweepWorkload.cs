@@ -22,6 +22,9 @@ public sealed class SweepWorkload : Workload
         _rate = spec.Double("rate", 0, 0, 1e12);
     }
 
+    /// <summary>Pages outside <c>range</c> are never touched: reported free.</summary>
+    public override long FreePages(PageBitmap into) => FreeAbove(into, _rangePages);
+
     public override VcpuProgram CreateProgram(GuestMemory memory, int vcpu, int vcpuCount, ulong seed)
     {
         long per = _rangePages / vcpuCount;

@@ -20,11 +20,26 @@ public abstract class Workload
     /// <summary>Checks a memory invariant the workload guarantees (e.g. sweep's); null when it holds or there is none.</summary>
     public virtual string? CheckInvariant(GuestMemory memory, IReadOnlyList<VcpuProgram> programs) => null;
 
+    /// <summary>
+    /// Free-page hint: marks the pages this workload never reads or writes (their content does
+    /// not matter to the guest) and returns how many. Default: none.
+    /// </summary>
+    public virtual long FreePages(PageBitmap into) => 0;
+
+    /// <summary>Marks pages [<paramref name="used"/>, end of memory) free: for workloads that use a prefix of memory.</summary>
+    protected static long FreeAbove(PageBitmap into, long used)
+    {
+        long free = into.PageCount - used;
+        if (free <= 0) return 0;
+        into.SetRange(used, free);
+        return free;
+    }
+
     public static readonly string[] Names = ["idle", "sweep", "random", "hotcold", "kv"];
 
     public static Workload Create(WorkloadSpec spec, long memoryPages) => spec.Name switch
     {
-        "idle" => new IdleWorkload(spec),
+        "idle" => new IdleWorkload(spec, memoryPages),
         "sweep" => new SweepWorkload(spec, memoryPages),
         "random" => new RandomWorkload(spec, memoryPages),
         "hotcold" => new HotColdWorkload(spec, memoryPages),
