@@ -220,23 +220,9 @@ public class FuzzTests(ITestOutputHelper output)
         public override void SetLength(long value) => throw new NotSupportedException();
     }
 
-    private sealed class RecordingStream(Stream inner) : Stream
+    private sealed class RecordingStream(Stream inner) : LiveMig.Transport.DelegatingStream(inner)
     {
         public MemoryStream Written { get; } = new();
-        public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => true;
-        public override bool CanTimeout => inner.CanTimeout;
-        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
-        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
-        public override int Read(Span<byte> buffer) => inner.Read(buffer);
-        public override void Write(byte[] buffer, int offset, int count) { Written.Write(buffer, offset, count); inner.Write(buffer, offset, count); }
-        public override void Write(ReadOnlySpan<byte> buffer) { Written.Write(buffer); inner.Write(buffer); }
-        public override void Flush() => inner.Flush();
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(ReadOnlySpan<byte> buffer) { Written.Write(buffer); Inner.Write(buffer); }
     }
 }

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Net.Sockets;
 using LiveMig.Engine;
 using LiveMig.Protocol;
+using LiveMig.Transport;
 using LiveMig.Vm;
 
 namespace LiveMig.Tests;
@@ -14,34 +15,22 @@ namespace LiveMig.Tests;
 public class SwitchoverFailureTests
 {
     /// <summary>Passes writes through until the source is about to send a frame of type <paramref name="cut"/>; then the link is gone.</summary>
-    private sealed class CutBeforeFrame(Stream inner, FrameType cut) : Stream
+    private sealed class CutBeforeFrame(Stream inner, FrameType cut) : DelegatingStream(inner)
     {
         public bool Cut { get; private set; }
-        public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => true;
-        public override bool CanTimeout => inner.CanTimeout;
-        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
-        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
-        public override int Read(Span<byte> buffer) => Cut ? throw new IOException("link cut (test)") : inner.Read(buffer);
-        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override int Read(Span<byte> buffer) => Cut ? throw new IOException("link cut (test)") : Inner.Read(buffer);
         public override void Write(ReadOnlySpan<byte> buffer)
         {
             // FrameWriter writes one whole frame per call: the type byte is at offset 4.
             if (!Cut && buffer.Length >= FrameFormat.HeaderSize && BinaryPrimitives.ReadUInt32LittleEndian(buffer) == FrameFormat.Magic && buffer[4] == (byte)cut)
             {
                 Cut = true;
-                inner.Dispose();
+                Inner.Dispose();
             }
             if (Cut) throw new IOException("link cut (test)");
-            inner.Write(buffer);
+            Inner.Write(buffer);
         }
-        public override void Flush() { if (!Cut) inner.Flush(); }
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Flush() { if (!Cut) Inner.Flush(); }
     }
 
     private static (MigrationFailedException Source, Loopback Loop, BuiltInVm Vm) CutBefore(FrameType frame)
@@ -81,29 +70,16 @@ public class SwitchoverFailureTests
     }
 
     /// <summary>A link cut right after Commit: the destination runs the VM, the source keeps its copy paused and says the outcome is unknown to it.</summary>
-    private sealed class CutAfterCommit(Stream inner) : Stream
+    private sealed class CutAfterCommit(Stream inner) : DelegatingStream(inner)
     {
         private bool _committed;
-        public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => true;
-        public override bool CanTimeout => inner.CanTimeout;
-        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
-        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
-        public override int Read(Span<byte> buffer) => _committed ? throw new IOException("link cut after Commit (test)") : inner.Read(buffer);
-        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override int Read(Span<byte> buffer) => _committed ? throw new IOException("link cut after Commit (test)") : Inner.Read(buffer);
         public override void Write(ReadOnlySpan<byte> buffer)
         {
-            inner.Write(buffer);
+            Inner.Write(buffer);
             if (buffer.Length >= FrameFormat.HeaderSize && BinaryPrimitives.ReadUInt32LittleEndian(buffer) == FrameFormat.Magic && buffer[4] == (byte)FrameType.Commit)
                 _committed = true;
         }
-        public override void Flush() => inner.Flush();
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
     }
 
     [Fact]

@@ -39,13 +39,14 @@ public sealed record FaultPlan
 /// (drop, truncate, corrupt a byte, delay), for failure tests. Reads pass through unchanged
 /// (until a drop, after which they fail like the writes). Disposing it disposes the inner stream.
 /// </summary>
-public sealed class FaultInjectingStream(Stream inner, FaultPlan plan) : Stream
+public sealed class FaultInjectingStream(Stream inner, FaultPlan plan) : DelegatingStream(inner)
 {
     private long _written;
     private bool _delayed, _truncated, _dropped;
     private int _triggered;
 
-    public Stream Inner => inner;
+    /// <summary>The wrapped stream.</summary>
+    public new Stream Inner => base.Inner;
     public FaultPlan Plan => plan;
 
     /// <summary>Bytes handed to Write so far (forwarded or not).</summary>
@@ -73,7 +74,7 @@ public sealed class FaultInjectingStream(Stream inner, FaultPlan plan) : Stream
             _written = end;
             _dropped = true;
             Trip();
-            inner.Dispose();
+            Inner.Dispose();
             throw Dropped();
         }
 
@@ -105,19 +106,19 @@ public sealed class FaultInjectingStream(Stream inner, FaultPlan plan) : Stream
                 piece.CopyTo(copy);
                 copy[k - start] ^= plan.CorruptMask;
                 Trip();
-                inner.Write(copy, 0, piece.Length);
+                Inner.Write(copy, 0, piece.Length);
             }
             finally { ArrayPool<byte>.Shared.Return(copy); }
         }
-        else inner.Write(piece);
+        else Inner.Write(piece);
     }
 
     private void CloseWriteSide()
     {
         try
         {
-            inner.Flush();
-            if (inner is NetworkStream ns) ns.Socket.Shutdown(SocketShutdown.Send);
+            Inner.Flush();
+            if (Inner is NetworkStream ns) ns.Socket.Shutdown(SocketShutdown.Send);
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException) { }
     }
@@ -126,34 +127,11 @@ public sealed class FaultInjectingStream(Stream inner, FaultPlan plan) : Stream
 
     private IOException Dropped() => new($"fault injection: connection dropped after {plan.DropAfter} bytes");
 
-    public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
-
-    public override int Read(Span<byte> buffer) => _dropped ? throw Dropped() : inner.Read(buffer);
-
-    public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+    public override int Read(Span<byte> buffer) => _dropped ? throw Dropped() : Inner.Read(buffer);
 
     public override void Flush()
     {
         if (_dropped) throw Dropped();
-        if (!_truncated) inner.Flush();
-    }
-
-    public override bool CanRead => inner.CanRead;
-    public override bool CanWrite => inner.CanWrite;
-    public override bool CanSeek => false;
-    public override bool CanTimeout => inner.CanTimeout;
-
-    public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
-    public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
-
-    public override long Length => throw new NotSupportedException();
-    public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-    public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-    public override void SetLength(long value) => throw new NotSupportedException();
-
-    protected override void Dispose(bool disposing)
-    {
-        if (disposing) inner.Dispose();
-        base.Dispose(disposing);
+        if (!_truncated) Inner.Flush();
     }
 }
