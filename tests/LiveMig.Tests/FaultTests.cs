@@ -782,17 +782,16 @@ public partial class FaultTests(ITestOutputHelper output)
     /// checksum, so the frame layer cannot notice: only verification can. Relies on
     /// <see cref="FrameWriter"/> writing each frame with exactly one Write call.
     /// </summary>
-    private sealed class PageTamperingStream(Stream inner) : Stream
+    private sealed class PageTamperingStream(Stream inner) : LiveMig.Transport.DelegatingStream(inner)
     {
         public long TamperedPage { get; private set; } = -1;
 
-        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
 
         public override void Write(ReadOnlySpan<byte> buffer)
         {
             if (buffer.Length < FrameFormat.HeaderSize || BinaryPrimitives.ReadUInt32LittleEndian(buffer) != FrameFormat.Magic || buffer[4] != (byte)FrameType.PageBatch)
             {
-                inner.Write(buffer);
+                Inner.Write(buffer);
                 return;
             }
             byte[] frame = buffer.ToArray();
@@ -814,27 +813,7 @@ public partial class FaultTests(ITestOutputHelper output)
             }
             if (changed)
                 BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(12), FrameFormat.Checksum(frame.AsSpan(0, 8), payload));
-            inner.Write(frame);
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
-        public override int Read(Span<byte> buffer) => inner.Read(buffer);
-        public override void Flush() => inner.Flush();
-        public override bool CanRead => true;
-        public override bool CanWrite => true;
-        public override bool CanSeek => false;
-        public override bool CanTimeout => inner.CanTimeout;
-        public override int ReadTimeout { get => inner.ReadTimeout; set => inner.ReadTimeout = value; }
-        public override int WriteTimeout { get => inner.WriteTimeout; set => inner.WriteTimeout = value; }
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing) inner.Dispose();
-            base.Dispose(disposing);
+            Inner.Write(frame);
         }
     }
 }
