@@ -173,42 +173,47 @@ public sealed class FrameReader : IDisposable
     public FrameType Read(out ReadOnlySpan<byte> payload)
     {
         long at = BytesRead;
-        string where = $"frame {FramesRead} at stream byte {at}";
-        ReadExactly(_header, where, "header");
+        // Error texts are built only when there is an error: this runs for every frame.
+        long index = FramesRead;
+        ReadExactly(_header, index, at, null, 0);
         uint magic = BinaryPrimitives.ReadUInt32LittleEndian(_header);
-        if (magic != FrameFormat.Magic) throw new ProtocolException($"{where}: bad magic 0x{magic:X8} (not a LiveMig stream, or out of sync)");
+        if (magic != FrameFormat.Magic) throw new ProtocolException($"{Where(index, at)}: bad magic 0x{magic:X8} (not a LiveMig stream, or out of sync)");
         byte type = _header[4];
-        if (!FrameFormat.IsKnown(type)) throw new ProtocolException($"{where}: unknown frame type {type}");
-        if (_header[5] != 0 || _header[6] != 0 || _header[7] != 0) throw new ProtocolException($"{where}: reserved header bits set");
+        if (!FrameFormat.IsKnown(type)) throw new ProtocolException($"{Where(index, at)}: unknown frame type {type}");
+        if (_header[5] != 0 || _header[6] != 0 || _header[7] != 0) throw new ProtocolException($"{Where(index, at)}: reserved header bits set");
         uint length = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(8));
         int max = FrameFormat.MaxPayload((FrameType)type);
-        if (length > (uint)max) throw new ProtocolException($"{where}: {(FrameType)type} payload of {length} bytes exceeds the limit of {max}");
+        if (length > (uint)max) throw new ProtocolException($"{Where(index, at)}: {(FrameType)type} payload of {length} bytes exceeds the limit of {max}");
         if (_buffer.Length < length)
         {
             ArrayPool<byte>.Shared.Return(_buffer);
             _buffer = ArrayPool<byte>.Shared.Rent((int)length);
         }
-        ReadExactly(_buffer.AsSpan(0, (int)length), where, $"{(FrameType)type} payload ({length} bytes)");
+        ReadExactly(_buffer.AsSpan(0, (int)length), index, at, (FrameType)type, length);
         uint sum = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(12));
         if (FrameFormat.Checksum(_header.AsSpan(0, 8), _buffer.AsSpan(0, (int)length)) != sum)
-            throw new ProtocolException($"{where}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)");
+            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)");
         FramesRead++;
         payload = _buffer.AsSpan(0, (int)length);
         return (FrameType)type;
     }
 
-    private void ReadExactly(Span<byte> into, string where, string what)
+    private static string What(FrameType? type, uint length) => type is null ? "header" : $"{type} payload ({length} bytes)";
+
+    private static string Where(long index, long at) => $"frame {index} at stream byte {at}";
+
+    private void ReadExactly(Span<byte> into, long index, long at, FrameType? type, uint length)
     {
         int got = 0;
         while (got < into.Length)
         {
             int n;
             try { n = _stream.Read(into[got..]); }
-            catch (IOException e) { throw new ProtocolException($"{where}: connection failed while reading the {what}: {e.InnerException?.Message ?? e.Message}"); }
+            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}"); }
             if (n == 0)
-                throw new ProtocolException(got == 0 && what == "header"
-                    ? $"{where}: peer closed the connection"
-                    : $"{where}: peer closed the connection in the middle of the {what} ({got} of {into.Length} bytes)");
+                throw new ProtocolException(got == 0 && type is null
+                    ? $"{Where(index, at)}: peer closed the connection"
+                    : $"{Where(index, at)}: peer closed the connection in the middle of the {What(type, length)} ({got} of {into.Length} bytes)");
             got += n;
             BytesRead += n;
         }
