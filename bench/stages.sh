@@ -25,9 +25,13 @@ for w in "${workloads[@]}"; do
 import json, sys, statistics
 rs = [json.loads(l) for l in sys.stdin if l.strip().startswith("{")]
 ok = [r for r in rs if r.get("outcome") == "completed"]
-if not ok: print("nan nan nan no"); sys.exit()
-med = lambda k: statistics.median(r[k] for r in ok)
-print(f"{med(\"totalTimeMs\")/1000:.2f} {med(\"downtimeMs\"):.0f} {med(\"bytesOnWire\"):.0f} {\"yes\" if all(r[\"verified\"] for r in ok) and len(ok)==len(rs) else \"NO\"}")')
+if not ok:
+    print("nan nan nan no")
+    sys.exit()
+def med(k):
+    return statistics.median(r[k] for r in ok)
+verified = "yes" if all(r["verified"] for r in ok) and len(ok) == len(rs) else "NO"
+print("%.2f %.0f %.0f %s" % (med("totalTimeMs") / 1000, med("downtimeMs"), med("bytesOnWire"), verified))')
     read -r total down bytes ver <<<"$line"
     if [ "$name" = baseline ]; then base_bytes=$bytes; base_down=$down; fi
     rb=$(python3 -c "print(f'{$bytes/$base_bytes:.2f}' if '$bytes' != 'nan' and '$base_bytes' not in ('', 'nan') else '-')")
