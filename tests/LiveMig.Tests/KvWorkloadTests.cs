@@ -298,3 +298,19 @@ public class KvWorkloadTests(ITestOutputHelper output)
         Assert.Throws<FormatException>(() => CreateVm("kv:size=1"));
     }
 }
+
+public class KvFreePageHintTests
+{
+    [Fact]
+    public void Kv_reports_everything_outside_its_table_as_free()
+    {
+        using var vm = LiveMig.Vm.BuiltInVm.Create(new LiveMig.Vm.VmConfig { MemoryBytes = 16L << 20, Workload = "kv:keys=1000,at=25%" });
+        var kv = (LiveMig.Workloads.KvWorkload)vm.Workload;
+        var free = new LiveMig.Memory.PageBitmap(vm.Memory.PageCount);
+        long n = kv.FreePages(free);
+        Assert.Equal(vm.Memory.PageCount - kv.TablePages, n);
+        Assert.Equal(n, free.Count());
+        for (long p = kv.FirstPage; p < kv.FirstPage + kv.TablePages; p++) Assert.False(free.IsSet(p));
+        Assert.True(free.IsSet(0) && free.IsSet(vm.Memory.PageCount - 1));
+    }
+}

@@ -47,6 +47,15 @@ public sealed class KvWorkload : Workload, IDisposable
         _table = new KvTable(at, keys, valueSize);
     }
 
+    /// <summary>Free-page hint: the store never touches memory outside its table.</summary>
+    public override long FreePages(PageBitmap into)
+    {
+        long before = FirstPage, after = FirstPage + TablePages;
+        if (before > 0) into.SetRange(0, before);
+        if (after < into.PageCount) into.SetRange(after, into.PageCount - after);
+        return before + Math.Max(0, into.PageCount - after);
+    }
+
     public long Capacity => _table.Capacity;
     public int ValueSize => _table.ValueSize;
     /// <summary>The table's pages: [FirstPage, FirstPage + TablePages).</summary>
