@@ -24,7 +24,8 @@ public sealed class IncomingMigration
 
     public IncomingMigration(DestinationOptions options) => _options = options;
 
-    public ArrivedVm Receive(Stream stream)
+    /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
+    public ArrivedVm? Receive(Stream stream)
     {
         if (stream.CanTimeout)
         {
@@ -48,6 +49,7 @@ public sealed class IncomingMigration
         bool verify = false;
         var rounds = new List<RoundReport>();
         int currentRound = -1;
+        PostCopyIncoming? postCopy = null;
 
         try
         {
@@ -68,9 +70,17 @@ public sealed class IncomingMigration
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), hello.Requested & Supported);
+                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
                         break;
+                    case (State.AwaitHello, FrameType.Attach):
+                        PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
+                        return null;
+                    case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, rounds, t0, started, currentRound, reader.BytesRead);
+                        memory = null; // post-copy owns it now
+                        return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
                         if (rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
@@ -160,6 +170,7 @@ public sealed class IncomingMigration
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
             // Discard the partial VM: it never ran here.
+            postCopy?.Unregister();
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
@@ -181,7 +192,7 @@ public sealed class IncomingMigration
         }
     }
 
-    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify;
+    private const Capabilities Supported = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.PostCopy;
 
     private string? CheckHello(HelloMessage h)
     {

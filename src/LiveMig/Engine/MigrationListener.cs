@@ -72,6 +72,7 @@ public sealed class MigrationListener : IDisposable
                 }
                 using var _ = stream;
                 var arrived = new IncomingMigration(_options).Receive(stream);
+                if (arrived is null) return; // a second connection of a post-copy migration
                 arrived = arrived with { Report = arrived.Report with { Peer = peer } };
                 _vms[arrived.Report.MigrationId] = arrived.Vm;
                 Arrived?.Invoke(arrived);

@@ -18,6 +18,9 @@ public sealed record MigrationOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     /// <summary>TLS and authentication of the connection (default: plain TCP).</summary>
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
+    public MigrationStrategy Strategy { get; init; } = MigrationStrategy.PreCopy;
+    /// <summary>Post-copy and hybrid settings (PostCopyOptions.cs).</summary>
+    public PostCopyOptions PostCopy { get; init; } = new();
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -33,6 +36,8 @@ public sealed record DestinationOptions
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
     public Action<BuiltInVm>? BeforeResume { get; init; }
+    /// <summary>Post-copy settings (PostCopyOptions.cs).</summary>
+    public PostCopyDestinationOptions PostCopy { get; init; } = new();
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>
