@@ -24,6 +24,7 @@ public static class Program
         var demo = new Command("demo", "Runs a source and a destination in this process over loopback TCP: starts a VM, lets its workload run, live-migrates it with a progress display, checks the memory, and prints the report.");
         o.AddVmOptions(demo);
         o.AddMigrationOptions(demo);
+        demo.Add(o.DemandPaging);
         demo.SetAction(r => Guard(r, o, () => Demo(r, o)));
         root.Add(demo);
 
@@ -34,7 +35,7 @@ public static class Program
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, o.DirtyLog, o.Json, trust,
+            port, bind, once, maxMemory, o.DirtyLog, o.Json, trust, o.DemandPaging,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
@@ -145,6 +146,7 @@ public static class Program
             DirtyLog = config.DirtyLog,
             Security = options.Security,
             BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
         });
         listener.Arrived += a => arrived.TrySetResult(a);
         listener.Start();
@@ -158,9 +160,13 @@ public static class Program
         StartVm(vm, config, o.WarmupTime(r), json, () => client?.Start());
         if (!json) Console.Error.WriteLine($"migrating to the destination agent on 127.0.0.1:{listener.Port}");
         using var cancel = CancelOnCtrlC();
-        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo("127.0.0.1", listener.Port, cancel.Token));
+        long migrationStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var report = RunWithProgress(r, o, obs => Migrations.MigrateTo(vm, options, obs, "127.0.0.1", listener.Port, cancel.Token));
         if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
+        long migrationEnd = System.Diagnostics.Stopwatch.GetTimestamp();
         var dest = arrived.Task.Result.Vm;
+        // The destination's view of post-copy: how it fetched pages, and what its vCPUs waited.
+        if (options.Strategy != MigrationStrategy.PreCopy) report = report with { DemandPaging = arrived.Task.Result.Report.DemandPaging };
         // The VM keeps running on the destination: let it work, then check its invariant there.
         long ops = dest.Operations, since = System.Diagnostics.Stopwatch.GetTimestamp();
         Thread.Sleep(200);
@@ -170,7 +176,16 @@ public static class Program
             Thread.Sleep(300);
             var stats = client.StopAsync().GetAwaiter().GetResult();
             client.Dispose();
-            report = report with { Client = ToClientReport(stats) };
+            report = report with
+            {
+                Client = ToClientReport(stats),
+                ClientPhases = new ClientPhases
+                {
+                    Before = ToClientReport(client.GetStats(to: migrationStart)),
+                    During = ToClientReport(client.GetStats(migrationStart, migrationEnd)),
+                    After = ToClientReport(client.GetStats(from: migrationEnd)),
+                },
+            };
             if (stats.Failure is not null && !json) Console.Error.WriteLine($"kv client: {stats.Failure}");
         }
         dest.Pause();
@@ -192,7 +207,7 @@ public static class Program
         using var vm = BuiltInVm.Create(config);
         StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         using var cancel = CancelOnCtrlC();
-        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token));
+        var report = RunWithProgress(r, o, obs => Migrations.MigrateTo(vm, options, obs, target[..colon].Trim('[', ']'), port, cancel.Token));
         return Finish(r, o, report);
     }
 
@@ -204,7 +219,11 @@ public static class Program
         if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
         bool json = r.GetValue(o.Json);
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security });
+        using var listener = new MigrationListener(address, port, new DestinationOptions
+        {
+            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security,
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
+        });
         listener.Arrived += a =>
         {
             Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");

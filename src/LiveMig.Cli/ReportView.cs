@@ -21,7 +21,15 @@ internal static class ReportView
             Row("downtime seen by the kv client", $"{c.ObservedDowntimeMs:0.0} ms (requests {c.Requests}, errors {c.Errors}, wrong answers {c.Mismatches}, p50 {c.P50Us:0} µs, p99 {c.P99Us:0} µs, max {c.MaxUs / 1000:0.0} ms)");
         Row("bytes on the wire", $"{Units.Bytes(r.BytesOnWire)} (page data {Units.Bytes(r.Bytes.PageData)}, zero markers {Units.Bytes(r.Bytes.ZeroMarkers)}, VM state {Units.Bytes(r.Bytes.VmState)}, protocol {Units.Bytes(r.Bytes.Protocol)})");
         Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Select(kv => $"{kv.Key} {kv.Value}")));
-        Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        if (r.Strategy == "precopy") Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        else
+        {
+            Row("switch to post-copy", $"{r.StopReason}; VM running on the destination after {r.TimeToResumeMs:0.0} ms, last page {r.PostCopyMs:0.0} ms later");
+            Row("post-copy pages", $"pushed {r.PagesPushed:N0} (prepaged {r.PagesPrepaged:N0}), requested {r.PagesRequested:N0}; demand paging {r.DemandPaging ?? "-"}; connection failures survived {r.NetworkFaults}");
+            if (r.FaultLatencyUs is { } f) Row("vCPU faults on missing pages", $"{r.Faults:N0}: p50 {f.P50:0} µs, p99 {f.P99:0} µs, max {f.Max:0} µs");
+            if (r.ClientPhases is { } cp)
+                Row("kv client before / during / after", string.Join(" / ", new[] { cp.Before, cp.During, cp.After }.Select(c => c is null ? "-" : $"p99 {c.P99Us:0} µs max {c.MaxUs / 1000:0.0} ms ({c.Requests} req)")));
+        }
         Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
         Row("verified", r.Verified switch { true => $"yes (xxHash3 {r.SourceHash})", false => "NO: memory differs", null => "not asked" });
         console.Write(summary);

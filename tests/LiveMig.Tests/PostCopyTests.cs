@@ -158,10 +158,12 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Equal(32L * 4096, src.Bytes.PageData);
     }
 
-    [Fact]
-    public void Postcopy_survives_a_broken_connection_and_finishes_verified()
+    [Theory]
+    [InlineData(DemandPagingMode.Portable)]
+    [InlineData(DemandPagingMode.Userfaultfd)]
+    public void Postcopy_survives_a_broken_connection_and_finishes_verified(DemandPagingMode mode)
     {
-        using var loop = new PostCopyLoopback(Portable);
+        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = mode } });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 13 });
         vm.Start();
         SpinWait.SpinUntil(() => vm.Operations > 20_000);
@@ -173,12 +175,15 @@ public class PostCopyTests(ITestOutputHelper output)
             if (kind == ChannelKind.Main && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = 8L << 20 });
             return s;
         }
+        PostCopyIncoming.Trace = m => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: destination: {m}");
         var (src, arrived) = loop.Migrate(vm, PostCopy(bandwidth: 64L << 20), Connect, new PhaseLog(output));
+        PostCopyIncoming.Trace = null;
         output.WriteLine(src.ToJson(indented: true));
         Assert.True(injected!.Triggered);
         CheckVerified(src, arrived);
         Assert.Equal(1, src.NetworkFaults);
         Assert.Equal(1, arrived.Report.NetworkFaults);
+        Assert.Equal(mode == DemandPagingMode.Portable ? "portable" : "userfaultfd", arrived.Report.DemandPaging);
         arrived.Vm.Pause();
         Assert.Null(arrived.Vm.CheckInvariant());
     }
@@ -186,6 +191,97 @@ public class PostCopyTests(ITestOutputHelper output)
     private sealed class PhaseLog(ITestOutputHelper output) : IMigrationObserver
     {
         public void Phase(string phase) => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: {phase}");
+    }
+
+    /// <summary>Forces garbage collections back to back on its own thread until disposed.</summary>
+    private sealed class GcStorm : IDisposable
+    {
+        private volatile bool _stop;
+        private readonly Thread _thread;
+        public int Collections;
+
+        public GcStorm()
+        {
+            _thread = new Thread(() => { while (!_stop) { GC.Collect(); Collections++; } }) { IsBackground = true, Name = "gc-storm" };
+            _thread.Start();
+        }
+
+        public void Dispose() { _stop = true; _thread.Join(); }
+    }
+
+    /// <summary>Runs <paramref name="body"/> on its own thread; a hang fails the test instead of the run.</summary>
+    private static T Bounded<T>(Func<T> body, TimeSpan limit, string what)
+    {
+        T result = default!;
+        Exception? failure = null;
+        var t = new Thread(() => { try { result = body(); } catch (Exception e) { failure = e; } }) { IsBackground = true };
+        t.Start();
+        Assert.True(t.Join(limit), $"{what} did not finish within {limit.TotalSeconds} s (hang)");
+        if (failure is not null) throw new Xunit.Sdk.XunitException($"{what} failed: {failure}");
+        return result;
+    }
+
+    private static DestinationOptions Uffd(bool checkAccess = true) => new() { PostCopy = new() { Mode = DemandPagingMode.Userfaultfd, CheckAccess = checkAccess } };
+
+    [Fact]
+    public void Userfaultfd_serves_concurrent_vcpu_faults_while_collections_run_and_verifies()
+    {
+        using var loop = new PostCopyLoopback(Uffd());
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 17 });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        using var storm = new GcStorm();
+        PostCopyIncoming.Trace = m => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: destination: {m}");
+        var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 24L << 20)), TimeSpan.FromSeconds(30), "post-copy under GC stress");
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
+        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
+        Assert.True(storm.Collections > 10);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
+    [Fact]
+    public void Userfaultfd_pager_fills_zero_holes_itself_and_places_each_page_once()
+    {
+        using var memory = GuestMemory.Create(64 * GuestMemory.PageSize, "uffd-unit");
+        memory.Page(10)[0] = 7; // populated, and still to come: its stale copy must go
+        var pending = new NativePageBitmap(memory.PageCount);
+        var present = new NativePageBitmap(memory.PageCount);
+        for (long p = 0; p < 64; p++) { if (p >= 8 && p < 16) pending.Set(p); else present.Set(p); }
+        Assert.True(UffdDemandPager.TryCreate(memory, present, pending, null, checkAccess: true, out var pager, out string? why), why);
+        memory.AttachPager(pager);
+        int zero = -1, placed = -1;
+        Bounded(() =>
+        {
+            // A hole that is present (its final content is zero): the native thread fills it, no connection needed.
+            unsafe { zero = memory.GuestPointer(40)[123]; memory.GuestPointer(41)[5] = 9; }
+            return 0;
+        }, TimeSpan.FromSeconds(10), "a read of a zero hole");
+        Assert.Equal(0, zero);
+        Assert.Equal(0, pager!.NativeCounters.Requests);
+        // A missing page blocks its reader until it is placed (here by the "push"), and is placed once.
+        var reader = new Thread(() => { unsafe { placed = memory.GuestPointer(10)[0]; } });
+        reader.Start();
+        SpinWait.SpinUntil(() => pager.NativeCounters.Faults >= 3, TimeSpan.FromSeconds(10));
+        Assert.True(reader.IsAlive);
+        var content = new byte[GuestMemory.PageSize];
+        content[0] = 42;
+        Assert.True(pager.Place(10, content));
+        Assert.False(pager.Place(10, new byte[GuestMemory.PageSize]));
+        Assert.True(reader.Join(TimeSpan.FromSeconds(10)));
+        Assert.Equal(42, placed);
+        Assert.True(pager.Place(11, ReadOnlySpan<byte>.Empty)); // a zero page placed by UFFDIO_ZEROPAGE
+        Assert.Equal(6, pager.Remaining);
+        pager.Abandon("test");
+        pager.Stop();
+        memory.AttachPager(null);
+        Assert.Equal(0, memory.Page(11)[0]);
+        Assert.Equal(9, memory.Page(41)[5]);
     }
 
     // ---- units -------------------------------------------------------------------------------
@@ -252,7 +348,7 @@ public class PostCopyTests(ITestOutputHelper output)
         // Window exhausted: back to address order where it left off.
         Assert.Equal(2, Take());
         // A fault near the previous one grows the window; a far one shrinks it.
-        order.OnFault(5010);
+        order.OnFault(5003);
         Assert.Equal(8, order.Window);
         order.OnFault(9000);
         Assert.Equal(4, order.Window);

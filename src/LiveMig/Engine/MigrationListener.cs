@@ -60,7 +60,8 @@ public sealed class MigrationListener : IDisposable
         {
             try
             {
-                Stream stream = client.GetStream();
+                // Owns the socket: disposing the stream (e.g. post-copy closing a channel) aborts a blocked read.
+                Stream stream = new NetworkStream(client.Client, ownsSocket: true);
                 string? peer;
                 try { stream = _options.Security.SecureServer(stream, _options.IoTimeout, out peer); }
                 catch (AuthenticationFailedException e)

@@ -27,6 +27,8 @@ internal sealed record PostCopyHandover(
 internal sealed unsafe class PostCopyIncoming : IPageRequester
 {
     private static readonly ConcurrentDictionary<Guid, PostCopyIncoming> Sessions = new();
+    /// <summary>Diagnostics for tests: connection events of every session in this process.</summary>
+    internal static Action<string>? Trace;
 
     private readonly DestinationOptions _options;
     private readonly HelloMessage _hello;
@@ -63,6 +65,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
 
         public void Close()
         {
+            if (!Broken) Trace?.Invoke($"close {Kind} at {new StackTrace(1, false).ToString().ReplaceLineEndings(" | ")}");
             Broken = true;
             try { Stream.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
         }
@@ -105,8 +108,9 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 _priority = ch;
                 _priorityBroken = false;
             }
-            old?.Close();
-            lock (_lock) if (_pager is not null) StartPriorityService(ch);
+            if (old is not null) Trace?.Invoke("priority attach replaces an open channel");
+            lock (_lock) if (_pager is not null) StartPriorityService(ch); // (userfaultfd: the native thread moves to it)
+            ClosePriority(old);
         }
         else
         {
@@ -119,6 +123,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 _mainArrived.Set();
             }
             // The source only reconnects when it saw the old main connection fail: make sure this side sees it too.
+            Trace?.Invoke($"main attach (stale open: {stale is not null && !stale.Broken})");
             stale?.Close();
         }
         ch.Released.Wait();
@@ -139,6 +144,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             }
             catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException or NotSupportedException)
             {
+                Trace?.Invoke($"request send: {e.GetType().Name}: {e.Message}");
                 _priorityBroken = true;
                 ch.Close();
             }
@@ -178,7 +184,13 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         ch.Serviced = true;
         if (_pager is UffdDemandPager u)
         {
-            u.ServeConnection(ch.Stream, () => { _priorityBroken = true; ch.Close(); ch.Released.Set(); });
+            u.ServeConnection(ch.Stream, () =>
+            {
+                Trace?.Invoke($"page-request connection dropped by the native thread ({u.DropReason}; {u.NativeCounters.Error})");
+                if (!_finished) _priorityBroken = true;
+                ch.Close();
+                ch.Released.Set();
+            });
             return;
         }
         var t = new Thread(() => PriorityLoop(ch)) { IsBackground = true, Name = "livemig-postcopy-answers" };
@@ -202,6 +214,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         }
         catch (Exception e) when (e is IOException or ProtocolException or ObjectDisposedException or SocketException)
         {
+            Trace?.Invoke($"page-request reader: {e.GetType().Name}: {e.Message}");
             if (!_finished) _priorityBroken = true;
             ch.Close();
         }
@@ -449,13 +462,14 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private Channel Recover(Channel broken, Exception cause, BuiltInVm? resumeOnAttach, ref long resumedTs)
     {
         _networkFaults++;
+        Trace?.Invoke($"recover: {cause.GetType().Name}: {cause.Message}");
         broken.Close();
         broken.Released.Set();
         Channel? priority;
         lock (_sendLock) { priority = _priority; _priority = null; _priorityBroken = true; }
-        priority?.Close();
-        if (_pager is UffdDemandPager u) u.DropConnection();
+        ClosePriority(priority);
         _priorityThread?.Join();
+        priority?.Released.Set();
         long deadline = Stopwatch.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * Stopwatch.Frequency);
         while (true)
         {
@@ -504,12 +518,20 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         lock (_lock) { m = _currentMain; r = _reopenedMain; _reopenedMain = null; }
         if (pager is UffdDemandPager u) u.Stop();
         // The source closes the page-request connection when it has the final answer; do not wait for it.
-        p?.Close();
+        ClosePriority(p);
         _priorityThread?.Join();
         p?.Released.Set();
         m?.Released.Set();
         r?.Close();
         r?.Released.Set();
+    }
+
+    /// <summary>Closes a page-request connection; with userfaultfd, only once the native thread no longer uses its socket.</summary>
+    private void ClosePriority(Channel? ch)
+    {
+        if (ch is null) return;
+        if (_pager is UffdDemandPager u) u.Release(ch.Stream);
+        ch.Close();
     }
 
     private static bool IsLinkFailure(Exception e) => e is IOException or ProtocolException or SocketException or ObjectDisposedException;

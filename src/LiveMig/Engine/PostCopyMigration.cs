@@ -111,6 +111,7 @@ public sealed class PostCopyMigration
 
         public void Break()
         {
+            if (!Broken) PostCopyIncoming.Trace?.Invoke($"source break at {new StackTrace(1, false).ToString().ReplaceLineEndings(" | ")}");
             Broken = true;
             try { Main.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
             try { Priority?.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
