@@ -45,6 +45,12 @@ internal sealed class PostCopyLoopback : IDisposable
         return (report, _arrived.Task.Result);
     }
 
+    public ArrivedVm WaitArrived()
+    {
+        Assert.True(_arrived.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report the arrival");
+        return _arrived.Task.Result;
+    }
+
     public MigrationFailedException DestinationFailure()
     {
         Assert.True(_failed.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report a failure");
@@ -159,25 +165,26 @@ public class PostCopyTests(ITestOutputHelper output)
     }
 
     [Theory]
-    [InlineData(DemandPagingMode.Portable)]
-    [InlineData(DemandPagingMode.Userfaultfd)]
-    public void Postcopy_survives_a_broken_connection_and_finishes_verified(DemandPagingMode mode)
+    [InlineData(DemandPagingMode.Portable, ChannelKind.Main)]
+    [InlineData(DemandPagingMode.Portable, ChannelKind.Priority)]
+    [InlineData(DemandPagingMode.Userfaultfd, ChannelKind.Main)]
+    [InlineData(DemandPagingMode.Userfaultfd, ChannelKind.Priority)]
+    public void Postcopy_survives_a_broken_connection_and_finishes_verified(DemandPagingMode mode, ChannelKind broken)
     {
         using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = mode } });
-        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 13 });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=10000", Fill = MemoryFill.Mixed, Seed = 13 });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        SpinWait.SpinUntil(() => vm.Operations > 5_000);
         FaultInjectingStream? injected = null;
         Stream Connect(ChannelKind kind, int attempt)
         {
             var s = loop.Connect();
-            // The first main connection dies after 8 MiB: well inside the background push.
-            if (kind == ChannelKind.Main && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = 8L << 20 });
+            // The first connection of the kind under test dies after 1 MiB: inside the background push
+            // (main), or after a few hundred answers to faults (page requests).
+            if (kind == broken && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = broken == ChannelKind.Main ? 1L << 20 : 64L << 10 });
             return s;
         }
-        PostCopyIncoming.Trace = m => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: destination: {m}");
         var (src, arrived) = loop.Migrate(vm, PostCopy(bandwidth: 64L << 20), Connect, new PhaseLog(output));
-        PostCopyIncoming.Trace = null;
         output.WriteLine(src.ToJson(indented: true));
         Assert.True(injected!.Triggered);
         CheckVerified(src, arrived);
@@ -231,9 +238,45 @@ public class PostCopyTests(ITestOutputHelper output)
         vm.Start();
         SpinWait.SpinUntil(() => vm.Operations > 20_000);
         using var storm = new GcStorm();
-        PostCopyIncoming.Trace = m => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: destination: {m}");
         var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 24L << 20)), TimeSpan.FromSeconds(30), "post-copy under GC stress");
         output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
+        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
+        Assert.True(storm.Collections > 10);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
+    /// <summary>
+    /// The hazard test: vCPU accesses are left to the kernel (no check on the access path), so each
+    /// missing page is a raw fault inside managed code, resolved by the native thread, while another
+    /// thread forces collections back to back. The source runs in its own process (the CLI), as it
+    /// does in production, so no managed thread of this process is on the path that resolves a fault.
+    /// </summary>
+    [Fact]
+    public void Userfaultfd_raw_faults_in_managed_code_survive_continuous_collections()
+    {
+        using var loop = new PostCopyLoopback(Uffd(checkAccess: false));
+        using var storm = new GcStorm();
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"), "migrate", "--to", $"127.0.0.1:{loop.Port}", "--strategy", "postcopy",
+                     "--memory", "64MiB", "--vcpus", "2", "--workload", "sweep:rate=0", "--fill", "mixed", "--seed", "3", "--warmup", "0s", "--bandwidth", "64MiB/s", "--json" })
+            psi.ArgumentList.Add(a);
+        using var source = Process.Start(psi)!;
+        string errors = "";
+        var stderrReader = new Thread(() => errors = source.StandardError.ReadToEnd()) { IsBackground = true };
+        stderrReader.Start();
+        string json = Bounded(() => source.StandardOutput.ReadToEnd(), TimeSpan.FromSeconds(40), "the source process");
+        Assert.True(source.WaitForExit(10_000));
+        stderrReader.Join(5000);
+        Assert.True(source.ExitCode == 0, $"source exited {source.ExitCode}: {json} {errors}");
+        var src = MigrationReport.FromJson(json);
+        var arrived = loop.WaitArrived();
+        output.WriteLine(json);
         CheckVerified(src, arrived);
         Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
         Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");

@@ -65,7 +65,6 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
 
         public void Close()
         {
-            if (!Broken) Trace?.Invoke($"close {Kind} at {new StackTrace(1, false).ToString().ReplaceLineEndings(" | ")}");
             Broken = true;
             try { Stream.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
         }
@@ -352,6 +351,8 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     // Pushed pages are all here; answers to requests may still be on their way.
                     if (!_pager!.WaitAllPresent(_options.IoTimeout, () => !_priorityBroken && !main.Broken))
                         throw new IOException($"{_pager.Remaining} pages still missing after PostCopyEnd and the page-request connection {(_priorityBroken ? "failed" : "went quiet")}");
+                    // Every page is here: the kernel's fault path is no longer needed (holes now fault as zero pages).
+                    if (_pager is UffdDemandPager up) up.Stop();
                     hash = _pager.CombineHashes();
                     verified = end.Verify ? hash == end.SourceHash : null;
                     var (p50, p99, max) = _pager.Latency.Summary();

@@ -40,6 +40,7 @@ public sealed class PostCopyMigration
     private int _postCopyRound;
     private long _pagesPushed, _pagesRequested, _requestsForSentPages, _bytesOfClosedLinks;
     private int _networkFaults, _attempt;
+    private bool _endSent;
 
     public PostCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPostCopySwitchPolicy? switchPolicy = null)
     {
@@ -111,7 +112,6 @@ public sealed class PostCopyMigration
 
         public void Break()
         {
-            if (!Broken) PostCopyIncoming.Trace?.Invoke($"source break at {new StackTrace(1, false).ToString().ReplaceLineEndings(" | ")}");
             Broken = true;
             try { Main.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
             try { Priority?.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
@@ -240,6 +240,7 @@ public sealed class PostCopyMigration
                     lock (_serveLock) sourceHash = _hashes?.Combine() ?? 0;
                     var end = new PostCopyEndMessage(_options.Verify, sourceHash, Interlocked.Read(ref _pagesPushed), Interlocked.Read(ref _pagesRequested));
                     link.MainFrames.Send(FrameType.PostCopyEnd, small[..end.Write(small)]);
+                    Volatile.Write(ref _endSent, true);
                     type = link.MainReader.Read(out payload);
                     if (type == FrameType.Error) throw new MigrationAbort($"destination failed in post-copy: {ErrorMessage.Parse(payload).Text}");
                     if (type != FrameType.PostCopyDone) throw new ProtocolException($"expected PostCopyDone, got {type}");
@@ -253,6 +254,7 @@ public sealed class PostCopyMigration
                     if (link.Server is { } st && st != Thread.CurrentThread) st.Join();
                     _observer.Phase($"recovering: {OneLine(link.ServerError is { } se && e is ObjectDisposedException ? se : e)}");
                     _bytesOfClosedLinks += link.BytesWritten;
+                    Volatile.Write(ref _endSent, false);
                     link.Dispose();
                     link = Reconnect(connect, pendingAtSwitch, e, ref resumedSeen);
                 }
@@ -414,9 +416,11 @@ public sealed class PostCopyMigration
         }
         catch (Exception e) when (IsLinkFailure(e) || e is InvalidOperationException)
         {
-            // Wakes the pusher (its writes fail) so that recovery starts.
+            // Wakes the pusher (its writes fail) so that recovery starts. After PostCopyEnd the
+            // destination closes this connection when it is done; if it still needed pages it
+            // notices the failure itself and breaks the main connection.
             link.ServerError ??= e;
-            link.Break();
+            if (!Volatile.Read(ref _endSent)) link.Break();
         }
     }
 
