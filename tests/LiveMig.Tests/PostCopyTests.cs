@@ -258,6 +258,7 @@ public class PostCopyTests(ITestOutputHelper output)
     /// does in production, so no managed thread of this process is on the path that resolves a fault.
     /// </summary>
     [Fact]
+    [Trait("Category", "Heavy")] // two processes; 10–25 s on a loaded 2-core machine
     public void Userfaultfd_raw_faults_in_managed_code_survive_continuous_collections()
     {
         using var loop = new PostCopyLoopback(Uffd(checkAccess: false));
