@@ -23,7 +23,7 @@ double rate = double.Parse(Get("rate", "50000"), CultureInfo.InvariantCulture);
 double latencyRate = double.Parse(Get("latency-rate", "20000"), CultureInfo.InvariantCulture);
 long bandwidth = long.Parse(Get("bandwidth", "100000000"), CultureInfo.InvariantCulture);
 var paging = Get("paging", "auto") switch { "portable" => DemandPagingMode.Portable, "userfaultfd" => DemandPagingMode.Userfaultfd, _ => DemandPagingMode.Auto };
-string[] strategies = Get("strategies", "precopy,postcopy,hybrid").Split(',');
+string[] strategies = Get("strategies", "precopy,postcopy,hybrid").Split(',', StringSplitOptions.RemoveEmptyEntries);
 
 Console.WriteLine($"# {Environment.ProcessorCount} cores, {DateTime.UtcNow:u}");
 Console.WriteLine($"## {Units.Bytes(memory)} VM, random workload at {rate:N0} page writes/s ({rate * 4096 / 1e6:N0} MB/s of dirtying), link capped at {bandwidth / 1e6:N0} MB/s");

@@ -328,6 +328,36 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Equal(9, memory.Page(41)[5]);
     }
 
+    [Theory]
+    [InlineData(MigrationStrategy.PostCopy)]
+    [InlineData(MigrationStrategy.Hybrid)]
+    public async Task Kv_store_and_its_client_survive_post_copy(MigrationStrategy strategy)
+    {
+        using var endpoint = new LiveMig.Workloads.KvEndpoint();
+        using var loop = new PostCopyLoopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(v.Workload as LiveMig.Workloads.KvWorkload) });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "kv:keys=4096", Seed = 21, Fill = MemoryFill.Mixed });
+        endpoint.Attach((LiveMig.Workloads.KvWorkload)vm.Workload);
+        vm.Start();
+        using var client = new LiveMig.Workloads.KvClient(endpoint.EndPoint, new LiveMig.Workloads.KvClientOptions { Keys = 2048, Seed = 4 });
+        client.Start();
+        await client.WaitForCompletedAsync(2000);
+        long t0 = Stopwatch.GetTimestamp();
+        var (src, arrived) = loop.Migrate(vm, new MigrationOptions { Strategy = strategy, BandwidthLimit = 64L << 20 });
+        long t1 = Stopwatch.GetTimestamp();
+        await client.WaitForCompletedAsync(client.Completed + 2000);
+        var stats = await client.StopAsync();
+        var during = client.GetStats(t0, t1);
+        output.WriteLine($"{strategy}: {src.ToJson()}\nclient during: {during}");
+        CheckVerified(src, arrived);
+        Assert.Null(stats.Failure);
+        Assert.Equal(0, stats.Errors);
+        Assert.Equal(0, stats.Mismatches); // every GET after the move returned what was PUT before it
+        Assert.True(during.Count > 0);
+        Assert.Same(arrived.Vm.Workload, endpoint.Target);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
     // ---- units -------------------------------------------------------------------------------
 
     private sealed class ScriptedRequester : IPageRequester

@@ -315,6 +315,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
             main.Frames.Send(FrameType.Ready, small[..new ReadyMessage(0, 0).Write(small)]);
             readySent = true;
+            LimitReceiveBuffer(main);
 
             // Commit (or, if the connection breaks now, a reconnection: the source only comes back after Commit).
             while (!_resumed)
@@ -433,6 +434,13 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         return new ArrivedVm(vm!, report);
     }
 
+    /// <summary>A short queue of pushed pages in front of a page a vCPU waits for (PostCopyOptions.PushSocketBuffer).</summary>
+    private void LimitReceiveBuffer(Channel main)
+    {
+        if (_options.PostCopy.PushSocketBuffer <= 0 || main.Stream is not NetworkStream ns) return;
+        try { ns.Socket.ReceiveBufferSize = _options.PostCopy.PushSocketBuffer; } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
+    }
+
     private void Resume(BuiltInVm vm, Channel main, ref long resumedTs)
     {
         _options.BeforeResume?.Invoke(vm);
@@ -487,6 +495,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     PageBitmapChunks.Send(next.Frames, _pager!.Present);
                     Span<byte> buf = stackalloc byte[8];
                     next.Frames.Send(FrameType.Attached, buf[..new AttachedMessage(ChannelKind.Main, _resumed).Write(buf)]);
+                    LimitReceiveBuffer(next);
                     return next;
                 }
                 catch (Exception e) when (IsLinkFailure(e))

@@ -433,6 +433,10 @@ public sealed class PostCopyMigration
         writer.BeginRound(_postCopyRound);
         // Pay the cap before claiming a batch, so a claimed page never sits in the limiter while it is requested.
         frames.Limiter = null;
+        if (_options.PostCopy.PushSocketBuffer > 0 && link.Main is NetworkStream ns)
+        {
+            try { ns.Socket.SendBufferSize = _options.PostCopy.PushSocketBuffer; } catch (SocketException) { }
+        }
         int batch = Math.Max(1, _options.PostCopy.PushBatchPages);
         int estimate = batch * (GuestMemory.PageSize + PageBatchWriter.EntryHeaderSize) + PageBatchWriter.BatchHeaderSize + FrameFormat.HeaderSize;
         long total = _pending!.Count(), done = 0, sinceProgress = 0;

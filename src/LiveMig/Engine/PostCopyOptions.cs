@@ -18,6 +18,13 @@ public sealed record PostCopyOptions
     /// <summary>First wait between reconnection attempts; doubles up to <see cref="MaxRetryDelay"/>.</summary>
     public TimeSpan FirstRetryDelay { get; init; } = TimeSpan.FromMilliseconds(20);
     public TimeSpan MaxRetryDelay { get; init; } = TimeSpan.FromSeconds(2);
+    /// <summary>
+    /// Send buffer of the main connection after the switch (bytes; 0 = the kernel's). A page the
+    /// push already sent cannot be requested again, so a fault on it waits for everything queued
+    /// before it: a small queue keeps that wait short. Raise it for links with a large
+    /// bandwidth-delay product.
+    /// </summary>
+    public int PushSocketBuffer { get; init; } = 128 << 10;
 }
 
 /// <summary>How the destination finds out that a vCPU touched a page that has not arrived.</summary>
@@ -44,4 +51,6 @@ public sealed record PostCopyDestinationOptions
     /// kernel's fault path (raw pointer faults served by the native thread).
     /// </summary>
     public bool CheckAccess { get; init; } = true;
+    /// <summary>Receive buffer of the main connection after the switch (bytes; 0 = the kernel's); see <see cref="PostCopyOptions.PushSocketBuffer"/>.</summary>
+    public int PushSocketBuffer { get; init; } = 128 << 10;
 }
