@@ -372,7 +372,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             }
             if (verified == false) error = $"verification failed: pages as placed hash {hash:x16}, the source's paused memory {end.SourceHash:x16}";
         }
-        catch (Exception e) when (e is ProtocolException or IOException or SocketException or SourceAbort or PageUnavailableException or RecoveryFailed or ObjectDisposedException)
+        catch (Exception e) when (e is not MigrationFailedException)
         {
             error = e.Message;
             if (!_resumed)

@@ -41,6 +41,7 @@ public sealed class PostCopyMigration
     private long _pagesPushed, _pagesRequested, _requestsForSentPages, _bytesOfClosedLinks;
     private int _networkFaults, _attempt;
     private bool _endSent;
+    private Link? _currentLink;
 
     public PostCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPostCopySwitchPolicy? switchPolicy = null)
     {
@@ -146,7 +147,7 @@ public sealed class PostCopyMigration
         try
         {
             _observer.Phase("handshake");
-            try { link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout); }
+            try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout); }
             catch (Exception e) when (e is SocketException or IOException or AuthenticationFailedException)
             {
                 string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
@@ -295,8 +296,9 @@ public sealed class PostCopyMigration
             if (!verified) throw new MigrationFailedException(report.Error!, report);
             return report;
         }
-        catch (Exception e) when (e is ProtocolException or IOException or MigrationAbort or OperationCanceledException or SocketException or ObjectDisposedException or RecoveryFailed)
+        catch (Exception e) when (e is not MigrationFailedException)
         {
+            // Anything at all: no thread of this migration may outlive it (they read guest memory).
             string why = e switch
             {
                 OperationCanceledException => "migration cancelled",
@@ -316,6 +318,7 @@ public sealed class PostCopyMigration
             else
             {
                 link?.Dispose();
+                _currentLink?.Dispose();
                 why += " — after the switch to post-copy: the destination runs the VM with part of its memory; this source keeps the paused VM and every page it has not sent";
             }
             var report = BaseReport() with
@@ -483,6 +486,7 @@ public sealed class PostCopyMigration
             try
             {
                 link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout);
+                _currentLink = link;
                 link.MainFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
                 using var present = new NativePageBitmap(memory.PageCount);
                 while (true)
@@ -500,6 +504,7 @@ public sealed class PostCopyMigration
                 OpenPriority(link, connect, attempt);
                 StartServer(link);
                 _observer.Phase($"reconnected (attempt {attempt}): {_pending.Count()} pages still to send");
+                _currentLink = link;
                 return link;
             }
             catch (Exception e) when (IsLinkFailure(e))
