@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Installs the system tools LiveMig's heavier tests and benchmarks use, if they are missing:
-# iproute2 (ip, tc) for the network-namespace testbed, gcc for native helpers.
+# Installs the system tools LiveMig's heavier tests, benchmarks and native helper use, if missing:
+#   iproute2 (ip, tc)              the network-namespace testbed (scripts/netns.sh)
+#   gcc, libc6-dev, libxxhash0,    build native/uffd_serve.c, post-copy's userfaultfd fault-service
+#   linux-libc-dev                 helper (without them post-copy uses its portable demand-paging path)
 # Idempotent; needs root (apt-get). The tests that need a missing tool say so and skip.
-set -euo pipefail
-missing=()
-command -v ip  >/dev/null || missing+=(iproute2)
-command -v tc  >/dev/null || missing+=(iproute2)
-command -v gcc >/dev/null || missing+=(gcc)
-if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
-if [ "$(id -u)" != 0 ]; then echo "install-deps: missing ${missing[*]} and not root; install them by hand" >&2; exit 1; fi
+set -u
+need=()
+command -v ip  >/dev/null || need+=(iproute2)
+command -v tc  >/dev/null || need+=(iproute2)
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
+[ -e /usr/lib/x86_64-linux-gnu/libxxhash.so.0 ] || need+=(libxxhash0)
+[ -e /usr/include/linux/userfaultfd.h ] || need+=(linux-libc-dev)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then echo "install-deps: missing ${need[*]} and not root; install them by hand" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u)
+apt-get update -qq && apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u)

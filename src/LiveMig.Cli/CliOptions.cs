@@ -23,7 +23,9 @@ internal sealed class CliOptions
     public readonly Option<string> Bandwidth = new("--bandwidth") { Description = "Cap on migration traffic, e.g. 100MiB/s, 1Gbit; 'unlimited' for none.", DefaultValueFactory = _ => "unlimited", HelpName = "RATE" };
     public readonly Option<string> DowntimeLimit = new("--downtime-limit") { Description = "Stop iterating once the remaining dirty pages would take at most this long to send.", DefaultValueFactory = _ => "300ms", HelpName = "TIME" };
     public readonly Option<int> MaxRounds = new("--max-rounds") { Description = "Most pre-copy rounds (round 0 included) before stop-and-copy.", DefaultValueFactory = _ => 30, HelpName = "N" };
-    public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy.", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
+    public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy (iterate, then stop and copy); postcopy (move the vCPUs first, resume on the destination at once, fetch pages on demand while pushing the rest); hybrid (pre-copy rounds within a budget, then post-copy).", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
+    public readonly Option<string> HybridBudget = new("--hybrid-budget") { Description = "When hybrid switches to post-copy: rounds=N (default 5), time=DURATION, bytes=SIZE, comma-separated; it also switches as soon as the dirty set stops shrinking.", DefaultValueFactory = _ => "rounds=5", HelpName = "SPEC" };
+    public readonly Option<string> DemandPaging = new("--demand-paging") { Description = "How the destination fetches missing pages in post-copy: auto (userfaultfd with the native helper when available, else portable), portable (present bitmap on the vCPU path), userfaultfd.", DefaultValueFactory = _ => "auto", HelpName = "MODE" };
     public readonly Option<bool> Verify = new("--verify") { Description = "Hash memory at pause (source) and before resume (destination); a mismatch fails the migration. On by default; --verify false to skip.", DefaultValueFactory = _ => true };
     public readonly Option<bool> Json = new("--json") { Description = "Print the report as one JSON object on stdout; no progress display." };
     public readonly Option<bool> DeferHotPages = new("--defer-hot-pages") { Description = "Keep the writable working set (pages re-dirtied in 2 of the last 3 rounds) for the stop-and-copy instead of re-sending it every round, at most what the downtime limit can carry; with the software dirty log, also skip pages written again since they were harvested." };
@@ -81,7 +83,7 @@ internal sealed class CliOptions
 
     public void AddMigrationOptions(Command c)
     {
-        c.Add(Strategy); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
+        c.Add(Strategy); c.Add(HybridBudget); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
         c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit);
         AddSecurityOptions(c);
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
@@ -119,8 +121,11 @@ internal sealed class CliOptions
     public MigrationOptions MigrationOptions(ParseResult r)
     {
         string strategy = r.GetValue(Strategy)!;
-        if (!strategy.Equals("precopy", StringComparison.OrdinalIgnoreCase))
-            throw new UsageException($"--strategy '{strategy}': only precopy is available in this build");
+        var kind = strategy.ToLowerInvariant() switch
+        {
+            "precopy" => MigrationStrategy.PreCopy, "postcopy" => MigrationStrategy.PostCopy, "hybrid" => MigrationStrategy.Hybrid,
+            _ => throw new UsageException($"--strategy '{strategy}': expected precopy, postcopy or hybrid"),
+        };
         string bw = r.GetValue(Bandwidth)!;
         if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': expected a rate such as 100MiB/s or 1Gbit, or unlimited");
         string dl = r.GetValue(DowntimeLimit)!;
@@ -143,6 +148,8 @@ internal sealed class CliOptions
                 AutoConverge = r.GetResult(AutoConverge) is null ? null : ParseAutoConverge(r.GetValue(AutoConverge)),
                 DirtyLimit = ParseDirtyLimit(r.GetValue(DirtyLimit)),
             },
+            Strategy = kind,
+            PostCopy = new PostCopyOptions { Hybrid = ParseHybridBudget(r.GetValue(HybridBudget)!) },
         };
         options = Optimizations.Apply(r.GetValue(Optimize)!, options);
         return options with { Pipeline = ApplyPipelineOptions(r, options.Pipeline) };
@@ -223,6 +230,30 @@ internal sealed class CliOptions
             throw new UsageException($"--dirty-limit '{text}': expected page writes per second per vCPU, a number above 0, e.g. 2000");
         return v;
     }
+
+    public static HybridOptions ParseHybridBudget(string text)
+    {
+        var o = new HybridOptions();
+        foreach (string part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            int eq = part.IndexOf('=');
+            string key = eq < 0 ? part : part[..eq], value = eq < 0 ? "" : part[(eq + 1)..];
+            switch (key.ToLowerInvariant())
+            {
+                case "rounds" when int.TryParse(value, out int n) && n is >= 0 and <= 10_000: o = o with { MaxRounds = n }; break;
+                case "time" when Units.TryParseDuration(value, out var t) && t > TimeSpan.Zero: o = o with { TimeBudget = t }; break;
+                case "bytes" when Units.TryParseBytes(value, out long b) && b > 0: o = o with { ByteBudget = b }; break;
+                default: throw new UsageException($"--hybrid-budget '{text}': expected rounds=N, time=DURATION, bytes=SIZE (comma-separated)");
+            }
+        }
+        return o;
+    }
+
+    public static DemandPagingMode ParseDemandPaging(string text) => text.ToLowerInvariant() switch
+    {
+        "auto" => DemandPagingMode.Auto, "portable" => DemandPagingMode.Portable, "userfaultfd" or "uffd" => DemandPagingMode.Userfaultfd,
+        _ => throw new UsageException($"--demand-paging '{text}': expected auto, portable or userfaultfd"),
+    };
 
     public TimeSpan WarmupTime(ParseResult r)
     {

@@ -24,6 +24,7 @@ public static class Program
         var demo = new Command("demo", "Runs a source and a destination in this process over loopback TCP: starts a VM, lets its workload run, live-migrates it with a progress display, checks the memory, and prints the report.");
         o.AddVmOptions(demo);
         o.AddMigrationOptions(demo);
+        demo.Add(o.DemandPaging);
         demo.SetAction(r => Guard(r, o, () => Demo(r, o)));
         root.Add(demo);
 
@@ -35,7 +36,7 @@ public static class Program
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust,
+            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
@@ -156,6 +157,7 @@ public static class Program
             DirtyLog = config.DirtyLog,
             Security = options.Security,
             BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
         });
         listener.Arrived += a => arrived.TrySetResult(a);
         listener.Start();
@@ -169,9 +171,13 @@ public static class Program
         StartVm(vm, config, o.WarmupTime(r), json, () => client?.Start());
         if (!json) Console.Error.WriteLine($"migrating to the destination agent on 127.0.0.1:{listener.Port}");
         using var cancel = CancelOnCtrlC();
-        var report = RunWithProgress(r, o, obs => new PreCopyMigration(vm, options, obs).MigrateTo("127.0.0.1", listener.Port, cancel.Token));
+        long migrationStart = System.Diagnostics.Stopwatch.GetTimestamp();
+        var report = RunWithProgress(r, o, obs => Migrations.MigrateTo(vm, options, obs, "127.0.0.1", listener.Port, cancel.Token));
         if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
+        long migrationEnd = System.Diagnostics.Stopwatch.GetTimestamp();
         var dest = arrived.Task.Result.Vm;
+        // The destination's view of post-copy: how it fetched pages, and what its vCPUs waited.
+        if (options.Strategy != MigrationStrategy.PreCopy) report = report with { DemandPaging = arrived.Task.Result.Report.DemandPaging };
         // The VM keeps running on the destination: let it work, then check its invariant there.
         long ops = dest.Operations, since = System.Diagnostics.Stopwatch.GetTimestamp();
         Thread.Sleep(200);
@@ -181,7 +187,16 @@ public static class Program
             Thread.Sleep(300);
             var stats = client.StopAsync().GetAwaiter().GetResult();
             client.Dispose();
-            report = report with { Client = ToClientReport(stats) };
+            report = report with
+            {
+                Client = ToClientReport(stats),
+                ClientPhases = new ClientPhases
+                {
+                    Before = ToClientReport(client.GetStats(to: migrationStart)),
+                    During = ToClientReport(client.GetStats(migrationStart, migrationEnd)),
+                    After = ToClientReport(client.GetStats(from: migrationEnd)),
+                },
+            };
             if (stats.Failure is not null && !json) Console.Error.WriteLine($"kv client: {stats.Failure}");
         }
         dest.Pause();
@@ -209,9 +224,14 @@ public static class Program
         using var vm = BuiltInVm.Create(config);
         StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         using var cancel = CancelOnCtrlC();
-        var migration = new PreCopyMigration(vm, options);
-        using var controlSocket = new ControlSocket(controlPath, cancel, migration.Limiter);
-        var report = RunWithProgress(r, o, obs => { migration.Observer = obs; return migration.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token); });
+        // The control socket needs the migration's rate limiter, so the migration exists before its
+        // observer (the progress display) does: a forwarder bridges the two.
+        var late = new LateObserver();
+        var (limiter, run) = options.Strategy == MigrationStrategy.PreCopy
+            ? (new PreCopyMigration(vm, options, late) is var pre ? (pre.Limiter, (Func<MigrationReport>)(() => pre.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token))) : default)
+            : (new PostCopyMigration(vm, options, late) is var post ? (post.Limiter, (Func<MigrationReport>)(() => post.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token))) : default);
+        using var controlSocket = new ControlSocket(controlPath, cancel, limiter);
+        var report = RunWithProgress(r, o, obs => { late.Target = obs; return run(); });
         return Finish(r, o, report);
     }
 
@@ -235,7 +255,11 @@ public static class Program
         if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
         bool json = r.GetValue(o.Json);
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(address, port, new DestinationOptions { DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool });
+        using var listener = new MigrationListener(address, port, new DestinationOptions
+        {
+            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool,
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
+        });
         listener.Arrived += a =>
         {
             Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");

@@ -27,7 +27,15 @@ internal static class ReportView
             string extra = string.Join(", ", st.Counters.Where(kv => kv.Value != 0).Select(kv => $"{kv.Key} {kv.Value}"));
             Row($"stage {name}", $"{st.PagesEncoded:N0} of {st.PagesOffered:N0} pages, saved {Units.Bytes(st.BytesSaved)} ({Units.Bytes(st.BytesIn)} → {Units.Bytes(st.BytesOut)}), {st.CpuMs:0.0} ms" + (extra.Length > 0 ? $"; {extra}" : ""));
         }
-        Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        if (r.Strategy == "precopy") Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        else
+        {
+            Row("switch to post-copy", $"{r.StopReason}; VM running on the destination after {r.TimeToResumeMs:0.0} ms, last page {r.PostCopyMs:0.0} ms later");
+            Row("post-copy pages", $"pushed {r.PagesPushed:N0} (prepaged {r.PagesPrepaged:N0}), requested {r.PagesRequested:N0}; demand paging {r.DemandPaging ?? "-"}; connection failures survived {r.NetworkFaults}");
+            if (r.FaultLatencyUs is { } f) Row("vCPU faults on missing pages", $"{r.Faults:N0}: p50 {f.P50:0} µs, p99 {f.P99:0} µs, max {f.Max:0} µs");
+            if (r.ClientPhases is { } cp)
+                Row("kv client before / during / after", string.Join(" / ", new[] { cp.Before, cp.During, cp.After }.Select(c => c is null ? "-" : $"p99 {c.P99Us:0} µs max {c.MaxUs / 1000:0.0} ms ({c.Requests} req)")));
+        }
         Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
         if (r.ConvergenceAids.Count > 0) Row("convergence aids", string.Join(", ", r.ConvergenceAids));
         if (r.PagesSkipped > 0 || r.PagesDeferred > 0) Row("pages not re-sent", $"{r.PagesSkipped:N0} skipped (written again since harvest); {r.PagesDeferred:N0} hot pages kept for the stop-and-copy");
@@ -128,4 +136,14 @@ internal sealed class Observers(params IMigrationObserver[] all) : IMigrationObs
     public void Progress(int round, long sent, long total, long bytes) { foreach (var o in all) o.Progress(round, sent, total, bytes); }
     public void RoundCompleted(RoundReport r) { foreach (var o in all) o.RoundCompleted(r); }
     public void Phase(string phase) { foreach (var o in all) o.Phase(phase); }
+}
+
+/// <summary>Forwards to an observer chosen after the migration object was made.</summary>
+internal sealed class LateObserver : IMigrationObserver
+{
+    public IMigrationObserver? Target { get; set; }
+    public void RoundStarted(int round, long pagesToSend, bool final) => Target?.RoundStarted(round, pagesToSend, final);
+    public void Progress(int round, long sent, long total, long bytes) => Target?.Progress(round, sent, total, bytes);
+    public void RoundCompleted(RoundReport r) => Target?.RoundCompleted(r);
+    public void Phase(string phase) => Target?.Phase(phase);
 }

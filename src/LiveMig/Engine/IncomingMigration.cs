@@ -24,7 +24,8 @@ public sealed class IncomingMigration
 
     public IncomingMigration(DestinationOptions options) => _options = options;
 
-    public ArrivedVm Receive(Stream stream)
+    /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
+    public ArrivedVm? Receive(Stream stream)
     {
         if (stream.CanTimeout)
         {
@@ -52,6 +53,7 @@ public sealed class IncomingMigration
         bool verify = false;
         var rounds = new List<RoundReport>();
         int currentRound = -1;
+        PostCopyIncoming? postCopy = null;
 
         try
         {
@@ -80,6 +82,7 @@ public sealed class IncomingMigration
                             placer.Decoder = decoder;
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
+                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
                         break;
@@ -92,6 +95,13 @@ public sealed class IncomingMigration
                         var answer = new byte[4 + (filledPages.Length + 7) / 8];
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
+                    case (State.AwaitHello, FrameType.Attach):
+                        PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
+                        return null;
+                    case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, rounds, t0, started, currentRound, reader.BytesRead);
+                        memory = null; // post-copy owns it now
+                        return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
                         if (rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
@@ -204,6 +214,7 @@ public sealed class IncomingMigration
             decoder?.Dispose();
             decoder = null;
             // Discard the partial VM: it never ran here.
+            postCopy?.Unregister();
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
@@ -225,7 +236,7 @@ public sealed class IncomingMigration
         }
     }
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | CodecBits;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | CodecBits;
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
 
     /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>

@@ -60,7 +60,8 @@ public sealed class MigrationListener : IDisposable
         {
             try
             {
-                Stream stream = client.GetStream();
+                // Owns the socket: disposing the stream (e.g. post-copy closing a channel) aborts a blocked read.
+                Stream stream = new NetworkStream(client.Client, ownsSocket: true);
                 string? peer;
                 try { stream = _options.Security.SecureServer(stream, _options.IoTimeout, out peer); }
                 catch (AuthenticationFailedException e)
@@ -72,6 +73,7 @@ public sealed class MigrationListener : IDisposable
                 }
                 using var _ = stream;
                 var arrived = new IncomingMigration(_options).Receive(stream);
+                if (arrived is null) return; // a second connection of a post-copy migration
                 arrived = arrived with { Report = arrived.Report with { Peer = peer } };
                 _vms[arrived.Report.MigrationId] = arrived.Vm;
                 Arrived?.Invoke(arrived);

@@ -22,6 +22,9 @@ public sealed record MigrationOptions
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
     /// <summary>Page-pipeline stages: compression, XBZRLE, dedup, free-page skipping (all off by default).</summary>
     public PipelineOptions Pipeline { get; init; } = new();
+    public MigrationStrategy Strategy { get; init; } = MigrationStrategy.PreCopy;
+    /// <summary>Post-copy and hybrid settings (PostCopyOptions.cs).</summary>
+    public PostCopyOptions PostCopy { get; init; } = new();
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -49,6 +52,8 @@ public sealed record DestinationOptions
     /// fill pages from the others' (gang migration).
     /// </summary>
     public DedupStore DedupStore { get; init; } = new();
+    /// <summary>Post-copy settings (PostCopyOptions.cs).</summary>
+    public PostCopyDestinationOptions PostCopy { get; init; } = new();
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>

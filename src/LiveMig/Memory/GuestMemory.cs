@@ -72,6 +72,47 @@ public sealed unsafe class GuestMemory : IDisposable
 
     private void ThrowPage(long page) => throw new ArgumentOutOfRangeException(nameof(page), page, $"page outside guest memory of {PageCount} pages");
 
+    // ---- the guest's access path (vCPUs) --------------------------------------------------
+
+    private DemandPager? _pager;
+
+    /// <summary>
+    /// The vCPU path to a page: like <see cref="PagePointer"/>, but during post-copy it first
+    /// makes sure the page has arrived (<see cref="DemandPager.Fault"/> asks for it and waits).
+    /// Outside post-copy it costs one null check. Workloads use this and <see cref="GuestPage"/>;
+    /// the engine's own reads and writes use <see cref="Page"/>/<see cref="PagePointer"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public byte* GuestPointer(long page)
+    {
+        DemandPager? d = _pager;
+        if (d is not null && !d.Present.IsSet(page)) d.Fault(page);
+        return (byte*)_base + (page << PageShift);
+    }
+
+    /// <summary>The vCPU path to a page as a span (see <see cref="GuestPointer"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public Span<byte> GuestPage(long page)
+    {
+        if ((ulong)page >= (ulong)PageCount) ThrowPage(page);
+        return new Span<byte>(GuestPointer(page), PageSize);
+    }
+
+    /// <summary>The demand pager in force (post-copy), or null.</summary>
+    public DemandPager? Pager => Volatile.Read(ref _pager);
+
+    /// <summary>
+    /// Puts a pager in force, or removes it (null). A removed pager is disposed with this memory,
+    /// not before: a vCPU that read the reference just before may still look at its bitmap.
+    /// </summary>
+    internal void AttachPager(DemandPager? pager)
+    {
+        var old = Interlocked.Exchange(ref _pager, pager);
+        if (old is not null && !ReferenceEquals(old, pager)) lock (_retired) _retired.Add(old);
+    }
+
+    private readonly List<DemandPager> _retired = [];
+
     // ---- the guest's write path -------------------------------------------------------
 
     /// <summary>
@@ -180,5 +221,6 @@ public sealed unsafe class GuestMemory : IDisposable
         if (p == 0) return;
         Native.munmap(p, (nuint)Size);
         Native.close(_fd);
+        lock (_retired) { foreach (var d in _retired) d.Dispose(); _retired.Clear(); }
     }
 }

@@ -28,5 +28,8 @@ public sealed class PageHashes
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void SetZero(long page) => _hashes[page] = ZeroPageHash;
 
+    /// <summary>The per-page hashes (post-copy carries them over to its own array at the switch).</summary>
+    internal ReadOnlySpan<ulong> Values => _hashes;
+
     public ulong Combine() => XxHash3.HashToUInt64(MemoryMarshal.AsBytes(_hashes.AsSpan()));
 }

@@ -29,6 +29,16 @@ public enum FrameType : byte
     SyncAck = 15,
     /// <summary>S→D before round 0: the populated extents the source will send, so the destination can fault them in ahead.</summary>
     Extents = 16,
+
+    // Post-copy (capability PostCopy; docs/protocol.md, "Post-copy"). Numbered from 32 so other
+    // additions can take 12.. without colliding.
+    PostCopyStart = 32,
+    PendingPages = 33,
+    PageRequest = 34,
+    PostCopyEnd = 35,
+    PostCopyDone = 36,
+    Attach = 37,
+    Attached = 38,
 }
 
 /// <summary>
@@ -56,7 +66,8 @@ public static class FrameFormat
 
     public const int LargestPayload = 16 << 20;
 
-    public static bool IsKnown(byte type) => type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents;
+    public static bool IsKnown(byte type) =>
+        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));

@@ -35,6 +35,8 @@ public enum Capabilities : ulong
     Extents = 1UL << 9,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
+    /// <summary>Post-copy: the switch with pages still to come, page requests on a second connection, recovery (docs/protocol.md).</summary>
+    PostCopy = 1UL << 24,
 }
 
 /// <summary>Source → destination, first frame.</summary>

@@ -71,6 +71,22 @@ public sealed record ClientReport
     public double ObservedDowntimeMs { get; init; }
 }
 
+/// <summary>Latency percentiles in microseconds.</summary>
+public sealed record LatencySummary
+{
+    public double P50 { get; init; }
+    public double P99 { get; init; }
+    public double Max { get; init; }
+}
+
+/// <summary>What the kv client saw before the migration, while it ran (pause to last page), and after.</summary>
+public sealed record ClientPhases
+{
+    public ClientReport? Before { get; init; }
+    public ClientReport? During { get; init; }
+    public ClientReport? After { get; init; }
+}
+
 /// <summary>
 /// The result of one migration. The JSON form is a stable contract (docs/report.md): fields are
 /// added, never renamed or removed.
@@ -134,6 +150,28 @@ public sealed record MigrationReport
     public long? OperationsLost { get; init; }
     public List<RoundReport> Rounds { get; init; } = [];
     public ClientReport? Client { get; init; }
+
+    // ---- post-copy and hybrid (docs/report.md) ----
+    /// <summary>Connection failures survived after the switch to post-copy (each repaired by reconnecting).</summary>
+    public long NetworkFaults { get; init; }
+    /// <summary>Page faults the destination's vCPUs took on missing pages.</summary>
+    public long Faults { get; init; }
+    /// <summary>Fault service time as a vCPU saw it: from the fault until the page was there.</summary>
+    public LatencySummary? FaultLatencyUs { get; init; }
+    /// <summary>Source: from a request's arrival until its answer was written.</summary>
+    public LatencySummary? RequestServiceUs { get; init; }
+    /// <summary>Pages sent by the background push after the switch, and in answer to requests.</summary>
+    public long PagesPushed { get; init; }
+    public long PagesRequested { get; init; }
+    /// <summary>Pushed pages chosen because they neighboured a fault (prepaging).</summary>
+    public long PagesPrepaged { get; init; }
+    /// <summary>From the start until the VM ran on the destination.</summary>
+    public double TimeToResumeMs { get; init; }
+    /// <summary>From the destination's resume until its last page arrived.</summary>
+    public double PostCopyMs { get; init; }
+    /// <summary>Destination: <c>portable</c> or <c>userfaultfd</c>; null for pre-copy.</summary>
+    public string? DemandPaging { get; init; }
+    public ClientPhases? ClientPhases { get; init; }
 
     public string ToJson(bool indented = false) =>
         JsonSerializer.Serialize(this, indented ? ReportJson.Indented.MigrationReport : ReportJson.Default.MigrationReport);

@@ -29,6 +29,23 @@ public sealed class RateLimiter
 
     private static double Burst(long rate) => Math.Max(256 << 10, rate / 100.0);
 
+    /// <summary>
+    /// Takes <paramref name="bytes"/> from the bucket without waiting (a sender with priority, e.g.
+    /// post-copy's requested pages); the debt is paid by the next <see cref="Consume"/>. Negative
+    /// gives back what an estimate over-charged.
+    /// </summary>
+    public void Charge(long bytes)
+    {
+        lock (_lock)
+        {
+            long rate = _bytesPerSecond;
+            if (rate <= 0) return;
+            long now = Stopwatch.GetTimestamp();
+            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / Stopwatch.Frequency - bytes);
+            _last = now;
+        }
+    }
+
     public void Consume(int bytes)
     {
         double waitSeconds;

@@ -75,6 +75,8 @@ public sealed class BuiltInVm : IVirtualMachine
     public VmRunState State { get; private set; } = VmRunState.Created;
     public double ThrottleFraction => Volatile.Read(ref _throttle);
     public double DirtyRateLimit => Volatile.Read(ref _dirtyLimit);
+    /// <summary>Why a vCPU stopped for good (a page it needed could not arrive), or null.</summary>
+    public string? VcpuFailure { get; private set; }
     /// <summary>Said once when the dirty log had to fall back to software.</summary>
     public string? DirtyLogNote { get; private set; }
 
@@ -295,6 +297,11 @@ public sealed class BuiltInVm : IVirtualMachine
                     sliceStart = Stopwatch.GetTimestamp();
                 }
             }
+        }
+        catch (PageUnavailableException e)
+        {
+            // Post-copy was abandoned while this vCPU waited for a page: it stops here (never runs on a wrong page).
+            VcpuFailure ??= e.Message;
         }
         finally
         {

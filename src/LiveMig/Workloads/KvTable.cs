@@ -66,12 +66,12 @@ internal sealed unsafe class KvTable
         return cap;
     }
 
-    private byte* Header(GuestMemory m) => m.PagePointer(FirstPage);
+    private byte* Header(GuestMemory m) => m.GuestPointer(FirstPage);
 
     private byte* Slot(GuestMemory m, long index, out long page)
     {
         page = FirstPage + 1 + index / SlotsPerPage;
-        return m.PagePointer(page) + (int)(index % SlotsPerPage) * SlotSize;
+        return m.GuestPointer(page) + (int)(index % SlotsPerPage) * SlotSize;
     }
 
     /// <summary>A fixed mixer (murmur3 fmix64): the placement must be the same in every process, so no randomised hashing.</summary>

@@ -41,7 +41,7 @@ internal sealed class PageWriterProgram(ulong seed, double rate, PageWriterProgr
             long page = choose(ref _rng);
             ulong v = _rng.Next();
             int offset = (int)(v & (GuestMemory.PageSize / 8 - 1)) * 8;
-            *(ulong*)(memory.PagePointer(page) + offset) = v;
+            *(ulong*)(memory.GuestPointer(page) + offset) = v;
             memory.NoteWrite(page);
         }
         Operations += n;

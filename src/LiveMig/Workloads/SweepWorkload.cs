@@ -41,7 +41,7 @@ public sealed class SweepWorkload : Workload
             for (long i = 0; i < end; i++)
             {
                 byte expected = (byte)(i < p.Position ? p.Pass + 1 : p.Pass);
-                byte actual = memory.Page(p.First + i)[0];
+                byte actual = memory.GuestPage(p.First + i)[0];
                 if (actual != expected)
                     return $"sweep invariant broken at page {p.First + i}: byte is {actual}, expected {expected} (pass {p.Pass}, position {p.Position})";
             }
@@ -62,7 +62,7 @@ public sealed class SweepWorkload : Workload
             for (int i = 0; i < n; i++)
             {
                 long page = First + Position;
-                memory.PagePointer(page)[0] = (byte)(Pass + 1);
+                memory.GuestPointer(page)[0] = (byte)(Pass + 1);
                 memory.NoteWrite(page);
                 if (++Position == Count) { Position = 0; Pass++; }
             }

@@ -1,0 +1,17 @@
+namespace LiveMig.Engine;
+
+/// <summary>Picks the source engine for <see cref="MigrationOptions.Strategy"/>.</summary>
+public static class Migrations
+{
+    public static Reporting.MigrationReport MigrateTo(Vm.IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer, string host, int port, CancellationToken cancel = default) =>
+        options.Strategy == MigrationStrategy.PreCopy
+            ? new PreCopyMigration(vm, options, observer).MigrateTo(host, port, cancel)
+            : new PostCopyMigration(vm, options, observer).MigrateTo(host, port, cancel);
+
+    public static string Name(MigrationStrategy s) => s switch
+    {
+        MigrationStrategy.PostCopy => "postcopy",
+        MigrationStrategy.Hybrid => "hybrid",
+        _ => "precopy",
+    };
+}

@@ -1,0 +1,562 @@
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using LiveMig.Memory;
+using LiveMig.Pipeline;
+using LiveMig.Protocol;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+
+namespace LiveMig.Engine;
+
+/// <summary>What <see cref="IncomingMigration"/> hands over at the switch to post-copy.</summary>
+internal sealed record PostCopyHandover(
+    Stream Stream, FrameReader Reader, FrameWriter Frames, GuestMemory Memory, PageBatchReader Placer,
+    HelloMessage Hello, List<RoundReport> Rounds, long StartTimestamp, DateTimeOffset Started, int CurrentRound, long PreCopyBytes);
+
+/// <summary>
+/// The destination side of post-copy: from the switch (PostCopyStart) to the last page. Sets up
+/// demand paging over the guest memory (<see cref="DemandPager"/>: portable present bitmap, or
+/// userfaultfd with the native fault-service thread), restores and resumes the VM at once, places
+/// pushed pages from the main connection and requested pages from the page-request connection,
+/// and verifies at the end. After the switch a broken connection pauses only the vCPUs that
+/// fault; the session waits for the source to reconnect (docs/protocol.md, "Recovery").
+/// </summary>
+internal sealed unsafe class PostCopyIncoming : IPageRequester
+{
+    private static readonly ConcurrentDictionary<Guid, PostCopyIncoming> Sessions = new();
+    /// <summary>Diagnostics for tests: connection events of every session in this process.</summary>
+    internal static Action<string>? Trace;
+
+    private readonly DestinationOptions _options;
+    private readonly HelloMessage _hello;
+    private readonly Lock _lock = new();
+    private readonly Lock _sendLock = new();
+    private Channel? _priority;
+    private Channel? _reopenedMain;
+    private Channel? _currentMain;
+    private readonly ManualResetEventSlim _mainArrived = new(false);
+    private DemandPager? _pager;
+    private Thread? _priorityThread;
+    private volatile bool _priorityBroken;
+    private volatile bool _resumed, _finished;
+    private long _placedFromPush, _placedFromRequests, _duplicates;
+    private int _networkFaults;
+
+    private PostCopyIncoming(HelloMessage hello, DestinationOptions options)
+    {
+        _hello = hello;
+        _options = options;
+    }
+
+    /// <summary>One connection of the session; <see cref="Released"/> lets the listener thread that accepted it go.</summary>
+    private sealed class Channel(Stream stream, FrameReader reader, FrameWriter frames, ChannelKind kind)
+    {
+        public Stream Stream { get; } = stream;
+        public FrameReader Reader { get; } = reader;
+        public FrameWriter Frames { get; } = frames;
+        public ChannelKind Kind { get; } = kind;
+        public ManualResetEventSlim Released { get; } = new(false);
+        public volatile bool Broken;
+        /// <summary>A reader (managed thread or native helper) serves it; set under the session lock.</summary>
+        public bool Serviced;
+
+        public void Close()
+        {
+            Broken = true;
+            try { Stream.Dispose(); } catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException) { }
+        }
+    }
+
+    /// <summary>Called when a Hello negotiated post-copy: the page-request connection may attach from now on.</summary>
+    public static PostCopyIncoming Register(HelloMessage hello, DestinationOptions options)
+    {
+        var s = new PostCopyIncoming(hello, options);
+        Sessions[hello.MigrationId] = s;
+        return s;
+    }
+
+    public void Unregister() => Sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
+
+    /// <summary>
+    /// A connection whose first frame is Attach: joins the migration it names and blocks until
+    /// the migration no longer needs it (the listener closes it when this returns).
+    /// </summary>
+    public static void ServeAttach(ReadOnlySpan<byte> payload, Stream stream, FrameReader reader, FrameWriter frames)
+    {
+        var m = AttachMessage.Parse(payload);
+        if (!Sessions.TryGetValue(m.MigrationId, out var session))
+            throw new ProtocolException($"Attach: no post-copy migration {m.MigrationId} is in progress here");
+        session.Attach(new Channel(stream, reader, frames, m.Channel));
+    }
+
+    private void Attach(Channel ch)
+    {
+        if (ch.Kind == ChannelKind.Priority)
+        {
+            // Answers come only when a vCPU faults: an idle page-request connection is not a dead one.
+            if (ch.Stream.CanTimeout) ch.Stream.ReadTimeout = Timeout.Infinite;
+            Span<byte> buf = stackalloc byte[8];
+            ch.Frames.Send(FrameType.Attached, buf[..new AttachedMessage(ChannelKind.Priority, _resumed).Write(buf)]);
+            Channel? old;
+            lock (_sendLock)
+            {
+                old = _priority;
+                _priority = ch;
+                _priorityBroken = false;
+            }
+            if (old is not null) Trace?.Invoke("priority attach replaces an open channel");
+            lock (_lock) if (_pager is not null) StartPriorityService(ch); // (userfaultfd: the native thread moves to it)
+            ClosePriority(old);
+        }
+        else
+        {
+            Channel? stale;
+            lock (_lock)
+            {
+                stale = _currentMain;
+                _reopenedMain?.Close();
+                _reopenedMain = ch;
+                _mainArrived.Set();
+            }
+            // The source only reconnects when it saw the old main connection fail: make sure this side sees it too.
+            Trace?.Invoke($"main attach (stale open: {stale is not null && !stale.Broken})");
+            stale?.Close();
+        }
+        ch.Released.Wait();
+    }
+
+    // ---- requests (portable pager) ----------------------------------------------------------
+
+    public void Request(long page)
+    {
+        lock (_sendLock)
+        {
+            var ch = _priority;
+            if (ch is null || ch.Broken) return; // asked again when a connection attaches
+            try
+            {
+                Span<byte> buf = stackalloc byte[8];
+                ch.Frames.Send(FrameType.PageRequest, buf[..PageRequestMessage.Write(buf, [page])]);
+            }
+            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException or NotSupportedException)
+            {
+                Trace?.Invoke($"request send: {e.GetType().Name}: {e.Message}");
+                _priorityBroken = true;
+                ch.Close();
+            }
+        }
+    }
+
+    private void ResendOutstanding()
+    {
+        if (_pager is not PortableDemandPager p) return;
+        var pages = p.Outstanding();
+        lock (_sendLock)
+        {
+            var ch = _priority;
+            if (ch is null || ch.Broken) return;
+            try
+            {
+                var buf = new byte[4 + PageRequestMessage.MaxPages * 4];
+                for (int i = 0; i < pages.Count; i += PageRequestMessage.MaxPages)
+                {
+                    var slice = pages.GetRange(i, Math.Min(PageRequestMessage.MaxPages, pages.Count - i)).ToArray();
+                    ch.Frames.Send(FrameType.PageRequest, buf.AsSpan(0, PageRequestMessage.Write(buf, slice)));
+                }
+            }
+            catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
+            {
+                _priorityBroken = true;
+                ch.Close();
+            }
+        }
+    }
+
+    // ---- the page-request connection's reader ------------------------------------------------
+
+    private void StartPriorityService(Channel ch)
+    {
+        if (ch.Serviced) return;
+        ch.Serviced = true;
+        if (_pager is UffdDemandPager u)
+        {
+            u.ServeConnection(ch.Stream, () =>
+            {
+                Trace?.Invoke($"page-request connection dropped by the native thread ({u.DropReason}; {u.NativeCounters.Error})");
+                if (!_finished) _priorityBroken = true;
+                ch.Close();
+                ch.Released.Set();
+            });
+            return;
+        }
+        var t = new Thread(() => PriorityLoop(ch)) { IsBackground = true, Name = "livemig-postcopy-answers" };
+        _priorityThread = t;
+        t.Start();
+        ResendOutstanding();
+    }
+
+    private void PriorityLoop(Channel ch)
+    {
+        byte* scratch = (byte*)NativeMemory.Alloc(GuestMemory.PageSize);
+        try
+        {
+            while (!ch.Broken)
+            {
+                var type = ch.Reader.Read(out var payload);
+                if (type != FrameType.PageBatch) throw new ProtocolException($"unexpected {type} on the page-request connection");
+                long n = PlaceBatch(payload, ch.Reader.FramesRead - 1, scratch, BasicPageDecoder.Instance);
+                Interlocked.Add(ref _placedFromRequests, n);
+            }
+        }
+        catch (Exception e) when (e is IOException or ProtocolException or ObjectDisposedException or SocketException)
+        {
+            Trace?.Invoke($"page-request reader: {e.GetType().Name}: {e.Message}");
+            if (!_finished) _priorityBroken = true;
+            ch.Close();
+        }
+        finally
+        {
+            NativeMemory.Free(scratch);
+            ch.Released.Set();
+        }
+    }
+
+    /// <summary>Places every page of one PageBatch not yet present; returns how many it placed.</summary>
+    private long PlaceBatch(ReadOnlySpan<byte> payload, long frameIndex, byte* scratch, IPageDecoder decoder)
+    {
+        var pager = _pager!;
+        long pageCount = pager.Memory.PageCount;
+        if (payload.Length < PageBatchWriter.BatchHeaderSize)
+            throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length} bytes is shorter than its header");
+        uint count = BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]);
+        int at = PageBatchWriter.BatchHeaderSize;
+        long placed = 0;
+        var target = new Span<byte>(scratch, GuestMemory.PageSize);
+        for (uint i = 0; i < count; i++)
+        {
+            if (payload.Length - at < PageBatchWriter.EntryHeaderSize)
+                throw new ProtocolException($"PageBatch (frame {frameIndex}): entry {i} of {count} is cut off at byte {at}");
+            ReadOnlySpan<byte> e = payload[at..];
+            uint page = BinaryPrimitives.ReadUInt32LittleEndian(e);
+            var encoding = (PageEncoding)e[4];
+            int length = BinaryPrimitives.ReadUInt16LittleEndian(e[6..]);
+            if (page >= pageCount) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: page {page} is outside guest memory of {pageCount} pages");
+            if (e[5] != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: reserved byte is {e[5]}");
+            at += PageBatchWriter.EntryHeaderSize;
+            if (payload.Length - at < length) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: payload of {length} bytes runs past the frame");
+            ReadOnlySpan<byte> data = payload.Slice(at, length);
+            at += length;
+            if (pager.Present.IsSet(page)) { Interlocked.Increment(ref _duplicates); continue; }
+            bool ok;
+            if (encoding == PageEncoding.Zero && length == 0) ok = pager.Place(page, ReadOnlySpan<byte>.Empty);
+            else
+            {
+                try { decoder.Decode(page, encoding, data, target); }
+                catch (ProtocolException bad) { throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: {bad.Message}"); }
+                ok = pager.Place(page, target);
+            }
+            if (ok) placed++; else Interlocked.Increment(ref _duplicates);
+        }
+        if (at != payload.Length) throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length - at} trailing bytes after {count} entries");
+        return placed;
+    }
+
+    // ---- the session ----------------------------------------------------------------------------
+
+    /// <summary>Runs the migration from PostCopyStart to the end; returns the arrived VM or throws <see cref="MigrationFailedException"/>.</summary>
+    public ArrivedVm Run(PostCopyHandover h, ReadOnlySpan<byte> startPayload)
+    {
+        var memory = h.Memory;
+        BuiltInVm? vm = null;
+        var main = new Channel(h.Stream, h.Reader, h.Frames, ChannelKind.Main);
+        lock (_lock) _currentMain = main;
+        long switchTs = Stopwatch.GetTimestamp(), resumedTs = 0;
+        long bytesBefore = 0;
+        bool readySent = false;
+        string? error = null;
+        bool? verified = null;
+        ulong hash = 0;
+        PostCopyEndMessage end = default;
+        Span<byte> small = stackalloc byte[128];
+        byte* scratch = (byte*)NativeMemory.Alloc(GuestMemory.PageSize);
+        try
+        {
+            var start = PostCopyStartMessage.Parse(startPayload);
+            if (start.Round != h.CurrentRound + 1) throw new ProtocolException($"PostCopyStart: round {start.Round} after round {h.CurrentRound}");
+            using var pending = new NativePageBitmap(memory.PageCount);
+            byte[] vmState;
+            while (true)
+            {
+                var type = main.Reader.Read(out var payload);
+                long frame = main.Reader.FramesRead - 1;
+                if (type == FrameType.Error) throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
+                if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, pending); continue; }
+                if (type != FrameType.VmState) throw new ProtocolException($"unexpected {type} (frame {frame}) after PostCopyStart");
+                if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
+                vmState = payload.ToArray();
+                break;
+            }
+            if (pending.Count() != start.PendingPages) throw new ProtocolException($"PostCopyStart announced {start.PendingPages} pending pages, the bitmap lists {pending.Count()}");
+
+            // Demand paging: present = everything not still to come.
+            var present = new NativePageBitmap(memory.PageCount);
+            for (long w = 0; w < present.WordCount; w++) present.SetWord(w, ~pending.Word(w));
+            lock (_lock)
+            {
+                _pager = CreatePager(memory, present, pending, h.Placer.Hashes);
+                memory.AttachPager(_pager);
+                if (_priority is { } ch && !ch.Broken) StartPriorityService(ch);
+            }
+
+            try { vm = BuiltInVm.Restore(memory, vmState, _options.DirtyLog); }
+            catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
+            main.Frames.Send(FrameType.Ready, small[..new ReadyMessage(0, 0).Write(small)]);
+            readySent = true;
+            LimitReceiveBuffer(main);
+
+            // Commit (or, if the connection breaks now, a reconnection: the source only comes back after Commit).
+            while (!_resumed)
+            {
+                try
+                {
+                    var type = main.Reader.Read(out var payload);
+                    if (type == FrameType.Error) throw new SourceAbort($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
+                    if (type != FrameType.Commit || payload.Length != 0) throw new ProtocolException($"expected Commit, got {type}");
+                    Resume(vm, main, ref resumedTs);
+                }
+                catch (Exception e) when (IsLinkFailure(e))
+                {
+                    bytesBefore += main.Reader.BytesRead;
+                    main = Recover(main, e, resumeOnAttach: vm, ref resumedTs);
+                }
+            }
+
+            // Post-copy: pushed pages on main until PostCopyEnd; requested pages on the other connection.
+            while (true)
+            {
+                try
+                {
+                    var type = main.Reader.Read(out var payload);
+                    long frame = main.Reader.FramesRead - 1;
+                    if (type == FrameType.Error) throw new SourceAbort($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
+                    if (type == FrameType.PageBatch)
+                    {
+                        Interlocked.Add(ref _placedFromPush, PlaceBatch(payload, frame, scratch, BasicPageDecoder.Instance));
+                        continue;
+                    }
+                    if (type != FrameType.PostCopyEnd) throw new ProtocolException($"unexpected {type} (frame {frame}) in post-copy");
+                    end = PostCopyEndMessage.Parse(payload);
+                    // Pushed pages are all here; answers to requests may still be on their way.
+                    if (!_pager!.WaitAllPresent(_options.IoTimeout, () => !_priorityBroken && !main.Broken))
+                        throw new IOException($"{_pager.Remaining} pages still missing after PostCopyEnd and the page-request connection {(_priorityBroken ? "failed" : "went quiet")}");
+                    // Every page is here: the kernel's fault path is no longer needed (holes now fault as zero pages).
+                    if (_pager is UffdDemandPager up) up.Stop();
+                    hash = _pager.CombineHashes();
+                    verified = end.Verify ? hash == end.SourceHash : null;
+                    var (p50, p99, max) = _pager.Latency.Summary();
+                    var doneMsg = new PostCopyDoneMessage(hash, _pager.Faults, (long)(p50 * 1000), (long)(p99 * 1000), (long)(max * 1000), _networkFaults);
+                    _finished = true;
+                    // Every page is here and checked: a lost PostCopyDone only costs the source its answer.
+                    try { main.Frames.Send(FrameType.PostCopyDone, small[..doneMsg.Write(small)]); }
+                    catch (Exception e) when (IsLinkFailure(e)) { }
+                    break;
+                }
+                catch (Exception e) when (IsLinkFailure(e) && !_finished)
+                {
+                    bytesBefore += main.Reader.BytesRead;
+                    main = Recover(main, e, resumeOnAttach: null, ref resumedTs);
+                }
+            }
+            if (verified == false) error = $"verification failed: pages as placed hash {hash:x16}, the source's paused memory {end.SourceHash:x16}";
+        }
+        catch (Exception e) when (e is not MigrationFailedException)
+        {
+            error = e.Message;
+            if (!_resumed)
+            {
+                // Never ran here: discard, and tell the source (it resumes its own copy).
+                if (!readySent || e is SourceAbort || e is RecoveryFailed) { }
+                if (e is ProtocolException) TrySendError(main.Frames, ErrorMessage.BadStream, e.Message);
+            }
+        }
+        finally
+        {
+            NativeMemory.Free(scratch);
+        }
+
+        // Tear down demand paging: every page is here (or never will be).
+        var pager = _pager;
+        Finish(error);
+        string? mode = pager?.Mode;
+        var (fp50, fp99, fmax) = pager?.Latency.Summary() ?? (0, 0, 0);
+        var report = new MigrationReport
+        {
+            MigrationId = _hello.MigrationId.ToString(),
+            Role = "destination",
+            Strategy = h.Rounds.Count > 0 ? "hybrid" : "postcopy",
+            Outcome = error is null ? "completed" : "failed",
+            Error = error,
+            Security = _options.Security.Mode,
+            VmName = _hello.VmName,
+            Workload = vm?.Workload.Spec.ToString() ?? "",
+            MemoryBytes = _hello.MemoryBytes,
+            Vcpus = vm?.VcpuCount ?? _hello.Vcpus,
+            DirtyLog = vm is not null && error is null ? vm.DirtyLog.Name : "",
+            StartedAt = h.Started,
+            TotalTimeMs = Stopwatch.GetElapsedTime(h.StartTimestamp).TotalMilliseconds,
+            DowntimeMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(switchTs, resumedTs).TotalMilliseconds : 0,
+            TimeToResumeMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(h.StartTimestamp, resumedTs).TotalMilliseconds : 0,
+            PostCopyMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(resumedTs).TotalMilliseconds : 0,
+            BytesOnWire = bytesBefore + main.Reader.BytesRead,
+            PagesByEncoding = h.Placer.Counters.PagesByName(),
+            PagesSent = h.Placer.PagesPlaced + Interlocked.Read(ref _placedFromPush) + Interlocked.Read(ref _placedFromRequests),
+            PagesPushed = Interlocked.Read(ref _placedFromPush),
+            PagesRequested = Interlocked.Read(ref _placedFromRequests),
+            Verified = verified,
+            DestinationHash = verified is null ? null : $"{hash:x16}",
+            SourceHash = verified is null ? null : $"{end.SourceHash:x16}",
+            NetworkFaults = _networkFaults,
+            Faults = pager?.Faults ?? 0,
+            FaultLatencyUs = new LatencySummary { P50 = fp50, P99 = fp99, Max = fmax },
+            DemandPaging = mode,
+            Rounds = h.Rounds,
+        };
+        if (error is not null)
+        {
+            if (!_resumed) vm?.Dispose();
+            else if (vm is not null) vm.Dispose(); // ran here with pages that can no longer come: its vCPUs stopped at the missing pages
+            if (vm is null) memory.Dispose();
+            throw new MigrationFailedException(error, report);
+        }
+        return new ArrivedVm(vm!, report);
+    }
+
+    /// <summary>A short queue of pushed pages in front of a page a vCPU waits for (PostCopyOptions.PushSocketBuffer).</summary>
+    private void LimitReceiveBuffer(Channel main)
+    {
+        if (_options.PostCopy.PushSocketBuffer <= 0 || main.Stream is not NetworkStream ns) return;
+        try { ns.Socket.ReceiveBufferSize = _options.PostCopy.PushSocketBuffer; } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
+    }
+
+    private void Resume(BuiltInVm vm, Channel main, ref long resumedTs)
+    {
+        _options.BeforeResume?.Invoke(vm);
+        vm.Resume();
+        resumedTs = Stopwatch.GetTimestamp();
+        _resumed = true;
+        // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
+        try { main.Frames.Send(FrameType.Resumed, []); } catch (Exception e) when (IsLinkFailure(e)) { }
+    }
+
+    private DemandPager CreatePager(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)
+    {
+        var mode = _options.PostCopy.Mode;
+        if (mode != DemandPagingMode.Portable)
+        {
+            bool rawSocket = _priority?.Stream is NetworkStream;
+            string? why = rawSocket ? null : "the page-request connection is not a plain TCP socket (TLS)";
+            if (why is null && UffdDemandPager.TryCreate(memory, present, pending, hashes, _options.PostCopy.CheckAccess, out var u, out why)) return u!;
+            if (mode == DemandPagingMode.Userfaultfd) throw new ProtocolException($"userfaultfd demand paging unavailable: {why}");
+        }
+        return new PortableDemandPager(memory, present, hashes, this);
+    }
+
+    /// <summary>
+    /// After a connection failure: close both connections, keep the faulting vCPUs waiting, wait
+    /// for the source to reconnect, tell it which pages are here. Throws <see cref="RecoveryFailed"/> on timeout.
+    /// </summary>
+    private Channel Recover(Channel broken, Exception cause, BuiltInVm? resumeOnAttach, ref long resumedTs)
+    {
+        _networkFaults++;
+        Trace?.Invoke($"recover: {cause.GetType().Name}: {cause.Message}");
+        broken.Close();
+        broken.Released.Set();
+        Channel? priority;
+        lock (_sendLock) { priority = _priority; _priority = null; _priorityBroken = true; }
+        ClosePriority(priority);
+        _priorityThread?.Join();
+        priority?.Released.Set();
+        long deadline = Stopwatch.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * Stopwatch.Frequency);
+        while (true)
+        {
+            Channel? next = null;
+            lock (_lock)
+            {
+                if (_reopenedMain is { } r) { next = r; _reopenedMain = null; _currentMain = r; _mainArrived.Reset(); }
+            }
+            if (next is not null)
+            {
+                try
+                {
+                    if (resumeOnAttach is not null && !_resumed) Resume(resumeOnAttach, next, ref resumedTs); // the source reconnects only after Commit
+                    PageBitmapChunks.Send(next.Frames, _pager!.Present);
+                    Span<byte> buf = stackalloc byte[8];
+                    next.Frames.Send(FrameType.Attached, buf[..new AttachedMessage(ChannelKind.Main, _resumed).Write(buf)]);
+                    LimitReceiveBuffer(next);
+                    return next;
+                }
+                catch (Exception e) when (IsLinkFailure(e))
+                {
+                    next.Close();
+                    next.Released.Set();
+                    continue;
+                }
+            }
+            long left = deadline - Stopwatch.GetTimestamp();
+            if (left <= 0)
+                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s");
+            _mainArrived.Wait(TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / Stopwatch.Frequency)));
+        }
+    }
+
+    /// <summary>Ends demand paging and lets every connection go.</summary>
+    private void Finish(string? error)
+    {
+        _finished = true;
+        Unregister();
+        var pager = _pager;
+        if (pager is not null)
+        {
+            if (error is not null) pager.Abandon(error);
+            pager.Memory.AttachPager(null);
+        }
+        Channel? p, m, r;
+        lock (_sendLock) { p = _priority; _priority = null; }
+        lock (_lock) { m = _currentMain; r = _reopenedMain; _reopenedMain = null; }
+        if (pager is UffdDemandPager u) u.Stop();
+        // The source closes the page-request connection when it has the final answer; do not wait for it.
+        ClosePriority(p);
+        _priorityThread?.Join();
+        p?.Released.Set();
+        m?.Released.Set();
+        r?.Close();
+        r?.Released.Set();
+    }
+
+    /// <summary>Closes a page-request connection; with userfaultfd, only once the native thread no longer uses its socket.</summary>
+    private void ClosePriority(Channel? ch)
+    {
+        if (ch is null) return;
+        if (_pager is UffdDemandPager u) u.Release(ch.Stream);
+        ch.Close();
+    }
+
+    private static bool IsLinkFailure(Exception e) => e is IOException or ProtocolException or SocketException or ObjectDisposedException;
+
+    private static void TrySendError(FrameWriter frames, ushort code, string text)
+    {
+        try
+        {
+            if (frames.IsOpen) frames.Abandon();
+            Span<byte> buf = stackalloc byte[4100];
+            frames.Send(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]);
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException or SocketException) { }
+    }
+
+    private sealed class SourceAbort(string message) : Exception(message);
+    private sealed class RecoveryFailed(string message) : Exception(message);
+}

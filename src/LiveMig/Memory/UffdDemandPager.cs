@@ -1,0 +1,287 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using LiveMig.Linux;
+using static LiveMig.Linux.Userfaultfd;
+
+namespace LiveMig.Memory;
+
+/// <summary>
+/// Demand paging with the kernel's help: the guest mapping is registered with userfaultfd in
+/// MISSING mode, so any access to a page that has not arrived — through the vCPU access path or
+/// a raw pointer anywhere — faults, and the fault is resolved by the native helper
+/// (native/uffd_serve.c) on its own pthread: it reads the fault, sends the page request on the
+/// page-request connection (whose socket it owns while attached), receives the page and places
+/// it with UFFDIO_COPY (UFFDIO_ZEROPAGE for zero pages). No managed code is on that path, so a
+/// garbage collection can never deadlock with a faulting thread (shared/field-notes.md). Pushed
+/// pages are placed from managed code with UFFDIO_COPY too (that thread never faults); the
+/// kernel arbitrates between the two (EEXIST: already there).
+/// With <c>checkAccess</c> the vCPU access path also looks at the present bitmap and takes a
+/// missing page through madvise(MADV_POPULATE_WRITE): the fault then happens inside a system
+/// call, where the thread is preemptive, so even while the connection is down (faults pending
+/// for a long time) a collection never waits for a vCPU.
+/// </summary>
+public sealed unsafe class UffdDemandPager : DemandPager
+{
+    private const string Lib = "livemig_uffd";
+    private const int LatencyCapacity = 1 << 20;
+    private const ulong UFFD_FEATURE_MISSING_SHMEM = 1UL << 5;
+    private const ulong UFFDIO_COPY = 0xC028AA03, UFFDIO_ZEROPAGE = 0xC020AA04;
+    private const int EFD_CLOEXEC = 0x80000;
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct UffdioCopy { public ulong Dst, Src, Len, Mode; public long Copy; }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct UffdioZeropage { public UffdioRange Range; public ulong Mode; public long Zeropage; }
+
+    /// <summary>Mirrors lm_uffd_ctx in native/uffd_serve.c.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    private struct Ctx
+    {
+        public long Uffd, Ctl, Notify;
+        public ulong Base, PageCount;
+        public ulong* Present;
+        public ulong* Hashes;
+        public long* LatNs;
+        public ulong LatCap;
+        public long NextSock;
+        public ulong SockGen, SockAck;
+        public long Stop, Abandon;
+        public long Sock;
+        public ulong LatCount, Faults, ZeroFaults, Requests, Placed, Eexist, FramesIn, Dropped, Errors;
+        public ulong Thread;
+        public fixed byte Error[256];
+        public fixed byte Why[256];
+    }
+
+    [DllImport(Lib)] private static extern int lm_uffd_start(Ctx* c);
+    [DllImport(Lib)] private static extern void lm_uffd_set_socket(Ctx* c, long sock);
+    [DllImport(Lib)] private static extern void lm_uffd_release_socket(Ctx* c, long sock);
+    [DllImport(Lib)] private static extern void lm_uffd_abandon(Ctx* c);
+    [DllImport(Lib)] private static extern int lm_uffd_wait(Ctx* c, int timeoutMs);
+    [DllImport(Lib)] private static extern void lm_uffd_stop(Ctx* c);
+    [DllImport(Lib)] private static extern long lm_uffd_ctx_size();
+    [DllImport("libc", SetLastError = true)] private static extern int eventfd(uint initval, int flags);
+
+    [ThreadStatic] private static byte* t_bounce;
+
+    private Ctx* _ctx;
+    private readonly bool _checkAccess;
+    private readonly Thread _watcher;
+    private volatile bool _stopped;
+    private Action? _onBroken;
+    private readonly Lock _connLock = new();
+
+    private UffdDemandPager(GuestMemory memory, NativePageBitmap present, PageHashes? hashes, bool checkAccess, int uffd)
+        : base(memory, present, hashes)
+    {
+        _checkAccess = checkAccess;
+        _ctx = (Ctx*)NativeMemory.AllocZeroed((nuint)sizeof(Ctx));
+        _ctx->Uffd = uffd;
+        _ctx->Ctl = eventfd(0, EFD_CLOEXEC);
+        _ctx->Notify = eventfd(0, EFD_CLOEXEC);
+        _ctx->Base = (ulong)memory.Base;
+        _ctx->PageCount = (ulong)memory.PageCount;
+        _ctx->Present = present.Words;
+        _ctx->Hashes = Hashes;
+        _ctx->LatNs = (long*)NativeMemory.Alloc(LatencyCapacity * sizeof(long));
+        _ctx->LatCap = LatencyCapacity;
+        _ctx->NextSock = -1;
+        _ctx->Sock = -1;
+        if (_ctx->Ctl < 0 || _ctx->Notify < 0) throw new IOException($"eventfd failed: {Native.ErrorText(Marshal.GetLastPInvokeError())}");
+        int r = lm_uffd_start(_ctx);
+        if (r != 0) throw new IOException($"cannot start the fault-service thread: {Native.ErrorText(-r)}");
+        _watcher = new Thread(Watch) { IsBackground = true, Name = "livemig-uffd-watch" };
+        _watcher.Start();
+    }
+
+    public override string Mode => "userfaultfd";
+
+    public override long Remaining => base.Remaining - (long)Volatile.Read(ref _ctx->Placed);
+
+    /// <summary>Why the native thread last dropped its connection.</summary>
+    public string? DropReason => Marshal.PtrToStringUTF8((nint)_ctx->Why);
+
+    /// <summary>Faults the native thread saw, requests it sent, pages it placed, faults on zero pages it filled itself.</summary>
+    public (long Faults, long Requests, long Placed, long ZeroFaults, long Dropped, string? Error) NativeCounters =>
+        ((long)_ctx->Faults, (long)_ctx->Requests, (long)_ctx->Placed, (long)_ctx->ZeroFaults, (long)_ctx->Dropped,
+         _ctx->Errors == 0 ? null : Marshal.PtrToStringUTF8((nint)_ctx->Error));
+
+    private static readonly Lazy<string?> LibraryProblem = new(() =>
+    {
+        if (!OperatingSystem.IsLinux()) return "not Linux";
+        string path = Path.Combine(AppContext.BaseDirectory, "liblivemig_uffd.so");
+        if (!NativeLibrary.TryLoad(path, out _)) return $"native helper {path} is missing (it is built with gcc and libxxhash0: scripts/install-deps.sh)";
+        try { return lm_uffd_ctx_size() == sizeof(Ctx) ? null : "native helper has a different layout than this build"; }
+        catch (DllNotFoundException e) { return e.Message; }
+    });
+
+    /// <summary>
+    /// Registers <paramref name="memory"/> with userfaultfd (MISSING) after discarding the stale
+    /// content of the pages still to come, and starts the native fault-service thread (no
+    /// connection yet: <see cref="ServeConnection"/>).
+    /// </summary>
+    public static bool TryCreate(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes, bool checkAccess, out UffdDemandPager? pager, out string? why)
+    {
+        pager = null;
+        why = LibraryProblem.Value;
+        if (why is not null) return false;
+        // Not UFFD_USER_MODE_ONLY: the access path's madvise faults from the kernel.
+        int fd = (int)Native.syscall(Native.SYS_userfaultfd, Native.O_CLOEXEC | Native.O_NONBLOCK);
+        if (fd < 0) { why = $"userfaultfd: {Native.ErrorText(Native.Errno)} (needs root or vm.unprivileged_userfaultfd=1)"; return false; }
+        bool ok = false;
+        try
+        {
+            var api = new UffdioApi { Api = UFFD_API, Features = UFFD_FEATURE_MISSING_SHMEM };
+            if (Native.ioctl(fd, UFFDIO_API, &api) != 0) { why = $"UFFDIO_API (MISSING_SHMEM): {Native.ErrorText(Native.Errno)}"; return false; }
+            // Pages still to come may hold an older copy (hybrid): make them holes, so they fault.
+            foreach (var (first, count) in memory.DataExtents())
+            {
+                for (long p = pending.NextSet(first); p >= 0 && p < first + count;)
+                {
+                    long end = p;
+                    while (end + 1 < first + count && pending.IsSet(end + 1)) end++;
+                    if (Native.fallocate(memory.FileDescriptor, Native.FALLOC_FL_PUNCH_HOLE | Native.FALLOC_FL_KEEP_SIZE, p << GuestMemory.PageShift, (end - p + 1) << GuestMemory.PageShift) != 0)
+                    { why = $"fallocate(PUNCH_HOLE): {Native.ErrorText(Native.Errno)}"; return false; }
+                    p = pending.NextSet(end + 1);
+                }
+            }
+            var reg = new UffdioRegister { Range = new UffdioRange { Start = (ulong)memory.Base, Len = (ulong)memory.Size }, Mode = UFFDIO_REGISTER_MODE_MISSING };
+            if (Native.ioctl(fd, UFFDIO_REGISTER, &reg) != 0) { why = $"UFFDIO_REGISTER(MISSING): {Native.ErrorText(Native.Errno)}"; return false; }
+            const ulong need = (1UL << 3) | (1UL << 4); // _UFFDIO_COPY, _UFFDIO_ZEROPAGE
+            if ((reg.Ioctls & need) != need)
+            {
+                Native.ioctl(fd, UFFDIO_UNREGISTER, &reg.Range);
+                why = "this kernel offers no UFFDIO_COPY/UFFDIO_ZEROPAGE on shared memory";
+                return false;
+            }
+            pager = new UffdDemandPager(memory, present, hashes, checkAccess, fd);
+            ok = true;
+            return true;
+        }
+        finally
+        {
+            if (!ok) Native.close(fd);
+        }
+    }
+
+    /// <summary>Gives the native thread the page-request connection; <paramref name="onBroken"/> runs (on a managed thread) if it fails.</summary>
+    public void ServeConnection(Stream stream, Action onBroken)
+    {
+        if (stream is not NetworkStream ns) throw new ArgumentException("userfaultfd demand paging needs a plain TCP socket", nameof(stream));
+        lock (_connLock)
+        {
+            Volatile.Write(ref _onBroken, onBroken);
+            lm_uffd_set_socket(_ctx, (long)ns.Socket.Handle);
+        }
+    }
+
+    /// <summary>Makes the native thread stop using <paramref name="stream"/>'s socket, if it does; then the stream may be closed.</summary>
+    public void Release(Stream stream)
+    {
+        if (stream is not NetworkStream ns || _stopped) return;
+        nint fd;
+        try { fd = ns.Socket.Handle; } catch (ObjectDisposedException) { return; }
+        lock (_connLock) lm_uffd_release_socket(_ctx, fd);
+    }
+
+    private void Watch()
+    {
+        while (!_stopped)
+        {
+            if (lm_uffd_wait(_ctx, 500) == 0) continue;
+            if (Volatile.Read(ref _ctx->Sock) < 0) Interlocked.Exchange(ref _onBroken, null)?.Invoke();
+        }
+    }
+
+    public override void Fault(long page)
+    {
+        // Raw mode: the access itself faults and the kernel blocks it until the native thread places the page.
+        if (!_checkAccess) return;
+        long t0 = Stopwatch.GetTimestamp();
+        nint addr = (nint)(Memory.Base + (page << GuestMemory.PageShift));
+        var spin = new SpinWait();
+        while (!Present.IsSet(page))
+        {
+            if (IsAbandoned) throw new PageUnavailableException($"guest page {page} cannot arrive: the migration was abandoned");
+            // The fault is taken inside this call (preemptive: a GC does not wait for it) and resolved by the native thread.
+            if (Native.madvise(addr, GuestMemory.PageSize, Native.MADV_POPULATE_WRITE) != 0)
+            {
+                int e = Native.Errno;
+                if (e is not (Native.EINTR or Native.EAGAIN)) throw new IOException($"madvise(POPULATE_WRITE) of guest page {page}: {Native.ErrorText(e)}");
+                continue;
+            }
+            // Mapped now. If the bit is not set yet, the pusher is between its copy and the bit (or we were abandoned).
+            spin.SpinOnce(sleep1Threshold: -1);
+        }
+        Latency.Record(Stopwatch.GetTimestamp() - t0);
+    }
+
+    public override bool Place(long page, ReadOnlySpan<byte> content)
+    {
+        if (Present.IsSet(page)) return false;
+        ulong dst = (ulong)Memory.Base + ((ulong)page << GuestMemory.PageShift);
+        while (true)
+        {
+            int r;
+            if (content.IsEmpty)
+            {
+                var z = new UffdioZeropage { Range = new UffdioRange { Start = dst, Len = GuestMemory.PageSize } };
+                r = Native.ioctl((int)_ctx->Uffd, UFFDIO_ZEROPAGE, &z);
+            }
+            else
+            {
+                byte* bounce = t_bounce;
+                if (bounce == null) t_bounce = bounce = (byte*)NativeMemory.AlignedAlloc(GuestMemory.PageSize, GuestMemory.PageSize);
+                content.CopyTo(new Span<byte>(bounce, GuestMemory.PageSize));
+                var c = new UffdioCopy { Dst = dst, Src = (ulong)bounce, Len = GuestMemory.PageSize };
+                r = Native.ioctl((int)_ctx->Uffd, UFFDIO_COPY, &c);
+            }
+            if (r == 0) break;
+            int e = Native.Errno;
+            if (e == Native.EEXIST) return false; // the native thread placed it first
+            if (e is Native.EAGAIN or Native.EINTR) continue;
+            throw new IOException($"placing guest page {page} (UFFDIO_{(content.IsEmpty ? "ZEROPAGE" : "COPY")}): {Native.ErrorText(e)}");
+        }
+        RecordHash(page, content);
+        Present.Set(page);
+        OnPlaced(1);
+        return true;
+    }
+
+    public override void Abandon(string why)
+    {
+        base.Abandon(why);
+        if (!_stopped) lm_uffd_abandon(_ctx);
+    }
+
+    /// <summary>Stops the native thread, adds its latencies, unregisters the memory (from now on holes fault as zero pages).</summary>
+    public void Stop()
+    {
+        if (_stopped) return;
+        _stopped = true;
+        lm_uffd_stop(_ctx);
+        _watcher.Join();
+        int n = (int)Math.Min(_ctx->LatCount, _ctx->LatCap);
+        Latency.RecordNanoseconds(new ReadOnlySpan<long>(_ctx->LatNs, n));
+        var range = new UffdioRange { Start = (ulong)Memory.Base, Len = (ulong)Memory.Size };
+        Native.ioctl((int)_ctx->Uffd, UFFDIO_UNREGISTER, &range);
+        Native.close((int)_ctx->Uffd);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        Stop();
+        Ctx* c = _ctx;
+        _ctx = null;
+        if (c != null)
+        {
+            Native.close((int)c->Ctl);
+            Native.close((int)c->Notify);
+            NativeMemory.Free(c->LatNs);
+            NativeMemory.Free(c);
+        }
+        base.Dispose(disposing);
+    }
+}

@@ -1,0 +1,460 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using LiveMig.Engine;
+using LiveMig.Memory;
+using LiveMig.Policies;
+using LiveMig.Protocol;
+using LiveMig.Reporting;
+using LiveMig.Transport;
+using LiveMig.Vm;
+using Xunit.Abstractions;
+
+namespace LiveMig.Tests;
+
+/// <summary>A destination agent on loopback and a post-copy or hybrid source, in one process.</summary>
+internal sealed class PostCopyLoopback : IDisposable
+{
+    private readonly TaskCompletionSource<ArrivedVm> _arrived = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource<MigrationFailedException> _failed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public PostCopyLoopback(DestinationOptions? options = null)
+    {
+        Listener = new MigrationListener(IPAddress.Loopback, 0, options ?? new DestinationOptions());
+        Listener.Arrived += a => _arrived.TrySetResult(a);
+        Listener.Failed += f => _failed.TrySetResult(f);
+        Listener.Start();
+    }
+
+    public MigrationListener Listener { get; }
+    public int Port => Listener.Port;
+
+    /// <summary>A plain TCP connection to the agent (for connectors that wrap it).</summary>
+    public Stream Connect()
+    {
+        var s = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+        s.Connect(IPAddress.Loopback, Port);
+        return new NetworkStream(s, ownsSocket: true);
+    }
+
+    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions options, Func<ChannelKind, int, Stream>? connector = null, IMigrationObserver? observer = null)
+    {
+        var engine = new PostCopyMigration(vm, options, observer) { Connector = connector };
+        var report = engine.MigrateTo("127.0.0.1", Port);
+        Assert.True(_arrived.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report the arrival");
+        return (report, _arrived.Task.Result);
+    }
+
+    public ArrivedVm WaitArrived()
+    {
+        Assert.True(_arrived.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report the arrival");
+        return _arrived.Task.Result;
+    }
+
+    public MigrationFailedException DestinationFailure()
+    {
+        Assert.True(_failed.Task.Wait(TimeSpan.FromSeconds(30)), "destination did not report a failure");
+        return _failed.Task.Result;
+    }
+
+    public void Dispose() => Listener.Dispose();
+}
+
+public class PostCopyTests(ITestOutputHelper output)
+{
+    private static MigrationOptions PostCopy(long bandwidth = 0) => new() { Strategy = MigrationStrategy.PostCopy, BandwidthLimit = bandwidth };
+
+    private static DestinationOptions Portable => new() { PostCopy = new() { Mode = DemandPagingMode.Portable } };
+
+    private static void CheckVerified(MigrationReport src, ArrivedVm arrived)
+    {
+        Assert.Equal("completed", src.Outcome);
+        Assert.True(src.Verified, src.Error);
+        Assert.NotNull(src.SourceHash);
+        Assert.Equal(src.SourceHash, src.DestinationHash);
+        Assert.Equal(src.SourceHash, arrived.Report.SourceHash);
+        Assert.Equal(src.SourceHash, arrived.Report.DestinationHash);
+        Assert.True(arrived.Report.Verified);
+        Assert.Equal(src.MigrationId, arrived.Report.MigrationId);
+    }
+
+    [Fact]
+    public void Postcopy_idle_vm_resumes_before_its_pages_and_arrives_whole()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Mixed, Seed = 9 });
+        vm.Start();
+        ulong before = vm.Memory.ComputeHash();
+        long populated = vm.Memory.PopulatedPages();
+        var (src, arrived) = loop.Migrate(vm, PostCopy());
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("postcopy", src.Strategy);
+        Assert.Equal("immediate", src.StopReason);
+        Assert.Empty(src.Rounds);
+        Assert.Equal(before.ToString("x16"), src.SourceHash);
+        // Idle: nothing wrote on the destination, so its memory is the source's exactly.
+        Assert.Equal(before, arrived.Vm.Memory.ComputeHash());
+        Assert.Equal(populated, src.PagesPushed + src.PagesRequested);
+        Assert.Equal(src.PagesPushed, arrived.Report.PagesPushed);
+        Assert.Equal(src.PagesRequested, arrived.Report.PagesRequested);
+        Assert.Equal("portable", arrived.Report.DemandPaging);
+        Assert.True(src.DowntimeMs > 0 && src.TimeToResumeMs <= src.TotalTimeMs);
+        Assert.Equal(VmRunState.Stopped, vm.State);
+        Assert.Null(arrived.Vm.Memory.Pager);
+    }
+
+    [Fact]
+    public void Postcopy_sweep_guest_faults_on_missing_pages_and_its_invariant_holds()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 5 });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        // A capped link: the guest sweeps faster than the push, so it faults on pages not yet pushed.
+        var (src, arrived) = loop.Migrate(vm, PostCopy(bandwidth: 48L << 20));
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.True(src.Faults > 0, "the guest never faulted");
+        Assert.True(src.PagesRequested > 0);
+        Assert.True(src.FaultLatencyUs!.P50 > 0 && src.FaultLatencyUs.Max >= src.FaultLatencyUs.P99);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
+    [Fact]
+    public void Hybrid_runs_precopy_rounds_then_switches_and_verifies()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=50000,range=25%", Fill = MemoryFill.Mixed, Seed = 7 });
+        vm.Start();
+        var options = new MigrationOptions { Strategy = MigrationStrategy.Hybrid, BandwidthLimit = 128L << 20, PostCopy = new() { Hybrid = new() { MaxRounds = 2 } } };
+        var (src, arrived) = loop.Migrate(vm, options);
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("hybrid", src.Strategy);
+        Assert.Equal("hybrid", arrived.Report.Strategy);
+        Assert.Equal(2, src.Rounds.Count);
+        Assert.Equal("round-budget", src.StopReason);
+        Assert.True(src.PagesPushed + src.PagesRequested > 0);
+        // Post-copy sent only what was dirty at the switch, far less than all of memory.
+        Assert.True(src.PagesPushed + src.PagesRequested < vm.Memory.PageCount / 2);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    [Fact]
+    public void Postcopy_zero_pages_arrive_as_markers_and_holes_are_never_sent()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Zero, Seed = 1 });
+        // A few written pages, some written back to zero (populated but zero: sent as markers).
+        for (long p = 0; p < 64; p++) { vm.Memory.Page(p * 7)[5] = (byte)(p + 1); if (p % 2 == 0) vm.Memory.Page(p * 7).Clear(); }
+        vm.Start();
+        ulong before = vm.Memory.ComputeHash();
+        var (src, arrived) = loop.Migrate(vm, PostCopy());
+        CheckVerified(src, arrived);
+        Assert.Equal(before, arrived.Vm.Memory.ComputeHash());
+        Assert.Equal(64, src.PagesPushed + src.PagesRequested);
+        Assert.Equal(32, src.PagesByEncoding["raw"]);
+        Assert.Equal(vm.Memory.PageCount - 32, src.PagesByEncoding["zero"]);
+        Assert.Equal(32L * 4096, src.Bytes.PageData);
+    }
+
+    [Theory]
+    [InlineData(DemandPagingMode.Portable, ChannelKind.Main)]
+    [InlineData(DemandPagingMode.Portable, ChannelKind.Priority)]
+    [InlineData(DemandPagingMode.Userfaultfd, ChannelKind.Main)]
+    [InlineData(DemandPagingMode.Userfaultfd, ChannelKind.Priority)]
+    public void Postcopy_survives_a_broken_connection_and_finishes_verified(DemandPagingMode mode, ChannelKind broken)
+    {
+        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = mode } });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=10000", Fill = MemoryFill.Mixed, Seed = 13 });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 5_000);
+        FaultInjectingStream? injected = null;
+        Stream Connect(ChannelKind kind, int attempt)
+        {
+            var s = loop.Connect();
+            // The first connection of the kind under test dies after 1 MiB: inside the background push
+            // (main), or after a few hundred answers to faults (page requests).
+            if (kind == broken && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = broken == ChannelKind.Main ? 1L << 20 : 64L << 10 });
+            return s;
+        }
+        var (src, arrived) = loop.Migrate(vm, PostCopy(bandwidth: 64L << 20), Connect, new PhaseLog(output));
+        output.WriteLine(src.ToJson(indented: true));
+        Assert.True(injected!.Triggered);
+        CheckVerified(src, arrived);
+        Assert.Equal(1, src.NetworkFaults);
+        Assert.Equal(1, arrived.Report.NetworkFaults);
+        Assert.Equal(mode == DemandPagingMode.Portable ? "portable" : "userfaultfd", arrived.Report.DemandPaging);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    private sealed class PhaseLog(ITestOutputHelper output) : IMigrationObserver
+    {
+        public void Phase(string phase) => output.WriteLine($"{Stopwatch.GetTimestamp() / (Stopwatch.Frequency / 1000)} ms: {phase}");
+    }
+
+    /// <summary>Forces garbage collections back to back on its own thread until disposed.</summary>
+    private sealed class GcStorm : IDisposable
+    {
+        private volatile bool _stop;
+        private readonly Thread _thread;
+        public int Collections;
+
+        public GcStorm()
+        {
+            _thread = new Thread(() => { while (!_stop) { GC.Collect(); Collections++; } }) { IsBackground = true, Name = "gc-storm" };
+            _thread.Start();
+        }
+
+        public void Dispose() { _stop = true; _thread.Join(); }
+    }
+
+    /// <summary>Runs <paramref name="body"/> on its own thread; a hang fails the test instead of the run.</summary>
+    private static T Bounded<T>(Func<T> body, TimeSpan limit, string what)
+    {
+        T result = default!;
+        Exception? failure = null;
+        var t = new Thread(() => { try { result = body(); } catch (Exception e) { failure = e; } }) { IsBackground = true };
+        t.Start();
+        Assert.True(t.Join(limit), $"{what} did not finish within {limit.TotalSeconds} s (hang)");
+        if (failure is not null) throw new Xunit.Sdk.XunitException($"{what} failed: {failure}");
+        return result;
+    }
+
+    private static DestinationOptions Uffd(bool checkAccess = true) => new() { PostCopy = new() { Mode = DemandPagingMode.Userfaultfd, CheckAccess = checkAccess } };
+
+    [Fact]
+    public void Userfaultfd_serves_concurrent_vcpu_faults_while_collections_run_and_verifies()
+    {
+        using var loop = new PostCopyLoopback(Uffd());
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 17 });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        using var storm = new GcStorm();
+        var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 24L << 20)), TimeSpan.FromSeconds(30), "post-copy under GC stress");
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
+        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
+        Assert.True(storm.Collections > 10);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
+    /// <summary>
+    /// The hazard test: vCPU accesses are left to the kernel (no check on the access path), so each
+    /// missing page is a raw fault inside managed code, resolved by the native thread, while another
+    /// thread forces collections back to back. The source runs in its own process (the CLI), as it
+    /// does in production, so no managed thread of this process is on the path that resolves a fault.
+    /// </summary>
+    [Fact]
+    [Trait("Category", "Heavy")] // two processes; 10–25 s on a loaded 2-core machine
+    public void Userfaultfd_raw_faults_in_managed_code_survive_continuous_collections()
+    {
+        using var loop = new PostCopyLoopback(Uffd(checkAccess: false));
+        using var storm = new GcStorm();
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"), "migrate", "--to", $"127.0.0.1:{loop.Port}", "--strategy", "postcopy",
+                     "--memory", "64MiB", "--vcpus", "2", "--workload", "sweep:rate=0", "--fill", "mixed", "--seed", "3", "--warmup", "0s", "--bandwidth", "64MiB/s", "--json" })
+            psi.ArgumentList.Add(a);
+        using var source = Process.Start(psi)!;
+        string errors = "";
+        var stderrReader = new Thread(() => errors = source.StandardError.ReadToEnd()) { IsBackground = true };
+        stderrReader.Start();
+        string json = Bounded(() => source.StandardOutput.ReadToEnd(), TimeSpan.FromSeconds(40), "the source process");
+        Assert.True(source.WaitForExit(10_000));
+        stderrReader.Join(5000);
+        Assert.True(source.ExitCode == 0, $"source exited {source.ExitCode}: {json} {errors}");
+        var src = MigrationReport.FromJson(json);
+        var arrived = loop.WaitArrived();
+        output.WriteLine(json);
+        CheckVerified(src, arrived);
+        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
+        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
+        Assert.True(storm.Collections > 10);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
+    [Fact]
+    public void Userfaultfd_pager_fills_zero_holes_itself_and_places_each_page_once()
+    {
+        using var memory = GuestMemory.Create(64 * GuestMemory.PageSize, "uffd-unit");
+        memory.Page(10)[0] = 7; // populated, and still to come: its stale copy must go
+        var pending = new NativePageBitmap(memory.PageCount);
+        var present = new NativePageBitmap(memory.PageCount);
+        for (long p = 0; p < 64; p++) { if (p >= 8 && p < 16) pending.Set(p); else present.Set(p); }
+        Assert.True(UffdDemandPager.TryCreate(memory, present, pending, null, checkAccess: true, out var pager, out string? why), why);
+        memory.AttachPager(pager);
+        int zero = -1, placed = -1;
+        Bounded(() =>
+        {
+            // A hole that is present (its final content is zero): the native thread fills it, no connection needed.
+            unsafe { zero = memory.GuestPointer(40)[123]; memory.GuestPointer(41)[5] = 9; }
+            return 0;
+        }, TimeSpan.FromSeconds(10), "a read of a zero hole");
+        Assert.Equal(0, zero);
+        Assert.Equal(0, pager!.NativeCounters.Requests);
+        // A missing page blocks its reader until it is placed (here by the "push"), and is placed once.
+        var reader = new Thread(() => { unsafe { placed = memory.GuestPointer(10)[0]; } });
+        reader.Start();
+        SpinWait.SpinUntil(() => pager.NativeCounters.Faults >= 3, TimeSpan.FromSeconds(10));
+        Assert.True(reader.IsAlive);
+        var content = new byte[GuestMemory.PageSize];
+        content[0] = 42;
+        Assert.True(pager.Place(10, content));
+        Assert.False(pager.Place(10, new byte[GuestMemory.PageSize]));
+        Assert.True(reader.Join(TimeSpan.FromSeconds(10)));
+        Assert.Equal(42, placed);
+        Assert.True(pager.Place(11, ReadOnlySpan<byte>.Empty)); // a zero page placed by UFFDIO_ZEROPAGE
+        Assert.Equal(6, pager.Remaining);
+        pager.Abandon("test");
+        pager.Stop();
+        memory.AttachPager(null);
+        Assert.Equal(0, memory.Page(11)[0]);
+        Assert.Equal(9, memory.Page(41)[5]);
+    }
+
+    [Theory]
+    [InlineData(MigrationStrategy.PostCopy)]
+    [InlineData(MigrationStrategy.Hybrid)]
+    public async Task Kv_store_and_its_client_survive_post_copy(MigrationStrategy strategy)
+    {
+        using var endpoint = new LiveMig.Workloads.KvEndpoint();
+        using var loop = new PostCopyLoopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(v.Workload as LiveMig.Workloads.KvWorkload) });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "kv:keys=4096", Seed = 21, Fill = MemoryFill.Mixed });
+        endpoint.Attach((LiveMig.Workloads.KvWorkload)vm.Workload);
+        vm.Start();
+        using var client = new LiveMig.Workloads.KvClient(endpoint.EndPoint, new LiveMig.Workloads.KvClientOptions { Keys = 2048, Seed = 4 });
+        client.Start();
+        await client.WaitForCompletedAsync(2000);
+        long t0 = Stopwatch.GetTimestamp();
+        var (src, arrived) = loop.Migrate(vm, new MigrationOptions { Strategy = strategy, BandwidthLimit = 64L << 20 });
+        long t1 = Stopwatch.GetTimestamp();
+        await client.WaitForCompletedAsync(client.Completed + 2000);
+        var stats = await client.StopAsync();
+        var during = client.GetStats(t0, t1);
+        output.WriteLine($"{strategy}: {src.ToJson()}\nclient during: {during}");
+        CheckVerified(src, arrived);
+        Assert.Null(stats.Failure);
+        Assert.Equal(0, stats.Errors);
+        Assert.Equal(0, stats.Mismatches); // every GET after the move returned what was PUT before it
+        Assert.True(during.Count > 0);
+        Assert.Same(arrived.Vm.Workload, endpoint.Target);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    // ---- units -------------------------------------------------------------------------------
+
+    private sealed class ScriptedRequester : IPageRequester
+    {
+        public readonly System.Collections.Concurrent.BlockingCollection<long> Requests = new();
+        public void Request(long page) => Requests.Add(page);
+    }
+
+    [Fact]
+    public void Portable_pager_blocks_a_vcpu_on_a_missing_page_until_it_is_placed()
+    {
+        using var memory = GuestMemory.Create(64 * GuestMemory.PageSize, "pc-unit");
+        var present = new NativePageBitmap(memory.PageCount);
+        for (long p = 0; p < 32; p++) present.Set(p); // pages 32.. are missing
+        var requester = new ScriptedRequester();
+        var pager = new PortableDemandPager(memory, present, null, requester);
+        memory.AttachPager(pager);
+        Assert.Equal(32, pager.Remaining);
+        unsafe
+        {
+            // A present page: no request.
+            memory.GuestPointer(3)[0] = 1;
+            Assert.Empty(requester.Requests);
+        }
+        int read = -1;
+        var vcpu = new Thread(() => { unsafe { read = memory.GuestPage(40)[17]; } });
+        vcpu.Start();
+        Assert.True(requester.Requests.TryTake(out long asked, TimeSpan.FromSeconds(10)));
+        Assert.Equal(40, asked);
+        Assert.True(vcpu.IsAlive);
+        var content = new byte[GuestMemory.PageSize];
+        content[17] = 99;
+        Assert.True(pager.Place(40, content));
+        Assert.False(pager.Place(40, new byte[GuestMemory.PageSize])); // placed once: a second copy never overwrites
+        Assert.True(vcpu.Join(TimeSpan.FromSeconds(10)));
+        Assert.Equal(99, read);
+        Assert.Equal(1, pager.Faults);
+        Assert.Equal(31, pager.Remaining);
+        // Abandoned: a vCPU waiting for a page gets an exception instead of hanging.
+        Exception? failure = null;
+        var stuck = new Thread(() => { try { unsafe { _ = memory.GuestPointer(50)[0]; } } catch (Exception e) { failure = e; } });
+        stuck.Start();
+        Assert.True(requester.Requests.TryTake(out _, TimeSpan.FromSeconds(10)));
+        pager.Abandon("test");
+        Assert.True(stuck.Join(TimeSpan.FromSeconds(10)));
+        Assert.IsType<PageUnavailableException>(failure);
+        memory.AttachPager(null);
+    }
+
+    [Fact]
+    public void Prepaging_pushes_the_neighbourhood_of_a_fault_next_and_skips_sent_pages()
+    {
+        using var pending = new NativePageBitmap(10_000);
+        for (long p = 0; p < 10_000; p++) pending.Set(p);
+        var order = new PrepagingOrder(10_000, new PrepagingOptions { Window = 4, MinWindow = 2, MaxWindow = 64 });
+        long Take() { long p = order.Next(pending); Assert.True(pending.TryClear(p)); return p; }
+        Assert.Equal(0, Take());
+        Assert.Equal(1, Take());
+        pending.TryClear(5001); // the request server sent it
+        order.OnFault(5000);
+        Assert.Equal([4999, 5002, 4998, 5003, 4997, 5004, 4996], new[] { Take(), Take(), Take(), Take(), Take(), Take(), Take() });
+        // Window exhausted: back to address order where it left off.
+        Assert.Equal(2, Take());
+        // A fault near the previous one grows the window; a far one shrinks it.
+        order.OnFault(5003);
+        Assert.Equal(8, order.Window);
+        order.OnFault(9000);
+        Assert.Equal(4, order.Window);
+        Assert.Equal(9001, Take());
+        // Never returns a page that is not pending.
+        var seen = new HashSet<long>();
+        for (long p; (p = order.Next(pending)) >= 0;) { Assert.True(pending.TryClear(p)); Assert.True(seen.Add(p)); }
+        Assert.Equal(0, pending.Count());
+    }
+
+    [Fact]
+    public void Hybrid_policy_switches_on_each_budget_and_when_the_dirty_set_stops_shrinking()
+    {
+        static RoundStats R(int round, long dirty, long bytes = 1000) => new(round, 100, bytes, TimeSpan.FromMilliseconds(10), dirty, 1e8, 1000);
+        var time = TimeProvider.System;
+        var rounds = new HybridPolicy(new HybridOptions { MaxRounds = 3 }, time);
+        Assert.False(rounds.BeforeFirstRound().Switch);
+        Assert.False(rounds.AfterRound(R(0, 1000)).Switch);
+        Assert.False(rounds.AfterRound(R(1, 500)).Switch);
+        Assert.Equal(SwitchReason.RoundBudget, rounds.AfterRound(R(2, 200)).Reason);
+
+        var stuck = new HybridPolicy(new HybridOptions { MaxRounds = 30 }, time);
+        Assert.False(stuck.AfterRound(R(0, 1000)).Switch);
+        Assert.Equal(SwitchReason.NonConvergence, stuck.AfterRound(R(1, 950)).Reason);
+
+        var bytes = new HybridPolicy(new HybridOptions { MaxRounds = 30, ByteBudget = 2500 }, time);
+        Assert.False(bytes.AfterRound(R(0, 1000, 2000)).Switch);
+        Assert.Equal(SwitchReason.ByteBudget, bytes.AfterRound(R(1, 100, 600)).Reason);
+
+        var clean = new HybridPolicy(new HybridOptions(), time);
+        Assert.Equal(SwitchReason.Converged, clean.AfterRound(R(0, 0)).Reason);
+        Assert.True(new HybridPolicy(new HybridOptions { MaxRounds = 0 }, time).BeforeFirstRound().Switch);
+        Assert.Equal(SwitchReason.Immediate, new PostCopyPolicy().BeforeFirstRound().Reason);
+    }
+}
