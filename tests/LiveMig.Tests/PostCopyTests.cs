@@ -257,8 +257,12 @@ public class PostCopyTests(ITestOutputHelper output)
     /// thread forces collections back to back. The source runs in its own process (the CLI), as it
     /// does in production, so no managed thread of this process is on the path that resolves a fault.
     /// </summary>
+    // Not in CI: this is the field notes' hazard reproduced on purpose (CheckAccess = false, a mode
+    // the product does not use). It passed in Debug runs but hung once in a Release CI run on this
+    // machine, so the raw mode stays experimental until that is understood. Run it by hand:
+    // dotnet test --filter Category=Hazard
     [Fact]
-    [Trait("Category", "Heavy")] // two processes; 10–25 s on a loaded 2-core machine
+    [Trait("Category", "Hazard")]
     public void Userfaultfd_raw_faults_in_managed_code_survive_continuous_collections()
     {
         using var loop = new PostCopyLoopback(Uffd(checkAccess: false));
