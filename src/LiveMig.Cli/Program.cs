@@ -41,6 +41,7 @@ public static class Program
         listen.SetAction(r => Guard(r, o, () =>
         {
             var names = r.GetValue(trust)?.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToArray();
+            if (names is { Length: 0 }) names = null; // absent --trust comes back as an empty array
             return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names));
         }));
         root.Add(listen);

@@ -520,8 +520,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         var pager = _pager;
         if (pager is not null)
         {
+            // On failure the pager stays in force: a vCPU that touches a missing page stops there
+            // (PageUnavailableException) instead of running on a page that never came.
             if (error is not null) pager.Abandon(error);
-            pager.Memory.AttachPager(null);
+            else pager.Memory.AttachPager(null);
         }
         Channel? p, m, r;
         lock (_sendLock) { p = _priority; _priority = null; }
