@@ -358,6 +358,37 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Null(arrived.Vm.CheckInvariant());
     }
 
+    [Theory]
+    [Trait("Category", "Heavy")] // a process each
+    [InlineData("postcopy", "sweep:rate=50000")]
+    [InlineData("hybrid", "kv")]
+    public void Demo_command_migrates_with_the_strategy_and_verifies(string strategy, string workload)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"), "demo", "--strategy", strategy, "--memory", "128MiB",
+                     "--workload", workload, "--warmup", "300ms", "--bandwidth", "128MiB/s", "--hybrid-budget", "rounds=2", "--json" })
+            psi.ArgumentList.Add(a);
+        using var demo = Process.Start(psi)!;
+        string errors = "";
+        var stderrReader = new Thread(() => errors = demo.StandardError.ReadToEnd()) { IsBackground = true };
+        stderrReader.Start();
+        string json = Bounded(() => demo.StandardOutput.ReadToEnd(), TimeSpan.FromSeconds(60), "livemig demo");
+        Assert.True(demo.WaitForExit(10_000));
+        stderrReader.Join(5000);
+        Assert.True(demo.ExitCode == 0, $"demo exited {demo.ExitCode}: {json} {errors}");
+        var r = MigrationReport.FromJson(json);
+        Assert.Equal(strategy, r.Strategy);
+        Assert.Equal("completed", r.Outcome);
+        Assert.True(r.Verified);
+        Assert.Equal(r.SourceHash, r.DestinationHash);
+        Assert.NotNull(r.DemandPaging);
+        if (workload == "kv")
+        {
+            Assert.NotNull(r.ClientPhases?.During);
+            Assert.Equal(0, r.Client!.Errors + r.Client.Mismatches);
+        }
+    }
+
     // ---- units -------------------------------------------------------------------------------
 
     private sealed class ScriptedRequester : IPageRequester
