@@ -389,6 +389,32 @@ public class PostCopyTests(ITestOutputHelper output)
         }
     }
 
+    [Fact]
+    public void Postcopy_connection_lost_before_commit_leaves_the_vm_running_at_the_source()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "sweep:rate=20000", Fill = MemoryFill.Mixed, Seed = 2 });
+        vm.Start();
+        // The main connection dies inside the switch (after Hello, in the pending-page bitmap).
+        Stream Connect(ChannelKind kind, int attempt)
+        {
+            var s = loop.Connect();
+            return kind == ChannelKind.Main ? new FaultInjectingStream(s, new FaultPlan { DropAfter = 200 }) : s;
+        }
+        var e = Assert.Throws<MigrationFailedException>(() => new PostCopyMigration(vm, PostCopy()) { Connector = Connect }.MigrateTo("127.0.0.1", loop.Port));
+        output.WriteLine(e.Message);
+        Assert.Equal("failed", e.Report.Outcome);
+        Assert.Equal(0, e.Report.NetworkFaults);
+        Assert.DoesNotContain("after the switch", e.Message);
+        // Never committed: the VM runs on here, and the destination discarded its copy.
+        Assert.Equal(VmRunState.Running, vm.State);
+        long ops = vm.Operations;
+        SpinWait.SpinUntil(() => vm.Operations > ops + 1000);
+        var failed = loop.DestinationFailure();
+        Assert.Equal("failed", failed.Report.Outcome);
+        Assert.Empty(loop.Listener.Vms);
+    }
+
     // ---- units -------------------------------------------------------------------------------
 
     private sealed class ScriptedRequester : IPageRequester

@@ -170,7 +170,7 @@ public sealed class IncomingMigration
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
             // Discard the partial VM: it never ran here.
-            postCopy?.Unregister();
+            postCopy?.Abort();
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
