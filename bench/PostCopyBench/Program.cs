@@ -31,6 +31,7 @@ Console.WriteLine("| strategy | outcome | verified | downtime ms | total s | to 
 Console.WriteLine("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
 foreach (string s in strategies)
 {
+    if (s is not ("precopy" or "postcopy" or "hybrid")) continue;
     var strategy = s switch { "postcopy" => MigrationStrategy.PostCopy, "hybrid" => MigrationStrategy.Hybrid, _ => MigrationStrategy.PreCopy };
     var options = new MigrationOptions
     {

@@ -62,11 +62,11 @@ internal sealed class PostCopyLoopback : IDisposable
 
 public class PostCopyTests(ITestOutputHelper output)
 {
-    private static MigrationOptions PostCopy(long bandwidth = 0) => new() { Strategy = MigrationStrategy.PostCopy, BandwidthLimit = bandwidth };
+    internal static MigrationOptions PostCopy(long bandwidth = 0) => new() { Strategy = MigrationStrategy.PostCopy, BandwidthLimit = bandwidth };
 
     private static DestinationOptions Portable => new() { PostCopy = new() { Mode = DemandPagingMode.Portable } };
 
-    private static void CheckVerified(MigrationReport src, ArrivedVm arrived)
+    internal static void CheckVerified(MigrationReport src, ArrivedVm arrived)
     {
         Assert.Equal("completed", src.Outcome);
         Assert.True(src.Verified, src.Error);
@@ -201,7 +201,7 @@ public class PostCopyTests(ITestOutputHelper output)
     }
 
     /// <summary>Forces garbage collections back to back on its own thread until disposed.</summary>
-    private sealed class GcStorm : IDisposable
+    internal sealed class GcStorm : IDisposable
     {
         private volatile bool _stop;
         private readonly Thread _thread;
@@ -217,7 +217,7 @@ public class PostCopyTests(ITestOutputHelper output)
     }
 
     /// <summary>Runs <paramref name="body"/> on its own thread; a hang fails the test instead of the run.</summary>
-    private static T Bounded<T>(Func<T> body, TimeSpan limit, string what)
+    internal static T Bounded<T>(Func<T> body, TimeSpan limit, string what)
     {
         T result = default!;
         Exception? failure = null;
@@ -228,28 +228,7 @@ public class PostCopyTests(ITestOutputHelper output)
         return result;
     }
 
-    private static DestinationOptions Uffd(bool checkAccess = true) => new() { PostCopy = new() { Mode = DemandPagingMode.Userfaultfd, CheckAccess = checkAccess } };
-
-    [Fact]
-    public void Userfaultfd_serves_concurrent_vcpu_faults_while_collections_run_and_verifies()
-    {
-        using var loop = new PostCopyLoopback(Uffd());
-        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 17 });
-        vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
-        using var storm = new GcStorm();
-        var (src, arrived) = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 24L << 20)), TimeSpan.FromSeconds(30), "post-copy under GC stress");
-        output.WriteLine(src.ToJson(indented: true));
-        CheckVerified(src, arrived);
-        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
-        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
-        Assert.True(storm.Collections > 10);
-        var dest = arrived.Vm;
-        long ops = dest.Operations;
-        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
-        dest.Pause();
-        Assert.Null(dest.CheckInvariant());
-    }
+    internal static DestinationOptions Uffd(bool checkAccess = true) => new() { PostCopy = new() { Mode = DemandPagingMode.Userfaultfd, CheckAccess = checkAccess } };
 
     /// <summary>
     /// The hazard test: vCPU accesses are left to the kernel (no check on the access path), so each
@@ -362,6 +341,63 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Null(arrived.Vm.CheckInvariant());
     }
 
+    [Theory]
+    [Trait("Category", "Heavy")] // a process each
+    [InlineData("postcopy", "sweep:rate=50000")]
+    [InlineData("hybrid", "kv")]
+    public void Demo_command_migrates_with_the_strategy_and_verifies(string strategy, string workload)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"), "demo", "--strategy", strategy, "--memory", "128MiB",
+                     "--workload", workload, "--warmup", "300ms", "--bandwidth", "128MiB/s", "--hybrid-budget", "rounds=2", "--json" })
+            psi.ArgumentList.Add(a);
+        using var demo = Process.Start(psi)!;
+        string errors = "";
+        var stderrReader = new Thread(() => errors = demo.StandardError.ReadToEnd()) { IsBackground = true };
+        stderrReader.Start();
+        string json = Bounded(() => demo.StandardOutput.ReadToEnd(), TimeSpan.FromSeconds(60), "livemig demo");
+        Assert.True(demo.WaitForExit(10_000));
+        stderrReader.Join(5000);
+        Assert.True(demo.ExitCode == 0, $"demo exited {demo.ExitCode}: {json} {errors}");
+        var r = MigrationReport.FromJson(json);
+        Assert.Equal(strategy, r.Strategy);
+        Assert.Equal("completed", r.Outcome);
+        Assert.True(r.Verified);
+        Assert.Equal(r.SourceHash, r.DestinationHash);
+        Assert.NotNull(r.DemandPaging);
+        if (workload == "kv")
+        {
+            Assert.NotNull(r.ClientPhases?.During);
+            Assert.Equal(0, r.Client!.Errors + r.Client.Mismatches);
+        }
+    }
+
+    [Fact]
+    public void Postcopy_connection_lost_before_commit_leaves_the_vm_running_at_the_source()
+    {
+        using var loop = new PostCopyLoopback(Portable);
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "sweep:rate=20000", Fill = MemoryFill.Mixed, Seed = 2 });
+        vm.Start();
+        // The main connection dies inside the switch (after Hello, in the pending-page bitmap).
+        Stream Connect(ChannelKind kind, int attempt)
+        {
+            var s = loop.Connect();
+            return kind == ChannelKind.Main ? new FaultInjectingStream(s, new FaultPlan { DropAfter = 200 }) : s;
+        }
+        var e = Assert.Throws<MigrationFailedException>(() => new PostCopyMigration(vm, PostCopy()) { Connector = Connect }.MigrateTo("127.0.0.1", loop.Port));
+        output.WriteLine(e.Message);
+        Assert.Equal("failed", e.Report.Outcome);
+        Assert.Equal(0, e.Report.NetworkFaults);
+        Assert.DoesNotContain("after the switch", e.Message);
+        // Never committed: the VM runs on here, and the destination discarded its copy.
+        Assert.Equal(VmRunState.Running, vm.State);
+        long ops = vm.Operations;
+        SpinWait.SpinUntil(() => vm.Operations > ops + 1000);
+        var failed = loop.DestinationFailure();
+        Assert.Equal("failed", failed.Report.Outcome);
+        Assert.Empty(loop.Listener.Vms);
+    }
+
     // ---- units -------------------------------------------------------------------------------
 
     private sealed class ScriptedRequester : IPageRequester
@@ -461,4 +497,53 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.True(new HybridPolicy(new HybridOptions { MaxRounds = 0 }, time).BeforeFirstRound().Switch);
         Assert.Equal(SwitchReason.Immediate, new PostCopyPolicy().BeforeFirstRound().Reason);
     }
+}
+
+[CollectionDefinition("GC stress", DisableParallelization = true)]
+public sealed class GcStressCollection;
+
+/// <summary>
+/// Forced collections stop every thread of the test process: run alone, so that neither this
+/// test nor the others crawl.
+/// </summary>
+[Collection("GC stress")]
+public class PostCopyGcStressTests(ITestOutputHelper output)
+{
+    private static MigrationOptions PostCopy(long bandwidth = 0) => PostCopyTests.PostCopy(bandwidth);
+    private static DestinationOptions Uffd(bool checkAccess = true) => PostCopyTests.Uffd(checkAccess);
+    private static T Bounded<T>(Func<T> body, TimeSpan limit, string what) => PostCopyTests.Bounded(body, limit, what);
+    private static void CheckVerified(MigrationReport src, ArrivedVm arrived) => PostCopyTests.CheckVerified(src, arrived);
+    private sealed class GcStorm : IDisposable
+    {
+        private readonly PostCopyTests.GcStorm _inner = new();
+        public int Collections => _inner.Collections;
+        public void Dispose() => _inner.Dispose();
+    }
+
+    [Fact]
+    public void Userfaultfd_serves_concurrent_vcpu_faults_while_collections_run_and_verifies()
+    {
+        using var loop = new PostCopyLoopback(Uffd());
+        // Not disposed if the migration hangs: the engine would still read its memory.
+        var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Vcpus = 2, Workload = "sweep:rate=50000", Fill = MemoryFill.Mixed, Seed = 17 });
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 10_000);
+        var storm = new GcStorm();
+        (MigrationReport, ArrivedVm) result;
+        try { result = Bounded(() => loop.Migrate(vm, PostCopy(bandwidth: 16L << 20)), TimeSpan.FromSeconds(60), "post-copy under GC stress"); }
+        finally { storm.Dispose(); }
+        var (src, arrived) = result;
+        vm.Dispose();
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
+        Assert.True(src.Faults > 0 && src.PagesRequested > 0, "the guest never faulted");
+        Assert.True(storm.Collections > 10);
+        var dest = arrived.Vm;
+        long ops = dest.Operations;
+        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        dest.Pause();
+        Assert.Null(dest.CheckInvariant());
+    }
+
 }

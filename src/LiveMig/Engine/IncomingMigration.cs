@@ -214,7 +214,7 @@ public sealed class IncomingMigration
             decoder?.Dispose();
             decoder = null;
             // Discard the partial VM: it never ran here.
-            postCopy?.Unregister();
+            postCopy?.Abort();
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);

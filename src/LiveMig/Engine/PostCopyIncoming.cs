@@ -80,6 +80,16 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
 
     public void Unregister() => Sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
 
+    /// <summary>The migration failed before the switch: forget it and let its page-request connection go.</summary>
+    public void Abort()
+    {
+        Unregister();
+        Channel? p;
+        lock (_sendLock) { p = _priority; _priority = null; }
+        p?.Close();
+        p?.Released.Set();
+    }
+
     /// <summary>
     /// A connection whose first frame is Attach: joins the migration it names and blocks until
     /// the migration no longer needs it (the listener closes it when this returns).
@@ -520,8 +530,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         var pager = _pager;
         if (pager is not null)
         {
+            // On failure the pager stays in force: a vCPU that touches a missing page stops there
+            // (PageUnavailableException) instead of running on a page that never came.
             if (error is not null) pager.Abandon(error);
-            pager.Memory.AttachPager(null);
+            else pager.Memory.AttachPager(null);
         }
         Channel? p, m, r;
         lock (_sendLock) { p = _priority; _priority = null; }

@@ -240,8 +240,10 @@ public sealed class PostCopyMigration
                     // Every page is claimed; the server may still be sending its last answer.
                     lock (_serveLock) sourceHash = _hashes?.Combine() ?? 0;
                     var end = new PostCopyEndMessage(_options.Verify, sourceHash, Interlocked.Read(ref _pagesPushed), Interlocked.Read(ref _pagesRequested));
-                    link.MainFrames.Send(FrameType.PostCopyEnd, small[..end.Write(small)]);
+                    // Set before sending: the destination may answer and close the page-request
+                    // connection at once, and the server must not take that for a failure.
                     Volatile.Write(ref _endSent, true);
+                    link.MainFrames.Send(FrameType.PostCopyEnd, small[..end.Write(small)]);
                     type = link.MainReader.Read(out payload);
                     if (type == FrameType.Error) throw new MigrationAbort($"destination failed in post-copy: {ErrorMessage.Parse(payload).Text}");
                     if (type != FrameType.PostCopyDone) throw new ProtocolException($"expected PostCopyDone, got {type}");
