@@ -506,7 +506,10 @@ public sealed class GcStressCollection;
 /// Forced collections stop every thread of the test process: run alone, so that neither this
 /// test nor the others crawl.
 /// </summary>
+// Opt-in (dotnet test --filter Category=Hazard): hung in a Release CI run on 2026-11-25 (60 s
+// bound hit); userfaultfd demand paging is therefore not the default until that is understood.
 [Collection("GC stress")]
+[Trait("Category", "Hazard")]
 public class PostCopyGcStressTests(ITestOutputHelper output)
 {
     private static MigrationOptions PostCopy(long bandwidth = 0) => PostCopyTests.PostCopy(bandwidth);

@@ -30,7 +30,7 @@ public sealed record PostCopyOptions
 /// <summary>How the destination finds out that a vCPU touched a page that has not arrived.</summary>
 public enum DemandPagingMode
 {
-    /// <summary>userfaultfd when the kernel, the native helper and the transport (plain TCP) allow it, else portable.</summary>
+    /// <summary>The safe default: portable for now (userfaultfd is opt-in until a GC-stress hang seen in one Release run is understood).</summary>
     Auto,
     /// <summary>A present bitmap checked on the vCPU access path; works everywhere.</summary>
     Portable,
