@@ -86,7 +86,7 @@ public sealed class PreCopyMigration
         var batches = new PageBatchWriter(frames, _vm.Memory);
         var memory = _vm.Memory;
         using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
-        bool paused = false, committed = false;
+        bool paused = false, committed = false, hashesDiffer = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
         long pagesSkipped = 0, deferredAtStop = 0;
         double verifyMs = 0, maxThrottle = 0, maxDirtyLimit = 0;
@@ -239,11 +239,19 @@ public sealed class PreCopyMigration
             var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
             frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
             type = reader.Read(out payload);
-            if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
+            if (type == FrameType.Error)
+            {
+                var refusal = ErrorMessage.Parse(payload);
+                hashesDiffer = refusal.Code == ErrorMessage.VerificationFailed;
+                throw new MigrationAbort($"destination aborted before the switch-over: {refusal.Text}");
+            }
             if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
             ready = ReadyMessage.Parse(payload);
             if (_options.Verify && ready.DestinationHash != sourceHash)
+            {
+                hashesDiffer = true;
                 throw new MigrationAbort($"destination memory hash {ready.DestinationHash:x16} differs from the source's {sourceHash:x16}");
+            }
 
             // Step 2: from here on the destination may run the VM, so the source never resumes it.
             frames.Send(FrameType.Commit, []);
@@ -313,7 +321,7 @@ public sealed class PreCopyMigration
                 PagesByEncoding = batches.Counters.PagesByName(),
                 Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
-                Verified = _options.Verify && why.Contains("hash", StringComparison.Ordinal) ? false : null,
+                Verified = hashesDiffer ? false : null,
                 Throttle = maxThrottle,
                 DirtyLimit = maxDirtyLimit,
                 PagesSkipped = pagesSkipped,
