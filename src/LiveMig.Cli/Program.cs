@@ -181,6 +181,9 @@ public static class Program
         // The VM keeps running on the destination: let it work, then check its invariant there.
         long ops = dest.Operations, since = System.Diagnostics.Stopwatch.GetTimestamp();
         Thread.Sleep(200);
+        // Both sides' steps of the switch-over in one report (same process, same clock).
+        if (report.DowntimeBreakdown is { } db && arrived.Task.Result.Report.DowntimeBreakdown is { } dd)
+            report = report with { DowntimeBreakdown = db with { Destination = dd.Destination, DestinationJitMs = dd.DestinationJitMs, VcpuWakeMs = dest.ResumeToFirstRun?.TotalMilliseconds } };
         if (client is not null)
         {
             // Let the client see the VM at work on the destination, then report what it saw throughout.

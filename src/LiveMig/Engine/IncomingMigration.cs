@@ -54,6 +54,8 @@ public sealed class IncomingMigration
         var rounds = new List<RoundReport>();
         int currentRound = -1;
         PostCopyIncoming? postCopy = null;
+        var downtime = new PhaseClock();
+        string? restoreError = null;
 
         try
         {
@@ -68,6 +70,7 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
+                        SwitchoverWarmup.ForDestination(); // the restore and resume code compiles while the pages arrive
                         // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
                         memory = _options.MemoryPool?.Take(hello.MemoryBytes);
                         preparedMemory = memory is not null;
@@ -106,7 +109,7 @@ public sealed class IncomingMigration
                         var rs = RoundStartMessage.Parse(payload);
                         if (rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
                         currentRound = rs.Round;
-                        if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); }
+                        if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); downtime.Start(pauseSeenTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
@@ -122,6 +125,7 @@ public sealed class IncomingMigration
                             Round = re.Round, Final = state == State.StopAndCopy, PagesSent = re.PagesSent, PagesDirtied = re.PagesDirtied, BytesSent = re.BytesSent,
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
                         });
+                        if (state == State.StopAndCopy) downtime.Mark("final-round");
                         break;
                     case (State.Live, FrameType.Extents):
                         if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
@@ -143,10 +147,15 @@ public sealed class IncomingMigration
                         if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
                         vmState = payload.ToArray();
                         state = State.HaveState;
+                        downtime.Mark("vm-state");
+                        // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
+                        if (!_options.VerifyFromScratch && TryRestoreEarly(memory!, vmState, out restoreError) is { } early) { vm = early; memory = null; }
+                        downtime.Mark("restore");
                         break;
                     case (State.HaveState, FrameType.Prepare):
                         var prep = PrepareMessage.Parse(payload);
                         verify = prep.Verify;
+                        downtime.Mark("await-prepare");
                         if (verify)
                         {
                             if (placer!.Hashes is null) throw new ProtocolException($"Prepare (frame {frame}) asks for verification that the Hello did not negotiate");
@@ -154,7 +163,7 @@ public sealed class IncomingMigration
                             // Each page was hashed from this memory right after it was placed, and
                             // nothing else writes here before resume: this is the memory's hash.
                             hash = placer.Hashes.Combine();
-                            if (_options.VerifyFromScratch && memory!.ComputeHash() != hash)
+                            if (_options.VerifyFromScratch && (vm?.Memory ?? memory)!.ComputeHash() != hash)
                                 throw new VerificationException($"verification failed: destination memory rehashed from scratch differs from its per-page hashes {hash:x16}");
                             verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
                             if (hash != prep.SourceHash)
@@ -163,18 +172,29 @@ public sealed class IncomingMigration
                                 throw new VerificationException($"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
                             }
                         }
-                        try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog); }
-                        catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
-                        memory = null; // the VM owns it now
+                        downtime.Mark("hash-combine");
+                        // A state that could not be restored is refused here, after verification (which comes first).
+                        if (restoreError is not null) throw new ProtocolException(restoreError);
+                        if (vm is null)
+                        {
+                            try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog); }
+                            catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
+                            memory = null; // the VM owns it now
+                            downtime.Mark("restore");
+                        }
                         var readyMsg = new ReadyMessage(hash, (long)(verifyMs * 1000));
                         frames.Send(FrameType.Ready, small[..readyMsg.Write(small)]);
+                        downtime.Mark("send-ready");
                         state = State.Prepared;
                         break;
                     case (State.Prepared, FrameType.Commit):
                         if (payload.Length != 0) throw new ProtocolException($"Commit (frame {frame}) carries {payload.Length} bytes");
+                        downtime.Mark("await-commit");
                         _options.BeforeResume?.Invoke(vm!);
+                        downtime.Mark("before-resume");
                         vm!.Resume();
                         long resumedTs = Stopwatch.GetTimestamp();
+                        downtime.Mark("resume");
                         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
                         try { frames.Send(FrameType.Resumed, []); } catch (IOException) { }
                         var report = new MigrationReport
@@ -191,6 +211,7 @@ public sealed class IncomingMigration
                             TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                             DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
                             VerifyMs = verifyMs,
+                            DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs },
                             BytesOnWire = reader.BytesRead,
                             PagesByEncoding = placer!.Counters.PagesByName(),
                             Stages = decoder?.Report() ?? [],
@@ -234,6 +255,14 @@ public sealed class IncomingMigration
             };
             throw new MigrationFailedException(e.Message, report, e);
         }
+    }
+
+    /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>
+    private BuiltInVm? TryRestoreEarly(GuestMemory memory, byte[] state, out string? error)
+    {
+        error = null;
+        try { return BuiltInVm.Restore(memory, state, _options.DirtyLog); }
+        catch (InvalidDataException e) { error = e.Message; return null; }
     }
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | CodecBits;

@@ -91,6 +91,8 @@ public sealed class PreCopyMigration
         long pagesSkipped = 0, deferredAtStop = 0;
         double verifyMs = 0, maxThrottle = 0, maxDirtyLimit = 0;
         var meter = new ThrottleMeter(_vm);
+        var downtime = new PhaseClock();
+        double pauseBarrierMs = 0;
         ulong sourceHash = 0;
         ReadyMessage ready = default;
         PreCopyDecision decision = default;
@@ -113,6 +115,9 @@ public sealed class PreCopyMigration
             if ((hello.Required & ~ack.Accepted) != 0)
                 throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
 
+            // The switch-over's code compiles while round 0 is on the wire, not in the downtime.
+            var warmup = SwitchoverWarmup.ForSource(_vm);
+            SwitchoverWarmup.WarmBrakes(_vm);
             // Tracking starts before round 0 reads a page: every later write is caught.
             if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
             long lastHarvest = Stopwatch.GetTimestamp();
@@ -206,28 +211,38 @@ public sealed class PreCopyMigration
                 round++;
             }
             deferredAtStop = deferred;
+            ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // done long ago, unless round 0 was tiny
 
             // Stop and copy.
             _observer.Phase("paused");
+            long pauseAsked = Stopwatch.GetTimestamp();
             _vm.Pause();
             pauseTs = Stopwatch.GetTimestamp();
             paused = true;
+            pauseBarrierMs = Stopwatch.GetElapsedTime(pauseAsked, pauseTs).TotalMilliseconds;
+            downtime.Start(pauseTs);
             // Paused, a throttle or limit has nothing left to do: release it now, so the guest
             // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
             meter.Ended();
             ReleaseGuest();
+            downtime.Mark("release-brakes");
             _vm.DirtyLog.Harvest(pending);
             long finalCount = pending.Count();
+            downtime.Mark("final-harvest");
             round++;
             var (finalStats, finalZeros, _) = SendRound(round, final: true, pending, finalCount, frames, batches, skipZero: false, null, CancellationToken.None);
             zeroMarkers += finalZeros;
             pagesSent += finalStats.PagesSent;
             SendRoundEnd(frames, finalStats, small);
+            downtime.Mark("final-round");
             Record(finalStats, final: true, TimeSpan.Zero);
+            downtime.Mark("observer");
 
             byte[] state = _vm.SaveState();
+            downtime.Mark("save-state");
             frames.Send(FrameType.VmState, state);
             stateBytes = state.Length + FrameFormat.HeaderSize;
+            downtime.Mark("send-vm-state");
             if (batches.Hashes is not null)
             {
                 // Every page's hash was taken as it was sent, and the final round re-sent every
@@ -236,6 +251,7 @@ public sealed class PreCopyMigration
                 sourceHash = batches.Hashes.Combine();
                 verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
             }
+            downtime.Mark("hash-combine");
             var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
             frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
             type = reader.Read(out payload);
@@ -247,6 +263,7 @@ public sealed class PreCopyMigration
             }
             if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
             ready = ReadyMessage.Parse(payload);
+            downtime.Mark("prepare-to-ready");
             if (_options.Verify && ready.DestinationHash != sourceHash)
             {
                 hashesDiffer = true;
@@ -259,6 +276,7 @@ public sealed class PreCopyMigration
             type = reader.Read(out payload);
             if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
             long resumedTs = Stopwatch.GetTimestamp();
+            downtime.Mark("commit-to-resumed");
             _observer.Phase("resumed");
             _vm.DirtyLog.Stop();
             if (_vm is BuiltInVm b) b.Stop();
@@ -269,6 +287,7 @@ public sealed class PreCopyMigration
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                 DowntimeMs = Stopwatch.GetElapsedTime(pauseTs, resumedTs).TotalMilliseconds,
                 VerifyMs = verifyMs + ready.VerifyUs / 1000.0,
+                DowntimeBreakdown = new DowntimeBreakdown { PauseBarrierMs = pauseBarrierMs, Source = downtime.Phases, SourceJitMs = downtime.JitMs },
                 BytesOnWire = frames.BytesWritten,
                 Bytes = WireBreakdown(frames.BytesWritten, batches, zeroMarkers, stateBytes),
                 PagesByEncoding = batches.Counters.PagesByName(),

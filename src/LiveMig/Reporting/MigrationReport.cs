@@ -115,6 +115,8 @@ public sealed record MigrationReport
     public double TotalTimeMs { get; init; }
     /// <summary>Source pause to destination resume (as the source saw it: includes the resume acknowledgement).</summary>
     public double DowntimeMs { get; init; }
+    /// <summary>Where the downtime went, step by step (pre-copy); null when the migration did not reach the pause.</summary>
+    public DowntimeBreakdown? DowntimeBreakdown { get; init; }
     /// <summary>Part of the downtime spent hashing memory for verification.</summary>
     public double VerifyMs { get; init; }
     public long BytesOnWire { get; init; }

@@ -39,6 +39,8 @@ public sealed class BuiltInVm : IVirtualMachine
     private double _dirtyLimit;
     /// <summary>Bumped whenever the throttle or the dirty limit changes, so a dozing vCPU re-reads them.</summary>
     private int _controlVersion;
+    // Stopwatch timestamps of the last Resume and of the first vCPU back at work after it (0: not yet).
+    private long _resumedTs, _firstRunTs;
 
     /// <summary>Wall time a throttled vCPU runs between sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).</summary>
     public static readonly TimeSpan ThrottleTimeslice = TimeSpan.FromMilliseconds(10);
@@ -79,6 +81,12 @@ public sealed class BuiltInVm : IVirtualMachine
     public string? VcpuFailure { get; private set; }
     /// <summary>Said once when the dirty log had to fall back to software.</summary>
     public string? DirtyLogNote { get; private set; }
+
+    /// <summary>From the last <see cref="Resume"/> until the first vCPU left the barrier to run; null before that happened.</summary>
+    public TimeSpan? ResumeToFirstRun
+    {
+        get { lock (_gate) return _firstRunTs == 0 || _resumedTs == 0 ? null : Stopwatch.GetElapsedTime(_resumedTs, _firstRunTs); }
+    }
 
     public long Operations
     {
@@ -154,6 +162,22 @@ public sealed class BuiltInVm : IVirtualMachine
         if (State == VmRunState.Running) throw new InvalidOperationException("save VM state only while paused");
         using var ms = new MemoryStream();
         using var w = new BinaryWriter(ms);
+        WriteState(w);
+        return ms.ToArray();
+    }
+
+    /// <summary>
+    /// Runs the state-saving code once into nowhere (JIT, type loads), so that the first real save,
+    /// inside a switch-over, does not pay for it. Only reads the vCPU state: safe while running.
+    /// </summary>
+    internal void WarmStatePath()
+    {
+        using var w = new BinaryWriter(Stream.Null);
+        WriteState(w);
+    }
+
+    private void WriteState(BinaryWriter w)
+    {
         w.Write(StateMagic);
         w.Write(StateFormat);
         w.Write(Name);
@@ -163,7 +187,6 @@ public sealed class BuiltInVm : IVirtualMachine
         foreach (var p in _programs) p.Save(w);
         w.Write(ThrottleFraction);
         w.Flush();
-        return ms.ToArray();
     }
 
     public void Start()
@@ -180,9 +203,10 @@ public sealed class BuiltInVm : IVirtualMachine
     {
         lock (_gate)
         {
+            // The threads start with the pause already requested, so none runs a step before Resume;
+            // not waiting for them to reach the barrier keeps their scheduling out of the switch-over.
             _pauseRequested = true;
             StartThreads();
-            while (_parked < _live) Monitor.Wait(_gate);
             State = VmRunState.Paused;
         }
     }
@@ -218,6 +242,8 @@ public sealed class BuiltInVm : IVirtualMachine
             foreach (var p in _programs) p.OnResume();
             _pauseRequested = false;
             State = VmRunState.Running;
+            _resumedTs = Stopwatch.GetTimestamp();
+            _firstRunTs = 0;
             Monitor.PulseAll(_gate);
         }
     }
@@ -242,6 +268,8 @@ public sealed class BuiltInVm : IVirtualMachine
 
     private void SetControl(ref double field, double value)
     {
+        // Unchanged (e.g. releasing brakes never applied, at the pause): no need to wake every vCPU.
+        if (Volatile.Read(ref field) == value) return;
         Volatile.Write(ref field, value);
         lock (_gate)
         {
@@ -334,6 +362,7 @@ public sealed class BuiltInVm : IVirtualMachine
             Monitor.PulseAll(_gate);
             while (_pauseRequested && !_stopping) Monitor.Wait(_gate);
             _parked--;
+            if (_firstRunTs == 0 && _resumedTs != 0 && !_stopping) _firstRunTs = Stopwatch.GetTimestamp();
             return !_stopping;
         }
     }
