@@ -290,17 +290,23 @@ public class CodecTests
     [InlineData(2.0, 10e6, AdaptiveChoice.Lz4)]
     // Incompressible: raw whatever the link.
     [InlineData(7.2, 1e6, AdaptiveChoice.Raw)]
-    // 200 MB/s: Zstd costs 5 ns/B + 1.5 ns/B = 6.5 > LZ4 1.25 + 2.5 = 3.75 < raw 5: LZ4.
+    // 200 MB/s: encoding and sending overlap, the slower sets the pace. Zstd max(5, 1.5) = 5 ns/B,
+    // LZ4 max(1.25, 2.5) = 2.5 ns/B, raw 5 ns/B: LZ4.
     [InlineData(5.0, 200e6, AdaptiveChoice.Lz4)]
-    // 1 GB/s: LZ4 1.25 + 0.5 = 1.75 > raw 1.0: the CPU is the bottleneck, send raw.
+    // 1 GB/s: LZ4 max(1.25, 0.5) = 1.25 ns/B > raw 1.0: LZ4 cannot keep up with the link, send raw.
     [InlineData(5.0, 1e9, AdaptiveChoice.Raw)]
     [InlineData(2.0, 1e9, AdaptiveChoice.Raw)]
-    // Just under LZ4's break-even (1 − 0.5) × 800 MB/s = 400 MB/s: LZ4 still pays.
-    [InlineData(5.0, 390e6, AdaptiveChoice.Lz4)]
-    [InlineData(5.0, 410e6, AdaptiveChoice.Raw)]
-    public void Codec_adaptive_policy_compresses_only_while_the_link_is_the_bottleneck(double entropy, double link, AdaptiveChoice expected)
+    // LZ4's break-even is its own speed, 800 MB/s: just under it LZ4 still pays, just over it raw.
+    [InlineData(5.0, 790e6, AdaptiveChoice.Lz4)]
+    [InlineData(5.0, 810e6, AdaptiveChoice.Raw)]
+    // 1 Gbit/s with a slow (busy) CPU: LZ4 at 150 MB/s still keeps up with 125 MB/s and sends half.
+    [InlineData(5.0, 125e6, AdaptiveChoice.Lz4, 150e6)]
+    [InlineData(5.0, 125e6, AdaptiveChoice.Raw, 110e6)]
+    public void Codec_adaptive_policy_compresses_only_while_the_link_is_the_bottleneck(double entropy, double link, AdaptiveChoice expected, double lz4Speed = 0)
     {
-        Assert.Equal(expected, AdaptivePolicy.Choose(entropy, link, Lz4, Zstd));
+        var lz4 = lz4Speed > 0 ? Lz4 with { InputBytesPerSecond = lz4Speed } : Lz4;
+        var zstd = lz4Speed > 0 ? Zstd with { InputBytesPerSecond = lz4Speed / 4 } : Zstd;
+        Assert.Equal(expected, AdaptivePolicy.Choose(entropy, link, lz4, zstd));
     }
 
     [Fact]
@@ -328,6 +334,78 @@ public class CodecTests
         for (int i = 0; i < 200; i++) s.Observe(false, AdaptiveChoice.Lz4, System.Diagnostics.Stopwatch.Frequency / 1_000_000, 2048);
         Assert.InRange(s.Figures(false, AdaptiveChoice.Lz4).InputBytesPerSecond, 3.5e9, 4.2e9);
         Assert.Equal(AdaptiveChoice.Lz4, s.Choose(5, 2e9, out _));
+    }
+
+    private static long Us(double us) => (long)(us * System.Diagnostics.Stopwatch.Frequency / 1e6);
+
+    /// <summary>Preemption only ever makes a timed page look slower: a few such pages must not change the speed the decision uses.</summary>
+    [Fact]
+    public void Codec_adaptive_speed_is_a_decaying_median_that_ignores_preempted_pages()
+    {
+        var s = new AdaptiveState();
+        for (int i = 0; i < 40; i++) s.Observe(false, AdaptiveChoice.Lz4, Us(10), 2048); // 10 µs a page: 410 MB/s
+        Assert.Equal(409.6e6, s.Figures(false, AdaptiveChoice.Lz4).InputBytesPerSecond, 1e3);
+        // The thread lost its core for 5 ms during 5 of the next 15 pages (a third of the window).
+        for (int i = 0; i < 15; i++) s.Observe(false, AdaptiveChoice.Lz4, i % 3 == 0 ? Us(5000) : Us(10), 2048);
+        Assert.Equal(409.6e6, s.Figures(false, AdaptiveChoice.Lz4).InputBytesPerSecond, 1e3);
+        // Over a 1 Gbit/s link LZ4 keeps up and halves the bytes: compress, not raw.
+        Assert.Equal(AdaptiveChoice.Lz4, s.Choose(5, 125e6, out _));
+    }
+
+    /// <summary>A codec that really became slow (the CPU is busy for good) is judged slow once most of the window says so.</summary>
+    [Fact]
+    public void Codec_adaptive_speed_follows_a_lasting_slowdown_and_a_recovery()
+    {
+        var s = new AdaptiveState();
+        for (int i = 0; i < AdaptiveState.Window; i++) s.Observe(false, AdaptiveChoice.Lz4, Us(10), 2048);
+        for (int i = 0; i < AdaptiveState.Window / 2 + 1; i++) s.Observe(false, AdaptiveChoice.Lz4, Us(100), 2048); // 41 MB/s
+        Assert.Equal(40.96e6, s.Figures(false, AdaptiveChoice.Lz4).InputBytesPerSecond, 1e3);
+        Assert.True(AdaptivePolicy.CpuBound(s.Figures(false, AdaptiveChoice.Lz4), 125e6));
+        Assert.NotEqual(AdaptiveChoice.Lz4, s.Choose(5, 125e6, out _));
+        // The first pages after start-up ran unoptimised code; once the JIT is done they are fast again.
+        for (int i = 0; i < AdaptiveState.Window / 2 + 1; i++) s.Observe(false, AdaptiveChoice.Lz4, Us(10), 2048);
+        Assert.Equal(409.6e6, s.Figures(false, AdaptiveChoice.Lz4).InputBytesPerSecond, 1e3);
+    }
+
+    /// <summary>A clock that advances by a scripted step at every reading: codec timings are exactly what the test says.</summary>
+    private sealed class ScriptedClock(Func<long, long> stepTicks) : TimeProvider
+    {
+        private long _now = 1, _reads;
+        public override long TimestampFrequency => 1_000_000; // µs
+        public override long GetTimestamp() => _now += stepTicks(_reads++);
+    }
+
+    /// <summary>
+    /// The whole encoder on a busy machine, deterministic: every compression takes 8 µs but one in
+    /// five is preempted for 4 ms. Over a 1 Gbit/s link the text pages must still be compressed,
+    /// and once paused (the stop-and-copy) no codec is probed.
+    /// </summary>
+    [Fact]
+    public void Codec_adaptive_encoder_keeps_compressing_on_a_preempted_thread_and_never_probes_when_paused()
+    {
+        const int N = 640;
+        // Each timed compression reads the clock twice: the second reading's step is its duration.
+        var clock = new ScriptedClock(read => read % 2 == 0 ? 1 : (read / 2) % 5 == 4 ? 4000 : 8);
+        using var pipeline = new SourcePipeline(new PipelineOptions { Compression = CompressionKind.Adaptive }, N, time: clock);
+        pipeline.Link.Set(125e6);
+        var enc = pipeline.CreateEncoder();
+        var buf = new byte[PageCodec.MaxEncodedSize];
+        var counts = new EncodingCounters();
+        enc.BeginRound(0);
+        for (int p = 0; p < N; p++)
+        {
+            var e = enc.Encode(p, Pages.Text(p), buf, out int n);
+            counts.Add(e, n);
+        }
+        var adaptive = pipeline.Report()["adaptive"].Counters;
+        Assert.Equal(0, adaptive["cpuBound"]);
+        Assert.Equal(N, counts.Pages(PageEncoding.Lz4) + counts.Pages(PageEncoding.Zstd));
+        Assert.True(adaptive["probes"] > 0);
+        long probes = adaptive["probes"];
+        pipeline.Paused = true;
+        enc.BeginRound(1);
+        for (int p = 0; p < N; p++) enc.Encode(p, Pages.Text(p + N), buf, out _);
+        Assert.Equal(probes, pipeline.Report()["adaptive"].Counters["probes"]);
     }
 
     [Fact]

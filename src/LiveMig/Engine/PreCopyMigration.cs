@@ -85,7 +85,7 @@ public sealed class PreCopyMigration
         using var reader = new FrameReader(stream);
         var batches = new PageBatchWriter(frames, _vm.Memory);
         var memory = _vm.Memory;
-        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
+        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter), _options.Time);
         bool paused = false, committed = false, hashesDiffer = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
         long pagesSkipped = 0, deferredAtStop = 0;
@@ -225,6 +225,7 @@ public sealed class PreCopyMigration
             // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
             meter.Ended();
             ReleaseGuest();
+            if (pipeline is not null) pipeline.Paused = true;
             downtime.Mark("release-brakes");
             _vm.DirtyLog.Harvest(pending);
             long finalCount = pending.Count();

@@ -50,10 +50,14 @@ public enum AdaptiveChoice : byte { Raw, Lz4, Zstd }
 
 /// <summary>
 /// The decision of the adaptive stage, kept free of I/O and clocks so it can be tested with
-/// injected numbers. The same thread encodes and sends, so a page costs CPU time plus wire
-/// time: raw = size/link; a codec = size/throughput + ratio·size/link. The cheapest wins; when
-/// the link is faster than what a codec saves per CPU second (link > (1−ratio)·throughput),
-/// compressing is slower than sending raw and the CPU is the bottleneck: send raw.
+/// injected numbers. Encoding and sending overlap: while the thread encodes the next page, the
+/// link keeps carrying what it was given (the socket's send buffer drains, the rate limiter's
+/// bucket refills), so the slower of the two sets the pace: raw costs size/link per page, a
+/// codec max(size/throughput, ratio·size/link). The cheapest wins (on a tie, the one that sends
+/// less); when a codec encodes slower than the link carries raw pages (throughput &lt; link),
+/// compressing would hold the link up: the CPU is the bottleneck, send raw.
+/// (Before 2026-11 this was CPU time plus wire time, as if the link stood still while the thread
+/// encoded: with a busy CPU that made LZ4 look too slow for a 1 Gbit/s link and pages went raw.)
 /// </summary>
 public static class AdaptivePolicy
 {
@@ -76,45 +80,71 @@ public static class AdaptivePolicy
         double raw = 1 / link;
         double costLz4 = Cost(lz4, link);
         double costZstd = entropyBits < RedundantBits ? double.PositiveInfinity : Cost(zstd, link);
-        if (raw <= costLz4 && raw <= costZstd) return AdaptiveChoice.Raw;
-        return costLz4 <= costZstd ? AdaptiveChoice.Lz4 : AdaptiveChoice.Zstd;
+        bool lz4Pays = costLz4 <= raw && lz4.Ratio < 1, zstdPays = costZstd <= raw && zstd.Ratio < 1;
+        if (!lz4Pays && !zstdPays) return AdaptiveChoice.Raw;
+        if (lz4Pays && zstdPays)
+        {
+            // Equal pace (both keep up with the link): the one that sends less.
+            if (costLz4 == costZstd) return zstd.Ratio < lz4.Ratio ? AdaptiveChoice.Zstd : AdaptiveChoice.Lz4;
+            return costLz4 < costZstd ? AdaptiveChoice.Lz4 : AdaptiveChoice.Zstd;
+        }
+        return lz4Pays ? AdaptiveChoice.Lz4 : AdaptiveChoice.Zstd;
     }
 
-    /// <summary>Seconds per input byte: compress, then send what is left.</summary>
+    /// <summary>Seconds per input byte: the slower of encoding it and sending what is left (the two overlap).</summary>
     public static double Cost(CodecFigures f, double link) =>
-        f.InputBytesPerSecond <= 0 ? double.PositiveInfinity : 1 / f.InputBytesPerSecond + Math.Clamp(f.Ratio, 0, 1) / link;
+        f.InputBytesPerSecond <= 0 ? double.PositiveInfinity : Math.Max(1 / f.InputBytesPerSecond, Math.Clamp(f.Ratio, 0, 1) / link);
 
     /// <summary>True when compressing with <paramref name="f"/> is slower than sending raw: the CPU, not the link, is the bottleneck.</summary>
-    public static bool CpuBound(CodecFigures f, double linkBytesPerSecond) => Cost(f, linkBytesPerSecond) >= 1 / linkBytesPerSecond;
+    public static bool CpuBound(CodecFigures f, double linkBytesPerSecond) => Cost(f, linkBytesPerSecond) > 1 / linkBytesPerSecond;
 }
 
 /// <summary>
-/// Per-encoder state of the adaptive stage: exponentially weighted figures per codec and page
-/// class (redundant / ordinary), refreshed by every compression it does, plus a probe of the
-/// codec it did not pick every <see cref="ProbeEvery"/> pages of a class so that figures do not
-/// go stale. One per encoder (thread): not thread-safe.
+/// Per-encoder state of the adaptive stage: figures per codec and page class (redundant /
+/// ordinary), refreshed by every compression it does, plus a probe of the codec it did not pick
+/// every <see cref="ProbeEvery"/> pages of a class so that figures do not go stale.
+/// <para>Speed is the median of the last <see cref="Window"/> timed pages (a decaying median),
+/// not an average: a page timed across a preemption (the thread lost its core for a few
+/// milliseconds on a busy machine) or the first pages run before the JIT optimised the codec
+/// only ever look slower, and one such page in a window moves a median not at all, whereas an
+/// average took dozens of pages to forget it — long enough, with the codec no longer chosen, to
+/// send a whole migration raw. The ratio, which preemption does not touch, is an EWMA.</para>
+/// Times are in ticks of the <see cref="TimeProvider"/> the encoder measures with (tests give a
+/// fake one). One per encoder (thread): not thread-safe.
 /// </summary>
 public sealed class AdaptiveState
 {
     public const int ProbeEvery = 64;
+    /// <summary>Timed pages per codec and class that the speed is the median of.</summary>
+    public const int Window = 15;
     private const double Weight = 0.05;
-    private const double MaxSampleSeconds = 1e-3;
 
     // [class, codec]: class 0 = redundant, 1 = ordinary; codec 0 = LZ4, 1 = Zstd.
     private readonly CodecFigures[,] _figures = { { AdaptivePolicy.Lz4Prior, AdaptivePolicy.ZstdPrior }, { AdaptivePolicy.Lz4Prior, AdaptivePolicy.ZstdPrior } };
+    private readonly double[,][] _samples = { { new double[Window], new double[Window] }, { new double[Window], new double[Window] } };
+    private readonly int[,] _sampleCount = new int[2, 2];
+    private readonly double[] _sorted = new double[Window];
     private readonly int[] _seen = new int[2];
+    private readonly double _frequency;
+
+    /// <param name="timestampFrequency">Ticks per second of the times given to <see cref="Observe"/> (default: <see cref="Stopwatch.Frequency"/>).</param>
+    public AdaptiveState(long timestampFrequency = 0) => _frequency = timestampFrequency > 0 ? timestampFrequency : Stopwatch.Frequency;
 
     public CodecFigures Figures(bool redundant, AdaptiveChoice codec) => _figures[redundant ? 0 : 1, codec == AdaptiveChoice.Zstd ? 1 : 0];
 
-    /// <summary>The choice for a page, and whether it is a probe (a codec tried to refresh its figures rather than because it is best).</summary>
-    public AdaptiveChoice Choose(double entropy, double link, out bool probe)
+    /// <summary>
+    /// The choice for a page, and whether it is a probe (a codec tried to refresh its figures
+    /// rather than because it is best). <paramref name="allowProbe"/> false (the stop-and-copy,
+    /// inside the downtime): only the best-known codec.
+    /// </summary>
+    public AdaptiveChoice Choose(double entropy, double link, out bool probe, bool allowProbe = true)
     {
         probe = false;
         if (entropy >= AdaptivePolicy.IncompressibleBits) return AdaptiveChoice.Raw;
         bool redundant = entropy < AdaptivePolicy.RedundantBits;
         int cls = redundant ? 0 : 1;
         var best = AdaptivePolicy.Choose(entropy, link, _figures[cls, 0], _figures[cls, 1]);
-        if (++_seen[cls] % ProbeEvery == 0)
+        if (++_seen[cls] % ProbeEvery == 0 && allowProbe)
         {
             // Round-robin over the codecs of the class (Zstd is never used on redundant pages).
             var pick = redundant || (_seen[cls] / ProbeEvery) % 2 == 0 ? AdaptiveChoice.Lz4 : AdaptiveChoice.Zstd;
@@ -123,16 +153,23 @@ public sealed class AdaptiveState
         return best;
     }
 
-    /// <summary>Records one compression: CPU ticks spent and output bytes (or the page size when it did not fit).</summary>
+    /// <summary>Records one compression: ticks it took and output bytes (or the page size when it did not fit).</summary>
     public void Observe(bool redundant, AdaptiveChoice codec, long ticks, int outputBytes)
     {
-        ref CodecFigures f = ref _figures[redundant ? 0 : 1, codec == AdaptiveChoice.Zstd ? 1 : 0];
-        double seconds = Math.Max(ticks, 1) / (double)Stopwatch.Frequency;
-        // A page that took over a millisecond was preempted or met the JIT: not the codec's speed.
-        if (seconds > MaxSampleSeconds) return;
-        double thr = GuestMemory.PageSize / seconds;
+        int cls = redundant ? 0 : 1, k = codec == AdaptiveChoice.Zstd ? 1 : 0;
+        ref CodecFigures f = ref _figures[cls, k];
+        double seconds = Math.Max(ticks, 1) / _frequency;
+        var window = _samples[cls, k];
+        int n = _sampleCount[cls, k]++;
+        window[n % Window] = seconds;
+        int filled = Math.Min(n + 1, Window);
+        window.AsSpan(0, filled).CopyTo(_sorted);
+        var sorted = _sorted.AsSpan(0, filled);
+        sorted.Sort();
+        // Median (the lower one of an even count: a window still filling leans fast, as the priors do).
+        double median = sorted[(filled - 1) / 2];
         double ratio = Math.Clamp(outputBytes / (double)GuestMemory.PageSize, 0, 1);
-        f = new CodecFigures(f.InputBytesPerSecond * (1 - Weight) + thr * Weight, f.Ratio * (1 - Weight) + ratio * Weight);
+        f = new CodecFigures(GuestMemory.PageSize / median, n == 0 ? ratio : f.Ratio * (1 - Weight) + ratio * Weight);
     }
 }
 

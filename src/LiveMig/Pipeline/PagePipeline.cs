@@ -78,17 +78,28 @@ public sealed class SourcePipeline : IDisposable
 {
     private readonly List<PipelineEncoder> _encoders = [];
 
-    public SourcePipeline(PipelineOptions options, long pageCount, LinkEstimate? link = null)
+    /// <param name="time">The clock the codecs are timed with for the adaptive decision (tests give a fake one); default the system's.</param>
+    public SourcePipeline(PipelineOptions options, long pageCount, LinkEstimate? link = null, TimeProvider? time = null)
     {
         options.Validate();
         Options = options;
         Link = link ?? new LinkEstimate();
+        Time = time ?? TimeProvider.System;
         if (options.XbzrleCacheBytes > 0) Cache = new XbzrleCache(options.XbzrleCacheBytes);
         if (options.Dedup) DedupIndex = new DedupSourceIndex(pageCount);
     }
 
     public PipelineOptions Options { get; }
     public LinkEstimate Link { get; }
+    public TimeProvider Time { get; }
+
+    /// <summary>
+    /// Set by the engine once the VM is paused: the pages sent now are in the downtime, so the
+    /// adaptive stage uses its best-known codec and probes none (a probe of a codec not yet used
+    /// in this process can cost milliseconds of first-call compilation).
+    /// </summary>
+    public bool Paused { get => Volatile.Read(ref _paused); set => Volatile.Write(ref _paused, value); }
+    private bool _paused;
     public XbzrleCache? Cache { get; }
     public DedupSourceIndex? DedupIndex { get; }
 
@@ -204,9 +215,24 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
                 _adaptiveC = Stages.NewAdaptive();
                 _lz4Level = Lz4Page.Level(Lz4Page.DefaultLevel);
                 _zstd = new ZstdPageCompressor(o.CompressionLevel ?? ZstdPageCompressor.DefaultLevel);
-                _adaptive = new AdaptiveState();
+                _adaptive = new AdaptiveState(pipeline.Time.TimestampFrequency);
+                WarmCodecs();
                 break;
         }
+    }
+
+    /// <summary>
+    /// Compresses one page with each codec, untimed and uncounted, so that their first-call
+    /// compilation (tens of milliseconds for Zstd on a busy machine) is paid before round 0 and
+    /// is not mistaken for their speed.
+    /// </summary>
+    private void WarmCodecs()
+    {
+        var page = new byte[GuestMemory.PageSize];
+        for (int i = 0; i < page.Length; i++) page[i] = (byte)("the quick brown fox jumps over the lazy dog "[i % 44] ^ (i >> 9));
+        var output = new byte[GuestMemory.PageSize];
+        Lz4Page.Encode(page, output.AsSpan(0, Budget), _lz4Level);
+        _zstd!.Encode(page, output.AsSpan(0, Budget));
     }
 
     internal IEnumerable<StageCounters> AllCounters()
@@ -304,24 +330,33 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
 
     private bool TryLz4(ReadOnlySpan<byte> s, Span<byte> destination, out int written, out PageEncoding enc, out long ticks)
     {
-        long t0 = Stopwatch.GetTimestamp();
+        var time = _p.Time;
+        long t0 = time.GetTimestamp();
         var c = _lz4!;
         c.Offered++;
         int n = Lz4Page.Encode(s, destination[..Budget], _lz4Level);
-        ticks = Stopwatch.GetTimestamp() - t0;
-        c.Ticks += ticks;
+        ticks = time.GetTimestamp() - t0;
+        c.Ticks += ToStopwatchTicks(ticks);
         return Took(c, n, PageEncoding.Lz4, out written, out enc);
     }
 
     private bool TryZstd(ReadOnlySpan<byte> s, Span<byte> destination, out int written, out PageEncoding enc, out long ticks)
     {
-        long t0 = Stopwatch.GetTimestamp();
+        var time = _p.Time;
+        long t0 = time.GetTimestamp();
         var c = _zstdC!;
         c.Offered++;
         int n = _zstd!.Encode(s, destination[..Budget]);
-        ticks = Stopwatch.GetTimestamp() - t0;
-        c.Ticks += ticks;
+        ticks = time.GetTimestamp() - t0;
+        c.Ticks += ToStopwatchTicks(ticks);
         return Took(c, n, PageEncoding.Zstd, out written, out enc);
+    }
+
+    /// <summary>The counters are in <see cref="Stopwatch"/> ticks; the codecs are timed with the pipeline's clock.</summary>
+    private long ToStopwatchTicks(long ticks)
+    {
+        long f = _p.Time.TimestampFrequency;
+        return f == Stopwatch.Frequency ? ticks : (long)(ticks * (double)Stopwatch.Frequency / f);
     }
 
     private static bool Took(StageCounters c, int n, PageEncoding tag, out int written, out PageEncoding enc)
@@ -341,7 +376,7 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
         c.Offered++;
         double entropy = ByteEntropy.OfSample(s);
         double link = _p.Link.BytesPerSecond;
-        var choice = _adaptive!.Choose(entropy, link, out bool probe);
+        var choice = _adaptive!.Choose(entropy, link, out bool probe, allowProbe: !_p.Paused);
         bool redundant = entropy < AdaptivePolicy.RedundantBits;
         c.Ticks += Stopwatch.GetTimestamp() - t0;
         if (probe) c.Extra[Stages.Probes]++;
