@@ -34,6 +34,41 @@ public class VmTests
         Assert.True(vm.DirtyLog.Harvest(dirty) > 0);
     }
 
+    /// <summary>The destination makes vCPU threads ahead (at Hello); the restored VM runs on exactly those, paused until Resume.</summary>
+    [Fact]
+    public void Restore_runs_the_vcpus_on_threads_made_ahead_and_not_before_resume()
+    {
+        using var a = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 2, Workload = "sweep", DirtyLog = DirtyLogKind.Software });
+        byte[] state = a.SaveState();
+        var mem = GuestMemory.Create(a.Memory.Size);
+        for (long p = 0; p < mem.PageCount; p++) a.Memory.Page(p).CopyTo(mem.Page(p));
+        using var threads = new ParkedThreads(2, "ahead");
+        using var b = BuiltInVm.Restore(mem, state, DirtyLogKind.Software, threads);
+        Assert.Null(threads.Take(2, _ => () => { })); // handed to the VM already
+        Assert.Equal(VmRunState.Paused, b.State);
+        Assert.Equal(0, b.Operations);
+        b.Resume();
+        Assert.True(SpinWait.SpinUntil(() => b.Operations > 1000, TimeSpan.FromSeconds(30)));
+        b.Pause();
+        Assert.Null(b.CheckInvariant());
+        Assert.NotNull(b.ResumeToFirstRun);
+    }
+
+    [Fact]
+    public void Parked_threads_of_another_count_are_not_used_and_end_when_disposed()
+    {
+        using var a = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 2, Workload = "sweep", DirtyLog = DirtyLogKind.Software });
+        byte[] state = a.SaveState();
+        var mem = GuestMemory.Create(a.Memory.Size);
+        for (long p = 0; p < mem.PageCount; p++) a.Memory.Page(p).CopyTo(mem.Page(p));
+        var threads = new ParkedThreads(3, "wrong-count");
+        using var b = BuiltInVm.Restore(mem, state, DirtyLogKind.Software, threads);
+        b.Resume();
+        Assert.True(SpinWait.SpinUntil(() => b.Operations > 1000, TimeSpan.FromSeconds(30)));
+        threads.Dispose(); // joins its three threads: they never ran the VM
+        Assert.Null(threads.Take(3, _ => () => { }));
+    }
+
     [Fact]
     public void State_round_trip_continues_sweep_exactly()
     {

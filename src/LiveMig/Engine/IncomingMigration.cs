@@ -56,6 +56,7 @@ public sealed class IncomingMigration
         PostCopyIncoming? postCopy = null;
         var downtime = new PhaseClock();
         string? restoreError = null;
+        ParkedThreads? vcpuThreads = null;
 
         try
         {
@@ -86,6 +87,8 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
+                        // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
+                        else if (hello.Vcpus <= MaxParkedVcpus) vcpuThreads = new ParkedThreads(hello.Vcpus, hello.VmName[..Math.Min(hello.VmName.Length, 32)]);
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
                         break;
@@ -149,7 +152,7 @@ public sealed class IncomingMigration
                         state = State.HaveState;
                         downtime.Mark("vm-state");
                         // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
-                        if (!_options.VerifyFromScratch && TryRestoreEarly(memory!, vmState, out restoreError) is { } early) { vm = early; memory = null; }
+                        if (!_options.VerifyFromScratch && TryRestoreEarly(memory!, vmState, vcpuThreads, out restoreError) is { } early) { vm = early; memory = null; }
                         downtime.Mark("restore");
                         break;
                     case (State.HaveState, FrameType.Prepare):
@@ -177,7 +180,7 @@ public sealed class IncomingMigration
                         if (restoreError is not null) throw new ProtocolException(restoreError);
                         if (vm is null)
                         {
-                            try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog); }
+                            try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog, vcpuThreads); }
                             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
                             memory = null; // the VM owns it now
                             downtime.Mark("restore");
@@ -232,6 +235,7 @@ public sealed class IncomingMigration
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
             prefaulter?.Dispose();
+            vcpuThreads?.Dispose();
             decoder?.Dispose();
             decoder = null;
             // Discard the partial VM: it never ran here.
@@ -258,12 +262,15 @@ public sealed class IncomingMigration
     }
 
     /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>
-    private BuiltInVm? TryRestoreEarly(GuestMemory memory, byte[] state, out string? error)
+    private BuiltInVm? TryRestoreEarly(GuestMemory memory, byte[] state, ParkedThreads? threads, out string? error)
     {
         error = null;
-        try { return BuiltInVm.Restore(memory, state, _options.DirtyLog); }
+        try { return BuiltInVm.Restore(memory, state, _options.DirtyLog, threads); }
         catch (InvalidDataException e) { error = e.Message; return null; }
     }
+
+    /// <summary>Most vCPU threads made ahead at Hello (a larger VM gets its threads at restore).</summary>
+    private const int MaxParkedVcpus = 64;
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | CodecBits;
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;

@@ -123,7 +123,10 @@ public sealed class BuiltInVm : IVirtualMachine
     /// paused: vCPU threads exist but wait for <see cref="Resume"/>. Hostile state bytes get an
     /// <see cref="InvalidDataException"/>.
     /// </summary>
-    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind = DirtyLogKind.Auto)
+    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind = DirtyLogKind.Auto) => Restore(memory, state, dirtyLogKind, null);
+
+    /// <summary>As <see cref="Restore(GuestMemory, ReadOnlySpan{byte}, DirtyLogKind)"/>, running the vCPUs on <paramref name="threads"/> when they fit (else on new threads).</summary>
+    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind, ParkedThreads? threads)
     {
         try
         {
@@ -150,7 +153,7 @@ public sealed class BuiltInVm : IVirtualMachine
             var vm = new BuiltInVm(name, memory, dirtyLogKind, workload, seed, programs);
             vm._throttle = 0; // a throttle (or a dirty limit, which is not saved) never outlives the migration that set it
             _ = throttle;
-            vm.StartPaused();
+            vm.StartPaused(threads);
             return vm;
         }
         catch (EndOfStreamException) { throw new InvalidDataException("VM state: truncated"); }
@@ -199,14 +202,19 @@ public sealed class BuiltInVm : IVirtualMachine
         }
     }
 
-    private void StartPaused()
+    private void StartPaused(ParkedThreads? threads)
     {
         lock (_gate)
         {
             // The threads start with the pause already requested, so none runs a step before Resume;
             // not waiting for them to reach the barrier keeps their scheduling out of the switch-over.
             _pauseRequested = true;
-            StartThreads();
+            if (threads?.Take(_threads.Length, i => () => RunVcpu(i)) is { } ready)
+            {
+                ready.CopyTo(_threads, 0);
+                _live += ready.Length;
+            }
+            else StartThreads();
             State = VmRunState.Paused;
         }
     }
