@@ -2,6 +2,8 @@
 # Issue-4 matrix: each workload migrated with every stage off, each stage alone, and all
 # together, over a 1 Gbit/s cap; prints a Markdown table (median of REPS runs).
 #   bench/stages.sh [MEMORY] [REPS]        e.g. bench/stages.sh 256MiB 3
+# With OUT=DIR every run's JSON report is also kept there (DIR/WORKLOAD-STAGES-REP.json), e.g. for
+# the per-phase downtime (downtimeBreakdown): bench/downtime.py DIR.
 set -euo pipefail
 mem=${1:-256MiB}
 reps=${2:-3}
@@ -20,6 +22,7 @@ for w in "${workloads[@]}"; do
       # shellcheck disable=SC2086
       json=$(./livemig demo --memory "$mem" --workload "$w" --fill mixed --seed "$r" --bandwidth 1Gbit --warmup 1s --json $opts 2>/dev/null || true)
       results+=("$json")
+      if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; printf '%s\n' "$json" >"$OUT/${w%%:*}-$name-$r.json"; fi
     done
     line=$(printf '%s\n' "${results[@]}" | python3 -c '
 import json, sys, statistics
