@@ -203,7 +203,7 @@ public sealed class FrameReader : IDisposable
         ReadExactly(_buffer.AsSpan(0, (int)length), index, at, (FrameType)type, length);
         uint sum = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(12));
         if (FrameFormat.Checksum(_header.AsSpan(0, 8), _buffer.AsSpan(0, (int)length)) != sum)
-            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)");
+            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)", linkFailure: true);
         FramesRead++;
         payload = _buffer.AsSpan(0, (int)length);
         return (FrameType)type;
@@ -220,11 +220,11 @@ public sealed class FrameReader : IDisposable
         {
             int n;
             try { n = _stream.Read(into[got..]); }
-            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}"); }
+            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}", linkFailure: true); }
             if (n == 0)
                 throw new ProtocolException(got == 0 && type is null
                     ? $"{Where(index, at)}: peer closed the connection"
-                    : $"{Where(index, at)}: peer closed the connection in the middle of the {What(type, length)} ({got} of {into.Length} bytes)");
+                    : $"{Where(index, at)}: peer closed the connection in the middle of the {What(type, length)} ({got} of {into.Length} bytes)", linkFailure: true);
             got += n;
             BytesRead += n;
         }

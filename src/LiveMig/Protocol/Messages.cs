@@ -33,6 +33,12 @@ public enum Capabilities : ulong
     RoundSync = 1UL << 8,
     /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>
     Extents = 1UL << 9,
+    /// <summary>
+    /// Pre-copy resume: after a dropped connection before Prepare, the destination keeps its
+    /// partial VM for a while and the source reattaches (Attach, main channel) and continues
+    /// with the pages it cannot know were delivered, instead of starting over.
+    /// </summary>
+    PreCopyResume = 1UL << 12,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
     /// <summary>Post-copy: the switch with pages still to come, page requests on a second connection, recovery (docs/protocol.md).</summary>
