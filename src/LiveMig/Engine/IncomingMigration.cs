@@ -93,7 +93,11 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
-                        if ((ack.Accepted & Capabilities.PreCopyResume) != 0) resumption = PreCopyResumption.Register(hello.MigrationId, stream);
+                        if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
+                        {
+                            resumption = PreCopyResumption.Register(hello.MigrationId, stream);
+                            placer.Delivered = new PageBitmap(memory.PageCount);
+                        }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
                         break;
@@ -123,6 +127,7 @@ public sealed class IncomingMigration
                         if (afterReattach ? rs.Round <= currentRound : rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
                         currentRound = rs.Round;
                         afterReattach = false;
+                        placer!.Delivered?.ClearAll();
                         if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
@@ -241,6 +246,8 @@ public sealed class IncomingMigration
                 pauseSeenTs = 0;
                 afterReattach = true;
                 reattaches++;
+                // What arrived of the round cut short: the source sends only the rest again.
+                if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
                 frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
               }
             }

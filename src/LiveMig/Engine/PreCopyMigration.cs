@@ -52,10 +52,18 @@ public sealed class PreCopyMigration
     /// </summary>
     public Func<int, Stream>? Connector { get; init; }
 
+    /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
+    public ReconnectTarget? Target { get; private set; }
+
     /// <summary>Connects to a destination agent and migrates.</summary>
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
-        var connect = Connector ?? (_ => SourceConnection.Open(host, port, _options.Security, _options.IoTimeout));
+        var target = Target = new ReconnectTarget(host, port);
+        var connect = Connector ?? (_ =>
+        {
+            var (h, p) = target.Current;
+            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+        });
         Stream stream;
         try { stream = connect(0); }
         catch (Exception e) when (e is SocketException or AuthenticationFailedException or IOException)
@@ -90,6 +98,7 @@ public sealed class PreCopyMigration
         var interruptions = new List<string>();
         // Pages sent since the destination last acknowledged delivery: after a drop they may or may not be there.
         PageBitmap? inFlight = null;
+        int inFlightRound = -1;
         var memory = _vm.Memory;
         using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
         bool paused = false, committed = false, hashesDiffer = false;
@@ -181,7 +190,7 @@ public sealed class PreCopyMigration
                     {
                         cancel.ThrowIfCancellationRequested();
                         pending.AndNot(sendNow);
-                        inFlight = sendNow;
+                        (inFlight, inFlightRound) = (sendNow, round);
                         var (stats, zeros, skipped) = SendRound(round, final: false, sendNow, sendCount, frames, batches, skipZero: round == 0, skipRewritten ? pending : null, cancel);
                         long syncFrom = Stopwatch.GetTimestamp();
                         zeroMarkers += zeros;
@@ -239,9 +248,9 @@ public sealed class PreCopyMigration
                     meter.Ended();
                     ReleaseGuest();
                     _vm.DirtyLog.Harvest(pending);
-                    inFlight = pending; // the final set stays pending until Ready: a drop re-sends it all
                     long finalCount = pending.Count();
                     round++;
+                    (inFlight, inFlightRound) = (pending, round); // the final set stays pending until Ready
                     var (finalStats, finalZeros, _) = SendRound(round, final: true, pending, finalCount, frames, batches, skipZero: false, null, CancellationToken.None);
                     zeroMarkers += finalZeros;
                     pagesSent += finalStats.PagesSent;
@@ -289,20 +298,23 @@ public sealed class PreCopyMigration
                     _vm.Resume();
                     paused = false;
                 }
-                if (inFlight is not null)
-                {
-                    // Pages sent since the last acknowledgement may be missing there: pending again,
-                    // and no delta or dedup reference may lean on them.
-                    if (!ReferenceEquals(inFlight, pending)) pending.Or(inFlight);
-                    pipeline?.Forget(inFlight);
-                    inFlight = null;
-                }
                 bytesOfClosedLinks += frames.BytesWritten;
                 frames.Dispose();
                 reader.Dispose();
                 // Closed even when it is the caller's: the destination must see this connection end.
                 try { stream.Dispose(); } catch (Exception x) when (x is IOException or ObjectDisposedException or SocketException) { }
-                (stream, frames, reader) = Reattach(reconnect!, e, ref attempts, cancel);
+                var delivered = new PageBitmap(memory.PageCount);
+                (stream, frames, reader) = Reattach(reconnect!, e, ref attempts, inFlightRound, delivered, cancel);
+                if (inFlight is not null)
+                {
+                    // Pages sent since the last acknowledgement that did not arrive are pending
+                    // again, and no delta or dedup reference may lean on them. Those that arrived
+                    // are there as last sent (one connection keeps a page's versions in order).
+                    inFlight.AndNot(delivered);
+                    if (!ReferenceEquals(inFlight, pending)) pending.Or(inFlight);
+                    pipeline?.Forget(inFlight);
+                    inFlight = null;
+                }
                 batches.Rebind(frames);
                 reconnects++;
                 sendNow.CopyFrom(pending);
@@ -416,7 +428,7 @@ public sealed class PreCopyMigration
     /// main channel → Attached), with bounded exponential back-off. A destination that no longer
     /// holds the migration (window over, already prepared, restarted) answers Error: no retry.
     /// </summary>
-    private (Stream, FrameWriter, FrameReader) Reattach(Func<int, Stream> connect, Exception cause, ref int attempts, CancellationToken cancel)
+    private (Stream, FrameWriter, FrameReader) Reattach(Func<int, Stream> connect, Exception cause, ref int attempts, int inFlightRound, PageBitmap delivered, CancellationToken cancel)
     {
         var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.ReconnectWindow, _options.Time);
         string last = OneLine(cause);
@@ -441,6 +453,14 @@ public sealed class PreCopyMigration
                 r = new FrameReader(s);
                 w.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
                 var type = r.Read(out var payload);
+                var chunk = new PageBitmap(delivered.PageCount);
+                delivered.ClearAll();
+                for (; type == FrameType.Delivered; type = r.Read(out payload))
+                {
+                    // Only a report on the round in flight counts: an older round was acknowledged already.
+                    if (DeliveredMessage.Apply(payload, chunk) == inFlightRound) delivered.Or(chunk);
+                    chunk.ClearAll();
+                }
                 if (type == FrameType.Error) throw new MigrationAbort($"connection lost ({OneLine(cause)}) and the destination cannot resume: {ErrorMessage.Parse(payload).Text}");
                 if (type != FrameType.Attached) throw new ProtocolException($"expected Attached after Attach, got {type}");
                 AttachedMessage.Parse(payload);
@@ -460,7 +480,11 @@ public sealed class PreCopyMigration
                     s?.Dispose();
                 }
             }
-            if (!backoff.Wait(cancel))
+            bool more;
+            if (Target is { } t) t.Reconnecting = true;
+            try { more = backoff.Wait(cancel, Target?.Wake); }
+            finally { if (Target is { } t2) t2.Reconnecting = false; }
+            if (!more)
                 throw new MigrationAbort($"connection lost ({OneLine(cause)}) and not re-established within {backoff.Window.TotalSeconds:0.#} s ({attempts} attempts; last: {last})");
         }
     }

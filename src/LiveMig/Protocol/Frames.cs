@@ -29,6 +29,11 @@ public enum FrameType : byte
     SyncAck = 15,
     /// <summary>S→D before round 0: the populated extents the source will send, so the destination can fault them in ahead.</summary>
     Extents = 16,
+    /// <summary>
+    /// D→S when a pre-copy source reattaches (capability PreCopyResume), before Attached: the
+    /// pages placed in the round that was cut short, so only the others are sent again.
+    /// </summary>
+    Delivered = 20,
 
     // Post-copy (capability PostCopy; docs/protocol.md, "Post-copy"). Numbered from 32 so other
     // additions can take 12.. without colliding.
@@ -67,7 +72,8 @@ public static class FrameFormat
     public const int LargestPayload = 16 << 20;
 
     public static bool IsKnown(byte type) =>
-        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
+        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || type == (byte)FrameType.Delivered
+        || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));

@@ -13,11 +13,15 @@ public sealed class RetryBackoff(TimeSpan first, TimeSpan max, TimeSpan window, 
 
     public TimeSpan Window => window;
 
-    /// <summary>Waits before the next attempt; false (without waiting) when that attempt would fall outside the window. Cancellation throws.</summary>
-    public bool Wait(CancellationToken cancel = default)
+    /// <summary>
+    /// Waits before the next attempt; false (without waiting) when that attempt would fall outside
+    /// the window. <paramref name="wake"/>, when signalled, ends the wait early. Cancellation throws.
+    /// </summary>
+    public bool Wait(CancellationToken cancel = default, WaitHandle? wake = null)
     {
         if (_time.GetElapsedTime(_start) + _delay > window) return false;
-        cancel.WaitHandle.WaitOne(_delay);
+        if (wake is null) cancel.WaitHandle.WaitOne(_delay);
+        else WaitHandle.WaitAny([cancel.WaitHandle, wake], _delay);
         cancel.ThrowIfCancellationRequested();
         _delay = TimeSpan.FromTicks(Math.Min(_delay.Ticks * 2, max.Ticks));
         return true;
