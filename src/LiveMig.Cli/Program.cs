@@ -236,12 +236,12 @@ public static class Program
         return (target[..colon].Trim('[', ']'), port);
     }
 
-    /// <summary>The control socket's <c>resume ID [HOST:PORT]</c> for a pre-copy migration.</summary>
-    private static string ResumeCommand(PreCopyMigration m, string args)
+    /// <summary>The control socket's <c>resume ID [HOST:PORT]</c>.</summary>
+    private static string ResumeCommand(Guid migrationId, ReconnectTarget? target, string args)
     {
         string[] a = args.Split(' ', StringSplitOptions.RemoveEmptyEntries);
-        if (!Guid.TryParse(a[0], out var id) || id != m.MigrationId) return $"error: this process migrates {m.MigrationId}, not '{a[0]}'";
-        if (m.Target is not { } target) return "error: the migration has not connected yet";
+        if (!Guid.TryParse(a[0], out var id) || id != migrationId) return $"error: this process migrates {migrationId}, not '{a[0]}'";
+        if (target is null) return "error: the migration has not connected yet";
         (string Host, int Port)? next = null;
         if (a.Length > 1)
         {
@@ -272,13 +272,12 @@ public static class Program
         if (options.Strategy == MigrationStrategy.PreCopy)
         {
             var pre = new PreCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre, a));
+            (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a));
         }
         else
         {
             var post = new PostCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token),
-                _ => "error: post-copy reconnects on its own after a drop (for --reconnect); --resume applies to pre-copy");
+            (limiter, id, run, resume) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a));
         }
         Console.Error.WriteLine($"migration {id} to {host}:{port}"); // the ID 'livemig migrate --resume' names
         using var controlSocket = new ControlSocket(controlPath, cancel, limiter, resume);

@@ -67,9 +67,17 @@ public sealed class PostCopyMigration
 
     private string StrategyName => _options.Strategy == MigrationStrategy.Hybrid ? "hybrid" : "postcopy";
 
+    /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
+    public ReconnectTarget? Target { get; private set; }
+
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
-        var connect = Connector ?? ((kind, attempt) => SourceConnection.Open(host, port, _options.Security, _options.IoTimeout));
+        var target = Target = new ReconnectTarget(host, port);
+        var connect = Connector ?? ((kind, attempt) =>
+        {
+            var (h, p) = target.Current;
+            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+        });
         return Run(connect, cancel);
     }
 
@@ -498,7 +506,11 @@ public sealed class PostCopyMigration
             {
                 last = OneLine(e);
                 if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
-                if (!backoff.Wait())
+                bool more;
+                if (Target is { } t) t.Reconnecting = true;
+                try { more = backoff.Wait(default, Target?.Wake); }
+                finally { if (Target is { } t2) t2.Reconnecting = false; }
+                if (!more)
                     throw new RecoveryFailed($"post-copy recovery gave up after {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s and {attempt} attempts: {last}");
             }
         }
