@@ -391,6 +391,18 @@ public sealed class BuiltInVm : IVirtualMachine
     /// <summary>Checks the workload's memory invariant; call while paused or stopped.</summary>
     public string? CheckInvariant() => Workload.CheckInvariant(Memory, _programs);
 
+    /// <summary>
+    /// Ends the vCPU threads of a VM that never ran (a destination's early restore that the
+    /// migration went back on) and hands its memory back undisposed; the VM is unusable after.
+    /// </summary>
+    internal GuestMemory DetachMemory()
+    {
+        Stop();
+        (Workload as IDisposable)?.Dispose();
+        if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
+        return Memory;
+    }
+
     public void Dispose()
     {
         Stop();
