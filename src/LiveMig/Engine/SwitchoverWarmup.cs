@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using System.Reflection;
 using System.Runtime.CompilerServices;
 using LiveMig.Memory;
+using LiveMig.Pipeline;
 using LiveMig.Protocol;
 using LiveMig.Workloads;
 using LiveMig.Reporting;
@@ -23,7 +24,8 @@ internal static class SwitchoverWarmup
 
     /// <summary>
     /// Types of the switch-over path: the VM and every workload (the destination learns which from
-    /// the state), the kv endpoint's hand-over, the switch-over messages, the hashes, the report.
+    /// the state), the page pipeline, the kv endpoint's hand-over, the switch-over messages, the
+    /// hashes, the report.
     /// </summary>
     private static IEnumerable<Type> SwitchoverTypes(params Type[] extra)
     {
@@ -49,6 +51,10 @@ internal static class SwitchoverWarmup
         yield return typeof(RoundReport);
         yield return typeof(WireBytes);
         yield return typeof(MigrationReport);
+        // Last (the restore path above matters more): the page pipeline, whose stages may run for the
+        // first time in the stop-and-copy (XBZRLE deltas start in round 1, which can be the final round).
+        foreach (var t in typeof(PageBatchWriter).Assembly.GetTypes())
+            if (t.Namespace == typeof(PageBatchWriter).Namespace) yield return t;
     }
 
     /// <summary>Compiler-generated members of records that the switch-over never calls (and that are large).</summary>
