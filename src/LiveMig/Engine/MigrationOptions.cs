@@ -25,6 +25,14 @@ public sealed record MigrationOptions
     public MigrationStrategy Strategy { get; init; } = MigrationStrategy.PreCopy;
     /// <summary>Post-copy and hybrid settings (PostCopyOptions.cs).</summary>
     public PostCopyOptions PostCopy { get; init; } = new();
+    /// <summary>
+    /// Pre-copy only: page data on this many data connections beside the control connection
+    /// (like QEMU's multifd), each with its own encoder thread; 1 = everything on the one
+    /// connection. At most <see cref="Protocol.StreamLayout.MaxStreams"/>.
+    /// </summary>
+    public int Streams { get; init; } = 1;
+    /// <summary>Opens data connection i (0-based, already secured); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address, secured like the control connection.</summary>
+    public Func<int, Stream>? StreamConnector { get; init; }
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -54,6 +62,8 @@ public sealed record DestinationOptions
     public DedupStore DedupStore { get; init; } = new();
     /// <summary>Post-copy settings (PostCopyOptions.cs).</summary>
     public PostCopyDestinationOptions PostCopy { get; init; } = new();
+    /// <summary>Test hook: called on a data stream's thread when that stream (index) has placed every page of a round (round).</summary>
+    public Action<int, int>? StreamRoundPlaced { get; init; }
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>

@@ -33,6 +33,8 @@ public enum Capabilities : ulong
     RoundSync = 1UL << 8,
     /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>
     Extents = 1UL << 9,
+    /// <summary>Page data on several data connections besides the control connection (Streams, StreamAttach, StreamRoundEnd frames).</summary>
+    MultiStream = 1UL << 10,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
     /// <summary>Post-copy: the switch with pages still to come, page requests on a second connection, recovery (docs/protocol.md).</summary>
