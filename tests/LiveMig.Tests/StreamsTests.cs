@@ -40,10 +40,11 @@ public class StreamsTests(ITestOutputHelper output)
     }
 
     [Theory]
-    [InlineData(2, "sweep:rate=200000", DirtyLogKind.Kernel)]
-    [InlineData(4, "random:rate=100000", DirtyLogKind.Software)]
-    [InlineData(3, "sweep:rate=200000", DirtyLogKind.Software)]
-    public void Guest_writing_through_several_rounds_arrives_with_every_page_at_its_last_version(int streams, string workload, DirtyLogKind log)
+    [InlineData(2, "sweep:rate=200000", DirtyLogKind.Kernel, false)]
+    [InlineData(4, "random:rate=100000", DirtyLogKind.Software, false)]
+    [InlineData(3, "sweep:rate=200000", DirtyLogKind.Software, false)]
+    [InlineData(2, "hotcold:rate=100000", DirtyLogKind.Software, true)] // hot pages deferred, re-written pages skipped (put back pending by the stream threads)
+    public void Guest_writing_through_several_rounds_arrives_with_every_page_at_its_last_version(int streams, string workload, DirtyLogKind log, bool aids)
     {
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = workload, Fill = MemoryFill.Mixed, Seed = 11, DirtyLog = log });
         var compare = new PageComparer(vm.Memory);
@@ -54,10 +55,11 @@ public class StreamsTests(ITestOutputHelper output)
         var options = new MigrationOptions
         {
             Streams = streams, BandwidthLimit = 256L << 20,
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 6 },
+            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 6, DeferHotPages = aids, SkipRewrittenPages = aids },
         };
         var (report, arrived) = loop.Migrate(vm, options);
-        output.WriteLine($"{report.Rounds.Count} rounds, {report.PagesSent} pages, stop {report.StopReason}");
+        output.WriteLine($"{report.Rounds.Count} rounds, {report.PagesSent} pages, stop {report.StopReason}, skipped {report.PagesSkipped}");
+        if (aids) Assert.True(report.PagesSkipped > 0, "no page was skipped as re-written");
 
         Assert.Equal("completed", report.Outcome);
         Assert.Equal(streams, report.Streams);
@@ -233,6 +235,29 @@ public class StreamsTests(ITestOutputHelper output)
         long ops = vm.Operations;
         Assert.True(SpinWait.SpinUntil(() => vm.Operations > ops + 100, Guard), "the source VM is not running");
         Assert.Empty(loop.Listener.Vms);
+    }
+
+    private sealed class CancelAt(CancellationTokenSource cts, long pages) : IMigrationObserver
+    {
+        public void Progress(int round, long pagesSentInRound, long pagesToSend, long bytesOnWire)
+        {
+            if (round == 0 && pagesSentInRound >= pages) cts.Cancel();
+        }
+    }
+
+    [Fact]
+    public void Cancelling_mid_round_stops_every_stream_and_the_vm_keeps_running()
+    {
+        using var loop = new Loopback(new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(5) });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Random, Seed = 9 });
+        vm.Start();
+        using var cts = new CancellationTokenSource();
+        var options = new MigrationOptions { Streams = 4, BandwidthLimit = 32L << 20, IoTimeout = TimeSpan.FromSeconds(5) };
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, options, new CancelAt(cts, 1000)).MigrateTo("127.0.0.1", loop.Port, cts.Token));
+        Assert.Equal("migration cancelled", e.Message);
+        long ops = vm.Operations;
+        Assert.True(SpinWait.SpinUntil(() => vm.Operations > ops + 100, Guard), "the source VM is not running");
+        Assert.Contains("cancelled", loop.DestinationFailure().Message);
     }
 
     [Fact]
