@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Diagnostics;
 using LiveMig.Engine;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
@@ -243,6 +244,33 @@ public partial class FaultTests
         output.WriteLine(e.Message);
         Assert.Equal("data stream 1: PageBatch (frame 1) of round 3 while this stream's round 0 is open", e.Message);
         Assert.Null(await stream1.WaitAsync(Guard));
+        AssertNoIncomingMemory(name);
+    }
+
+    [Fact]
+    public async Task Fault_a_data_stream_that_never_attaches_times_out_instead_of_hanging()
+    {
+        string name = NewName();
+        var hello = StreamHello(name);
+        using var control = new Script();
+        control.Hello(hello);
+        StreamsFrame(control, 2);
+        control.RoundStart(0);
+        Sync(control, 0);
+        using var one = new Script();
+        Attach(one, hello.MigrationId, 0, 2);
+        one.Pages(0, Version(0, 0));
+        StreamEnd(one, 0, 1);
+        var controlStream = new ControlScript(control.Bytes());
+        var options = new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(1) };
+        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(controlStream), TaskCreationOptions.LongRunning);
+        Assert.True(controlStream.FramesWritten.Wait(Guard) && controlStream.FramesWritten.Wait(Guard));
+        var stream0 = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(new DataScript(one.Bytes())), TaskCreationOptions.LongRunning);
+        var sw = Stopwatch.StartNew();
+        var e = await Assert.ThrowsAsync<MigrationFailedException>(() => incoming.WaitAsync(Guard));
+        Assert.Equal("timed out after 1 s: data stream 1 never attached", e.Message);
+        Assert.InRange(sw.Elapsed, TimeSpan.FromMilliseconds(500), TimeSpan.FromSeconds(8));
+        Assert.Null(await stream0.WaitAsync(Guard)); // closed by the failing migration
         AssertNoIncomingMemory(name);
     }
 

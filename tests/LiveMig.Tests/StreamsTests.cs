@@ -170,6 +170,21 @@ public class StreamsTests(ITestOutputHelper output)
         Assert.Equal(report.PagesSent, arrived.Report.PagesSent);
     }
 
+    [Fact]
+    public void The_bandwidth_cap_holds_for_all_streams_together()
+    {
+        using var loop = new Loopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Random, Seed = 4 });
+        vm.Start();
+        const long Cap = 48L << 20;
+        var (report, _) = loop.Migrate(vm, new MigrationOptions { Streams = 4, BandwidthLimit = Cap });
+        var r0 = report.Rounds[0];
+        output.WriteLine($"round 0: {r0.BytesSent} bytes in {r0.DurationMs:0} ms = {r0.BandwidthBytesPerSecond / (1 << 20):0.0} MiB/s");
+        Assert.True(r0.BytesSent > 32L << 20);
+        // The bucket may start full (at most 10 ms of the rate, at least 256 KiB): nothing more.
+        Assert.True(r0.BytesSent - Math.Max(256 << 10, Cap / 100) <= Cap * r0.DurationMs / 1000 * 1.02, $"{r0.BandwidthBytesPerSecond / (1 << 20):0.0} MiB/s over a cap of {Cap >> 20} MiB/s");
+    }
+
     // ---- failures --------------------------------------------------------------------------
 
     private static MigrationOptions Cut(int port, int stream, FaultPlan plan, List<FaultInjectingStream> made) => new()

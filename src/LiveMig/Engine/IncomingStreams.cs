@@ -45,6 +45,7 @@ public sealed class IncomingStreams
     private readonly Action<int, int>? _roundPlaced;
     private string? _failure;
     private bool _closing;
+    private long _progressTs = Stopwatch.GetTimestamp(); // last batch placed or round ended, by any stream
 
     private IncomingStreams(Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
         DedupStore? store, DestinationOptions options)
@@ -169,6 +170,7 @@ public sealed class IncomingStreams
                     long before = slot.Placer.PagesPlaced;
                     slot.Placer.Apply(payload, frame);
                     slot.PagesInRound += slot.Placer.PagesPlaced - before;
+                    Volatile.Write(ref _progressTs, Stopwatch.GetTimestamp());
                     break;
                 }
                 case FrameType.StreamRoundEnd:
@@ -196,11 +198,13 @@ public sealed class IncomingStreams
 
     /// <summary>
     /// Control thread, on Sync(round): waits until every stream has ended <paramref name="round"/>
-    /// (a stream may already be further: streams are not ordered against each other).
+    /// (a stream may already be further: streams are not ordered against each other). Times out
+    /// when no stream has placed anything for the I/O timeout (a slow stream that progresses is
+    /// waited for).
     /// </summary>
     public void WaitRound(int round)
     {
-        var deadline = Stopwatch.GetTimestamp() + (long)(_timeout.TotalSeconds * Stopwatch.Frequency);
+        long start = Stopwatch.GetTimestamp(), timeout = (long)(_timeout.TotalSeconds * Stopwatch.Frequency);
         lock (_lock)
         {
             while (true)
@@ -208,11 +212,11 @@ public sealed class IncomingStreams
                 if (_failure is not null) throw new ProtocolException(_failure);
                 int behind = Array.FindIndex(_slots, s => s.Ended < round);
                 if (behind < 0) return;
-                long left = deadline - Stopwatch.GetTimestamp();
+                long left = Math.Max(start, Volatile.Read(ref _progressTs)) + timeout - Stopwatch.GetTimestamp();
                 if (left <= 0)
                 {
                     string why = _slots[behind].Attached
-                        ? $"timed out after {_timeout.TotalSeconds:0} s waiting for data stream {behind} to deliver round {round}"
+                        ? $"timed out: no data stream placed anything for {_timeout.TotalSeconds:0} s while data stream {behind} had not delivered round {round}"
                         : $"timed out after {_timeout.TotalSeconds:0} s: data stream {behind} never attached";
                     FailLocked(why);
                     throw new ProtocolException(why);
