@@ -33,6 +33,13 @@ public sealed record MigrationOptions
     public int Streams { get; init; } = 1;
     /// <summary>Opens data connection i (0-based, already secured); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address, secured like the control connection.</summary>
     public Func<int, Stream>? StreamConnector { get; init; }
+    /// <summary>
+    /// Pre-copy resume: after the connection drops before the switch-over, how long the source
+    /// keeps reconnecting (bounded exponential back-off from <see cref="PostCopyOptions.FirstRetryDelay"/>
+    /// to <see cref="PostCopyOptions.MaxRetryDelay"/>) to continue where it stopped; the VM keeps
+    /// running meanwhile. 0 (the default) fails the migration at the first drop.
+    /// </summary>
+    public TimeSpan ReconnectWindow { get; init; }
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -64,6 +71,12 @@ public sealed record DestinationOptions
     public PostCopyDestinationOptions PostCopy { get; init; } = new();
     /// <summary>Test hook: called on a data stream's thread when that stream (index) has placed every page of a round (round).</summary>
     public Action<int, int>? StreamRoundPlaced { get; init; }
+    /// <summary>
+    /// Pre-copy resume: when a source that asked for it loses its connection before Prepare, how
+    /// long the partial VM is kept for it to reattach; 0 refuses resume (partial VMs are
+    /// discarded at once).
+    /// </summary>
+    public TimeSpan ResumeWindow { get; init; } = TimeSpan.FromSeconds(60);
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>
