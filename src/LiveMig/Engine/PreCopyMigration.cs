@@ -501,11 +501,7 @@ public sealed class PreCopyMigration
                     s?.Dispose();
                 }
             }
-            bool more;
-            if (Target is { } t) t.Reconnecting = true;
-            try { more = backoff.Wait(cancel, Target?.Wake); }
-            finally { if (Target is { } t2) t2.Reconnecting = false; }
-            if (!more)
+            if (!ReconnectTarget.WaitToRetry(backoff, Target, cancel))
                 throw new MigrationAbort($"connection lost ({OneLine(cause)}) and not re-established within {backoff.Window.TotalSeconds:0.#} s ({attempts} attempts; last: {last})");
         }
     }
