@@ -6,7 +6,10 @@
 // process deadlocks (shared/field-notes.md, "Hazard: userfaultfd demand paging inside a .NET
 // process"). So the whole path that resolves a fault — poll the userfaultfd, read the fault,
 // send the page request on its own socket, receive the page, UFFDIO_COPY it — runs here, on a
-// pthread that never calls into managed code and never waits for it.
+// pthread that never calls into managed code and never waits for it. The source answers every
+// request on this thread's connection, also for a page whose background push is still on its
+// way: that push arrives through the managed main-connection reader, which a collection may
+// hold while the collection waits for the faulting thread (the deadlock in docs/reliability.md).
 //
 // Shared with managed code (src/LiveMig/Memory/UffdDemandPager.cs), through lm_uffd_ctx:
 //   present  one bit per page, set (atomically) after a page was placed; pages present from the
