@@ -37,6 +37,7 @@ internal sealed class CliOptions
     public readonly Option<bool> Dedup = new("--dedup") { Description = "Send a reference instead of content the destination already holds: a page identical to one sent earlier, or to one of another VM the destination received (xxHash3-128, verified there before use)." };
     public readonly Option<bool> SkipFreePages = new("--skip-free-pages") { Description = "Do not send pages the guest reports free (free-page hint; the destination keeps them zero). A free page written later is sent like any dirty page." };
     public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
+    public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -84,7 +85,7 @@ internal sealed class CliOptions
     public void AddMigrationOptions(Command c)
     {
         c.Add(Strategy); c.Add(HybridBudget); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
-        c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit);
+        c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit); c.Add(Reconnect);
         AddSecurityOptions(c);
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
@@ -133,8 +134,12 @@ internal sealed class CliOptions
         int rounds = r.GetValue(MaxRounds);
         if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
         bool defer = r.GetValue(DeferHotPages);
+        string rc = r.GetValue(Reconnect)!;
+        if (!Units.TryParseDuration(rc, out var reconnect) || reconnect < TimeSpan.Zero || reconnect > TimeSpan.FromDays(1))
+            throw new UsageException($"--reconnect '{rc}': expected a duration such as 30s (0 = no reconnecting, at most 1 day)");
         var options = new MigrationOptions
         {
+            ReconnectWindow = reconnect,
             Security = Security(r),
             BandwidthLimit = rate,
             Verify = r.GetValue(Verify),
@@ -149,7 +154,8 @@ internal sealed class CliOptions
                 DirtyLimit = ParseDirtyLimit(r.GetValue(DirtyLimit)),
             },
             Strategy = kind,
-            PostCopy = new PostCopyOptions { Hybrid = ParseHybridBudget(r.GetValue(HybridBudget)!) },
+            // Post-copy has no choice but to recover (neither side has the whole VM): a window of 0 there means give up at once.
+            PostCopy = new PostCopyOptions { Hybrid = ParseHybridBudget(r.GetValue(HybridBudget)!), RecoveryTimeout = reconnect },
         };
         options = Optimizations.Apply(r.GetValue(Optimize)!, options);
         return options with { Pipeline = ApplyPipelineOptions(r, options.Pipeline) };

@@ -6,8 +6,8 @@ namespace LiveMig.Cli;
 
 /// <summary>
 /// A running `livemig migrate` listens on a unix socket for one-line commands from
-/// `livemig cancel` and `livemig set-bandwidth`: <c>cancel</c>, <c>bandwidth RATE</c>. Each gets a
-/// one-line answer. Local only (file permissions guard it), so no authentication on top.
+/// `livemig cancel`, `livemig set-bandwidth` and `livemig migrate --resume`: <c>cancel</c>,
+/// <c>bandwidth RATE</c>, <c>resume ID [HOST:PORT]</c>. Each gets a one-line answer. Local only (file permissions guard it), so no authentication on top.
 /// </summary>
 internal sealed class ControlSocket : IDisposable
 {
@@ -15,13 +15,15 @@ internal sealed class ControlSocket : IDisposable
     private readonly string _path;
     private readonly CancellationTokenSource _cancel;
     private readonly RateLimiter _limiter;
+    private readonly Func<string, string> _resume;
     private readonly Thread _thread;
 
-    public ControlSocket(string path, CancellationTokenSource cancel, RateLimiter limiter)
+    public ControlSocket(string path, CancellationTokenSource cancel, RateLimiter limiter, Func<string, string> resume)
     {
         _path = path;
         _cancel = cancel;
         _limiter = limiter;
+        _resume = resume;
         if (File.Exists(path)) File.Delete(path);
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         _listener.Bind(new UnixDomainSocketEndPoint(path));
@@ -66,8 +68,10 @@ internal sealed class ControlSocket : IDisposable
                 if (!Units.TryParseRate(parts[1], out long rate)) return $"error: bandwidth '{parts[1]}': expected a rate such as 100MiB/s or unlimited";
                 _limiter.BytesPerSecond = rate;
                 return $"ok: bandwidth {(rate == 0 ? "unlimited" : Units.Rate(rate))}";
+            case "resume" when parts.Length == 2:
+                return _resume(parts[1]);
             default:
-                return $"error: unknown command '{line}' (cancel, bandwidth RATE)";
+                return $"error: unknown command '{line}' (cancel, bandwidth RATE, resume ID [HOST:PORT])";
         }
     }
 

@@ -34,25 +34,39 @@ public static class Program
         var prealloc = new Option<string?>("--prealloc") { Description = "Prepare memory for incoming VMs before they arrive, as SIZE or SIZExCOUNT (e.g. 4GiBx2): a VM of exactly that size lands in memory already backed, so the migration does not pay the first touch of every page.", HelpName = "SIZE[xN]" };
         var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
+        var resumeWindow = new Option<string>("--resume-window") { Description = "When a pre-copy source that can resume loses its connection before the switch-over, keep its partial VM this long for it to reconnect; 0 discards at once.", DefaultValueFactory = _ => "60s", HelpName = "TIME" };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging,
+            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
         {
             var names = r.GetValue(trust)?.SelectMany(t => t.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToArray();
             if (names is { Length: 0 }) names = null;
-            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc));
+            string rw = r.GetValue(resumeWindow)!;
+            if (!Units.TryParseDuration(rw, out var window) || window > TimeSpan.FromDays(1))
+                throw new UsageException($"--resume-window '{rw}': expected a duration such as 60s (0 = no resume, at most 1 day)");
+            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window);
         }));
         root.Add(listen);
 
         var control = new Option<string>("--control") { Description = "Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel' and 'livemig set-bandwidth'.", DefaultValueFactory = _ => ControlSocket.DefaultPath, HelpName = "PATH" };
-        var to = new Option<string>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen').", Required = true, HelpName = "HOST:PORT" };
-        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; Ctrl-C or 'livemig cancel' cancels cleanly; 'livemig set-bandwidth' changes the cap while it runs.") { to, control };
+        var to = new Option<string?>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen'). With --resume: where the running migration reconnects from now on.", HelpName = "HOST:PORT" };
+        var resume = new Option<string?>("--resume") { Description = "Do not start a migration: tell the running 'livemig migrate' whose migration ID this is (printed at its start) to reconnect now instead of waiting out its back-off, to --to if given.", HelpName = "ID" };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; Ctrl-C or 'livemig cancel' cancels cleanly; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume };
         o.AddVmOptions(migrate);
         o.AddMigrationOptions(migrate);
-        migrate.SetAction(r => Guard(r, o, () => Migrate(r, o, r.GetValue(to)!, r.GetValue(control)!)));
+        migrate.SetAction(r => Guard(r, o, () =>
+        {
+            if (r.GetValue(resume) is { } id)
+            {
+                if (!Guid.TryParse(id, out _)) throw new UsageException($"--resume '{id}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
+                if (r.GetValue(to) is { } t) ParseTarget(t);
+                return Answer(ControlSocket.Send(r.GetValue(control)!, $"resume {id} {r.GetValue(to)}".TrimEnd()));
+            }
+            return Migrate(r, o, r.GetValue(to) ?? throw new UsageException("--to HOST:PORT is required (or --resume ID)"), r.GetValue(control)!);
+        }));
         root.Add(migrate);
 
         var cancelCmd = new Command("cancel", "Cancels the running 'livemig migrate' (any phase before the switch-over): the VM keeps running on the source, unthrottled.") { control };
@@ -214,11 +228,35 @@ public static class Program
         return reply.StartsWith("ok", StringComparison.Ordinal) ? 0 : 1;
     }
 
-    private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)
+    private static (string Host, int Port) ParseTarget(string target)
     {
         int colon = target.LastIndexOf(':');
         if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
             throw new UsageException($"--to '{target}': expected HOST:PORT");
+        return (target[..colon].Trim('[', ']'), port);
+    }
+
+    /// <summary>The control socket's <c>resume ID [HOST:PORT]</c>.</summary>
+    private static string ResumeCommand(Guid migrationId, ReconnectTarget? target, string args)
+    {
+        string[] a = args.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        if (!Guid.TryParse(a[0], out var id) || id != migrationId) return $"error: this process migrates {migrationId}, not '{a[0]}'";
+        if (target is null) return "error: the migration has not connected yet";
+        (string Host, int Port)? next = null;
+        if (a.Length > 1)
+        {
+            try { next = ParseTarget(a[1]); }
+            catch (UsageException e) { return "error: " + e.Message; }
+        }
+        bool waiting = target.Reconnecting;
+        target.RetryNow(next?.Host, next?.Port);
+        var (h, p) = target.Current;
+        return waiting ? $"ok: reconnecting now to {h}:{p}" : $"ok: the migration is connected; a drop will reconnect to {h}:{p}";
+    }
+
+    private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)
+    {
+        var (host, port) = ParseTarget(target);
         var config = o.VmConfig(r, "vm0");
         var options = o.MigrationOptions(r);
         using var vm = BuiltInVm.Create(config);
@@ -227,15 +265,27 @@ public static class Program
         // The control socket needs the migration's rate limiter, so the migration exists before its
         // observer (the progress display) does: a forwarder bridges the two.
         var late = new LateObserver();
-        var (limiter, run) = options.Strategy == MigrationStrategy.PreCopy
-            ? (new PreCopyMigration(vm, options, late) is var pre ? (pre.Limiter, (Func<MigrationReport>)(() => pre.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token))) : default)
-            : (new PostCopyMigration(vm, options, late) is var post ? (post.Limiter, (Func<MigrationReport>)(() => post.MigrateTo(target[..colon].Trim('[', ']'), port, cancel.Token))) : default);
-        using var controlSocket = new ControlSocket(controlPath, cancel, limiter);
+        Transport.RateLimiter limiter;
+        Func<MigrationReport> run;
+        Func<string, string> resume;
+        Guid id;
+        if (options.Strategy == MigrationStrategy.PreCopy)
+        {
+            var pre = new PreCopyMigration(vm, options, late);
+            (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a));
+        }
+        else
+        {
+            var post = new PostCopyMigration(vm, options, late);
+            (limiter, id, run, resume) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a));
+        }
+        Console.Error.WriteLine($"migration {id} to {host}:{port}"); // the ID 'livemig migrate --resume' names
+        using var controlSocket = new ControlSocket(controlPath, cancel, limiter, resume);
         var report = RunWithProgress(r, o, obs => { late.Target = obs; return run(); });
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc)
+    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow)
     {
         Memory.MemoryPool? pool = null;
         if (prealloc is not null)
@@ -257,7 +307,7 @@ public static class Program
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
         using var listener = new MigrationListener(address, port, new DestinationOptions
         {
-            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool,
+            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow,
             PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
         });
         listener.Arrived += a =>

@@ -94,9 +94,9 @@ public class CliProcessTests
         Assert.Contains("cannot connect to destination 127.0.0.1:1", err);
     }
 
-    private static (Process Listen, int Port) StartListener()
+    private static (Process Listen, int Port) StartListener(params string[] extra)
     {
-        var listen = Start("listen", "--port", "0", "--once", "--json");
+        var listen = Start(["listen", "--port", "0", "--once", "--json", .. extra]);
         int port = 0;
         while (port == 0)
         {
@@ -165,7 +165,8 @@ public class CliProcessTests
     [Fact]
     public void Source_process_killed_mid_migration_makes_the_destination_discard_it()
     {
-        var (listen, port) = StartListener();
+        // The source asked for resume (migrate's default --reconnect): the partial VM waits the window out, then goes.
+        var (listen, port) = StartListener("--resume-window", "1s");
         using var _ = listen;
         string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
         using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
@@ -180,6 +181,103 @@ public class CliProcessTests
         var report = MigrationReport.FromJson(dstOut);
         Assert.Equal("failed", report.Outcome);
         Assert.Contains("closed the connection", report.Error);
+        Assert.Contains("did not come back within the resume window", report.Error);
+    }
+
+    /// <summary>A TCP relay between the two processes whose connections the test can cut.</summary>
+    private sealed class Relay : IDisposable
+    {
+        private readonly System.Net.Sockets.TcpListener _listener = new(System.Net.IPAddress.Loopback, 0);
+        private readonly List<System.Net.Sockets.Socket> _open = [];
+        private readonly int _target;
+        public long Bytes;
+
+        public Relay(int target)
+        {
+            _target = target;
+            _listener.Start();
+            new Thread(() =>
+            {
+                while (true)
+                {
+                    System.Net.Sockets.Socket a;
+                    try { a = _listener.AcceptSocket(); } catch (Exception) { return; }
+                    var b = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+                    b.Connect(System.Net.IPAddress.Loopback, _target);
+                    lock (_open) { _open.Add(a); _open.Add(b); }
+                    Pump(a, b);
+                    Pump(b, a);
+                }
+            }) { IsBackground = true }.Start();
+        }
+
+        public int Port => ((System.Net.IPEndPoint)_listener.LocalEndpoint).Port;
+
+        private void Pump(System.Net.Sockets.Socket from, System.Net.Sockets.Socket to) => new Thread(() =>
+        {
+            var buf = new byte[64 << 10];
+            try
+            {
+                int n;
+                while ((n = from.Receive(buf)) > 0) { to.Send(buf, n, System.Net.Sockets.SocketFlags.None); Interlocked.Add(ref Bytes, n); }
+            }
+            catch (Exception) { }
+            try { to.Shutdown(System.Net.Sockets.SocketShutdown.Both); } catch (Exception) { }
+        }) { IsBackground = true }.Start();
+
+        /// <summary>Resets every relayed connection (both ends see the link die).</summary>
+        public void Cut()
+        {
+            lock (_open)
+            {
+                foreach (var s in _open) { try { s.LingerState = new System.Net.Sockets.LingerOption(true, 0); s.Close(); } catch (Exception) { } }
+                _open.Clear();
+            }
+        }
+
+        public void Dispose()
+        {
+            _listener.Stop();
+            Cut();
+        }
+    }
+
+    [Fact]
+    public void Link_cut_between_the_processes_is_resumed_and_verifies()
+    {
+        var (listen, port) = StartListener();
+        using var _ = listen;
+        using var first = new Relay(port);
+        string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
+        using var migrate = Start("migrate", "--to", $"127.0.0.1:{first.Port}", "--memory", "128MiB", "--fill", "random", "--workload", "random:rate=200",
+            "--bandwidth", "16MiB/s", "--warmup", "0s", "--control", sock, "--reconnect", "60s", "--json");
+        string id = "";
+        for (string? line; id.Length == 0 && (line = migrate.StandardError.ReadLine()) is not null;)
+            id = Regex.Match(line, @"migration ([0-9a-f-]{36}) to").Groups[1].Value;
+        Assert.False(string.IsNullOrEmpty(id), "migrate did not print its migration ID");
+        var deadline = Stopwatch.StartNew();
+        while (Interlocked.Read(ref first.Bytes) < 64L << 20 && deadline.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(20);
+        // The first relay goes away for good: the source backs off and retries in vain until told
+        // where the destination is reachable now.
+        first.Dispose();
+        using var second = new Relay(port);
+        Assert.StartsWith("ok", Control(sock, "migrate", "--resume", id, "--to", $"127.0.0.1:{second.Port}"));
+        Assert.StartsWith("error", Control(sock, "migrate", "--resume", Guid.NewGuid().ToString()));
+        string srcOut = migrate.StandardOutput.ReadToEnd();
+        string srcErr = migrate.StandardError.ReadToEnd();
+        Assert.True(migrate.WaitForExit(60_000));
+        Assert.True(migrate.ExitCode == 0, srcErr);
+        var report = MigrationReport.FromJson(srcOut);
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        Assert.True(report.Reconnects >= 1);
+        // Not from scratch (that would be 64 MiB + 128 MiB at least): the guest, what it dirtied
+        // (~200 pages/s) and what was lost in flight.
+        Assert.True(report.BytesOnWire < 175L << 20, $"{report.BytesOnWire} bytes");
+        var dst = MigrationReport.FromJson(listen.StandardOutput.ReadToEnd());
+        Assert.True(listen.WaitForExit(60_000));
+        Assert.Equal(report.MigrationId, dst.MigrationId);
+        Assert.Equal(report.Reconnects, dst.Reconnects);
     }
 
     [Fact]

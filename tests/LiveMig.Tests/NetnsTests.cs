@@ -75,7 +75,11 @@ public class NetnsTests
             // The link is the bottleneck: round 0 cannot beat the shaped rate (payload ≤ rate).
             var r0 = report.Rounds[0];
             Assert.True(r0.BandwidthBytesPerSecond < bytesPerSecond * 1.05, $"round 0 ran at {r0.BandwidthBytesPerSecond:N0} B/s over a {rate} link");
-            Assert.True(r0.BandwidthBytesPerSecond > bytesPerSecond * 0.5, $"round 0 ran at only {r0.BandwidthBytesPerSecond:N0} B/s over a {rate} link");
+            // And the shaped link was used, not bypassed. Only at 100 Mbit/s is this also a floor a
+            // loaded 2-core machine always reaches; at 1 Gbit/s the CPU may be the bottleneck (speed
+            // is for the benchmarks, docs/benchmarks.md).
+            if (bytesPerSecond <= 12_500_000)
+                Assert.True(r0.BandwidthBytesPerSecond > bytesPerSecond * 0.5, $"round 0 ran at only {r0.BandwidthBytesPerSecond:N0} B/s over a {rate} link");
         }
         finally
         {

@@ -34,8 +34,16 @@ public sealed class IncomingMigration
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();
-        using var reader = new FrameReader(stream);
-        using var frames = new FrameWriter(stream);
+        // A resumed migration reads and writes through the connection the source came back on;
+        // these two belong to the first one.
+        using var reader0 = new FrameReader(stream);
+        using var frames0 = new FrameWriter(stream);
+        var reader = reader0;
+        var frames = frames0;
+        PreCopyResumption? resumption = null;
+        int reattaches = 0;
+        long bytesOfEarlierLinks = 0;
+        bool afterReattach = false;
         Span<byte> small = stackalloc byte[64];
         var state = State.AwaitHello;
         GuestMemory? memory = null;
@@ -59,6 +67,8 @@ public sealed class IncomingMigration
         {
             while (true)
             {
+              try
+              {
                 var type = reader.Read(out var payload);
                 long frame = reader.FramesRead - 1;
                 if (type == FrameType.Error)
@@ -83,6 +93,11 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
+                        if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
+                        {
+                            resumption = PreCopyResumption.Register(hello.MigrationId, stream);
+                            placer.Delivered = new PageBitmap(memory.PageCount);
+                        }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
                         break;
@@ -96,7 +111,11 @@ public sealed class IncomingMigration
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
                     case (State.AwaitHello, FrameType.Attach):
-                        PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
+                        var attach = AttachMessage.Parse(payload);
+                        if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(attach.MigrationId))
+                            PreCopyResumption.ServeAttach(attach.MigrationId, stream, reader, frames);
+                        else
+                            PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
                         var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, rounds, t0, started, currentRound, reader.BytesRead);
@@ -104,8 +123,11 @@ public sealed class IncomingMigration
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
-                        if (rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
+                        // After a reattach the source goes on with its own round numbers: the round cut short is not repeated.
+                        if (afterReattach ? rs.Round <= currentRound : rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
                         currentRound = rs.Round;
+                        afterReattach = false;
+                        placer!.Delivered?.ClearAll();
                         if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
@@ -191,7 +213,8 @@ public sealed class IncomingMigration
                             TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                             DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
                             VerifyMs = verifyMs,
-                            BytesOnWire = reader.BytesRead,
+                            BytesOnWire = bytesOfEarlierLinks + reader.BytesRead,
+                            Reconnects = reattaches,
                             PagesByEncoding = placer!.Counters.PagesByName(),
                             Stages = decoder?.Report() ?? [],
                             Pipeline = CodecNames(accepted),
@@ -206,6 +229,27 @@ public sealed class IncomingMigration
                     default:
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
                 }
+              }
+              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.HaveState && IsLinkFailure(e))
+              {
+                // The source may come back (it keeps its VM running meanwhile): keep the partial VM
+                // for the resume window. What was placed stays; the source re-sends everything it
+                // cannot know arrived, and a paused-then-resumed VM is live again: back to Live.
+                var next = resumption.AwaitReattach(_options.ResumeWindow)
+                    ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
+                bytesOfEarlierLinks += reader.BytesRead;
+                reader = next.Reader;
+                frames = next.Frames;
+                stream = next.Stream;
+                state = State.Live;
+                vmState = null;
+                pauseSeenTs = 0;
+                afterReattach = true;
+                reattaches++;
+                // What arrived of the round cut short: the source sends only the rest again.
+                if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
+                frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
+              }
             }
         }
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
@@ -228,19 +272,28 @@ public sealed class IncomingMigration
                 MemoryBytes = hello.MemoryBytes,
                 StartedAt = started,
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = reader.BytesRead,
+                BytesOnWire = bytesOfEarlierLinks + reader.BytesRead,
+                Reconnects = reattaches,
                 Verified = e is VerificationException ? false : null,
                 Rounds = rounds,
             };
             throw new MigrationFailedException(e.Message, report, e);
         }
+        finally
+        {
+            // Gives back a connection lent by a reattach (its own thread closes it).
+            resumption?.Close();
+        }
     }
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | CodecBits;
+    /// <summary>What the network can do to a connection (as opposed to a peer that breaks the protocol).</summary>
+    private static bool IsLinkFailure(Exception e) => e is IOException or SocketException or ObjectDisposedException or ProtocolException { LinkFailure: true };
+
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | CodecBits;
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
 
     /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>
-    private Capabilities Supported => All & ~_options.Disabled;
+    private Capabilities Supported => All & ~_options.Disabled & (_options.ResumeWindow > TimeSpan.Zero ? All : ~Capabilities.PreCopyResume);
 
     /// <summary>The codecs a migration negotiated, for the report: <c>lz4 zstd xbzrle dedup</c>, or <c>none</c>.</summary>
     private static string CodecNames(Capabilities c)

@@ -25,6 +25,13 @@ public sealed record MigrationOptions
     public MigrationStrategy Strategy { get; init; } = MigrationStrategy.PreCopy;
     /// <summary>Post-copy and hybrid settings (PostCopyOptions.cs).</summary>
     public PostCopyOptions PostCopy { get; init; } = new();
+    /// <summary>
+    /// Pre-copy resume: after the connection drops before the switch-over, how long the source
+    /// keeps reconnecting (bounded exponential back-off from <see cref="PostCopyOptions.FirstRetryDelay"/>
+    /// to <see cref="PostCopyOptions.MaxRetryDelay"/>) to continue where it stopped; the VM keeps
+    /// running meanwhile. 0 (the default) fails the migration at the first drop.
+    /// </summary>
+    public TimeSpan ReconnectWindow { get; init; }
 }
 
 /// <summary>Destination-side settings.</summary>
@@ -54,6 +61,12 @@ public sealed record DestinationOptions
     public DedupStore DedupStore { get; init; } = new();
     /// <summary>Post-copy settings (PostCopyOptions.cs).</summary>
     public PostCopyDestinationOptions PostCopy { get; init; } = new();
+    /// <summary>
+    /// Pre-copy resume: when a source that asked for it loses its connection before Prepare, how
+    /// long the partial VM is kept for it to reattach; 0 refuses resume (partial VMs are
+    /// discarded at once).
+    /// </summary>
+    public TimeSpan ResumeWindow { get; init; } = TimeSpan.FromSeconds(60);
 }
 
 /// <summary>A migration that did not complete. <see cref="Report"/> says how far it got.</summary>

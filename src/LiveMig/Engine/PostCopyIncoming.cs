@@ -99,7 +99,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     {
         var m = AttachMessage.Parse(payload);
         if (!Sessions.TryGetValue(m.MigrationId, out var session))
-            throw new ProtocolException($"Attach: no post-copy migration {m.MigrationId} is in progress here");
+            throw new ProtocolException($"Attach: no migration {m.MigrationId} is waiting here (it completed, failed, or its resume window ran out)");
         session.Attach(new Channel(stream, reader, frames, m.Channel));
     }
 

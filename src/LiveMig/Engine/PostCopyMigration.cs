@@ -67,22 +67,16 @@ public sealed class PostCopyMigration
 
     private string StrategyName => _options.Strategy == MigrationStrategy.Hybrid ? "hybrid" : "postcopy";
 
+    /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
+    public ReconnectTarget? Target { get; private set; }
+
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
+        var target = Target = new ReconnectTarget(host, port);
         var connect = Connector ?? ((kind, attempt) =>
         {
-            var s = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-            try
-            {
-                s.Connect(host, port);
-                Stream stream = new NetworkStream(s, ownsSocket: true);
-                return _options.Security.SecureClient(stream, host, _options.IoTimeout);
-            }
-            catch
-            {
-                s.Dispose();
-                throw;
-            }
+            var (h, p) = target.Current;
+            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
         });
         return Run(connect, cancel);
     }
@@ -487,8 +481,7 @@ public sealed class PostCopyMigration
     private Link Reconnect(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, Exception cause, ref bool resumedSeen)
     {
         var memory = _vm.Memory;
-        long deadline = Stopwatch.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * Stopwatch.Frequency);
-        var delay = _options.PostCopy.FirstRetryDelay;
+        var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.PostCopy.RecoveryTimeout);
         string last = OneLine(cause);
         Span<byte> buf = stackalloc byte[32];
         while (true)
@@ -523,10 +516,12 @@ public sealed class PostCopyMigration
             {
                 last = OneLine(e);
                 if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
-                if (Stopwatch.GetTimestamp() + (long)(delay.TotalSeconds * Stopwatch.Frequency) > deadline)
+                bool more;
+                if (Target is { } t) t.Reconnecting = true;
+                try { more = backoff.Wait(default, Target?.Wake); }
+                finally { if (Target is { } t2) t2.Reconnecting = false; }
+                if (!more)
                     throw new RecoveryFailed($"post-copy recovery gave up after {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s and {attempt} attempts: {last}");
-                Thread.Sleep(delay);
-                delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.PostCopy.MaxRetryDelay.Ticks));
             }
         }
     }

@@ -43,36 +43,43 @@ public sealed class PreCopyMigration
 
     private sealed class NullObserver : IMigrationObserver;
 
+    public Guid MigrationId => _id;
+
+    /// <summary>
+    /// Makes each connection (attempt 0 is the first; later ones reattach after a drop when
+    /// <see cref="MigrationOptions.ReconnectWindow"/> allows). Tests wrap streams here to inject
+    /// faults. Default: TCP (and the configured security) to the <see cref="MigrateTo"/> address.
+    /// </summary>
+    public Func<int, Stream>? Connector { get; init; }
+
+    /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
+    public ReconnectTarget? Target { get; private set; }
+
     /// <summary>Connects to a destination agent and migrates.</summary>
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
-        var client = new TcpClient { NoDelay = true };
-        try
+        var target = Target = new ReconnectTarget(host, port);
+        var connect = Connector ?? (_ =>
         {
-            client.Connect(host, port);
-        }
-        catch (SocketException e)
+            var (h, p) = target.Current;
+            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+        });
+        Stream stream;
+        try { stream = connect(0); }
+        catch (Exception e) when (e is SocketException or AuthenticationFailedException or IOException)
         {
-            client.Dispose();
-            string why = $"cannot connect to destination {host}:{port}: {e.Message}";
+            string why = e is SocketException ? $"cannot connect to destination {host}:{port}: {e.Message}" : e.Message;
             throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why }, e);
         }
-        using (client)
-        {
-            Stream stream = client.GetStream();
-            try { stream = _options.Security.SecureClient(stream, host, _options.IoTimeout); }
-            catch (AuthenticationFailedException e)
-            {
-                throw new MigrationFailedException(e.Message, BaseReport() with { Outcome = "failed", Error = e.Message }, e);
-            }
-            using (stream) return Run(stream, cancel);
-        }
+        using (stream) return Run(stream, connect, cancel);
     }
 
+    /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one); no reconnecting.</summary>
+    public MigrationReport Run(Stream stream, CancellationToken cancel = default) => Run(stream, Connector, cancel);
 
-    /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one).</summary>
-    public MigrationReport Run(Stream stream, CancellationToken cancel = default)
+    private MigrationReport Run(Stream stream, Func<int, Stream>? reconnect, CancellationToken cancel)
     {
+        var stream0 = stream;
         // Any stream that can time out, not only a bare NetworkStream: a wrapper around a socket must not hang.
         if (stream.CanTimeout)
         {
@@ -81,9 +88,17 @@ public sealed class PreCopyMigration
         }
         var started = DateTimeOffset.UtcNow;
         long t0 = Stopwatch.GetTimestamp();
-        using var frames = new FrameWriter(stream, Limiter);
-        using var reader = new FrameReader(stream);
+        // The connection in use: replaced when the migration reattaches after a drop.
+        var frames = new FrameWriter(stream, Limiter);
+        var reader = new FrameReader(stream);
         var batches = new PageBatchWriter(frames, _vm.Memory);
+        bool canResume = false, setupDone = false;
+        int reconnects = 0, attempts = 0;
+        long bytesOfClosedLinks = 0;
+        var interruptions = new List<string>();
+        // Pages sent since the destination last acknowledged delivery: after a drop they may or may not be there.
+        PageBitmap? inFlight = null;
+        int inFlightRound = -1;
         var memory = _vm.Memory;
         using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
         bool paused = false, committed = false, hashesDiffer = false;
@@ -101,7 +116,8 @@ public sealed class PreCopyMigration
             _observer.Phase("handshake");
             // Every stage asked for is required: a destination that lacks one refuses, naming it.
             var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities;
-            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, needed | Capabilities.Extents, needed,
+            var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero ? Capabilities.PreCopyResume : 0);
+            var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
@@ -112,145 +128,202 @@ public sealed class PreCopyMigration
                 throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
             if ((hello.Required & ~ack.Accepted) != 0)
                 throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
+            canResume = (ack.Accepted & Capabilities.PreCopyResume) != 0;
 
-            // Tracking starts before round 0 reads a page: every later write is caught.
-            if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
-            long lastHarvest = Stopwatch.GetTimestamp();
-            if (_options.Verify) batches.Hashes = new PageHashes(memory.PageCount);
-            // pending: every page the destination does not have as it is now. sendNow: what the
-            // current live round sends (the policy may hold hot pages back). dirtied: one harvest.
-            var pending = new PageBitmap(memory.PageCount);
-            var sendNow = new PageBitmap(memory.PageCount);
-            var dirtied = new PageBitmap(memory.PageCount);
-            var extents = memory.DataExtents();
-            long populated = 0;
-            foreach (var (first, count) in extents) { pending.SetRange(first, count); populated += count; }
-            sendNow.CopyFrom(pending);
-            long sendCount = populated, deferred = 0;
-            // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
-            batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);
-            // Clark's trick, where the dirty log can be peeked at for free: a page written again since
-            // its harvest is pending again, so sending it now would be wasted.
-            bool skipRewritten = _policy.SkipRewrittenPages && _vm.DirtyLog.CanPeek;
-            if (pipeline is not null)
-            {
-                if (pipeline.Options.Capabilities != 0)
-                {
-                    batches.Encoder = pipeline.CreateEncoder();
-                    batches.Link = pipeline.Link;
-                }
-                // Free pages and pages the destination already holds leave round 0 (and the pending set).
-                if (pipeline.Options.SkipFreePages) SkipFreePages(pipeline, pending, populated, batches);
-                if (pipeline.Options.Dedup) GangDedup(pipeline, pending, frames, reader, batches);
-                sendNow.CopyFrom(pending);
-                sendCount = pending.Count();
-            }
-            if ((ack.Accepted & Capabilities.Extents) != 0)
-            {
-                // Lets the destination fault in ahead the pages round 0 will bring (first touch is slow).
-                var runs = pipeline is null ? extents : pending.Runs();
-                if (runs.Count <= ExtentsMessage.MaxExtents)
-                {
-                    var buf = frames.Begin(FrameType.Extents, runs.Count * 8);
-                    frames.Commit(ExtentsMessage.Write(buf, runs));
-                }
-            }
+            // Tracking starts before round 0 reads a page: every later write is caught. A drop after
+            // that (with resume negotiated) reattaches and goes on from the top of the live loop.
+            PageBitmap pending = null!, sendNow = null!, dirtied = null!;
+            long lastHarvest = 0, sendCount = 0, deferred = 0;
+            bool skipRewritten = false;
             int round = 0;
-            _observer.Phase("live");
             while (true)
             {
-                cancel.ThrowIfCancellationRequested();
-                pending.AndNot(sendNow);
-                var (stats, zeros, skipped) = SendRound(round, final: false, sendNow, sendCount, frames, batches, skipZero: round == 0, skipRewritten ? pending : null, cancel);
-                long syncFrom = Stopwatch.GetTimestamp();
-                zeroMarkers += zeros;
-                pagesSent += stats.PagesSent;
-                pagesSkipped += skipped;
-                // Wait until the destination has the round: the socket buffers (megabytes on a
-                // long link) drain while the VM still runs, not in the downtime, and the round's
-                // time and bandwidth are those of delivery.
-                frames.Send(FrameType.Sync, small[..new SyncMessage(round).Write(small)]);
-                type = reader.Read(out payload);
-                if (type == FrameType.Error) throw new MigrationAbort($"destination aborted: {ErrorMessage.Parse(payload).Text}");
-                if (type != FrameType.SyncAck || SyncMessage.Parse(payload, "SyncAck").Round != round) throw new ProtocolException($"expected SyncAck for round {round}, got {type}");
-                stats = stats with { Duration = stats.Duration + Stopwatch.GetElapsedTime(syncFrom) };
-                stats = stats with { BandwidthBytesPerSecond = stats.BytesSent / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
-                dirtied.ClearAll();
-                long harvested = _vm.DirtyLog.Harvest(dirtied);
-                long harvestTs = Stopwatch.GetTimestamp();
-                double interval = Stopwatch.GetElapsedTime(lastHarvest, harvestTs).TotalSeconds;
-                lastHarvest = harvestTs;
-                pending.Or(dirtied);
-                long pendingCount = pending.Count();
-                sendCount = _policy.PlanNextRound(dirtied, pending, sendNow);
-                var roundStats = stats with
+                try
                 {
-                    DirtyPagesAfter = pendingCount,
-                    DirtyRatePagesPerSecond = harvested / Math.Max(interval, 1e-6),
-                    PagesSkipped = skipped,
-                    PagesDeferred = deferred,
-                    PagesDirtied = harvested,
-                    NextRoundPages = sendCount,
-                };
-                deferred = pendingCount - sendCount;
-                SendRoundEnd(frames, roundStats, small);
-                decision = _policy.AfterRound(roundStats);
-                Record(roundStats, final: false, decision.EstimatedDowntime);
-                // Mechanism only: the policy decided whether and how hard to slow the guest.
-                if (decision.Throttle is { } t) _vm.Throttle(t);
-                if (decision.DirtyLimit is { } l) _vm.LimitDirtyRate(l);
-                if (_vm.ThrottleFraction > 0 || _vm.DirtyRateLimit > 0) meter.SlowedDown();
-                maxThrottle = Math.Max(maxThrottle, _vm.ThrottleFraction);
-                maxDirtyLimit = Math.Max(maxDirtyLimit, _vm.DirtyRateLimit);
-                if (decision.StopAndCopy) break;
+                    if (!setupDone)
+                    {
+                        if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+                        lastHarvest = Stopwatch.GetTimestamp();
+                        if (_options.Verify) batches.Hashes = new PageHashes(memory.PageCount);
+                        // pending: every page the destination does not have as it is now. sendNow: what the
+                        // current live round sends (the policy may hold hot pages back). dirtied: one harvest.
+                        pending = new PageBitmap(memory.PageCount);
+                        sendNow = new PageBitmap(memory.PageCount);
+                        dirtied = new PageBitmap(memory.PageCount);
+                        var extents = memory.DataExtents();
+                        long populated = 0;
+                        foreach (var (first, count) in extents) { pending.SetRange(first, count); populated += count; }
+                        sendNow.CopyFrom(pending);
+                        sendCount = populated;
+                        // Holes are zero pages the destination already has (its memory starts zero): counted, never sent.
+                        batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - populated);
+                        // Clark's trick, where the dirty log can be peeked at for free: a page written again since
+                        // its harvest is pending again, so sending it now would be wasted.
+                        skipRewritten = _policy.SkipRewrittenPages && _vm.DirtyLog.CanPeek;
+                        if (pipeline is not null)
+                        {
+                            if (pipeline.Options.Capabilities != 0)
+                            {
+                                batches.Encoder = pipeline.CreateEncoder();
+                                batches.Link = pipeline.Link;
+                            }
+                            // Free pages and pages the destination already holds leave round 0 (and the pending set).
+                            if (pipeline.Options.SkipFreePages) SkipFreePages(pipeline, pending, populated, batches);
+                            if (pipeline.Options.Dedup) GangDedup(pipeline, pending, frames, reader, batches);
+                            sendNow.CopyFrom(pending);
+                            sendCount = pending.Count();
+                        }
+                        if ((ack.Accepted & Capabilities.Extents) != 0)
+                        {
+                            // Lets the destination fault in ahead the pages round 0 will bring (first touch is slow).
+                            var runs = pipeline is null ? extents : pending.Runs();
+                            if (runs.Count <= ExtentsMessage.MaxExtents)
+                            {
+                                var buf = frames.Begin(FrameType.Extents, runs.Count * 8);
+                                frames.Commit(ExtentsMessage.Write(buf, runs));
+                            }
+                        }
+                        setupDone = true;
+                    }
+                    _observer.Phase("live");
+                    while (true)
+                    {
+                        cancel.ThrowIfCancellationRequested();
+                        pending.AndNot(sendNow);
+                        (inFlight, inFlightRound) = (sendNow, round);
+                        var (stats, zeros, skipped) = SendRound(round, final: false, sendNow, sendCount, frames, batches, skipZero: round == 0, skipRewritten ? pending : null, cancel);
+                        long syncFrom = Stopwatch.GetTimestamp();
+                        zeroMarkers += zeros;
+                        pagesSent += stats.PagesSent;
+                        pagesSkipped += skipped;
+                        // Wait until the destination has the round: the socket buffers (megabytes on a
+                        // long link) drain while the VM still runs, not in the downtime, and the round's
+                        // time and bandwidth are those of delivery.
+                        frames.Send(FrameType.Sync, small[..new SyncMessage(round).Write(small)]);
+                        type = reader.Read(out payload);
+                        if (type == FrameType.Error) throw new MigrationAbort($"destination aborted: {ErrorMessage.Parse(payload).Text}");
+                        if (type != FrameType.SyncAck || SyncMessage.Parse(payload, "SyncAck").Round != round) throw new ProtocolException($"expected SyncAck for round {round}, got {type}");
+                        inFlight = null;
+                        stats = stats with { Duration = stats.Duration + Stopwatch.GetElapsedTime(syncFrom) };
+                        stats = stats with { BandwidthBytesPerSecond = stats.BytesSent / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
+                        dirtied.ClearAll();
+                        long harvested = _vm.DirtyLog.Harvest(dirtied);
+                        long harvestTs = Stopwatch.GetTimestamp();
+                        double interval = Stopwatch.GetElapsedTime(lastHarvest, harvestTs).TotalSeconds;
+                        lastHarvest = harvestTs;
+                        pending.Or(dirtied);
+                        long pendingCount = pending.Count();
+                        sendCount = _policy.PlanNextRound(dirtied, pending, sendNow);
+                        var roundStats = stats with
+                        {
+                            DirtyPagesAfter = pendingCount,
+                            DirtyRatePagesPerSecond = harvested / Math.Max(interval, 1e-6),
+                            PagesSkipped = skipped,
+                            PagesDeferred = deferred,
+                            PagesDirtied = harvested,
+                            NextRoundPages = sendCount,
+                        };
+                        deferred = pendingCount - sendCount;
+                        SendRoundEnd(frames, roundStats, small);
+                        decision = _policy.AfterRound(roundStats);
+                        Record(roundStats, final: false, decision.EstimatedDowntime);
+                        // Mechanism only: the policy decided whether and how hard to slow the guest.
+                        if (decision.Throttle is { } t) _vm.Throttle(t);
+                        if (decision.DirtyLimit is { } l) _vm.LimitDirtyRate(l);
+                        if (_vm.ThrottleFraction > 0 || _vm.DirtyRateLimit > 0) meter.SlowedDown();
+                        maxThrottle = Math.Max(maxThrottle, _vm.ThrottleFraction);
+                        maxDirtyLimit = Math.Max(maxDirtyLimit, _vm.DirtyRateLimit);
+                        if (decision.StopAndCopy) break;
+                        round++;
+                    }
+                    deferredAtStop = deferred;
+
+                    // Stop and copy.
+                    _observer.Phase("paused");
+                    _vm.Pause();
+                    pauseTs = Stopwatch.GetTimestamp();
+                    paused = true;
+                    // Paused, a throttle or limit has nothing left to do: release it now, so the guest
+                    // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
+                    meter.Ended();
+                    ReleaseGuest();
+                    _vm.DirtyLog.Harvest(pending);
+                    long finalCount = pending.Count();
+                    round++;
+                    (inFlight, inFlightRound) = (pending, round); // the final set stays pending until Ready
+                    var (finalStats, finalZeros, _) = SendRound(round, final: true, pending, finalCount, frames, batches, skipZero: false, null, CancellationToken.None);
+                    zeroMarkers += finalZeros;
+                    pagesSent += finalStats.PagesSent;
+                    SendRoundEnd(frames, finalStats, small);
+                    Record(finalStats, final: true, TimeSpan.Zero);
+
+                    byte[] state = _vm.SaveState();
+                    frames.Send(FrameType.VmState, state);
+                    stateBytes = state.Length + FrameFormat.HeaderSize;
+                    if (batches.Hashes is not null)
+                    {
+                        // Every page's hash was taken as it was sent, and the final round re-sent every
+                        // page written since: the per-page hashes now describe the paused memory exactly.
+                        long h0 = Stopwatch.GetTimestamp();
+                        sourceHash = batches.Hashes.Combine();
+                        verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
+                    }
+                    var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
+                    frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
+                    type = reader.Read(out payload);
+                    if (type == FrameType.Error)
+                    {
+                        var refusal = ErrorMessage.Parse(payload);
+                        hashesDiffer = refusal.Code == ErrorMessage.VerificationFailed;
+                        throw new MigrationAbort($"destination aborted before the switch-over: {refusal.Text}");
+                    }
+                    if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+                    ready = ReadyMessage.Parse(payload);
+                    if (_options.Verify && ready.DestinationHash != sourceHash)
+                    {
+                        hashesDiffer = true;
+                        throw new MigrationAbort($"destination memory hash {ready.DestinationHash:x16} differs from the source's {sourceHash:x16}");
+                    }
+                    break;
+                }
+                catch (Exception e) when (canResume && setupDone && !committed && IsLinkFailure(e))
+                {
+                // The link dropped before the switch-over: the VM keeps running here while the
+                // source reattaches to the same destination, which kept its partial copy.
+                long cut = Stopwatch.GetTimestamp();
+                string phase = paused ? "stop-and-copy" : $"round {round}";
+                _observer.Phase("reconnecting");
+                if (paused)
+                {
+                    _vm.Resume();
+                    paused = false;
+                }
+                bytesOfClosedLinks += frames.BytesWritten;
+                frames.Dispose();
+                reader.Dispose();
+                // Closed even when it is the caller's: the destination must see this connection end.
+                try { stream.Dispose(); } catch (Exception x) when (x is IOException or ObjectDisposedException or SocketException) { }
+                var delivered = new PageBitmap(memory.PageCount);
+                (stream, frames, reader) = Reattach(reconnect!, e, ref attempts, inFlightRound, delivered, cancel);
+                if (inFlight is not null)
+                {
+                    // Pages sent since the last acknowledgement that did not arrive are pending
+                    // again, and no delta or dedup reference may lean on them. Those that arrived
+                    // are there as last sent (one connection keeps a page's versions in order).
+                    inFlight.AndNot(delivered);
+                    if (!ReferenceEquals(inFlight, pending)) pending.Or(inFlight);
+                    pipeline?.Forget(inFlight);
+                    inFlight = null;
+                }
+                batches.Rebind(frames);
+                reconnects++;
+                sendNow.CopyFrom(pending);
+                sendCount = pending.Count();
+                deferred = 0;
                 round++;
-            }
-            deferredAtStop = deferred;
-
-            // Stop and copy.
-            _observer.Phase("paused");
-            _vm.Pause();
-            pauseTs = Stopwatch.GetTimestamp();
-            paused = true;
-            // Paused, a throttle or limit has nothing left to do: release it now, so the guest
-            // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
-            meter.Ended();
-            ReleaseGuest();
-            _vm.DirtyLog.Harvest(pending);
-            long finalCount = pending.Count();
-            round++;
-            var (finalStats, finalZeros, _) = SendRound(round, final: true, pending, finalCount, frames, batches, skipZero: false, null, CancellationToken.None);
-            zeroMarkers += finalZeros;
-            pagesSent += finalStats.PagesSent;
-            SendRoundEnd(frames, finalStats, small);
-            Record(finalStats, final: true, TimeSpan.Zero);
-
-            byte[] state = _vm.SaveState();
-            frames.Send(FrameType.VmState, state);
-            stateBytes = state.Length + FrameFormat.HeaderSize;
-            if (batches.Hashes is not null)
-            {
-                // Every page's hash was taken as it was sent, and the final round re-sent every
-                // page written since: the per-page hashes now describe the paused memory exactly.
-                long h0 = Stopwatch.GetTimestamp();
-                sourceHash = batches.Hashes.Combine();
-                verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
-            }
-            var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
-            frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
-            type = reader.Read(out payload);
-            if (type == FrameType.Error)
-            {
-                var refusal = ErrorMessage.Parse(payload);
-                hashesDiffer = refusal.Code == ErrorMessage.VerificationFailed;
-                throw new MigrationAbort($"destination aborted before the switch-over: {refusal.Text}");
-            }
-            if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
-            ready = ReadyMessage.Parse(payload);
-            if (_options.Verify && ready.DestinationHash != sourceHash)
-            {
-                hashesDiffer = true;
-                throw new MigrationAbort($"destination memory hash {ready.DestinationHash:x16} differs from the source's {sourceHash:x16}");
+                interruptions.Add($"{phase}: {OneLine(e)}; reattached after {Stopwatch.GetElapsedTime(cut).TotalMilliseconds:0} ms (attempt {attempts}); {sendCount} pages to send again or for the first time");
+                _observer.Phase($"reattached (attempt {attempts}): {sendCount} pages pending");
+                }
             }
 
             // Step 2: from here on the destination may run the VM, so the source never resumes it.
@@ -269,8 +342,10 @@ public sealed class PreCopyMigration
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                 DowntimeMs = Stopwatch.GetElapsedTime(pauseTs, resumedTs).TotalMilliseconds,
                 VerifyMs = verifyMs + ready.VerifyUs / 1000.0,
-                BytesOnWire = frames.BytesWritten,
-                Bytes = WireBreakdown(frames.BytesWritten, batches, zeroMarkers, stateBytes),
+                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten,
+                Bytes = WireBreakdown(bytesOfClosedLinks + frames.BytesWritten, batches, zeroMarkers, stateBytes),
+                Reconnects = reconnects,
+                Interruptions = interruptions,
                 PagesByEncoding = batches.Counters.PagesByName(),
                 Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
@@ -317,7 +392,9 @@ public sealed class PreCopyMigration
                 Outcome = "failed",
                 Error = why,
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = frames.BytesWritten,
+                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten,
+                Reconnects = reconnects,
+                Interruptions = interruptions,
                 PagesByEncoding = batches.Counters.PagesByName(),
                 Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
@@ -332,6 +409,83 @@ public sealed class PreCopyMigration
                 Rounds = [.. _rounds],
             };
             throw new MigrationFailedException(why, report, e);
+        }
+        finally
+        {
+            frames.Dispose();
+            reader.Dispose();
+            if (!ReferenceEquals(stream, stream0)) stream.Dispose(); // a reattached connection is ours
+        }
+    }
+
+    /// <summary>What the network can do to a connection, as opposed to a peer that refuses or breaks the protocol.</summary>
+    internal static bool IsLinkFailure(Exception e) => e is IOException or SocketException or ObjectDisposedException or TimeoutException or ProtocolException { LinkFailure: true };
+
+    private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
+
+    /// <summary>
+    /// Reconnects after a drop and reattaches to the destination's partial copy (Attach on the
+    /// main channel → Attached), with bounded exponential back-off. A destination that no longer
+    /// holds the migration (window over, already prepared, restarted) answers Error: no retry.
+    /// </summary>
+    private (Stream, FrameWriter, FrameReader) Reattach(Func<int, Stream> connect, Exception cause, ref int attempts, int inFlightRound, PageBitmap delivered, CancellationToken cancel)
+    {
+        var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.ReconnectWindow, _options.Time);
+        string last = OneLine(cause);
+        Span<byte> buf = stackalloc byte[32];
+        while (true)
+        {
+            cancel.ThrowIfCancellationRequested();
+            attempts++;
+            Stream? s = null;
+            FrameWriter? w = null;
+            FrameReader? r = null;
+            bool ok = false;
+            try
+            {
+                s = connect(attempts);
+                if (s.CanTimeout)
+                {
+                    s.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+                    s.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
+                }
+                w = new FrameWriter(s, Limiter);
+                r = new FrameReader(s);
+                w.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
+                var type = r.Read(out var payload);
+                var chunk = new PageBitmap(delivered.PageCount);
+                delivered.ClearAll();
+                for (; type == FrameType.Delivered; type = r.Read(out payload))
+                {
+                    // Only a report on the round in flight counts: an older round was acknowledged already.
+                    if (DeliveredMessage.Apply(payload, chunk) == inFlightRound) delivered.Or(chunk);
+                    chunk.ClearAll();
+                }
+                if (type == FrameType.Error) throw new MigrationAbort($"connection lost ({OneLine(cause)}) and the destination cannot resume: {ErrorMessage.Parse(payload).Text}");
+                if (type != FrameType.Attached) throw new ProtocolException($"expected Attached after Attach, got {type}");
+                AttachedMessage.Parse(payload);
+                ok = true;
+                return (s, w, r);
+            }
+            catch (Exception e) when (IsLinkFailure(e) || e is AuthenticationFailedException)
+            {
+                last = OneLine(e);
+            }
+            finally
+            {
+                if (!ok)
+                {
+                    w?.Dispose();
+                    r?.Dispose();
+                    s?.Dispose();
+                }
+            }
+            bool more;
+            if (Target is { } t) t.Reconnecting = true;
+            try { more = backoff.Wait(cancel, Target?.Wake); }
+            finally { if (Target is { } t2) t2.Reconnecting = false; }
+            if (!more)
+                throw new MigrationAbort($"connection lost ({OneLine(cause)}) and not re-established within {backoff.Window.TotalSeconds:0.#} s ({attempts} attempts; last: {last})");
         }
     }
 

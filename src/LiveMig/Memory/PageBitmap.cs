@@ -23,6 +23,13 @@ public sealed class PageBitmap
 
     internal ulong[] Words => _words;
 
+    public long WordCount => _words.Length;
+
+    /// <summary>64 pages' bits, page <c>64 × index</c> in bit 0.</summary>
+    public ulong Word(long index) => Volatile.Read(ref _words[index]);
+
+    public void SetWord(long index, ulong bits) => Volatile.Write(ref _words[index], bits);
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void Set(long page)
     {

@@ -21,6 +21,8 @@ public sealed class PageBatchReader(GuestMemory memory)
 
     /// <summary>When set, every page placed updates its verification hash, read back from guest memory after placing.</summary>
     public PageHashes? Hashes { get; set; }
+    /// <summary>When set, every page placed is marked here (pre-copy resume: what arrived of the current round).</summary>
+    public Memory.PageBitmap? Delivered { get; set; }
     public long PagesPlaced { get; private set; }
 
     /// <summary>Places every page of one batch; returns the batch's round.</summary>
@@ -55,6 +57,7 @@ public sealed class PageBatchReader(GuestMemory memory)
                 else h.Set(page, target);
             }
             Placed?.Invoke(page);
+            Delivered?.SetUnsynchronized(page);
             Counters.Add(encoding, length);
             PagesPlaced++;
             at += length;

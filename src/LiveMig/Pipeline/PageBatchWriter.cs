@@ -15,6 +15,8 @@ namespace LiveMig.Pipeline;
 /// </summary>
 public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
 {
+    private FrameWriter frames = frames;
+
     public const int BatchHeaderSize = 8;
     public const int EntryHeaderSize = 8;
     /// <summary>A batch is sent once it holds this much (1 MiB: large writes, bounded latency).</summary>
@@ -40,6 +42,16 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
     public long EntriesWritten { get; private set; }
 
     private long _linkBytes, _linkTicks;
+
+    /// <summary>Continues on another connection (a migration that reattached); a batch left open on the old one is dropped.</summary>
+    public void Rebind(FrameWriter next)
+    {
+        if (frames.IsOpen) frames.Abandon();
+        frames = next;
+        _used = _count = 0;
+        _linkBytes = next.BytesWritten;
+        _linkTicks = next.WriteTicks;
+    }
 
     public void BeginRound(int round)
     {

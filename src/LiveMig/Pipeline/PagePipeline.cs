@@ -98,6 +98,20 @@ public sealed class SourcePipeline : IDisposable
     /// <summary>The gang part of dedup: pages queried and filled by the destination before round 0.</summary>
     public StageCounters Gang { get; } = Stages.NewDedup();
 
+    /// <summary>
+    /// The destination may not have received <paramref name="pages"/> as last sent (the
+    /// connection dropped before it acknowledged them): drop them from the XBZRLE cache and the
+    /// dedup index, so no delta or reference is ever made against a copy it may lack.
+    /// </summary>
+    public void Forget(PageBitmap pages)
+    {
+        for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
+        {
+            Cache?.Remove(p);
+            DedupIndex?.Sent(p, DedupSourceIndex.None);
+        }
+    }
+
     /// <summary>A new encoder for one sending thread; it shares this pipeline's cache and index.</summary>
     public PipelineEncoder CreateEncoder()
     {

@@ -175,6 +175,13 @@ public sealed class XbzrleCache
         }
     }
 
+    /// <summary>Drops the page's entry, if any (its slot is the next one reused).</summary>
+    public void Remove(long page)
+    {
+        var s = For(page);
+        lock (s) s.Remove(page);
+    }
+
     public bool Contains(long page)
     {
         var s = For(page);
@@ -226,6 +233,18 @@ public sealed class XbzrleCache
             _index[page] = slot;
             PushFront(slot);
             return slot;
+        }
+
+        public void Remove(long page)
+        {
+            if (!_index.Remove(page, out int slot)) return;
+            // To the LRU tail with no owner: Insert evicts from the tail, so it is reused first.
+            _pageOf![slot] = -1;
+            Unlink(slot);
+            _prev![slot] = _tail;
+            _next![slot] = -1;
+            if (_tail >= 0) _next[_tail] = slot; else _head = slot;
+            _tail = slot;
         }
 
         private void Unlink(int slot)

@@ -29,6 +29,11 @@ public enum FrameType : byte
     SyncAck = 15,
     /// <summary>S→D before round 0: the populated extents the source will send, so the destination can fault them in ahead.</summary>
     Extents = 16,
+    /// <summary>
+    /// D→S when a pre-copy source reattaches (capability PreCopyResume), before Attached: the
+    /// pages placed in the round that was cut short, so only the others are sent again.
+    /// </summary>
+    Delivered = 20,
 
     // Post-copy (capability PostCopy; docs/protocol.md, "Post-copy"). Numbered from 32 so other
     // additions can take 12.. without colliding.
@@ -67,7 +72,8 @@ public static class FrameFormat
     public const int LargestPayload = 16 << 20;
 
     public static bool IsKnown(byte type) =>
-        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
+        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || type == (byte)FrameType.Delivered
+        || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));
@@ -203,7 +209,7 @@ public sealed class FrameReader : IDisposable
         ReadExactly(_buffer.AsSpan(0, (int)length), index, at, (FrameType)type, length);
         uint sum = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(12));
         if (FrameFormat.Checksum(_header.AsSpan(0, 8), _buffer.AsSpan(0, (int)length)) != sum)
-            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)");
+            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)", linkFailure: true);
         FramesRead++;
         payload = _buffer.AsSpan(0, (int)length);
         return (FrameType)type;
@@ -220,11 +226,11 @@ public sealed class FrameReader : IDisposable
         {
             int n;
             try { n = _stream.Read(into[got..]); }
-            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}"); }
+            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}", linkFailure: true); }
             if (n == 0)
                 throw new ProtocolException(got == 0 && type is null
                     ? $"{Where(index, at)}: peer closed the connection"
-                    : $"{Where(index, at)}: peer closed the connection in the middle of the {What(type, length)} ({got} of {into.Length} bytes)");
+                    : $"{Where(index, at)}: peer closed the connection in the middle of the {What(type, length)} ({got} of {into.Length} bytes)", linkFailure: true);
             got += n;
             BytesRead += n;
         }

@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+
 namespace LiveMig.Protocol;
 
 /// <summary>
@@ -33,6 +35,12 @@ public enum Capabilities : ulong
     RoundSync = 1UL << 8,
     /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>
     Extents = 1UL << 9,
+    /// <summary>
+    /// Pre-copy resume: after a dropped connection before Prepare, the destination keeps its
+    /// partial VM for a while and the source reattaches (Attach, main channel) and continues
+    /// with the pages it cannot know were delivered, instead of starting over.
+    /// </summary>
+    PreCopyResume = 1UL << 12,
     /// <summary>The destination hashes memory before resuming and compares with the source's hash.</summary>
     Verify = 1UL << 16,
     /// <summary>Post-copy: the switch with pages still to come, page requests on a second connection, recovery (docs/protocol.md).</summary>
@@ -200,5 +208,46 @@ public static class ExtentsMessage
             end = first + count;
         }
         return list;
+    }
+}
+
+/// <summary>
+/// D→S, pre-copy resume: u32 round | u64 first page (a multiple of 64) | u32 words | words × u64,
+/// the bitmap of pages placed in <c>round</c> (the round the drop cut short), in chunks that fit
+/// a small frame; then Attached.
+/// </summary>
+public static class DeliveredMessage
+{
+    public const int MaxWords = 7680;
+    private const int HeaderSize = 16;
+
+    public static void Send(FrameWriter frames, int round, Memory.PageBitmap delivered)
+    {
+        for (long first = 0; first < delivered.WordCount; first += MaxWords)
+        {
+            int n = (int)Math.Min(MaxWords, delivered.WordCount - first);
+            Span<byte> p = frames.Begin(FrameType.Delivered, HeaderSize + n * 8);
+            BinaryPrimitives.WriteUInt32LittleEndian(p, (uint)round);
+            BinaryPrimitives.WriteUInt64LittleEndian(p[4..], (ulong)(first * 64));
+            BinaryPrimitives.WriteUInt32LittleEndian(p[12..], (uint)n);
+            for (int i = 0; i < n; i++) BinaryPrimitives.WriteUInt64LittleEndian(p[(HeaderSize + i * 8)..], delivered.Word(first + i));
+            frames.Commit(HeaderSize + n * 8);
+        }
+    }
+
+    /// <summary>Applies one chunk to <paramref name="into"/>; returns its round. Checks bounds and alignment.</summary>
+    public static int Apply(ReadOnlySpan<byte> payload, Memory.PageBitmap into)
+    {
+        if (payload.Length < HeaderSize) throw new ProtocolException($"Delivered: {payload.Length} bytes is shorter than its header");
+        int round = (int)BinaryPrimitives.ReadUInt32LittleEndian(payload);
+        ulong first = BinaryPrimitives.ReadUInt64LittleEndian(payload[4..]);
+        uint n = BinaryPrimitives.ReadUInt32LittleEndian(payload[12..]);
+        if (round < 0) throw new ProtocolException($"Delivered: round {(uint)round} out of range");
+        if (first % 64 != 0) throw new ProtocolException($"Delivered: first page {first} is not a multiple of 64");
+        if (n > MaxWords || payload.Length != HeaderSize + n * 8) throw new ProtocolException($"Delivered: {n} words do not match a payload of {payload.Length} bytes");
+        ulong firstWord = first / 64;
+        if (firstWord + n > (ulong)into.WordCount) throw new ProtocolException($"Delivered: words {firstWord}..{firstWord + n} run past memory of {into.PageCount} pages");
+        for (int i = 0; i < n; i++) into.SetWord((long)firstWord + i, BinaryPrimitives.ReadUInt64LittleEndian(payload[(HeaderSize + i * 8)..]));
+        return round;
     }
 }

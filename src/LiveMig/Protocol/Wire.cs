@@ -3,8 +3,16 @@ using System.Text;
 
 namespace LiveMig.Protocol;
 
-/// <summary>A malformed, hostile or unexpected stream. The message says what and where.</summary>
-public sealed class ProtocolException(string message) : Exception(message);
+/// <summary>
+/// A malformed, hostile or unexpected stream. The message says what and where.
+/// <see cref="LinkFailure"/> marks the ones the network can cause (the peer closed, the
+/// connection failed, a frame was corrupted in transit): a resumable migration reconnects after
+/// those, never after a protocol violation.
+/// </summary>
+public sealed class ProtocolException(string message, bool linkFailure = false) : Exception(message)
+{
+    public bool LinkFailure { get; } = linkFailure;
+}
 
 /// <summary>Little-endian writer over a span; the caller sized the span.</summary>
 public ref struct SpanWriter(Span<byte> span)

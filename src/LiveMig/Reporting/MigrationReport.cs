@@ -150,6 +150,10 @@ public sealed record MigrationReport
     public long? OperationsLost { get; init; }
     public List<RoundReport> Rounds { get; init; } = [];
     public ClientReport? Client { get; init; }
+    /// <summary>Pre-copy resume: connection drops survived before the switch-over, each by reattaching to the same destination.</summary>
+    public int Reconnects { get; init; }
+    /// <summary>Source, pre-copy resume: why each connection dropped and what it cost (one line each).</summary>
+    public List<string> Interruptions { get; init; } = [];
 
     // ---- post-copy and hybrid (docs/report.md) ----
     /// <summary>Connection failures survived after the switch to post-copy (each repaired by reconnecting).</summary>

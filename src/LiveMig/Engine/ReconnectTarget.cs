@@ -1,0 +1,31 @@
+namespace LiveMig.Engine;
+
+/// <summary>
+/// Where a running migration reconnects to after a drop, changeable while it runs, and a way to
+/// cut its back-off short (<c>livemig migrate --resume ID [--to HOST:PORT]</c>: the destination
+/// agent moved, or the operator knows the link is back).
+/// </summary>
+public sealed class ReconnectTarget(string host, int port)
+{
+    private readonly Lock _lock = new();
+    private string _host = host;
+    private int _port = port;
+
+    public (string Host, int Port) Current { get { lock (_lock) return (_host, _port); } }
+
+    /// <summary>Set while the migration waits between reconnection attempts.</summary>
+    public bool Reconnecting { get; internal set; }
+
+    internal AutoResetEvent Wake { get; } = new(false);
+
+    /// <summary>Next attempt now (ending the current back-off wait), at a new address if given.</summary>
+    public void RetryNow(string? host = null, int? port = null)
+    {
+        lock (_lock)
+        {
+            if (host is not null) _host = host;
+            if (port is not null) _port = port.Value;
+        }
+        Wake.Set();
+    }
+}
