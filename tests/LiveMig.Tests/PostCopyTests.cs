@@ -562,7 +562,8 @@ public class PostCopyGcStressTests(ITestOutputHelper output)
         using var loop = new PostCopyLoopback(PostCopyTests.Uffd(checkAccess: false));
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (string a in new[] { Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"), "migrate", "--to", $"127.0.0.1:{loop.Port}", "--strategy", "postcopy",
-                     "--memory", "64MiB", "--vcpus", "4", "--workload", "sweep:rate=0", "--fill", "mixed", "--seed", "3", "--warmup", "0s", "--bandwidth", "48MiB/s", "--json" })
+                     "--memory", "64MiB", "--vcpus", "4", "--workload", "sweep:rate=0", "--fill", "mixed", "--seed", "3", "--warmup", "0s", "--bandwidth", "48MiB/s", "--json",
+                     "--control", Path.Combine(Path.GetTempPath(), $"livemig-gcstress-{Guid.NewGuid():N}.sock") })
             psi.ArgumentList.Add(a);
         using var source = Process.Start(psi)!;
         string errors = "";
