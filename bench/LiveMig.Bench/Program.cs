@@ -8,6 +8,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench throughput [--memory 4GiB] [--reps 3]
 /// LiveMig.Bench downtime   [--memory 1GiB] [--reps 3] [--workloads idle,sweep,...]
 /// LiveMig.Bench profile    [--memory 1GiB] [--reps 3]
+/// LiveMig.Bench streams    [--memory 1GiB] [--reps 3]
 /// LiveMig.Bench all        [--reps 3]
 /// </code>
 /// </summary>
@@ -49,7 +50,7 @@ public static class Program
             }
         }
 
-        if (scenario is not ("throughput" or "downtime" or "profile" or "all"))
+        if (scenario is not ("throughput" or "downtime" or "profile" or "streams" or "all"))
         {
             Console.Error.WriteLine($"unknown scenario '{scenario}'");
             return Usage(2);
@@ -68,7 +69,7 @@ public static class Program
         output.WriteLine(MachineInfo.Markdown());
         output.WriteLine($"Load average at start: {MachineInfo.LoadAverage()} (other work shares this machine).");
         output.WriteLine();
-        if (scenario is "throughput" or "downtime" or "all") Warmup.Run();
+        if (scenario is "throughput" or "downtime" or "streams" or "all") Warmup.Run();
         switch (scenario)
         {
             case "throughput":
@@ -76,6 +77,9 @@ public static class Program
                 break;
             case "downtime":
                 DowntimeScenario.Run(memory ?? 1L << 30, reps, output, workloads);
+                break;
+            case "streams":
+                StreamsScenario.Run(memory ?? 1L << 30, reps, output);
                 break;
             case "profile":
                 ProfileScenario.Run(memory ?? 1L << 30, reps, output);
@@ -100,9 +104,10 @@ public static class Program
               throughput   4 GiB random-filled idle guest over loopback, verify on/off, vs plain TCP copies
               downtime     1 GiB guests (idle, sweep:rate=100000, sweep, hotcold), unlimited and 1 Gbit/s
               profile      each step of the page path timed alone (default 1 GiB): where the time goes
+              streams      1 GiB random-filled idle guest at 1, 2, 4 data streams, TLS off/on, vs plain TCP copies over 1, 2, 4 sockets
               all          throughput and downtime, default sizes
             options:
-              --memory SIZE      guest memory (throughput 4GiB, downtime and profile 1GiB by default)
+              --memory SIZE      guest memory (throughput 4GiB, downtime, profile and streams 1GiB by default)
               --reps N           repetitions, median reported (default 3)
               --workloads LIST   downtime only: workloads separated by ';' (default idle;sweep:rate=100000;sweep;hotcold)
             """);

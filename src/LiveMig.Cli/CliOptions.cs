@@ -37,6 +37,7 @@ internal sealed class CliOptions
     public readonly Option<bool> Dedup = new("--dedup") { Description = "Send a reference instead of content the destination already holds: a page identical to one sent earlier, or to one of another VM the destination received (xxHash3-128, verified there before use)." };
     public readonly Option<bool> SkipFreePages = new("--skip-free-pages") { Description = "Do not send pages the guest reports free (free-page hint; the destination keeps them zero). A free page written later is sent like any dirty page." };
     public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
+    public readonly Option<int> Streams = new("--streams") { Description = "Pre-copy: send pages on N parallel TCP connections (like QEMU's multifd; 1..16), each with its own encoder thread, besides the control connection; 1 = everything on one connection. Post-copy and hybrid use one.", DefaultValueFactory = _ => 1, HelpName = "N" };
     public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
@@ -84,7 +85,7 @@ internal sealed class CliOptions
 
     public void AddMigrationOptions(Command c)
     {
-        c.Add(Strategy); c.Add(HybridBudget); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
+        c.Add(Strategy); c.Add(HybridBudget); c.Add(Streams); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
         c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit); c.Add(Reconnect);
         AddSecurityOptions(c);
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
@@ -134,11 +135,15 @@ internal sealed class CliOptions
         int rounds = r.GetValue(MaxRounds);
         if (rounds < 1 || rounds > 10_000) throw new UsageException($"--max-rounds {rounds}: must be between 1 and 10000");
         bool defer = r.GetValue(DeferHotPages);
+        int streams = r.GetValue(Streams);
+        if (streams < 1 || streams > Protocol.StreamLayout.MaxStreams) throw new UsageException($"--streams {streams}: must be between 1 and {Protocol.StreamLayout.MaxStreams}");
+        if (streams > 1 && kind != MigrationStrategy.PreCopy) throw new UsageException($"--streams {streams}: only pre-copy sends on several streams; {strategy} uses one connection for pages (and one for page requests)");
         string rc = r.GetValue(Reconnect)!;
         if (!Units.TryParseDuration(rc, out var reconnect) || reconnect < TimeSpan.Zero || reconnect > TimeSpan.FromDays(1))
             throw new UsageException($"--reconnect '{rc}': expected a duration such as 30s (0 = no reconnecting, at most 1 day)");
         var options = new MigrationOptions
         {
+            Streams = streams,
             ReconnectWindow = reconnect,
             Security = Security(r),
             BandwidthLimit = rate,

@@ -22,6 +22,7 @@ internal static class ReportView
         Row("bytes on the wire", $"{Units.Bytes(r.BytesOnWire)} (page data {Units.Bytes(r.Bytes.PageData)}, zero markers {Units.Bytes(r.Bytes.ZeroMarkers)}, VM state {Units.Bytes(r.Bytes.VmState)}, protocol {Units.Bytes(r.Bytes.Protocol)})");
         Row("pages by encoding", string.Join(", ", r.PagesByEncoding.Where(kv => kv.Value > 0 || kv.Key is "raw" or "zero").Select(kv => $"{kv.Key} {kv.Value}")));
         if (r.Pipeline != "none") Row("pipeline", r.Pipeline);
+        if (r.Streams > 1) Row("data streams", $"{r.Streams} TCP connections beside the control connection");
         foreach (var (name, st) in r.Stages)
         {
             string extra = string.Join(", ", st.Counters.Where(kv => kv.Value != 0).Select(kv => $"{kv.Key} {kv.Value}"));

@@ -66,3 +66,35 @@ public class CliPipelineOptionsTests
         Assert.Contains(expected, e.Message);
     }
 }
+
+/// <summary>--streams as the CLI parses it.</summary>
+public class CliStreamsOptionTests
+{
+    private static MigrationOptions Parse(params string[] args)
+    {
+        var o = new CliOptions();
+        var cmd = new Command("demo");
+        o.AddMigrationOptions(cmd);
+        var r = cmd.Parse(args);
+        Assert.Empty(r.Errors);
+        return o.MigrationOptions(r);
+    }
+
+    [Fact]
+    public void Cli_streams_defaults_to_one_and_takes_a_count()
+    {
+        Assert.Equal(1, Parse().Streams);
+        Assert.Equal(4, Parse("--streams", "4").Streams);
+    }
+
+    [Theory]
+    [InlineData("--streams 0", "--streams 0: must be between 1 and 16")]
+    [InlineData("--streams 17", "--streams 17: must be between 1 and 16")]
+    [InlineData("--streams 2 --strategy postcopy", "--streams 2: only pre-copy sends on several streams; postcopy uses one connection")]
+    [InlineData("--streams 2 --strategy hybrid", "--streams 2: only pre-copy sends on several streams; hybrid uses one connection")]
+    public void Cli_streams_out_of_range_or_with_post_copy_is_refused_in_one_line(string args, string error)
+    {
+        var e = Assert.Throws<UsageException>(() => Parse(args.Split(' ')));
+        Assert.StartsWith(error, e.Message);
+    }
+}

@@ -71,6 +71,8 @@ public class CliProcessTests
             (new[] { "demo", "--compress", "zstd:99" }, "--compress"),
             (new[] { "demo", "--xbzrle-cache", "lots" }, "--xbzrle-cache"),
             (new[] { "demo", "--optimize", "everything" }, "--optimize"),
+            (new[] { "demo", "--streams", "17" }, "--streams"),
+            (new[] { "demo", "--streams", "2", "--strategy", "postcopy" }, "--streams"),
         })
         {
             using var p = Start(args);
@@ -294,5 +296,26 @@ public class CliProcessTests
         Assert.True(r.PagesByEncoding["skipped"] > 0);
         Assert.Contains("xbzrle", r.Stages.Keys);
         Assert.Contains("adaptive", r.Stages.Keys);
+    }
+
+    [Fact]
+    public void Demo_with_several_streams_and_tls_completes_and_reports_them()
+    {
+        using var p = Start("demo", "--memory", "128MiB", "--workload", "random:rate=20000", "--warmup", "300ms", "--streams", "3", "--tls", "--psk-file", PskFile(), "--json");
+        string json = p.StandardOutput.ReadToEnd();
+        string err = p.StandardError.ReadToEnd();
+        Assert.True(p.WaitForExit(60_000));
+        Assert.True(p.ExitCode == 0, $"demo exited {p.ExitCode}: {err}");
+        var r = MigrationReport.FromJson(json);
+        Assert.True(r.Verified);
+        Assert.Equal(3, r.Streams);
+        Assert.Equal("tls13-psk", r.Security);
+    }
+
+    private static string PskFile()
+    {
+        string path = Path.Combine(Path.GetTempPath(), $"livemig-test-psk-{Environment.ProcessId}");
+        File.WriteAllBytes(path, System.Security.Cryptography.RandomNumberGenerator.GetBytes(32));
+        return path;
     }
 }

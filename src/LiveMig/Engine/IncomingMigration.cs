@@ -62,6 +62,7 @@ public sealed class IncomingMigration
         var rounds = new List<RoundReport>();
         int currentRound = -1;
         PostCopyIncoming? postCopy = null;
+        IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
 
         try
         {
@@ -110,6 +111,18 @@ public sealed class IncomingMigration
                         var answer = new byte[4 + (filledPages.Length + 7) / 8];
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
+                    case (State.AwaitHello, FrameType.StreamAttach):
+                        IncomingStreams.ServeAttach(payload, stream, reader, frames);
+                        return null;
+                    case (State.Live, FrameType.Streams):
+                        int count = StreamsMessage.Parse(payload, "Streams").Count;
+                        if ((accepted & Capabilities.MultiStream) == 0 || postCopy is not null) throw new ProtocolException($"Streams (frame {frame}) without the MultiStream capability, or with post-copy");
+                        if (currentRound >= 0 || streams is not null) throw new ProtocolException($"Streams (frame {frame}) after round 0 began, or twice");
+                        if (resumption is not null) throw new ProtocolException($"Streams (frame {frame}) with pre-copy resume: a multi-stream migration is not resumed after a drop");
+                        if (count < 2 || count > StreamLayout.MaxStreams) throw new RefusedException($"{count} data streams requested; this destination accepts 2..{StreamLayout.MaxStreams}");
+                        streams = IncomingStreams.Open(hello.MigrationId, count, memory!, placer!.Hashes, decoder, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null, _options);
+                        frames.Send(FrameType.StreamsAck, small[..new StreamsMessage(count).Write(small)]);
+                        break;
                     case (State.AwaitHello, FrameType.Attach):
                         var attach = AttachMessage.Parse(payload);
                         if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(attach.MigrationId))
@@ -132,12 +145,13 @@ public sealed class IncomingMigration
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
+                        if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
                         int round = placer!.Apply(payload, frame);
                         if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
-                        if (prefaulter is not null) { prefaulter.Dispose(); prefaulter = null; placer!.Placed = null; } // round 0 is in
+                        if (prefaulter is not null) { streams?.SetPlaced(null); prefaulter.Dispose(); prefaulter = null; placer!.Placed = null; } // round 0 is in
                         if (re.Round != currentRound) throw new ProtocolException($"RoundEnd (frame {frame}) for round {re.Round} inside round {currentRound}");
                         rounds.Add(new RoundReport
                         {
@@ -153,12 +167,14 @@ public sealed class IncomingMigration
                         {
                             prefaulter = new Prefaulter(memory, announced);
                             placer!.Placed = prefaulter.Placed;
+                            streams?.SetPlaced(prefaulter.Placed);
                         }
                         break;
                     case (State.Live, FrameType.Sync):
                         var sync = SyncMessage.Parse(payload, "Sync");
                         if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");
-                        // Everything before this frame is placed: acknowledge, so the source times the round by delivery.
+                        // Everything before this frame is placed (on every data stream, too): acknowledge, so the source times the round by delivery.
+                        streams?.WaitRound(sync.Round);
                         frames.Send(FrameType.SyncAck, small[..sync.Write(small)]);
                         break;
                     case (State.StopAndCopy, FrameType.VmState):
@@ -168,6 +184,7 @@ public sealed class IncomingMigration
                         break;
                     case (State.HaveState, FrameType.Prepare):
                         var prep = PrepareMessage.Parse(payload);
+                        streams?.Finish(currentRound); // every data stream has placed the final round, and stopped
                         verify = prep.Verify;
                         if (verify)
                         {
@@ -213,18 +230,20 @@ public sealed class IncomingMigration
                             TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                             DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
                             VerifyMs = verifyMs,
-                            BytesOnWire = bytesOfEarlierLinks + reader.BytesRead,
+                            BytesOnWire = bytesOfEarlierLinks + reader.BytesRead + (streams?.BytesRead ?? 0),
                             Reconnects = reattaches,
-                            PagesByEncoding = placer!.Counters.PagesByName(),
-                            Stages = decoder?.Report() ?? [],
+                            PagesByEncoding = WithStreams(placer!.Counters, streams).PagesByName(),
+                            Stages = streams is null ? decoder?.Report() ?? [] : streams.MergeStages(decoder?.Report() ?? []),
                             Pipeline = CodecNames(accepted),
-                            PagesSent = placer.PagesPlaced,
+                            Streams = streams?.Count ?? 1,
+                            PagesSent = placer.PagesPlaced + (streams?.PagesPlaced ?? 0),
                             Verified = verify ? true : null,
                             DestinationHash = verify ? $"{hash:x16}" : null,
                             SourceHash = verify ? $"{hash:x16}" : null,
                             Rounds = rounds,
                         };
                         decoder?.Dispose();
+                        streams?.DisposeDecoders();
                         return new ArrivedVm(vm, report);
                     default:
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
@@ -255,6 +274,10 @@ public sealed class IncomingMigration
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
             prefaulter?.Dispose();
+            // No data stream may touch the memory once it is discarded: stop them all first.
+            try { streams?.Abort(e.Message); }
+            catch (ProtocolException) { memory = null; } // a stream thread did not stop: leak the memory rather than unmap it under it
+            streams?.DisposeDecoders();
             decoder?.Dispose();
             decoder = null;
             // Discard the partial VM: it never ran here.
@@ -289,7 +312,16 @@ public sealed class IncomingMigration
     /// <summary>What the network can do to a connection (as opposed to a peer that breaks the protocol).</summary>
     private static bool IsLinkFailure(Exception e) => e is IOException or SocketException or ObjectDisposedException or ProtocolException { LinkFailure: true };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | CodecBits;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
+
+    private static EncodingCounters WithStreams(EncodingCounters control, IncomingStreams? streams)
+    {
+        if (streams is null) return control;
+        var sum = new EncodingCounters();
+        sum.Merge(control);
+        streams.AddCountersTo(sum);
+        return sum;
+    }
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
 
     /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>

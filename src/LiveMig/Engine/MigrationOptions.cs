@@ -26,6 +26,14 @@ public sealed record MigrationOptions
     /// <summary>Post-copy and hybrid settings (PostCopyOptions.cs).</summary>
     public PostCopyOptions PostCopy { get; init; } = new();
     /// <summary>
+    /// Pre-copy only: page data on this many data connections beside the control connection
+    /// (like QEMU's multifd), each with its own encoder thread; 1 = everything on the one
+    /// connection. At most <see cref="Protocol.StreamLayout.MaxStreams"/>.
+    /// </summary>
+    public int Streams { get; init; } = 1;
+    /// <summary>Opens data connection i (0-based, already secured); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address, secured like the control connection.</summary>
+    public Func<int, Stream>? StreamConnector { get; init; }
+    /// <summary>
     /// Pre-copy resume: after the connection drops before the switch-over, how long the source
     /// keeps reconnecting (bounded exponential back-off from <see cref="PostCopyOptions.FirstRetryDelay"/>
     /// to <see cref="PostCopyOptions.MaxRetryDelay"/>) to continue where it stopped; the VM keeps
@@ -61,6 +69,8 @@ public sealed record DestinationOptions
     public DedupStore DedupStore { get; init; } = new();
     /// <summary>Post-copy settings (PostCopyOptions.cs).</summary>
     public PostCopyDestinationOptions PostCopy { get; init; } = new();
+    /// <summary>Test hook: called on a data stream's thread when that stream (index) has placed every page of a round (round).</summary>
+    public Action<int, int>? StreamRoundPlaced { get; init; }
     /// <summary>
     /// Pre-copy resume: when a source that asked for it loses its connection before Prepare, how
     /// long the partial VM is kept for it to reattach; 0 refuses resume (partial VMs are

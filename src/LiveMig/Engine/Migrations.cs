@@ -6,7 +6,9 @@ public static class Migrations
     public static Reporting.MigrationReport MigrateTo(Vm.IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer, string host, int port, CancellationToken cancel = default) =>
         options.Strategy == MigrationStrategy.PreCopy
             ? new PreCopyMigration(vm, options, observer).MigrateTo(host, port, cancel)
-            : new PostCopyMigration(vm, options, observer).MigrateTo(host, port, cancel);
+            : options.Streams > 1
+                ? throw new ArgumentException($"{Name(options.Strategy)} uses one data connection; several streams ({options.Streams}) are for pre-copy only", nameof(options))
+                : new PostCopyMigration(vm, options, observer).MigrateTo(host, port, cancel);
 
     public static string Name(MigrationStrategy s) => s switch
     {

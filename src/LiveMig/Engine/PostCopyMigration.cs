@@ -516,11 +516,7 @@ public sealed class PostCopyMigration
             {
                 last = OneLine(e);
                 if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
-                bool more;
-                if (Target is { } t) t.Reconnecting = true;
-                try { more = backoff.Wait(default, Target?.Wake); }
-                finally { if (Target is { } t2) t2.Reconnecting = false; }
-                if (!more)
+                if (!ReconnectTarget.WaitToRetry(backoff, Target, default))
                     throw new RecoveryFailed($"post-copy recovery gave up after {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s and {attempt} attempts: {last}");
             }
         }

@@ -25,9 +25,13 @@ public sealed class PreCopyMigration
     private readonly IPreCopyPolicy _policy;
     private readonly List<RoundReport> _rounds = [];
     private readonly Guid _id = Guid.NewGuid();
+    private Func<int, Stream>? _dataConnector; // MigrateTo: data connection i, secured like the control connection
+    private SourceStreams? _streams;           // several data streams (SourceStreams.cs), or null
 
     public PreCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? policy = null)
     {
+        if (options.Streams < 1 || options.Streams > StreamLayout.MaxStreams)
+            throw new ArgumentOutOfRangeException(nameof(options), $"Streams {options.Streams}: must be between 1 and {StreamLayout.MaxStreams}");
         _vm = vm;
         _options = options;
         _observer = observer ?? new NullObserver();
@@ -71,6 +75,11 @@ public sealed class PreCopyMigration
             string why = e is SocketException ? $"cannot connect to destination {host}:{port}: {e.Message}" : e.Message;
             throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why }, e);
         }
+        _dataConnector = _ =>
+        {
+            var (h, p) = target.Current;
+            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+        };
         using (stream) return Run(stream, connect, cancel);
     }
 
@@ -100,7 +109,7 @@ public sealed class PreCopyMigration
         PageBitmap? inFlight = null;
         int inFlightRound = -1;
         var memory = _vm.Memory;
-        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter));
+        using var pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, memory.PageCount, new LinkEstimate(Limiter), Math.Max(1, _options.Streams));
         bool paused = false, committed = false, hashesDiffer = false;
         long pauseTs = 0, stateBytes = 0, zeroMarkers = 0, pagesSent = 0;
         long pagesSkipped = 0, deferredAtStop = 0;
@@ -115,8 +124,10 @@ public sealed class PreCopyMigration
         {
             _observer.Phase("handshake");
             // Every stage asked for is required: a destination that lacks one refuses, naming it.
-            var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities;
-            var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero ? Capabilities.PreCopyResume : 0);
+            var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities
+                | (_options.Streams > 1 ? Capabilities.MultiStream : 0);
+            // Resume after a drop is for the single connection: with several data streams a drop fails the migration (docs/protocol.md).
+            var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
             var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
                 memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
@@ -182,6 +193,11 @@ public sealed class PreCopyMigration
                                 var buf = frames.Begin(FrameType.Extents, runs.Count * 8);
                                 frames.Commit(ExtentsMessage.Write(buf, runs));
                             }
+                        }
+                        if (_options.Streams > 1)
+                        {
+                            var connectData = _options.StreamConnector ?? _dataConnector ?? throw new InvalidOperationException("several data streams need MigrateTo or MigrationOptions.StreamConnector");
+                            _streams = SourceStreams.Open(_options.Streams, _id, frames, reader, connectData, memory, Limiter, batches.Hashes, pipeline, _options.IoTimeout);
                         }
                         setupDone = true;
                     }
@@ -342,11 +358,12 @@ public sealed class PreCopyMigration
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
                 DowntimeMs = Stopwatch.GetElapsedTime(pauseTs, resumedTs).TotalMilliseconds,
                 VerifyMs = verifyMs + ready.VerifyUs / 1000.0,
-                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten,
-                Bytes = WireBreakdown(bytesOfClosedLinks + frames.BytesWritten, batches, zeroMarkers, stateBytes),
+                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten + (_streams?.BytesWritten ?? 0),
+                Bytes = WireBreakdown(bytesOfClosedLinks + frames.BytesWritten + (_streams?.BytesWritten ?? 0), Counters(batches, _streams), zeroMarkers, stateBytes),
                 Reconnects = reconnects,
                 Interruptions = interruptions,
-                PagesByEncoding = batches.Counters.PagesByName(),
+                PagesByEncoding = Counters(batches, _streams).PagesByName(),
+                Streams = _streams?.Count ?? 1,
                 Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 StopReason = ReasonName(decision.Reason),
@@ -392,10 +409,11 @@ public sealed class PreCopyMigration
                 Outcome = "failed",
                 Error = why,
                 TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten,
+                BytesOnWire = bytesOfClosedLinks + frames.BytesWritten + (_streams?.BytesWritten ?? 0),
                 Reconnects = reconnects,
                 Interruptions = interruptions,
-                PagesByEncoding = batches.Counters.PagesByName(),
+                PagesByEncoding = Counters(batches, _streams).PagesByName(),
+                Streams = Math.Max(1, _options.Streams),
                 Stages = pipeline?.Report() ?? [],
                 PagesSent = pagesSent,
                 Verified = hashesDiffer ? false : null,
@@ -412,6 +430,9 @@ public sealed class PreCopyMigration
         }
         finally
         {
+            // Every data connection closed and every stream thread joined: none outlives the migration.
+            _streams?.Dispose();
+            _streams = null;
             frames.Dispose();
             reader.Dispose();
             if (!ReferenceEquals(stream, stream0)) stream.Dispose(); // a reattached connection is ours
@@ -480,11 +501,7 @@ public sealed class PreCopyMigration
                     s?.Dispose();
                 }
             }
-            bool more;
-            if (Target is { } t) t.Reconnecting = true;
-            try { more = backoff.Wait(cancel, Target?.Wake); }
-            finally { if (Target is { } t2) t2.Reconnecting = false; }
-            if (!more)
+            if (!ReconnectTarget.WaitToRetry(backoff, Target, cancel))
                 throw new MigrationAbort($"connection lost ({OneLine(cause)}) and not re-established within {backoff.Window.TotalSeconds:0.#} s ({attempts} attempts; last: {last})");
         }
     }
@@ -507,13 +524,23 @@ public sealed class PreCopyMigration
     {
         Span<byte> small = stackalloc byte[16];
         long ts = Stopwatch.GetTimestamp();
-        long bytes0 = frames.BytesWritten;
-        long zero0 = batches.Counters.Pages(PageEncoding.Zero), entries0 = batches.EntriesWritten;
+        long bytes0 = frames.BytesWritten + (_streams?.BytesWritten ?? 0);
+        long zero0 = batches.Counters.Pages(PageEncoding.Zero), entries0 = _streams?.EntriesWritten ?? batches.EntriesWritten;
         var log = _vm.DirtyLog;
         _observer.RoundStarted(round, count, final);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
         batches.BeginRound(round);
         long done = 0, sinceProgress = 0, skipped = 0;
+        if (_streams is { } ds)
+        {
+            long zeroBefore = ZeroPages(ds, batches);
+            (done, skipped) = ds.SendRound(round, pages, skipZero, skipRewrittenInto, log, d => _observer.Progress(round, d, count, frames.BytesWritten + ds.BytesWritten), cancel);
+            _observer.Progress(round, done, count, frames.BytesWritten + ds.BytesWritten);
+            var took = Stopwatch.GetElapsedTime(ts);
+            long streamBytes = frames.BytesWritten + ds.BytesWritten - bytes0;
+            long zeroSent = skipZero ? 0 : ZeroPages(ds, batches) - zeroBefore;
+            return (new RoundStats(round, ds.EntriesWritten - entries0, streamBytes, took, 0, streamBytes / Math.Max(took.TotalSeconds, 1e-6), 0), zeroSent, skipped);
+        }
         for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
         {
             if (skipRewrittenInto is not null && log.WrittenSinceHarvest(p))
@@ -542,6 +569,18 @@ public sealed class PreCopyMigration
         return (new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0), zeroMarkers, skipped);
     }
 
+    private static long ZeroPages(SourceStreams ds, PageBatchWriter batches) => Counters(batches, ds).Pages(PageEncoding.Zero);
+
+    /// <summary>The page counters of the whole migration: the control connection's and, with several streams, theirs added.</summary>
+    private static EncodingCounters Counters(PageBatchWriter batches, SourceStreams? ds)
+    {
+        if (ds is null) return batches.Counters;
+        var sum = new EncodingCounters();
+        sum.Merge(batches.Counters);
+        ds.AddCountersTo(sum);
+        return sum;
+    }
+
     private static void SendRoundEnd(FrameWriter frames, RoundStats s, Span<byte> scratch)
     {
         var m = new RoundEndMessage(s.Round, s.PagesSent, s.DirtyPagesAfter, s.BytesSent, (long)s.Duration.TotalMicroseconds);
@@ -561,9 +600,9 @@ public sealed class PreCopyMigration
         _observer.RoundCompleted(r);
     }
 
-    private static WireBytes WireBreakdown(long total, PageBatchWriter batches, long zeroMarkers, long stateBytes)
+    private static WireBytes WireBreakdown(long total, EncodingCounters counters, long zeroMarkers, long stateBytes)
     {
-        long pageData = batches.Counters.TotalBytes();
+        long pageData = counters.TotalBytes();
         long zero = zeroMarkers * PageBatchWriter.EntryHeaderSize;
         return new WireBytes { PageData = pageData, ZeroMarkers = zero, VmState = stateBytes, Protocol = total - pageData - zero - stateBytes };
     }

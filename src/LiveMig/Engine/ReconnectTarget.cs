@@ -18,6 +18,15 @@ public sealed class ReconnectTarget(string host, int port)
 
     internal AutoResetEvent Wake { get; } = new(false);
 
+    /// <summary>Waits out the back-off before the next attempt (marked as reconnecting, cut short by <see cref="RetryNow"/>); false when the window is over.</summary>
+    internal static bool WaitToRetry(Transport.RetryBackoff backoff, ReconnectTarget? target, CancellationToken cancel)
+    {
+        if (target is null) return backoff.Wait(cancel);
+        target.Reconnecting = true;
+        try { return backoff.Wait(cancel, target.Wake); }
+        finally { target.Reconnecting = false; }
+    }
+
     /// <summary>Next attempt now (ending the current back-off wait), at a new address if given.</summary>
     public void RetryNow(string? host = null, int? port = null)
     {

@@ -27,29 +27,38 @@ public static class ContentHash
 /// page is re-sent with other content its old hash loses that holder (the entry is dropped even
 /// if other pages still hold the content: simple and safe; the content is re-registered the next
 /// time it is sent in full). Thread-safe: sharded by hash, one lock per shard.
+/// With several data streams each stream has its own holders (a reference names only a holder
+/// carried by the same stream, which the destination has placed, in order, before the
+/// reference: another stream's holder might not have arrived yet, or be overwritten by a
+/// version still in flight). The per-page record is shared: a page belongs to one stream.
 /// </summary>
 public sealed class DedupSourceIndex
 {
     private const int Shards = 16;
-    private readonly Dictionary<UInt128, uint>[] _holders = new Dictionary<UInt128, uint>[Shards];
+    private readonly Dictionary<UInt128, uint>[] _holders;
     private readonly UInt128[] _sent;
+    private readonly int _streams;
 
     /// <summary>A page whose content the destination does not hold by this index (never sent, or zero).</summary>
     public static readonly UInt128 None = UInt128.Zero;
 
-    public DedupSourceIndex(long pageCount)
+    public DedupSourceIndex(long pageCount, int streams = 1)
     {
         _sent = new UInt128[checked((int)pageCount)];
-        for (int i = 0; i < Shards; i++) _holders[i] = [];
+        _streams = Math.Max(1, streams);
+        _holders = new Dictionary<UInt128, uint>[Shards * _streams];
+        for (int i = 0; i < _holders.Length; i++) _holders[i] = [];
     }
 
-    private Dictionary<UInt128, uint> ShardOf(UInt128 h) => _holders[(int)((ulong)h & (Shards - 1))];
+    private Dictionary<UInt128, uint> ShardOf(UInt128 h, int stream) => _holders[stream * Shards + (int)((ulong)h & (Shards - 1))];
 
-    /// <summary>A page that holds content <paramref name="h"/> at the destination, or -1.</summary>
-    public long Holder(UInt128 h)
+    private int StreamOf(long page) => _streams == 1 ? 0 : Protocol.StreamLayout.StreamOf(page, _streams);
+
+    /// <summary>A page that holds content <paramref name="h"/> at the destination and travels on the same stream as <paramref name="forPage"/>, or -1.</summary>
+    public long Holder(UInt128 h, long forPage = 0)
     {
         if (h == None) return -1;
-        var d = ShardOf(h);
+        var d = ShardOf(h, StreamOf(forPage));
         lock (d) return d.TryGetValue(h, out uint p) ? p : -1;
     }
 
@@ -60,13 +69,13 @@ public sealed class DedupSourceIndex
         if (old == h) return;
         if (old != None)
         {
-            var d = ShardOf(old);
+            var d = ShardOf(old, StreamOf(page));
             lock (d) { if (d.TryGetValue(old, out uint p) && p == page) d.Remove(old); }
         }
         _sent[page] = h;
         if (h != None)
         {
-            var d = ShardOf(h);
+            var d = ShardOf(h, StreamOf(page));
             lock (d) d.TryAdd(h, (uint)page);
         }
     }

@@ -38,6 +38,13 @@ public sealed class EncodingCounters
 
     public void AddSkipped(long pages) => Skipped += pages;
 
+    /// <summary>Adds another set of counters (one per data stream) into this one.</summary>
+    public void Merge(EncodingCounters other)
+    {
+        for (int i = 0; i < Kinds; i++) { _pages[i] += other._pages[i]; _bytes[i] += other._bytes[i]; }
+        Skipped += other.Skipped;
+    }
+
     public long Pages(PageEncoding e) => _pages[(int)e];
     public long Bytes(PageEncoding e) => _bytes[(int)e];
 

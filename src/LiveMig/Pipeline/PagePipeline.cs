@@ -78,13 +78,14 @@ public sealed class SourcePipeline : IDisposable
 {
     private readonly List<PipelineEncoder> _encoders = [];
 
-    public SourcePipeline(PipelineOptions options, long pageCount, LinkEstimate? link = null)
+    /// <param name="streams">Data streams the pages travel on (dedup references stay within one stream).</param>
+    public SourcePipeline(PipelineOptions options, long pageCount, LinkEstimate? link = null, int streams = 1)
     {
         options.Validate();
         Options = options;
         Link = link ?? new LinkEstimate();
         if (options.XbzrleCacheBytes > 0) Cache = new XbzrleCache(options.XbzrleCacheBytes);
-        if (options.Dedup) DedupIndex = new DedupSourceIndex(pageCount);
+        if (options.Dedup) DedupIndex = new DedupSourceIndex(pageCount, streams);
     }
 
     public PipelineOptions Options { get; }
@@ -269,7 +270,7 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
         var c = _dedup!;
         c.Offered++;
         hash = ContentHash.Of(s);
-        long holder = _p.DedupIndex!.Holder(hash);
+        long holder = _p.DedupIndex!.Holder(hash, page);
         bool hit = holder >= 0;
         written = 0;
         if (hit)
@@ -400,11 +401,16 @@ public sealed class PipelineDecoder : IPageDecoder, IDisposable
     private readonly ZstdPageDecompressor? _zstd;
     private readonly StageCounters?[] _byEncoding = new StageCounters?[EncodingCounters.Kinds];
 
-    public PipelineDecoder(GuestMemory memory, Capabilities accepted, DedupStore? store = null)
+    /// <param name="received">
+    /// Shared with the decoders of the other data streams of the same migration (one decoder per
+    /// stream: each has its own decompressor and counters). Every page belongs to one stream and a
+    /// bitmap word to one 64-page chunk, so the streams never write the same word.
+    /// </param>
+    public PipelineDecoder(GuestMemory memory, Capabilities accepted, DedupStore? store = null, PageBitmap? received = null)
     {
         _memory = memory;
         _accepted = accepted;
-        _received = new PageBitmap(memory.PageCount);
+        _received = received ?? new PageBitmap(memory.PageCount);
         // Decoding counts pages and time; of the encoders' extra counters only dedup's apply here.
         if ((accepted & Capabilities.Zstd) != 0) { _zstd = new ZstdPageDecompressor(); _byEncoding[(int)PageEncoding.Zstd] = new StageCounters(Stages.Zstd); }
         if ((accepted & Capabilities.Lz4) != 0) _byEncoding[(int)PageEncoding.Lz4] = new StageCounters(Stages.Lz4);

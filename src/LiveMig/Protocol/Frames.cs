@@ -35,6 +35,18 @@ public enum FrameType : byte
     /// </summary>
     Delivered = 20,
 
+    // Several data streams (capability MultiStream; docs/protocol.md, "Several data streams").
+    /// <summary>S→D on the control connection after HelloAck: "I will open this many data connections".</summary>
+    Streams = 17,
+    /// <summary>D→S: the data connections may attach now.</summary>
+    StreamsAck = 18,
+    /// <summary>S→D, first frame of a data connection: migration id, stream index, stream count.</summary>
+    StreamAttach = 19,
+    /// <summary>D→S on a data connection: attached.</summary>
+    StreamAttached = 21,
+    /// <summary>S→D on a data connection: this stream has sent all its pages of a round.</summary>
+    StreamRoundEnd = 22,
+
     // Post-copy (capability PostCopy; docs/protocol.md, "Post-copy"). Numbered from 32 so other
     // additions can take 12.. without colliding.
     PostCopyStart = 32,
@@ -72,7 +84,7 @@ public static class FrameFormat
     public const int LargestPayload = 16 << 20;
 
     public static bool IsKnown(byte type) =>
-        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.Extents) || type == (byte)FrameType.Delivered
+        (type >= (byte)FrameType.Hello && type <= (byte)FrameType.StreamRoundEnd) || type == (byte)FrameType.Delivered
         || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>

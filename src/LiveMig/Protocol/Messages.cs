@@ -35,6 +35,8 @@ public enum Capabilities : ulong
     RoundSync = 1UL << 8,
     /// <summary>The source announces its populated extents (an Extents frame) before round 0.</summary>
     Extents = 1UL << 9,
+    /// <summary>Page data on several data connections besides the control connection (Streams, StreamAttach, StreamRoundEnd frames).</summary>
+    MultiStream = 1UL << 10,
     /// <summary>
     /// Pre-copy resume: after a dropped connection before Prepare, the destination keeps its
     /// partial VM for a while and the source reattaches (Attach, main channel) and continues

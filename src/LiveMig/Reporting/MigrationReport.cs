@@ -124,6 +124,8 @@ public sealed record MigrationReport
     public Dictionary<string, StageReport> Stages { get; init; } = [];
     /// <summary>The pipeline settings in force, e.g. <c>compress=adaptive xbzrle=64.0 MiB dedup skip-free-pages</c>, or <c>none</c>.</summary>
     public string Pipeline { get; init; } = "none";
+    /// <summary>Data connections that carried the pages: 1 = the control connection itself (one connection); N ≥ 2 = N data connections beside it.</summary>
+    public int Streams { get; init; } = 1;
     public long PagesSent { get; init; }
     public string StopReason { get; init; } = "";
     public double EstimatedDowntimeMs { get; init; }
