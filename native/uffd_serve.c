@@ -6,7 +6,10 @@
 // process deadlocks (shared/field-notes.md, "Hazard: userfaultfd demand paging inside a .NET
 // process"). So the whole path that resolves a fault — poll the userfaultfd, read the fault,
 // send the page request on its own socket, receive the page, UFFDIO_COPY it — runs here, on a
-// pthread that never calls into managed code and never waits for it.
+// pthread that never calls into managed code and never waits for it. The source answers every
+// request on this thread's connection, also for a page whose background push is still on its
+// way: that push arrives through the managed main-connection reader, which a collection may
+// hold while the collection waits for the faulting thread (the deadlock in docs/reliability.md).
 //
 // Shared with managed code (src/LiveMig/Memory/UffdDemandPager.cs), through lm_uffd_ctx:
 //   present  one bit per page, set (atomically) after a page was placed; pages present from the
@@ -143,9 +146,11 @@ static int send_all(int sock, const uint8_t *b, size_t n) {
     return 0;
 }
 
-// One PageRequest frame for pages[0..n).
-static int send_request(int sock, const uint64_t *pages, int n) {
-    static uint8_t buf[16 + 4 + MAX_REQ * 4];
+#define REQ_BUF (16 + 4 + MAX_REQ * 4)
+
+// One PageRequest frame for pages[0..n), built in buf (REQ_BUF bytes; one per thread: several
+// pagers may serve at once in one process).
+static int send_request(uint8_t *buf, int sock, const uint64_t *pages, int n) {
     uint32_t len = 4 + 4 * (uint32_t)n;
     uint8_t *p = buf + 16;
     uint32_t cnt = (uint32_t)n;
@@ -169,12 +174,13 @@ static void *serve(void *arg) {
     uint8_t *zero = aligned_alloc(PAGE, PAGE);
     outstanding *out = malloc(sizeof(outstanding) * MAX_OUT);
     uint64_t *req = malloc(sizeof(uint64_t) * MAX_REQ);
+    uint8_t *reqbuf = malloc(REQ_BUF);
     size_t rx_len = 0;
     int n_out = 0, sock = -1, abandoned = 0;
     uint64_t my_gen = 0;
     memset(zero, 0, PAGE);
     uint64_t zero_hash = XXH3_64bits(zero, PAGE);
-    if (!rx || !bounce || !zero || !out || !req) { fail(c, "malloc", ENOMEM); goto done; }
+    if (!rx || !bounce || !zero || !out || !req || !reqbuf) { fail(c, "malloc", ENOMEM); goto done; }
 
     for (;;) {
         struct pollfd p[3] = { { .fd = (int)c->uffd, .events = POLLIN }, { .fd = (int)c->ctl, .events = POLLIN }, { .fd = sock, .events = POLLIN } };
@@ -209,9 +215,9 @@ static void *serve(void *arg) {
                 for (int i = 0; i < n_out; i++) {
                     if (test_bit(c->present, out[i].page)) continue;
                     req[k++] = out[i].page;
-                    if (k == MAX_REQ) { if (send_request(sock, req, k) == 0) c->requests += k; k = 0; }
+                    if (k == MAX_REQ) { if (send_request(reqbuf, sock, req, k) == 0) c->requests += k; k = 0; }
                 }
-                if (k > 0 && send_request(sock, req, k) == 0) c->requests += k;
+                if (k > 0 && send_request(reqbuf, sock, req, k) == 0) c->requests += k;
             }
         }
 
@@ -238,7 +244,7 @@ static void *serve(void *arg) {
                 if (k < MAX_REQ) req[k++] = page;
             }
             if (k > 0 && sock >= 0) {
-                if (send_request(sock, req, k) == 0) __atomic_fetch_add(&c->requests, k, __ATOMIC_RELAXED);
+                if (send_request(reqbuf, sock, req, k) == 0) __atomic_fetch_add(&c->requests, k, __ATOMIC_RELAXED);
                 else { snprintf(c->why, sizeof c->why, "sending a request: %s", strerror(errno)); sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify); }
             }
         }
@@ -314,7 +320,7 @@ static void *serve(void *arg) {
         }
     }
 done:
-    free(rx); free(bounce); free(zero); free(out); free(req);
+    free(rx); free(bounce); free(zero); free(out); free(req); free(reqbuf);
     pthread_mutex_lock(&mu);
     c->sock = -1;
     c->sock_ack = c->sock_gen;
@@ -330,6 +336,7 @@ int lm_uffd_start(lm_uffd_ctx *c) {
     int r = pthread_create(&t, NULL, serve, c);
     if (r != 0) return -r;
     c->thread = (uint64_t)t;
+    pthread_setname_np(t, "livemig-uffd"); // for stacks and /proc: not the name of the managed thread that made it
     return 0;
 }
 

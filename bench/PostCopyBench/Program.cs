@@ -47,13 +47,13 @@ foreach (string s in strategies)
 
 Console.WriteLine();
 Console.WriteLine($"## Fault service latency over loopback: {Units.Bytes(latencyMemory)} VM, random workload at {latencyRate:N0} page writes/s, post-copy, no cap (the background push runs throughout)");
-Console.WriteLine("| demand paging | faults | p50 µs | p99 µs | max µs | request service p50 / p99 µs (source) | pushed | requested | post-copy s |");
+Console.WriteLine("| demand paging | faults | p50 µs | p99 µs | max µs | request service p50 / p99 µs (source) | pushed | requested | resent | post-copy s |");
 Console.WriteLine("|---|---:|---:|---:|---:|---|---:|---:|---:|");
 foreach (var mode in new[] { DemandPagingMode.Userfaultfd, DemandPagingMode.Portable })
 {
     var (src, dst) = Run(latencyMemory, $"random:rate={latencyRate.ToString(CultureInfo.InvariantCulture)}", new MigrationOptions { Strategy = MigrationStrategy.PostCopy }, mode);
     var f = src.FaultLatencyUs!;
-    Console.WriteLine($"| {dst?.DemandPaging} | {src.Faults:N0} | {f.P50:F0} | {f.P99:F0} | {f.Max:F0} | {src.RequestServiceUs?.P50:F0} / {src.RequestServiceUs?.P99:F0} | {src.PagesPushed:N0} | {src.PagesRequested:N0} | {src.PostCopyMs / 1000:F2} |");
+    Console.WriteLine($"| {dst?.DemandPaging} | {src.Faults:N0} | {f.P50:F0} | {f.P99:F0} | {f.Max:F0} | {src.RequestServiceUs?.P50:F0} / {src.RequestServiceUs?.P99:F0} | {src.PagesPushed:N0} | {src.PagesRequested:N0} | {src.PagesResent:N0} | {src.PostCopyMs / 1000:F2} |");
 }
 
 static (MigrationReport Source, MigrationReport? Destination) Run(long memory, string workload, MigrationOptions options, DemandPagingMode paging)

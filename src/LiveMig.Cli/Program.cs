@@ -171,7 +171,7 @@ public static class Program
             DirtyLog = config.DirtyLog,
             Security = options.Security,
             BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
-            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
         });
         listener.Arrived += a => arrived.TrySetResult(a);
         listener.Start();
@@ -311,7 +311,7 @@ public static class Program
         using var listener = new MigrationListener(address, port, new DestinationOptions
         {
             DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow,
-            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!) },
+            PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
         });
         listener.Arrived += a =>
         {

@@ -32,7 +32,7 @@ internal static class ReportView
         else
         {
             Row("switch to post-copy", $"{r.StopReason}; VM running on the destination after {r.TimeToResumeMs:0.0} ms, last page {r.PostCopyMs:0.0} ms later");
-            Row("post-copy pages", $"pushed {r.PagesPushed:N0} (prepaged {r.PagesPrepaged:N0}), requested {r.PagesRequested:N0}; demand paging {r.DemandPaging ?? "-"}; connection failures survived {r.NetworkFaults}");
+            Row("post-copy pages", $"pushed {r.PagesPushed:N0} (prepaged {r.PagesPrepaged:N0}), requested {r.PagesRequested:N0}{(r.PagesResent > 0 ? $" (and {r.PagesResent:N0} resent: requested while their push was on its way)" : "")}; demand paging {r.DemandPaging ?? "-"}; connection failures survived {r.NetworkFaults}");
             if (r.FaultLatencyUs is { } f) Row("vCPU faults on missing pages", $"{r.Faults:N0}: p50 {f.P50:0} µs, p99 {f.P99:0} µs, max {f.Max:0} µs");
             if (r.ClientPhases is { } cp)
                 Row("kv client before / during / after", string.Join(" / ", new[] { cp.Before, cp.During, cp.After }.Select(c => c is null ? "-" : $"p99 {c.P99Us:0} µs max {c.MaxUs / 1000:0.0} ms ({c.Requests} req)")));

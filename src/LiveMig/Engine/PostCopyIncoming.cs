@@ -38,6 +38,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private Channel? _reopenedMain;
     private Channel? _currentMain;
     private readonly ManualResetEventSlim _mainArrived = new(false);
+    private readonly ManualResetEventSlim _priorityArrived = new(false);
     private DemandPager? _pager;
     private Thread? _priorityThread;
     private volatile bool _priorityBroken;
@@ -117,6 +118,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 _priority = ch;
                 _priorityBroken = false;
             }
+            _priorityArrived.Set();
             if (old is not null) Trace?.Invoke("priority attach replaces an open channel");
             lock (_lock) if (_pager is not null) StartPriorityService(ch); // (userfaultfd: the native thread moves to it)
             ClosePriority(old);
@@ -464,14 +466,19 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private DemandPager CreatePager(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)
     {
         var mode = _options.PostCopy.Mode;
-        // Auto means portable for now: the userfaultfd pager's in-process GC-stress test hung once
-        // in a Release CI run (2026-11-25), so it stays opt-in until that is understood.
-        if (mode == DemandPagingMode.Userfaultfd)
+        // Auto = userfaultfd where it can work (docs/reliability.md: why it is safe in a .NET
+        // process), else the portable pager with a note.
+        if (mode is DemandPagingMode.Userfaultfd or DemandPagingMode.Auto)
         {
-            bool rawSocket = _priority?.Stream is NetworkStream;
-            string? why = rawSocket ? null : "the page-request connection is not a plain TCP socket (TLS)";
+            // The source sends PostCopyStart only after our Attached, but this side records the
+            // connection just after sending Attached: wait for that, or the choice would be a race.
+            if (_priority is null) _priorityArrived.Wait(_options.IoTimeout);
+            string? why = _priority is null ? "the page-request connection is not attached"
+                : _priority.Stream is NetworkStream ? null : "the page-request connection is not a plain TCP socket (TLS)";
             if (why is null && UffdDemandPager.TryCreate(memory, present, pending, hashes, _options.PostCopy.CheckAccess, out var u, out why)) return u!;
             if (mode == DemandPagingMode.Userfaultfd) throw new ProtocolException($"userfaultfd demand paging unavailable: {why}");
+            _options.PostCopy.Note?.Invoke($"demand paging: portable (userfaultfd unavailable: {why})");
+            Trace?.Invoke($"auto demand paging falls back to portable: {why}");
         }
         return new PortableDemandPager(memory, present, hashes, this);
     }

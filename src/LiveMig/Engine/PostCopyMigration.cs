@@ -248,6 +248,9 @@ public sealed class PostCopyMigration
                 {
                     // Recovery: both connections go; the paused memory stays here until the destination has every page.
                     _networkFaults++;
+                    // Close both connections first: the server may be blocked reading a live
+                    // page-request connection (e.g. the main one timed out), and would never end.
+                    link.Break();
                     if (link.Server is { } st && st != Thread.CurrentThread) st.Join();
                     _observer.Phase($"recovering: {OneLine(link.ServerError is { } se && e is ObjectDisposedException ? se : e)}");
                     _bytesOfClosedLinks += link.BytesWritten;
@@ -277,6 +280,7 @@ public sealed class PostCopyMigration
                 PagesSent = pagesInRounds + Interlocked.Read(ref _pagesPushed) + Interlocked.Read(ref _pagesRequested),
                 PagesPushed = Interlocked.Read(ref _pagesPushed),
                 PagesRequested = Interlocked.Read(ref _pagesRequested),
+                PagesResent = Interlocked.Read(ref _requestsForSentPages),
                 PagesPrepaged = _order.Prepaged,
                 StopReason = HybridPolicy.Name(decision.Reason),
                 Verified = _options.Verify ? verified : null,
@@ -399,11 +403,17 @@ public sealed class PostCopyMigration
                     {
                         long p = pages[i];
                         _order!.OnFault(p);
-                        // A page already pushed is in flight on the main connection: never sent twice.
-                        if (_pending!.TryClear(p)) { writer.Add(p, skipZero: false); sent++; }
+                        // A page already pushed may still sit in the main connection (or in the
+                        // destination's managed reader, which a garbage collection may hold while
+                        // the faulting thread holds that collection up: docs/reliability.md). Send
+                        // it again here: the fault is then resolved by the page-request connection
+                        // alone. The memory is paused, so both copies are the same; the
+                        // destination places whichever comes first.
+                        if (_pending!.TryClear(p)) sent++;
                         else Interlocked.Increment(ref _requestsForSentPages);
+                        writer.Add(p, skipZero: false);
                     }
-                    if (sent > 0)
+                    if (n > 0)
                     {
                         writer.Flush();
                         Limiter.Charge(frames.BytesWritten - b0); // counts against the cap, never waits for it

@@ -19,10 +19,10 @@ public sealed record PostCopyOptions
     public TimeSpan FirstRetryDelay { get; init; } = TimeSpan.FromMilliseconds(20);
     public TimeSpan MaxRetryDelay { get; init; } = TimeSpan.FromSeconds(2);
     /// <summary>
-    /// Send buffer of the main connection after the switch (bytes; 0 = the kernel's). A page the
-    /// push already sent cannot be requested again, so a fault on it waits for everything queued
-    /// before it: a small queue keeps that wait short. Raise it for links with a large
-    /// bandwidth-delay product.
+    /// Send buffer of the main connection after the switch (bytes; 0 = the kernel's). A request
+    /// for a page the push already sent is answered again on the page-request connection, but
+    /// the push still reaches the destination behind everything queued before it: a small queue
+    /// keeps the bytes sent twice few. Raise it for links with a large bandwidth-delay product.
     /// </summary>
     public int PushSocketBuffer { get; init; } = 128 << 10;
 }
@@ -30,7 +30,7 @@ public sealed record PostCopyOptions
 /// <summary>How the destination finds out that a vCPU touched a page that has not arrived.</summary>
 public enum DemandPagingMode
 {
-    /// <summary>The safe default: portable for now (userfaultfd is opt-in until a GC-stress hang seen in one Release run is understood).</summary>
+    /// <summary>userfaultfd where the kernel, the native helper and the transport allow it (plain TCP), else portable with a note.</summary>
     Auto,
     /// <summary>A present bitmap checked on the vCPU access path; works everywhere.</summary>
     Portable,
@@ -51,6 +51,8 @@ public sealed record PostCopyDestinationOptions
     /// kernel's fault path (raw pointer faults served by the native thread).
     /// </summary>
     public bool CheckAccess { get; init; } = true;
+    /// <summary>Told (one line) when <see cref="DemandPagingMode.Auto"/> falls back to the portable pager, and why.</summary>
+    public Action<string>? Note { get; init; }
     /// <summary>Receive buffer of the main connection after the switch (bytes; 0 = the kernel's); see <see cref="PostCopyOptions.PushSocketBuffer"/>.</summary>
     public int PushSocketBuffer { get; init; } = 128 << 10;
 }

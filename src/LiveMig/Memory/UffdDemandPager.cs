@@ -12,14 +12,19 @@ namespace LiveMig.Memory;
 /// a raw pointer anywhere — faults, and the fault is resolved by the native helper
 /// (native/uffd_serve.c) on its own pthread: it reads the fault, sends the page request on the
 /// page-request connection (whose socket it owns while attached), receives the page and places
-/// it with UFFDIO_COPY (UFFDIO_ZEROPAGE for zero pages). No managed code is on that path, so a
-/// garbage collection can never deadlock with a faulting thread (shared/field-notes.md). Pushed
-/// pages are placed from managed code with UFFDIO_COPY too (that thread never faults); the
-/// kernel arbitrates between the two (EEXIST: already there).
+/// it with UFFDIO_COPY (UFFDIO_ZEROPAGE for zero pages). No managed code of this process is on
+/// that path — the source answers every request on that connection, also for a page whose push
+/// is still on its way (that push reaches us through the managed main-connection reader, which a
+/// collection can stop: the deadlock found in docs/reliability.md) — so a garbage collection
+/// never waits for a faulting thread forever (shared/field-notes.md). Pushed pages are placed
+/// from managed code with UFFDIO_COPY too (that thread never faults); the kernel arbitrates
+/// between the two (EEXIST: already there).
 /// With <c>checkAccess</c> the vCPU access path also looks at the present bitmap and takes a
 /// missing page through madvise(MADV_POPULATE_WRITE): the fault then happens inside a system
 /// call, where the thread is preemptive, so even while the connection is down (faults pending
-/// for a long time) a collection never waits for a vCPU.
+/// for a long time, and the new connection is attached by managed code) a collection never
+/// waits for a vCPU. Raw faults (any other access, or <c>checkAccess</c> off) need a source in
+/// another process: a source in this process answers from managed threads.
 /// </summary>
 public sealed unsafe class UffdDemandPager : DemandPager
 {

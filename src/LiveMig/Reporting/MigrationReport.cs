@@ -171,6 +171,8 @@ public sealed record MigrationReport
     /// <summary>Pages sent by the background push after the switch, and in answer to requests.</summary>
     public long PagesPushed { get; init; }
     public long PagesRequested { get; init; }
+    /// <summary>Source: requested pages sent again because their push was still on its way (not in <see cref="PagesSent"/>).</summary>
+    public long PagesResent { get; init; }
     /// <summary>Pushed pages chosen because they neighboured a fault (prepaging).</summary>
     public long PagesPrepaged { get; init; }
     /// <summary>From the start until the VM ran on the destination.</summary>
