@@ -49,7 +49,7 @@ run_one() { # ADDR -> prints total_s downtime_ms bytes verified
   local dst=$!
   for _ in $(seq 100); do grep -q "listening on" /tmp/lm-bench-dst.err 2>/dev/null && break; sleep 0.1; done
   ip netns exec lm-src dotnet "$cli" migrate --to "$addr:7481" --memory "$mem" --fill random --workload idle --warmup 0s \
-    --json "${extra[@]}" 2>/dev/null | python3 -c '
+    --json "${extra[@]}" 2>/tmp/lm-bench-src.err | tee /tmp/lm-bench-src.json | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 print("%.3f %.0f %d %s" % (r["totalTimeMs"] / 1000, r["downtimeMs"], r["bytesOnWire"], "yes" if r["verified"] else "NO"))'
