@@ -182,7 +182,8 @@ public class CliProcessTests
         Assert.Equal(1, listen.ExitCode);
         var report = MigrationReport.FromJson(dstOut);
         Assert.Equal("failed", report.Outcome);
-        Assert.Contains("closed the connection", report.Error);
+        // A kill shows as an orderly close or as a reset, depending on where the kernel was.
+        Assert.True(report.Error!.Contains("closed the connection") || report.Error.Contains("connection failed"), report.Error);
         Assert.Contains("did not come back within the resume window", report.Error);
     }
 
