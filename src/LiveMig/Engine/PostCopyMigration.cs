@@ -529,35 +529,15 @@ public sealed class PostCopyMigration
         Span<byte> small = stackalloc byte[16];
         long ts = Stopwatch.GetTimestamp();
         long bytes0 = frames.BytesWritten;
-        long zero0 = batches.Counters.Pages(PageEncoding.Zero), all0 = AllPages(batches.Counters);
+        long entries0 = batches.EntriesWritten;
         _observer.RoundStarted(round, count, false);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, false).Write(small)]);
         batches.BeginRound(round);
-        long done = 0, sinceProgress = 0;
-        for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
-        {
-            batches.Add(p, skipZero);
-            done++;
-            if (++sinceProgress == 256)
-            {
-                sinceProgress = 0;
-                cancel.ThrowIfCancellationRequested();
-                _observer.Progress(round, done, count, frames.BytesWritten);
-            }
-        }
-        batches.Flush();
-        _observer.Progress(round, done, count, frames.BytesWritten);
+        RoundPages.Send(pages, batches, skipZero, null, _vm.DirtyLog, d => _observer.Progress(round, d, count, frames.BytesWritten), cancel);
         var duration = Stopwatch.GetElapsedTime(ts);
         long bytes = frames.BytesWritten - bytes0;
-        long sent = AllPages(batches.Counters) - all0 - (skipZero ? batches.Counters.Pages(PageEncoding.Zero) - zero0 : 0);
+        long sent = batches.EntriesWritten - entries0;
         return new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0);
-    }
-
-    private static long AllPages(EncodingCounters c)
-    {
-        long n = 0;
-        for (int i = 0; i < EncodingCounters.Kinds; i++) n += c.Pages((PageEncoding)i);
-        return n;
     }
 
     private void Record(RoundStats s)

@@ -550,7 +550,7 @@ public sealed class PreCopyMigration
         _observer.RoundStarted(round, count, final);
         frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, final).Write(small)]);
         batches.BeginRound(round);
-        long done = 0, sinceProgress = 0, skipped = 0;
+        long done, skipped;
         if (_streams is { } ds)
         {
             long zeroBefore = ZeroPages(ds, batches);
@@ -561,27 +561,7 @@ public sealed class PreCopyMigration
             long zeroSent = skipZero ? 0 : ZeroPages(ds, batches) - zeroBefore;
             return (new RoundStats(round, ds.EntriesWritten - entries0, streamBytes, took, 0, streamBytes / Math.Max(took.TotalSeconds, 1e-6), 0), zeroSent, skipped);
         }
-        for (long p = pages.NextSet(0); p >= 0; p = pages.NextSet(p + 1))
-        {
-            if (skipRewrittenInto is not null && log.WrittenSinceHarvest(p))
-            {
-                skipRewrittenInto.SetUnsynchronized(p);
-                skipped++;
-            }
-            else
-            {
-                batches.Add(p, skipZero);
-            }
-            done++;
-            if (++sinceProgress == 256)
-            {
-                sinceProgress = 0;
-                cancel.ThrowIfCancellationRequested();
-                _observer.Progress(round, done, count, frames.BytesWritten);
-            }
-        }
-        batches.Flush();
-        _observer.Progress(round, done, count, frames.BytesWritten);
+        (done, skipped) = RoundPages.Send(pages, batches, skipZero, skipRewrittenInto, log, d => _observer.Progress(round, d, count, frames.BytesWritten), cancel);
         var duration = Stopwatch.GetElapsedTime(ts);
         long bytes = frames.BytesWritten - bytes0;
         long sent = batches.EntriesWritten - entries0;
