@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net.Sockets;
@@ -240,39 +239,23 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private long PlaceBatch(ReadOnlySpan<byte> payload, long frameIndex, byte* scratch, IPageDecoder decoder)
     {
         var pager = _pager!;
-        long pageCount = pager.Memory.PageCount;
-        if (payload.Length < PageBatchWriter.BatchHeaderSize)
-            throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length} bytes is shorter than its header");
-        uint count = BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]);
-        int at = PageBatchWriter.BatchHeaderSize;
+        var entries = new PageBatchEntries(payload, frameIndex, pager.Memory.PageCount);
         long placed = 0;
         var target = new Span<byte>(scratch, GuestMemory.PageSize);
-        for (uint i = 0; i < count; i++)
+        while (entries.MoveNext(out var entry))
         {
-            if (payload.Length - at < PageBatchWriter.EntryHeaderSize)
-                throw new ProtocolException($"PageBatch (frame {frameIndex}): entry {i} of {count} is cut off at byte {at}");
-            ReadOnlySpan<byte> e = payload[at..];
-            uint page = BinaryPrimitives.ReadUInt32LittleEndian(e);
-            var encoding = (PageEncoding)e[4];
-            int length = BinaryPrimitives.ReadUInt16LittleEndian(e[6..]);
-            if (page >= pageCount) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: page {page} is outside guest memory of {pageCount} pages");
-            if (e[5] != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: reserved byte is {e[5]}");
-            at += PageBatchWriter.EntryHeaderSize;
-            if (payload.Length - at < length) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: payload of {length} bytes runs past the frame");
-            ReadOnlySpan<byte> data = payload.Slice(at, length);
-            at += length;
+            long page = entry.Page;
             if (pager.Present.IsSet(page)) { Interlocked.Increment(ref _duplicates); continue; }
             bool ok;
-            if (encoding == PageEncoding.Zero && length == 0) ok = pager.Place(page, ReadOnlySpan<byte>.Empty);
+            if (entry.Encoding == PageEncoding.Zero && entry.Data.Length == 0) ok = pager.Place(page, ReadOnlySpan<byte>.Empty);
             else
             {
-                try { decoder.Decode(page, encoding, data, target); }
-                catch (ProtocolException bad) { throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: {bad.Message}"); }
+                try { decoder.Decode(page, entry.Encoding, entry.Data, target); }
+                catch (ProtocolException bad) { throw entries.AtEntry(entry, bad); }
                 ok = pager.Place(page, target);
             }
             if (ok) placed++; else Interlocked.Increment(ref _duplicates);
         }
-        if (at != payload.Length) throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length - at} trailing bytes after {count} entries");
         return placed;
     }
 

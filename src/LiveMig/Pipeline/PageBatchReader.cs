@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using LiveMig.Memory;
 using LiveMig.Protocol;
 
@@ -28,41 +27,23 @@ public sealed class PageBatchReader(GuestMemory memory)
     /// <summary>Places every page of one batch; returns the batch's round.</summary>
     public int Apply(ReadOnlySpan<byte> payload, long frameIndex)
     {
-        if (payload.Length < PageBatchWriter.BatchHeaderSize)
-            throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length} bytes is shorter than its header");
-        int round = (int)BinaryPrimitives.ReadUInt32LittleEndian(payload);
-        uint count = BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]);
-        int at = PageBatchWriter.BatchHeaderSize;
-        for (uint i = 0; i < count; i++)
+        var entries = new PageBatchEntries(payload, frameIndex, memory.PageCount);
+        while (entries.MoveNext(out var entry))
         {
-            if (payload.Length - at < PageBatchWriter.EntryHeaderSize)
-                throw new ProtocolException($"PageBatch (frame {frameIndex}): entry {i} of {count} is cut off at byte {at}");
-            ReadOnlySpan<byte> e = payload[at..];
-            uint page = BinaryPrimitives.ReadUInt32LittleEndian(e);
-            var encoding = (PageEncoding)e[4];
-            int length = BinaryPrimitives.ReadUInt16LittleEndian(e[6..]);
-            if (page >= memory.PageCount)
-                throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: page {page} is outside guest memory of {memory.PageCount} pages");
-            if (e[5] != 0) throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: reserved byte is {e[5]}");
-            at += PageBatchWriter.EntryHeaderSize;
-            if (payload.Length - at < length)
-                throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: payload of {length} bytes runs past the frame");
-            ReadOnlySpan<byte> data = payload.Slice(at, length);
+            long page = entry.Page;
             Span<byte> target = memory.Page(page);
-            try { Decoder.Decode(page, encoding, data, target); }
-            catch (ProtocolException bad) { throw new ProtocolException($"PageBatch (frame {frameIndex}) entry {i}: {bad.Message}"); }
+            try { Decoder.Decode(page, entry.Encoding, entry.Data, target); }
+            catch (ProtocolException bad) { throw entries.AtEntry(entry, bad); }
             if (Hashes is { } h)
             {
-                if (encoding == PageEncoding.Zero) h.SetZero(page);
+                if (entry.Encoding == PageEncoding.Zero) h.SetZero(page);
                 else h.Set(page, target);
             }
             Placed?.Invoke(page);
             Delivered?.SetUnsynchronized(page);
-            Counters.Add(encoding, length);
+            Counters.Add(entry.Encoding, entry.Data.Length);
             PagesPlaced++;
-            at += length;
         }
-        if (at != payload.Length) throw new ProtocolException($"PageBatch (frame {frameIndex}): {payload.Length - at} trailing bytes after {count} entries");
-        return round;
+        return entries.Round;
     }
 }
