@@ -4,6 +4,7 @@ using LiveMig.Memory;
 using LiveMig.Pipeline;
 using LiveMig.Protocol;
 using LiveMig.Reporting;
+using LiveMig.Transport;
 using LiveMig.Vm;
 
 namespace LiveMig.Engine;
@@ -275,7 +276,7 @@ public sealed class IncomingMigration
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
                 }
               }
-              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.HaveState && IsLinkFailure(e))
+              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.HaveState && LinkFailure.Is(e))
               {
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
@@ -349,9 +350,6 @@ public sealed class IncomingMigration
 
     /// <summary>Most vCPU threads made ahead at Hello (a larger VM gets its threads at restore).</summary>
     private const int MaxParkedVcpus = 64;
-
-    /// <summary>What the network can do to a connection (as opposed to a peer that breaks the protocol).</summary>
-    private static bool IsLinkFailure(Exception e) => e is IOException or SocketException or ObjectDisposedException or ProtocolException { LinkFailure: true };
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
 

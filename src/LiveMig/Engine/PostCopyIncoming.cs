@@ -6,6 +6,7 @@ using LiveMig.Memory;
 using LiveMig.Pipeline;
 using LiveMig.Protocol;
 using LiveMig.Reporting;
+using LiveMig.Transport;
 using LiveMig.Vm;
 
 namespace LiveMig.Engine;
@@ -322,7 +323,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     if (type != FrameType.Commit || payload.Length != 0) throw new ProtocolException($"expected Commit, got {type}");
                     Resume(vm, main, ref resumedTs);
                 }
-                catch (Exception e) when (IsLinkFailure(e))
+                catch (Exception e) when (LinkFailure.Is(e))
                 {
                     bytesBefore += main.Reader.BytesRead;
                     main = Recover(main, e, resumeOnAttach: vm, ref resumedTs);
@@ -356,10 +357,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     _finished = true;
                     // Every page is here and checked: a lost PostCopyDone only costs the source its answer.
                     try { main.Frames.Send(FrameType.PostCopyDone, small[..doneMsg.Write(small)]); }
-                    catch (Exception e) when (IsLinkFailure(e)) { }
+                    catch (Exception e) when (LinkFailure.Is(e)) { }
                     break;
                 }
-                catch (Exception e) when (IsLinkFailure(e) && !_finished)
+                catch (Exception e) when (LinkFailure.Is(e) && !_finished)
                 {
                     bytesBefore += main.Reader.BytesRead;
                     main = Recover(main, e, resumeOnAttach: null, ref resumedTs);
@@ -443,7 +444,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         resumedTs = Stopwatch.GetTimestamp();
         _resumed = true;
         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
-        try { main.Frames.Send(FrameType.Resumed, []); } catch (Exception e) when (IsLinkFailure(e)) { }
+        try { main.Frames.Send(FrameType.Resumed, []); } catch (Exception e) when (LinkFailure.Is(e)) { }
     }
 
     private DemandPager CreatePager(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)
@@ -500,7 +501,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     LimitReceiveBuffer(next);
                     return next;
                 }
-                catch (Exception e) when (IsLinkFailure(e))
+                catch (Exception e) when (LinkFailure.Is(e))
                 {
                     next.Close();
                     next.Released.Set();
@@ -547,8 +548,6 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         if (_pager is UffdDemandPager u) u.Release(ch.Stream);
         ch.Close();
     }
-
-    private static bool IsLinkFailure(Exception e) => e is IOException or ProtocolException or SocketException or ObjectDisposedException;
 
     private static void TrySendError(FrameWriter frames, ushort code, string text)
     {

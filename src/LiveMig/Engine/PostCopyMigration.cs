@@ -123,7 +123,8 @@ public sealed class PostCopyMigration
         }
     }
 
-    private static bool IsLinkFailure(Exception e) => e is IOException or ProtocolException or SocketException or ObjectDisposedException or TimeoutException;
+    /// <summary>The request server stopped on a peer that broke the protocol: a failure, not a reason to reconnect.</summary>
+    private static bool ServerSawProtocolError(Link link) => link.ServerError is { } e && !LinkFailure.Is(e) && e is not InvalidOperationException;
 
     public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken cancel = default)
     {
@@ -244,7 +245,7 @@ public sealed class PostCopyMigration
                     done = PostCopyDoneMessage.Parse(payload);
                     break;
                 }
-                catch (Exception e) when (IsLinkFailure(e))
+                catch (Exception e) when (LinkFailure.Is(e) && !ServerSawProtocolError(link))
                 {
                     // Recovery: both connections go; the paused memory stays here until the destination has every page.
                     _networkFaults++;
@@ -299,6 +300,8 @@ public sealed class PostCopyMigration
         catch (Exception e) when (e is not MigrationFailedException)
         {
             // Anything at all: no thread of this migration may outlive it (they read guest memory).
+            // A request server that met a protocol violation closed the link: its error is the cause.
+            if (LinkFailure.Is(e) && _currentLink is { } cl && ServerSawProtocolError(cl)) e = cl.ServerError!;
             string why = e switch
             {
                 OperationCanceledException => "migration cancelled",
@@ -423,7 +426,7 @@ public sealed class PostCopyMigration
                 _serveLatency.Record(Stopwatch.GetTimestamp() - t0);
             }
         }
-        catch (Exception e) when (IsLinkFailure(e) || e is InvalidOperationException)
+        catch (Exception e) when (LinkFailure.Is(e) || e is InvalidOperationException or ProtocolException)
         {
             // Wakes the pusher (its writes fail) so that recovery starts. After PostCopyEnd the
             // destination closes this connection when it is done; if it still needed pages it
@@ -512,7 +515,7 @@ public sealed class PostCopyMigration
                 _currentLink = link;
                 return link;
             }
-            catch (Exception e) when (IsLinkFailure(e))
+            catch (Exception e) when (LinkFailure.Is(e))
             {
                 last = OneLine(e);
                 if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }

@@ -320,7 +320,7 @@ public sealed class PreCopyMigration
                     }
                     break;
                 }
-                catch (Exception e) when (canResume && setupDone && !committed && IsLinkFailure(e))
+                catch (Exception e) when (canResume && setupDone && !committed && LinkFailure.Is(e))
                 {
                 // The link dropped before the switch-over: the VM keeps running here while the
                 // source reattaches to the same destination, which kept its partial copy.
@@ -459,9 +459,6 @@ public sealed class PreCopyMigration
         }
     }
 
-    /// <summary>What the network can do to a connection, as opposed to a peer that refuses or breaks the protocol.</summary>
-    internal static bool IsLinkFailure(Exception e) => e is IOException or SocketException or ObjectDisposedException or TimeoutException or ProtocolException { LinkFailure: true };
-
     private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
 
     /// <summary>
@@ -508,7 +505,7 @@ public sealed class PreCopyMigration
                 ok = true;
                 return (s, w, r);
             }
-            catch (Exception e) when (IsLinkFailure(e) || e is AuthenticationFailedException)
+            catch (Exception e) when (LinkFailure.Is(e) || e is AuthenticationFailedException)
             {
                 last = OneLine(e);
             }
