@@ -414,7 +414,7 @@ public class CodecTests
         var limiter = new RateLimiter(0);
         var link = new LinkEstimate(limiter);
         Assert.Equal(0, link.BytesPerSecond);
-        link.Observe(1 << 20, System.Diagnostics.Stopwatch.Frequency / 1000); // 1 MiB in 1 ms
+        link.Observe(1 << 20, System.Diagnostics.Stopwatch.Frequency / 1000, System.Diagnostics.Stopwatch.Frequency); // 1 MiB in 1 ms
         Assert.InRange(link.BytesPerSecond, 1.0e9, 1.1e9);
         limiter.BytesPerSecond = 100 << 20;
         Assert.Equal(100 << 20, link.BytesPerSecond);

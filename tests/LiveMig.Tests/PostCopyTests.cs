@@ -474,28 +474,38 @@ public class PostCopyTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public void Hybrid_policy_switches_on_each_budget_and_when_the_dirty_set_stops_shrinking()
+    public void Hybrid_policy_switches_on_each_budget_and_where_pre_copy_would_stop()
     {
+        // 100 pages of 10 bytes in 10 ms each round: 10,000 pages/s.
         static RoundStats R(int round, long dirty, long bytes = 1000) => new(round, 100, bytes, TimeSpan.FromMilliseconds(10), dirty, 1e8, 1000);
         var time = TimeProvider.System;
-        var rounds = new HybridPolicy(new HybridOptions { MaxRounds = 3 }, time);
-        Assert.False(rounds.BeforeFirstRound().Switch);
-        Assert.False(rounds.AfterRound(R(0, 1000)).Switch);
-        Assert.False(rounds.AfterRound(R(1, 500)).Switch);
-        Assert.Equal(SwitchReason.RoundBudget, rounds.AfterRound(R(2, 200)).Reason);
+        var never = new PreCopyOptions { DowntimeLimit = TimeSpan.Zero }; // pre-copy's target never met: only budgets and convergence end the rounds
+        var rounds = new HybridPolicy(new HybridOptions { MaxRounds = 3 }, never, time);
+        Assert.False(rounds.SwitchesAtOnce);
+        Assert.False(rounds.AfterRound(R(0, 1000)).StopAndCopy);
+        Assert.False(rounds.AfterRound(R(1, 500)).StopAndCopy);
+        Assert.Equal(StopReason.RoundBudget, rounds.AfterRound(R(2, 200)).Reason);
 
-        var stuck = new HybridPolicy(new HybridOptions { MaxRounds = 30 }, time);
-        Assert.False(stuck.AfterRound(R(0, 1000)).Switch);
-        Assert.Equal(SwitchReason.NonConvergence, stuck.AfterRound(R(1, 950)).Reason);
+        // Pre-copy's rule: three rounds in a row that do not shrink the dirty set by a tenth.
+        var stuck = new HybridPolicy(new HybridOptions { MaxRounds = 30 }, never, time);
+        Assert.False(stuck.AfterRound(R(0, 1000)).StopAndCopy);
+        Assert.False(stuck.AfterRound(R(1, 950)).StopAndCopy);
+        Assert.False(stuck.AfterRound(R(2, 950)).StopAndCopy);
+        Assert.Equal(StopReason.NonConvergence, stuck.AfterRound(R(3, 950)).Reason);
 
-        var bytes = new HybridPolicy(new HybridOptions { MaxRounds = 30, ByteBudget = 2500 }, time);
-        Assert.False(bytes.AfterRound(R(0, 1000, 2000)).Switch);
-        Assert.Equal(SwitchReason.ByteBudget, bytes.AfterRound(R(1, 100, 600)).Reason);
+        var bytes = new HybridPolicy(new HybridOptions { MaxRounds = 30, ByteBudget = 2500 }, never, time);
+        Assert.False(bytes.AfterRound(R(0, 1000, 2000)).StopAndCopy);
+        Assert.Equal(StopReason.ByteBudget, bytes.AfterRound(R(1, 100, 600)).Reason);
 
-        var clean = new HybridPolicy(new HybridOptions(), time);
-        Assert.Equal(SwitchReason.Converged, clean.AfterRound(R(0, 0)).Reason);
-        Assert.True(new HybridPolicy(new HybridOptions { MaxRounds = 0 }, time).BeforeFirstRound().Switch);
-        Assert.Equal(SwitchReason.Immediate, new PostCopyPolicy().BeforeFirstRound().Reason);
+        // 1000 pending pages at 10,000 pages/s: 100 ms, within the default 300 ms target.
+        var target = new HybridPolicy(new HybridOptions { MaxRounds = 30 }, new PreCopyOptions(), time);
+        var d = target.AfterRound(R(0, 1000));
+        Assert.Equal(StopReason.DowntimeTarget, d.Reason);
+        Assert.InRange(d.EstimatedDowntime.TotalMilliseconds, 99, 101);
+
+        var clean = new HybridPolicy(new HybridOptions(), never, time);
+        Assert.Equal(StopReason.Converged, clean.AfterRound(R(0, 0)).Reason);
+        Assert.True(new HybridPolicy(new HybridOptions { MaxRounds = 0 }, never, time).SwitchesAtOnce);
     }
 }
 

@@ -1,5 +1,5 @@
-using System.Diagnostics;
 using System.Net.Sockets;
+using LiveMig.Core;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
 using LiveMig.Policies;
@@ -28,11 +28,12 @@ public sealed class PostCopyMigration
     private readonly IVirtualMachine _vm;
     private readonly MigrationOptions _options;
     private readonly IMigrationObserver _observer;
-    private readonly IPostCopySwitchPolicy _switch;
+    private readonly IPreCopyPolicy? _rounds; // hybrid's round policy; null for pure post-copy
     private readonly Guid _id = Guid.NewGuid();
-    private readonly List<RoundReport> _rounds = [];
+    private readonly TimeProvider _time;
     private readonly Lock _serveLock = new();
     private readonly List<EncodingCounters> _counters = [];
+    private readonly EncodingCounters _holes = new(); // holes at the switch: zero pages nobody sends
     private readonly LatencyRecorder _serveLatency = new();
     private NativePageBitmap? _pending;
     private PrepagingOrder? _order;
@@ -43,15 +44,29 @@ public sealed class PostCopyMigration
     private bool _endSent;
     private Link? _currentLink;
 
-    public PostCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPostCopySwitchPolicy? switchPolicy = null)
+    // One run's state.
+    private RoundController? _controller;
+    private EncodingCounters? _roundCounters;
+    private SourcePipeline? _pipeline;
+    private DateTimeOffset _started;
+    private long _t0, _pausedAt, _resumedAt, _completedAt, _stateBytes;
+    private bool _paused, _committed, _resumedSeen, _announceExtents;
+    private PostCopyDoneMessage _done;
+    private ulong _sourceHash;
+
+    /// <param name="roundPolicy">Hybrid: the policy of the pre-copy rounds and of the switch (default <see cref="HybridPolicy"/>); ignored for pure post-copy.</param>
+    public PostCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? roundPolicy = null)
     {
         _vm = vm;
         _options = options;
+        _time = options.Time;
         _observer = observer ?? new NullObserver();
-        _switch = switchPolicy ?? (options.Strategy == MigrationStrategy.Hybrid
-            ? new HybridPolicy(options.PostCopy.Hybrid, options.Time)
-            : new PostCopyPolicy());
-        Limiter = new RateLimiter(options.BandwidthLimit);
+        if (options.Strategy == MigrationStrategy.Hybrid)
+        {
+            var hybrid = new HybridPolicy(options.PostCopy.Hybrid, options.PreCopy, options.Time);
+            if (roundPolicy is not null || !hybrid.SwitchesAtOnce) _rounds = roundPolicy ?? hybrid;
+        }
+        Limiter = new RateLimiter(options.BandwidthLimit, options.Time);
     }
 
     private sealed class NullObserver : IMigrationObserver;
@@ -60,10 +75,6 @@ public sealed class PostCopyMigration
     public RateLimiter Limiter { get; }
     /// <summary>Makes each connection (kind, attempt number from 0); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address.</summary>
     public Func<ChannelKind, int, Stream>? Connector { get; init; }
-    /// <summary>Stopwatch timestamps of the pause, of the destination's resume acknowledgement, and of the end (0 until then).</summary>
-    public long PausedAt { get; private set; }
-    public long ResumedAt { get; private set; }
-    public long CompletedAt { get; private set; }
 
     private string StrategyName => _options.Strategy == MigrationStrategy.Hybrid ? "hybrid" : "postcopy";
 
@@ -84,11 +95,11 @@ public sealed class PostCopyMigration
     /// <summary>One migration's connections; <see cref="Break"/> closes both so every blocked call fails.</summary>
     private sealed class Link : IDisposable
     {
-        public Link(Stream main, RateLimiter limiter, TimeSpan ioTimeout)
+        public Link(Stream main, RateLimiter limiter, TimeSpan ioTimeout, TimeProvider time)
         {
             Main = main;
             if (main.CanTimeout) { main.ReadTimeout = (int)ioTimeout.TotalMilliseconds; main.WriteTimeout = (int)ioTimeout.TotalMilliseconds; }
-            MainFrames = new FrameWriter(main, limiter);
+            MainFrames = new FrameWriter(main, limiter, time);
             MainReader = new FrameReader(main);
         }
 
@@ -128,171 +139,32 @@ public sealed class PostCopyMigration
 
     public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken cancel = default)
     {
-        var started = DateTimeOffset.UtcNow;
-        long t0 = Stopwatch.GetTimestamp();
-        var memory = _vm.Memory;
+        _started = _time.GetUtcNow();
+        _t0 = _time.GetTimestamp();
         Link? link = null;
-        bool paused = false, committed = false;
-        long stateBytes = 0, pagesInRounds = 0;
-        SwitchDecision decision = default;
-        PostCopyDoneMessage done = default;
-        ulong sourceHash = 0;
-        Span<byte> small = stackalloc byte[512];
-        if (_options.Verify) _hashes = new PageHashes(memory.PageCount);
+        if (_options.Verify) _hashes = new PageHashes(_vm.Memory.PageCount);
+        _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), 1, _time);
         try
         {
             _observer.Phase("handshake");
-            try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout); }
+            try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout, _time); }
             catch (Exception e) when (e is SocketException or IOException or AuthenticationFailedException)
             {
                 string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
-                throw new MigrationFailedException(why, BaseReport() with { Outcome = "failed", Error = why, StartedAt = started }, e);
+                throw new MigrationFailedException(why, Report(why, null), e);
             }
-            Handshake(link, small);
+            Handshake(link);
             OpenPriority(link, connect, 0);
-
-            decision = _switch.BeforeFirstRound();
-            PageBitmap? toSend = null;
-            int round = 0;
-            if (!decision.Switch)
-            {
-                // Hybrid: pre-copy rounds on the main connection, exactly as PreCopyMigration does them.
-                if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
-                toSend = new PageBitmap(memory.PageCount);
-                long toSendCount = memory.MarkPopulated(toSend);
-                var batches = new PageBatchWriter(link.MainFrames, memory) { Hashes = _hashes };
-                _counters.Add(batches.Counters);
-                batches.Counters.AddPages(PageEncoding.Zero, memory.PageCount - toSendCount);
-                _observer.Phase("live");
-                while (true)
-                {
-                    cancel.ThrowIfCancellationRequested();
-                    var stats = SendRound(round, toSend, toSendCount, link.MainFrames, batches, skipZero: round == 0, cancel);
-                    pagesInRounds += stats.PagesSent;
-                    toSend.ClearAll();
-                    toSendCount = _vm.DirtyLog.Harvest(toSend);
-                    stats = stats with { DirtyPagesAfter = toSendCount, DirtyRatePagesPerSecond = toSendCount / Math.Max(stats.Duration.TotalSeconds, 1e-6) };
-                    var m = new RoundEndMessage(stats.Round, stats.PagesSent, stats.DirtyPagesAfter, stats.BytesSent, (long)stats.Duration.TotalMicroseconds);
-                    link.MainFrames.Send(FrameType.RoundEnd, small[..m.Write(small)]);
-                    decision = _switch.AfterRound(stats);
-                    Record(stats);
-                    round++;
-                    if (decision.Switch) break;
-                }
-            }
-
-            // The switch: pause, say which pages are still to come, send the VM state.
-            _observer.Phase("paused");
-            _vm.Pause();
-            paused = true;
-            PausedAt = Stopwatch.GetTimestamp();
-            var pendingBits = toSend ?? new PageBitmap(memory.PageCount);
-            if (toSend is not null) { _vm.DirtyLog.Harvest(toSend); _vm.DirtyLog.Stop(); }
-            else
-            {
-                // Pure post-copy: every populated page is to come (holes are zero there already: counted, never sent).
-                long populated = memory.MarkPopulated(pendingBits);
-                var holes = new EncodingCounters();
-                holes.AddPages(PageEncoding.Zero, memory.PageCount - populated);
-                lock (_counters) _counters.Add(holes);
-            }
-            _pending = new NativePageBitmap(memory.PageCount);
-            _pending.CopyFrom(pendingBits);
-            var pendingAtSwitch = pendingBits; // kept for recovery: what the destination must end up with from us
-            long pendingCount = _pending.Count();
-            _postCopyRound = round;
-            _order = new PrepagingOrder(memory.PageCount, _options.PostCopy.Prepaging);
-            var start = new PostCopyStartMessage(round, pendingCount);
-            link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
-            PageBitmapChunks.Send(link.MainFrames, _pending);
-            byte[] state = _vm.SaveState();
-            link.MainFrames.Send(FrameType.VmState, state);
-            stateBytes = state.Length + FrameFormat.HeaderSize;
-            StartServer(link); // the destination may fault while it restores the VM
-
-            var type = link.MainReader.Read(out var payload);
-            if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
-            if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
-            // From here on the destination may run the VM: the source never resumes it.
-            link.MainFrames.Send(FrameType.Commit, []);
-            committed = true;
+            if (_rounds is not null) PreCopyRounds(link, cancel);
+            var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
-
-            bool resumedSeen = false;
-            while (true)
-            {
-                try
-                {
-                    if (!resumedSeen)
-                    {
-                        type = link.MainReader.Read(out payload);
-                        if (type == FrameType.Error) throw new MigrationAbort($"destination failed at resume: {ErrorMessage.Parse(payload).Text}");
-                        if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
-                        resumedSeen = true;
-                        ResumedAt = Stopwatch.GetTimestamp();
-                    }
-                    PushAll(link, cancel);
-                    // Every page is claimed; the server may still be sending its last answer.
-                    lock (_serveLock) sourceHash = _hashes?.Combine() ?? 0;
-                    var end = new PostCopyEndMessage(_options.Verify, sourceHash, Interlocked.Read(ref _pagesPushed), Interlocked.Read(ref _pagesRequested));
-                    // Set before sending: the destination may answer and close the page-request
-                    // connection at once, and the server must not take that for a failure.
-                    Volatile.Write(ref _endSent, true);
-                    link.MainFrames.Send(FrameType.PostCopyEnd, small[..end.Write(small)]);
-                    type = link.MainReader.Read(out payload);
-                    if (type == FrameType.Error) throw new MigrationAbort($"destination failed in post-copy: {ErrorMessage.Parse(payload).Text}");
-                    if (type != FrameType.PostCopyDone) throw new ProtocolException($"expected PostCopyDone, got {type}");
-                    done = PostCopyDoneMessage.Parse(payload);
-                    break;
-                }
-                catch (Exception e) when (LinkFailure.Is(e) && !ServerSawProtocolError(link))
-                {
-                    // Recovery: both connections go; the paused memory stays here until the destination has every page.
-                    _networkFaults++;
-                    // Close both connections first: the server may be blocked reading a live
-                    // page-request connection (e.g. the main one timed out), and would never end.
-                    link.Break();
-                    if (link.Server is { } st && st != Thread.CurrentThread) st.Join();
-                    _observer.Phase($"recovering: {OneLine(link.ServerError is { } se && e is ObjectDisposedException ? se : e)}");
-                    _bytesOfClosedLinks += link.BytesWritten;
-                    Volatile.Write(ref _endSent, false);
-                    link.Dispose();
-                    link = Reconnect(connect, pendingAtSwitch, e, ref resumedSeen);
-                }
-            }
-            CompletedAt = Stopwatch.GetTimestamp();
-            if (!resumedSeen) ResumedAt = CompletedAt;
+            link = PostCopy(link, connect, pendingAtSwitch, cancel);
+            _completedAt = _time.GetTimestamp();
+            if (!_resumedSeen) _resumedAt = _completedAt;
             _observer.Phase("done");
             if (_vm is BuiltInVm b) b.Stop();
-            bool verified = !_options.Verify || done.DestinationHash == sourceHash;
-            long bytes = _bytesOfClosedLinks + link.BytesWritten;
-            var report = BaseReport() with
-            {
-                StartedAt = started,
-                Outcome = verified ? "completed" : "failed",
-                Error = verified ? null : $"verification failed: destination pages hash {done.DestinationHash:x16} as placed, the source's paused memory {sourceHash:x16}",
-                TotalTimeMs = Stopwatch.GetElapsedTime(t0, CompletedAt).TotalMilliseconds,
-                DowntimeMs = Stopwatch.GetElapsedTime(PausedAt, ResumedAt).TotalMilliseconds,
-                TimeToResumeMs = Stopwatch.GetElapsedTime(t0, ResumedAt).TotalMilliseconds,
-                PostCopyMs = Stopwatch.GetElapsedTime(ResumedAt, CompletedAt).TotalMilliseconds,
-                BytesOnWire = bytes,
-                Bytes = WireBreakdown(bytes, stateBytes),
-                PagesByEncoding = PagesByEncoding(),
-                PagesSent = pagesInRounds + Interlocked.Read(ref _pagesPushed) + Interlocked.Read(ref _pagesRequested),
-                PagesPushed = Interlocked.Read(ref _pagesPushed),
-                PagesRequested = Interlocked.Read(ref _pagesRequested),
-                PagesResent = Interlocked.Read(ref _requestsForSentPages),
-                PagesPrepaged = _order.Prepaged,
-                StopReason = HybridPolicy.Name(decision.Reason),
-                Verified = _options.Verify ? verified : null,
-                SourceHash = _options.Verify ? $"{sourceHash:x16}" : null,
-                DestinationHash = _options.Verify ? $"{done.DestinationHash:x16}" : null,
-                NetworkFaults = _networkFaults,
-                Faults = done.Faults,
-                FaultLatencyUs = new LatencySummary { P50 = done.P50Ns / 1000.0, P99 = done.P99Ns / 1000.0, Max = done.MaxNs / 1000.0 },
-                RequestServiceUs = Summary(_serveLatency),
-                Rounds = [.. _rounds],
-            };
+            bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
+            var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the source's paused memory {_sourceHash:x16}", link);
             link.Dispose();
             if (!verified) throw new MigrationFailedException(report.Error!, report);
             return report;
@@ -302,50 +174,202 @@ public sealed class PostCopyMigration
             // Anything at all: no thread of this migration may outlive it (they read guest memory).
             // A request server that met a protocol violation closed the link: its error is the cause.
             if (LinkFailure.Is(e) && _currentLink is { } cl && ServerSawProtocolError(cl)) e = cl.ServerError!;
-            string why = e switch
-            {
-                OperationCanceledException => "migration cancelled",
-                _ => e.Message,
-            };
-            if (!committed)
-            {
-                // The destination never got Commit: it discards its copy, the VM carries on here.
-                if (link is not null)
-                {
-                    TrySendError(link.MainFrames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
-                    link.Dispose();
-                }
-                _vm.DirtyLog.Stop();
-                if (paused) _vm.Resume();
-            }
-            else
-            {
-                link?.Dispose();
-                _currentLink?.Dispose();
-                why += " — after the switch to post-copy: the destination runs the VM with part of its memory; this source keeps the paused VM and every page it has not sent";
-            }
-            var report = BaseReport() with
-            {
-                StartedAt = started,
-                Outcome = "failed",
-                Error = why,
-                TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = _bytesOfClosedLinks + (link?.BytesWritten ?? 0),
-                PagesByEncoding = PagesByEncoding(),
-                PagesPushed = Interlocked.Read(ref _pagesPushed),
-                PagesRequested = Interlocked.Read(ref _pagesRequested),
-                NetworkFaults = _networkFaults,
-                StopReason = HybridPolicy.Name(decision.Reason),
-                Rounds = [.. _rounds],
-            };
-            throw new MigrationFailedException(why, report, e);
+            string why = Fail(e, link);
+            throw new MigrationFailedException(why, Report(why, link), e);
+        }
+        finally
+        {
+            _pipeline?.Dispose();
         }
     }
 
-    private void Handshake(Link link, Span<byte> small)
+    /// <summary>
+    /// Hybrid's pre-copy phase, on the same round controller as pre-copy (the page pipeline,
+    /// Sync, hot-page deferral and the convergence aids included), on the main connection; the
+    /// policy's "stop" is the switch to post-copy.
+    /// </summary>
+    private void PreCopyRounds(Link link, CancellationToken cancel)
     {
-        var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0);
-        var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, caps, caps,
+        if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+        var batches = new PageBatchWriter(link.MainFrames, _vm.Memory) { Hashes = _hashes };
+        lock (_counters) _counters.Add(_roundCounters = batches.Counters);
+        var sender = new ConnectionRoundSender(batches, _vm.DirtyLog, _observer, _time)
+        {
+            Bandwidth = () => Limiter.BytesPerSecond > 0 ? Limiter.BytesPerSecond : _controller!.Rounds.Count > 0 ? _controller.Rounds[0].BandwidthBytesPerSecond : 0,
+        };
+        sender.Bind(link.MainFrames, link.MainReader);
+        _controller = new RoundController(_rounds!, sender, _vm.DirtyLog, _vm, _time, _observer);
+        var first = FirstRound.Choose(_vm, _pipeline, sender, _announceExtents);
+        _controller.Begin(first);
+        _observer.Phase("live");
+        _controller.RunLiveRounds(cancel);
+    }
+
+    /// <summary>The switch: pause, say which pages are still to come, send the VM state, and commit once the destination is ready.</summary>
+    private PageBitmap Switch(Link link)
+    {
+        Span<byte> small = stackalloc byte[64];
+        _observer.Phase("paused");
+        _vm.Pause();
+        _paused = true;
+        _pausedAt = _time.GetTimestamp();
+        var pending = PendingAtSwitch();
+        _pending = new NativePageBitmap(_vm.Memory.PageCount);
+        _pending.CopyFrom(pending);
+        long pendingCount = _pending.Count();
+        _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
+        _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
+        var start = new PostCopyStartMessage(_postCopyRound, pendingCount);
+        link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
+        PageBitmapChunks.Send(link.MainFrames, _pending);
+        byte[] state = _vm.SaveState();
+        link.MainFrames.Send(FrameType.VmState, state);
+        _stateBytes = state.Length + FrameFormat.HeaderSize;
+        StartServer(link); // the destination may fault while it restores the VM
+
+        var type = link.MainReader.Read(out var payload);
+        if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
+        if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+        // From here on the destination may run the VM: the source never resumes it.
+        link.MainFrames.Send(FrameType.Commit, []);
+        _committed = true;
+        return pending;
+    }
+
+    /// <summary>
+    /// What the destination lacks at the pause. Hybrid: the rounds' pending set with the last
+    /// harvest. Post-copy: every populated page (holes are zero there already: counted, never sent).
+    /// </summary>
+    private PageBitmap PendingAtSwitch()
+    {
+        if (_controller is not null)
+        {
+            _controller.ReleaseBrakes();
+            _controller.HarvestFinal();
+            _vm.DirtyLog.Stop();
+            return _controller.Pending;
+        }
+        var pending = new PageBitmap(_vm.Memory.PageCount);
+        long populated = _vm.Memory.MarkPopulated(pending);
+        _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
+        return pending;
+    }
+
+    /// <summary>After the switch: push every page still to come while the request server answers faults, end with PostCopyEnd; reconnect after any link failure.</summary>
+    private Link PostCopy(Link link, Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, CancellationToken cancel)
+    {
+        Span<byte> small = stackalloc byte[64];
+        while (true)
+        {
+            try
+            {
+                if (!_resumedSeen)
+                {
+                    var type = link.MainReader.Read(out var payload);
+                    if (type == FrameType.Error) throw new MigrationAbort($"destination failed at resume: {ErrorMessage.Parse(payload).Text}");
+                    if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
+                    _resumedSeen = true;
+                    _resumedAt = _time.GetTimestamp();
+                }
+                PushAll(link, cancel);
+                // Every page is claimed; the server may still be sending its last answer.
+                lock (_serveLock) _sourceHash = _hashes?.Combine() ?? 0;
+                var end = new PostCopyEndMessage(_options.Verify, _sourceHash, Interlocked.Read(ref _pagesPushed), Interlocked.Read(ref _pagesRequested));
+                // Set before sending: the destination may answer and close the page-request
+                // connection at once, and the server must not take that for a failure.
+                Volatile.Write(ref _endSent, true);
+                link.MainFrames.Send(FrameType.PostCopyEnd, small[..end.Write(small)]);
+                var t = link.MainReader.Read(out var p);
+                if (t == FrameType.Error) throw new MigrationAbort($"destination failed in post-copy: {ErrorMessage.Parse(p).Text}");
+                if (t != FrameType.PostCopyDone) throw new ProtocolException($"expected PostCopyDone, got {t}");
+                _done = PostCopyDoneMessage.Parse(p);
+                return link;
+            }
+            catch (Exception e) when (LinkFailure.Is(e) && !ServerSawProtocolError(link))
+            {
+                // Recovery: both connections go; the paused memory stays here until the destination has every page.
+                _networkFaults++;
+                // Close both connections first: the server may be blocked reading a live
+                // page-request connection (e.g. the main one timed out), and would never end.
+                link.Break();
+                if (link.Server is { } st && st != Thread.CurrentThread) st.Join();
+                _observer.Phase($"recovering: {OneLine(link.ServerError is { } se && e is ObjectDisposedException ? se : e)}");
+                _bytesOfClosedLinks += link.BytesWritten;
+                Volatile.Write(ref _endSent, false);
+                link.Dispose();
+                link = Reconnect(connect, pendingAtSwitch, e, ref _resumedSeen);
+            }
+        }
+    }
+
+    /// <summary>What a failure leaves: before Commit the VM runs on here; after it this source keeps the paused VM. Returns the reason.</summary>
+    private string Fail(Exception e, Link? link)
+    {
+        string why = e is OperationCanceledException ? "migration cancelled" : e.Message;
+        if (_committed)
+        {
+            link?.Dispose();
+            _currentLink?.Dispose();
+            return why + " — after the switch to post-copy: the destination runs the VM with part of its memory; this source keeps the paused VM and every page it has not sent";
+        }
+        // The destination never got Commit: it discards its copy, the VM carries on here.
+        if (link is not null)
+        {
+            PreCopyMigration.TrySendError(link.MainFrames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
+            link.Dispose();
+        }
+        _vm.DirtyLog.Stop();
+        _controller?.ReleaseBrakes();
+        if (_paused) _vm.Resume();
+        return why;
+    }
+
+    /// <summary>The report, for success (<paramref name="error"/> null) and failure alike.</summary>
+    private MigrationReport Report(string? error, Link? link)
+    {
+        bool completed = _completedAt != 0;
+        long bytes = _bytesOfClosedLinks + (link?.BytesWritten ?? 0);
+        var r = SourceReport.Common(_vm, _options, _id, StrategyName, Limiter, _controller, _pipeline, VcpuCount, Workload) with
+        {
+            StartedAt = _started,
+            Outcome = error is null ? "completed" : "failed",
+            Error = error,
+            TotalTimeMs = _time.GetElapsedTime(_t0, completed ? _completedAt : _time.GetTimestamp()).TotalMilliseconds,
+            BytesOnWire = bytes,
+            Bytes = SourceReport.Wire(bytes, AllCounters(), ZeroMarkersSent(), _stateBytes),
+            PagesByEncoding = AllCounters().PagesByName(),
+            PagesSent = (_controller?.PagesSent ?? 0) + Interlocked.Read(ref _pagesPushed) + Interlocked.Read(ref _pagesRequested),
+            PagesPushed = Interlocked.Read(ref _pagesPushed),
+            PagesRequested = Interlocked.Read(ref _pagesRequested),
+            NetworkFaults = _networkFaults,
+            StopReason = _controller is null ? StopReasons.Name(_options.Strategy == MigrationStrategy.Hybrid ? StopReason.RoundBudget : StopReason.Immediate) : StopReasons.Name(_controller.Decision.Reason),
+        };
+        if (!completed) return r;
+        bool verifiedOk = error is null;
+        return r with
+        {
+            DowntimeMs = _time.GetElapsedTime(_pausedAt, _resumedAt).TotalMilliseconds,
+            TimeToResumeMs = _time.GetElapsedTime(_t0, _resumedAt).TotalMilliseconds,
+            PostCopyMs = _time.GetElapsedTime(_resumedAt, _completedAt).TotalMilliseconds,
+            PagesResent = Interlocked.Read(ref _requestsForSentPages),
+            PagesPrepaged = _order?.Prepaged ?? 0,
+            Verified = _options.Verify ? verifiedOk : null,
+            SourceHash = _options.Verify ? $"{_sourceHash:x16}" : null,
+            DestinationHash = _options.Verify ? $"{_done.DestinationHash:x16}" : null,
+            Faults = _done.Faults,
+            FaultLatencyUs = new LatencySummary { P50 = _done.P50Ns / 1000.0, P99 = _done.P99Ns / 1000.0, Max = _done.MaxNs / 1000.0 },
+            RequestServiceUs = Summary(_serveLatency),
+        };
+    }
+
+    private void Handshake(Link link)
+    {
+        Span<byte> small = stackalloc byte[512];
+        // Hybrid's rounds need Sync and the page pipeline's stages; every stage asked for is required.
+        var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0)
+            | (_rounds is not null ? Capabilities.RoundSync | _options.Pipeline.Capabilities : 0);
+        var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
+        var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
             _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
         link.MainFrames.Send(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
@@ -356,6 +380,7 @@ public sealed class PostCopyMigration
             throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
         if ((caps & ~ack.Accepted) != 0)
             throw new MigrationAbort($"destination does not support {StrategyName} migration (missing capabilities: {caps & ~ack.Accepted})");
+        _announceExtents = (ack.Accepted & Capabilities.Extents) != 0;
     }
 
     /// <summary>Opens the page-request connection of <paramref name="link"/>.</summary>
@@ -364,7 +389,7 @@ public sealed class PostCopyMigration
         var s = connect(ChannelKind.Priority, attempt);
         link.Priority = s;
         if (s.CanTimeout) { s.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds; s.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds; }
-        link.PriorityFrames = new FrameWriter(s);
+        link.PriorityFrames = new FrameWriter(s, null, _time);
         link.PriorityReader = new FrameReader(s);
         Span<byte> buf = stackalloc byte[32];
         link.PriorityFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Priority).Write(buf)]);
@@ -395,7 +420,7 @@ public sealed class PostCopyMigration
             {
                 var type = link.PriorityReader!.Read(out var payload);
                 if (type != FrameType.PageRequest) throw new ProtocolException($"unexpected {type} on the page-request connection");
-                long t0 = Stopwatch.GetTimestamp();
+                long t0 = _time.GetTimestamp();
                 int n = PageRequestMessage.Parse(payload, pageCount, pages);
                 lock (_serveLock)
                 {
@@ -423,7 +448,7 @@ public sealed class PostCopyMigration
                         Interlocked.Add(ref _pagesRequested, sent);
                     }
                 }
-                _serveLatency.Record(Stopwatch.GetTimestamp() - t0);
+                _serveLatency.Record(_time.GetElapsedTime(t0));
             }
         }
         catch (Exception e) when (LinkFailure.Is(e) || e is InvalidOperationException or ProtocolException)
@@ -484,7 +509,7 @@ public sealed class PostCopyMigration
     private Link Reconnect(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, Exception cause, ref bool resumedSeen)
     {
         var memory = _vm.Memory;
-        var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.PostCopy.RecoveryTimeout);
+        var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.PostCopy.RecoveryTimeout, _time);
         string last = OneLine(cause);
         Span<byte> buf = stackalloc byte[32];
         while (true)
@@ -493,7 +518,7 @@ public sealed class PostCopyMigration
             Link? link = null;
             try
             {
-                link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout);
+                link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
                 _currentLink = link;
                 link.MainFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
                 using var present = new NativePageBitmap(memory.PageCount);
@@ -527,57 +552,24 @@ public sealed class PostCopyMigration
 
     private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
 
-    private RoundStats SendRound(int round, PageBitmap pages, long count, FrameWriter frames, PageBatchWriter batches, bool skipZero, CancellationToken cancel)
+    /// <summary>Every page counter of the migration: the rounds', the push's, the request server's, and the holes.</summary>
+    private EncodingCounters AllCounters()
     {
-        Span<byte> small = stackalloc byte[16];
-        long ts = Stopwatch.GetTimestamp();
-        long bytes0 = frames.BytesWritten;
-        long entries0 = batches.EntriesWritten;
-        _observer.RoundStarted(round, count, false);
-        frames.Send(FrameType.RoundStart, small[..new RoundStartMessage(round, false).Write(small)]);
-        batches.BeginRound(round);
-        RoundPages.Send(pages, batches, skipZero, null, _vm.DirtyLog, d => _observer.Progress(round, d, count, frames.BytesWritten), cancel);
-        var duration = Stopwatch.GetElapsedTime(ts);
-        long bytes = frames.BytesWritten - bytes0;
-        long sent = batches.EntriesWritten - entries0;
-        return new RoundStats(round, sent, bytes, duration, 0, bytes / Math.Max(duration.TotalSeconds, 1e-6), 0);
+        var sum = new EncodingCounters();
+        sum.Merge(_holes);
+        lock (_counters) foreach (var c in _counters) sum.Merge(c);
+        return sum;
     }
 
-    private void Record(RoundStats s)
+    /// <summary>Zero markers actually sent: every zero page counted but the holes (round 0's, or those at the switch), which nobody sends.</summary>
+    private long ZeroMarkersSent()
     {
-        var r = new RoundReport
-        {
-            Round = s.Round, Final = false, PagesSent = s.PagesSent, PagesDirtied = s.DirtyPagesAfter, BytesSent = s.BytesSent,
-            DurationMs = s.Duration.TotalMilliseconds, BandwidthBytesPerSecond = s.BandwidthBytesPerSecond, DirtyRatePagesPerSecond = s.DirtyRatePagesPerSecond,
-        };
-        _rounds.Add(r);
-        _observer.RoundCompleted(r);
+        long holes = _holes.Pages(PageEncoding.Zero) + (_controller is null ? 0 : RoundZeroHoles);
+        return Math.Max(0, AllCounters().Pages(PageEncoding.Zero) - holes);
     }
 
-    private Dictionary<string, long> PagesByEncoding()
-    {
-        var d = new Dictionary<string, long>();
-        lock (_counters)
-            foreach (var c in _counters)
-                foreach (var (k, v) in c.PagesByName()) d[k] = d.GetValueOrDefault(k) + v;
-        return d;
-    }
-
-    private WireBytes WireBreakdown(long total, long stateBytes)
-    {
-        long pageData = 0, zeroMarkers = 0;
-        lock (_counters)
-            foreach (var c in _counters)
-                for (int i = 0; i < EncodingCounters.Kinds; i++)
-                {
-                    var e = (PageEncoding)i;
-                    if (e == PageEncoding.Zero) continue;
-                    pageData += c.Bytes(e);
-                }
-        // Zero markers actually sent: zero pages minus the holes counted in round 0.
-        zeroMarkers = 0;
-        return new WireBytes { PageData = pageData, ZeroMarkers = zeroMarkers, VmState = stateBytes, Protocol = total - pageData - stateBytes };
-    }
+    /// <summary>Zero pages round 0 counted without sending (holes and, with skipZero, zero content): all its zeros but the markers the rounds sent.</summary>
+    private long RoundZeroHoles => _roundCounters is null ? 0 : _roundCounters.Pages(PageEncoding.Zero) - _controller!.ZeroMarkers;
 
     private static LatencySummary Summary(LatencyRecorder r)
     {
@@ -587,32 +579,7 @@ public sealed class PostCopyMigration
 
     private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
 
-    private MigrationReport BaseReport() => new()
-    {
-        MigrationId = _id.ToString(),
-        Role = "source",
-        Strategy = StrategyName,
-        VmName = _vm.Name,
-        Workload = _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "",
-        MemoryBytes = _vm.Memory.Size,
-        Vcpus = VcpuCount,
-        DirtyLog = _options.Strategy == MigrationStrategy.Hybrid ? _vm.DirtyLog.Name : "none",
-        BandwidthLimitBytesPerSecond = Limiter.BytesPerSecond,
-        DowntimeLimitMs = _options.PreCopy.DowntimeLimit.TotalMilliseconds,
-        Security = _options.Security.Mode,
-    };
+    private string Workload => _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "";
 
-    private static void TrySendError(FrameWriter frames, ushort code, string text)
-    {
-        try
-        {
-            if (frames.IsOpen) frames.Abandon();
-            Span<byte> buf = stackalloc byte[4100];
-            frames.Send(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]);
-        }
-        catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException or InvalidOperationException) { }
-    }
-
-    private sealed class MigrationAbort(string message) : Exception(message);
     private sealed class RecoveryFailed(string message) : Exception(message);
 }

@@ -79,7 +79,7 @@ internal static class SwitchoverWarmup
     /// brakes' release) are warmed by <see cref="WarmBrakes"/> on that thread.
     /// </summary>
     public static Task ForSource(IVirtualMachine vm) =>
-        Start(() => (vm as BuiltInVm)?.WarmStatePath(), typeof(PreCopyMigration), typeof(ThrottleMeter), vm.GetType(), vm.DirtyLog.GetType(), (vm as BuiltInVm)?.Workload.GetType() ?? typeof(object));
+        Start(() => (vm as BuiltInVm)?.WarmStatePath(), typeof(PreCopyMigration), typeof(Core.ThrottleMeter), typeof(Core.RoundController), typeof(ConnectionRoundSender), typeof(SourceReport), vm.GetType(), vm.DirtyLog.GetType(), (vm as BuiltInVm)?.Workload.GetType() ?? typeof(object));
 
     /// <summary>
     /// Calls the brakes with the values in force (no change, so no effect), and SaveState (which a

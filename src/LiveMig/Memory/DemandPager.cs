@@ -221,6 +221,9 @@ public sealed class LatencyRecorder
         while (ticks > (m = Volatile.Read(ref _max)) && Interlocked.CompareExchange(ref _max, ticks, m) != m) { }
     }
 
+    /// <summary>Adds a latency measured on any clock.</summary>
+    public void Record(TimeSpan latency) => Record((long)(latency.TotalSeconds * Stopwatch.Frequency));
+
     /// <summary>Adds latencies measured elsewhere (e.g. by the native fault-service thread), in nanoseconds.</summary>
     public void RecordNanoseconds(ReadOnlySpan<long> ns)
     {

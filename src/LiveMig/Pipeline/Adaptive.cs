@@ -196,11 +196,11 @@ public sealed class LinkEstimate(RateLimiter? limiter = null)
         }
     }
 
-    /// <summary>A batch of <paramref name="bytes"/> took <paramref name="writeTicks"/> inside the stream's Write.</summary>
-    public void Observe(long bytes, long writeTicks)
+    /// <summary>A batch of <paramref name="bytes"/> took <paramref name="writeTicks"/> (of a clock ticking <paramref name="ticksPerSecond"/>) inside the stream's Write.</summary>
+    public void Observe(long bytes, long writeTicks, long ticksPerSecond)
     {
         if (bytes <= 0) return;
-        double rate = bytes / (Math.Max(writeTicks, 1) / (double)Stopwatch.Frequency);
+        double rate = bytes / (Math.Max(writeTicks, 1) / (double)ticksPerSecond);
         lock (_lock) Volatile.Write(ref _measured, _measured <= 0 ? rate : _measured * 0.8 + rate * 0.2);
     }
 

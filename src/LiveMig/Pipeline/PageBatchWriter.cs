@@ -109,7 +109,7 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         _count = 0;
         if (Link is { } link)
         {
-            link.Observe(frames.BytesWritten - _linkBytes, frames.WriteTicks - _linkTicks);
+            link.Observe(frames.BytesWritten - _linkBytes, frames.WriteTicks - _linkTicks, frames.Time.TimestampFrequency);
             _linkBytes = frames.BytesWritten;
             _linkTicks = frames.WriteTicks;
         }

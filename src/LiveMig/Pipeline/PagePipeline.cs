@@ -156,6 +156,24 @@ public sealed class SourcePipeline : IDisposable
     }
 
     /// <summary>
+    /// Free-page hinting: takes the pages <paramref name="reportFree"/> marks free out of
+    /// <paramref name="toSend"/> (of <paramref name="offered"/> pages); they are not sent and
+    /// stay zero at the destination. Returns how many; counted as skipped in <paramref name="counters"/>.
+    /// </summary>
+    public long SkipFreePages(Action<PageBitmap> reportFree, PageBitmap toSend, long offered, EncodingCounters counters)
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        var free = new PageBitmap(toSend.PageCount);
+        reportFree(free);
+        long skipped = toSend.AndNot(free);
+        counters.AddSkipped(skipped);
+        FreePages.Offered += offered;
+        FreePages.Encoded += skipped;
+        FreePages.Ticks += Stopwatch.GetTimestamp() - t0;
+        return skipped;
+    }
+
+    /// <summary>
     /// Pages the destination may already hold from another VM: every page of
     /// <paramref name="toSend"/> that is not zero, with its content hash (for the DedupQuery).
     /// </summary>

@@ -34,18 +34,21 @@ public readonly record struct RoundForecast(
 /// of the dirty rate (pages written per second) and of the pending set's size, and the trend —
 /// an EWMA of the ratio of successive pending sets (below 1: converging; about 1: steady; above
 /// 1: diverging). From those it forecasts the downtime of stopping now and of stopping after one
-/// more round, and how long that round would take. No clock, no I/O: a simulator can feed it.
+/// more round, and how long that round would take. Pages are converted to time with the measured
+/// wire bytes per page, and every downtime forecast includes the switch-over's fixed cost. No
+/// clock, no I/O: a simulator can feed it.
 /// </summary>
 public sealed class DirtyRatePredictor
 {
     private readonly double _alpha;
-    private readonly int _bytesPerPage;
+    private double _bytesPerPage;
+    private bool _measuredBytesPerPage;
     private long _bytes;
     private TimeSpan _elapsed;
     private long _previousPending = -1;
 
     /// <param name="smoothing">EWMA weight of the newest round (0–1].</param>
-    /// <param name="bytesPerPage">Wire bytes one page costs (the downtime estimate's unit).</param>
+    /// <param name="bytesPerPage">Wire bytes one page costs (the downtime estimate's unit) until a round has measured it.</param>
     public DirtyRatePredictor(double smoothing = 0.5, int bytesPerPage = PreCopyPolicy.BytesPerPage)
     {
         if (!(smoothing > 0 && smoothing <= 1)) throw new ArgumentOutOfRangeException(nameof(smoothing), "must be in (0, 1]");
@@ -58,6 +61,15 @@ public sealed class DirtyRatePredictor
     /// <summary>Bytes per second over all rounds so far; 0 before any.</summary>
     public double BandwidthBytesPerSecond => _elapsed > TimeSpan.Zero ? _bytes / _elapsed.TotalSeconds : 0;
     public double BandwidthPagesPerSecond => BandwidthBytesPerSecond / _bytesPerPage;
+    /// <summary>
+    /// Wire bytes a sent page costs: an EWMA of the rounds' bytes ÷ pages (compression, deltas,
+    /// zero markers and framing included), the constructor's value until a round sent pages.
+    /// Converting bandwidth to pages with the raw page size would overestimate the downtime of
+    /// a migration whose pages shrink on the wire, and give up early.
+    /// </summary>
+    public double WireBytesPerPage => _bytesPerPage;
+    /// <summary>The switch-over's fixed cost as last measured (added to every downtime forecast).</summary>
+    public TimeSpan SwitchoverCost { get; private set; }
     /// <summary>EWMA of pages written per second.</summary>
     public double DirtyRate { get; private set; }
     /// <summary>EWMA of the pending set's size at the end of a round.</summary>
@@ -73,6 +85,13 @@ public sealed class DirtyRatePredictor
     {
         _bytes += round.BytesSent;
         _elapsed += round.Duration;
+        if (round.PagesSent > 0)
+        {
+            double perPage = (double)round.BytesSent / round.PagesSent;
+            _bytesPerPage = _measuredBytesPerPage ? _alpha * perPage + (1 - _alpha) * _bytesPerPage : perPage;
+            _measuredBytesPerPage = true;
+        }
+        SwitchoverCost = round.SwitchoverCost;
         double rate = round.DirtyRatePagesPerSecond;
         DirtyRate = Rounds == 0 ? rate : _alpha * rate + (1 - _alpha) * DirtyRate;
         PendingSet = Rounds == 0 ? round.DirtyPagesAfter : _alpha * round.DirtyPagesAfter + (1 - _alpha) * PendingSet;
@@ -104,7 +123,8 @@ public sealed class DirtyRatePredictor
         double byRate = Math.Max(NextRoundDeferred, DirtyRate * roundSeconds);
         double byTrend = double.IsNaN(Trend) ? 0 : Pending * Trend;
         double after = Math.Max(byRate, byTrend);
-        return new(Seconds(Pending / bw), Seconds(roundSeconds), (long)Math.Min(after, long.MaxValue / 2), Seconds(after / bw));
+        double fixedCost = SwitchoverCost.TotalSeconds;
+        return new(Seconds(Pending / bw + fixedCost), Seconds(roundSeconds), (long)Math.Min(after, long.MaxValue / 2), Seconds(after / bw + fixedCost));
     }
 
     private static TimeSpan Seconds(double s) => double.IsFinite(s) && s < TimeSpan.MaxValue.TotalSeconds / 2 ? TimeSpan.FromSeconds(s) : TimeSpan.MaxValue;

@@ -1,75 +1,74 @@
+using LiveMig.Memory;
+
 namespace LiveMig.Policies;
-
-/// <summary>Why the source switched to post-copy (the report's <c>stopReason</c>).</summary>
-public enum SwitchReason { None, Immediate, RoundBudget, TimeBudget, ByteBudget, NonConvergence, Converged }
-
-public readonly record struct SwitchDecision(bool Switch, SwitchReason Reason);
-
-/// <summary>
-/// Answers "switch to post-copy now?": before the first pre-copy round and after each one.
-/// No I/O, time only through the <see cref="TimeProvider"/> given, like <see cref="IPreCopyPolicy"/>.
-/// </summary>
-public interface IPostCopySwitchPolicy
-{
-    SwitchDecision BeforeFirstRound();
-    SwitchDecision AfterRound(RoundStats round);
-}
-
-/// <summary>Pure post-copy (Hines and Gopalan): switch at once, before any page is sent.</summary>
-public sealed class PostCopyPolicy : IPostCopySwitchPolicy
-{
-    public SwitchDecision BeforeFirstRound() => new(true, SwitchReason.Immediate);
-    public SwitchDecision AfterRound(RoundStats round) => new(true, SwitchReason.Immediate);
-}
 
 public sealed record HybridOptions
 {
-    /// <summary>Most pre-copy rounds (round 0 included) before the switch.</summary>
+    /// <summary>Most pre-copy rounds (round 0 included) before the switch; 0 switches at once (pure post-copy).</summary>
     public int MaxRounds { get; init; } = 5;
     /// <summary>Switch once the pre-copy phase has run this long (null: no limit).</summary>
     public TimeSpan? TimeBudget { get; init; }
     /// <summary>Switch once pre-copy has put this many bytes on the wire (null: no limit).</summary>
     public long? ByteBudget { get; init; }
-    /// <summary>The dirty set "stops shrinking" when a round leaves more than this fraction of the previous round's dirty pages.</summary>
-    public double ShrinkFactor { get; init; } = 0.9;
 }
 
 /// <summary>
-/// Hybrid: pre-copy rounds while they pay, then post-copy. Switches when the round, time or
-/// byte budget is spent, when the dirty set stops shrinking (pre-copy would only resend the
-/// writable working set), or when nothing is dirty (post-copy then has nothing to fetch).
+/// Hybrid (pre-copy rounds while they pay, then post-copy), as a round policy: the pre-copy
+/// policy plans the rounds — hot-page deferral, skipping re-written pages, auto-converge and
+/// the dirty limit included — and wherever it would stop and copy, hybrid switches to post-copy
+/// instead, with pre-copy's reason (the downtime target is met, the rounds stopped converging,
+/// another round does not pay…). Hybrid's own budgets end the rounds too: a round, time or byte
+/// budget, or nothing left dirty (post-copy then has nothing to fetch). Decisions only, time
+/// only through the <see cref="TimeProvider"/> given.
 /// </summary>
-public sealed class HybridPolicy(HybridOptions options, TimeProvider time) : IPostCopySwitchPolicy
+public sealed class HybridPolicy : IPreCopyPolicy
 {
-    private readonly long _start = time.GetTimestamp();
+    private readonly HybridOptions _options;
+    private readonly PreCopyPolicy _rounds;
+    private readonly TimeProvider _time;
+    private long _start;
     private long _bytes;
-    private long _previousDirty = long.MaxValue;
 
-    public HybridOptions Options => options;
-
-    public SwitchDecision BeforeFirstRound() => options.MaxRounds <= 0 ? new(true, SwitchReason.RoundBudget) : default;
-
-    public SwitchDecision AfterRound(RoundStats round)
+    public HybridPolicy(HybridOptions options, PreCopyOptions rounds, TimeProvider time)
     {
-        _bytes += round.BytesSent;
-        long previous = _previousDirty;
-        _previousDirty = round.DirtyPagesAfter;
-        if (round.DirtyPagesAfter == 0) return new(true, SwitchReason.Converged);
-        if (round.Round + 1 >= options.MaxRounds) return new(true, SwitchReason.RoundBudget);
-        if (options.ByteBudget is { } bytes && _bytes >= bytes) return new(true, SwitchReason.ByteBudget);
-        if (options.TimeBudget is { } budget && time.GetElapsedTime(_start) >= budget) return new(true, SwitchReason.TimeBudget);
-        if (round.Round >= 1 && round.DirtyPagesAfter > previous * options.ShrinkFactor) return new(true, SwitchReason.NonConvergence);
-        return default;
+        _options = options;
+        _rounds = new PreCopyPolicy(rounds, time);
+        _time = time;
+        _start = time.GetTimestamp();
     }
 
-    public static string Name(SwitchReason r) => r switch
+    public HybridOptions Options => _options;
+    /// <summary>The pre-copy policy that plans the rounds.</summary>
+    public PreCopyPolicy Rounds => _rounds;
+
+    /// <summary>No pre-copy round at all: the budget allows none.</summary>
+    public bool SwitchesAtOnce => _options.MaxRounds <= 0;
+
+    public bool SkipRewrittenPages => _rounds.SkipRewrittenPages;
+
+    public void MigrationStarted()
     {
-        SwitchReason.Immediate => "immediate",
-        SwitchReason.RoundBudget => "round-budget",
-        SwitchReason.TimeBudget => "time-budget",
-        SwitchReason.ByteBudget => "byte-budget",
-        SwitchReason.NonConvergence => "non-convergence",
-        SwitchReason.Converged => "converged",
-        _ => "",
-    };
+        _start = _time.GetTimestamp();
+        _rounds.MigrationStarted();
+    }
+
+    public long PlanNextRound(PageBitmap dirtied, PageBitmap pending, PageBitmap sendNow) => _rounds.PlanNextRound(dirtied, pending, sendNow);
+
+    public PreCopyDecision AfterRound(RoundStats round)
+    {
+        _bytes += round.BytesSent;
+        var decision = _rounds.AfterRound(round);
+        // A budget that ends the rounds wins over a brake step: the switch ends the guest's slowing anyway.
+        if (Budget(round) is { } spent) return decision with { StopAndCopy = true, Reason = spent, Throttle = null, DirtyLimit = null };
+        return decision;
+    }
+
+    private StopReason? Budget(RoundStats round)
+    {
+        if (round.DirtyPagesAfter == 0) return StopReason.Converged;
+        if (round.Round + 1 >= _options.MaxRounds) return StopReason.RoundBudget;
+        if (_options.ByteBudget is { } bytes && _bytes >= bytes) return StopReason.ByteBudget;
+        if (_options.TimeBudget is { } budget && _time.GetElapsedTime(_start) >= budget) return StopReason.TimeBudget;
+        return null;
+    }
 }

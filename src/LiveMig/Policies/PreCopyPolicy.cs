@@ -18,11 +18,36 @@ public sealed record RoundStats(
     public long? PagesDirtied { get; init; }
     /// <summary>How many of the pending pages the next live round would send (the rest are deferred); null: all of them.</summary>
     public long? NextRoundPages { get; init; }
+    /// <summary>The switch-over's fixed cost as measured so far (round trips, VM state): part of every downtime estimate.</summary>
+    public TimeSpan SwitchoverCost { get; init; }
 }
 
-public enum StopReason { None, DowntimeTarget, MaxRounds, NonConvergence, TimeBudget, NoGain }
+/// <summary>
+/// Why the live rounds ended (the report's <c>stopReason</c>): pre-copy's stop conditions, and
+/// hybrid's reasons to switch to post-copy (<see cref="Immediate"/> … <see cref="Converged"/>).
+/// </summary>
+public enum StopReason { None, DowntimeTarget, MaxRounds, NonConvergence, TimeBudget, NoGain, Immediate, RoundBudget, ByteBudget, Converged }
 
-/// <param name="EstimatedDowntime">What a stop-and-copy now would take: pending pages at the measured bandwidth.</param>
+public static class StopReasons
+{
+    /// <summary>The report's name for a reason: <c>downtime-target</c>, <c>round-budget</c>, …; empty for none.</summary>
+    public static string Name(StopReason r) => r switch
+    {
+        StopReason.DowntimeTarget => "downtime-target",
+        StopReason.MaxRounds => "max-rounds",
+        StopReason.NonConvergence => "non-convergence",
+        StopReason.TimeBudget => "time-budget",
+        StopReason.NoGain => "no-gain",
+        StopReason.Immediate => "immediate",
+        StopReason.RoundBudget => "round-budget",
+        StopReason.ByteBudget => "byte-budget",
+        StopReason.Converged => "converged",
+        _ => "",
+    };
+}
+
+/// <param name="StopAndCopy">End the live rounds: pre-copy stops and copies, hybrid switches to post-copy.</param>
+/// <param name="EstimatedDowntime">What a stop-and-copy now would take: pending pages at the measured wire cost and bandwidth, plus the switch-over's fixed cost.</param>
 public readonly record struct PreCopyDecision(bool StopAndCopy, StopReason Reason, TimeSpan EstimatedDowntime)
 {
     /// <summary>Set the vCPU throttle to this (auto-converge); null: leave it.</summary>
@@ -56,6 +81,9 @@ public interface IPreCopyPolicy
 
     /// <summary>Whether live rounds skip a page already written again since its harvest (it will be sent later anyway; only where the dirty log can tell cheaply).</summary>
     bool SkipRewrittenPages => false;
+
+    /// <summary>The migration's rounds begin now: budgets (time, bytes) count from here, not from when the policy was made.</summary>
+    void MigrationStarted() { }
 }
 
 public sealed record PreCopyOptions
@@ -113,8 +141,8 @@ public sealed record PreCopyOptions
 }
 
 /// <summary>
-/// The pre-copy decisions. Stop conditions (Clark et al.): the estimated downtime (pending bytes
-/// ÷ measured bandwidth) is under the target; or the round limit is hit; or the time budget is
+/// The pre-copy decisions. Stop conditions (Clark et al.): the estimated downtime (pending pages
+/// × measured wire bytes per page ÷ measured bandwidth, plus the switch-over's fixed cost) is under the target; or the round limit is hit; or the time budget is
 /// spent; or the dirty set stops shrinking; or, with <see cref="PreCopyOptions.PredictiveStop"/>,
 /// the <see cref="DirtyRatePredictor"/> says another round would not pay for itself. Pages: with
 /// <see cref="PreCopyOptions.DeferHotPages"/> a <see cref="HotPageTracker"/> keeps the writable
@@ -126,7 +154,7 @@ public sealed class PreCopyPolicy : IPreCopyPolicy
 {
     private readonly PreCopyOptions _options;
     private readonly TimeProvider _time;
-    private readonly long _start;
+    private long _start;
     private long _previousDirty = long.MaxValue;
     private int _notShrinking;
 
@@ -145,12 +173,14 @@ public sealed class PreCopyPolicy : IPreCopyPolicy
     /// <summary>Made at the first plan when hot pages are deferred.</summary>
     public HotPageTracker? HotPages { get; private set; }
 
-    /// <summary>Wire bytes one page costs when sent raw: the bound the downtime estimate uses.</summary>
+    /// <summary>Wire bytes one page costs when sent raw: the downtime estimate's unit until rounds have measured the real cost.</summary>
     public const int BytesPerPage = GuestMemory.PageSize + PageBatchWriter.EntryHeaderSize;
 
     public double MeasuredBandwidth => Predictor.BandwidthBytesPerSecond;
 
     public bool SkipRewrittenPages => _options.SkipRewrittenPages;
+
+    public void MigrationStarted() => _start = _time.GetTimestamp();
 
     public long PlanNextRound(PageBitmap dirtied, PageBitmap pending, PageBitmap sendNow)
     {
@@ -162,7 +192,8 @@ public sealed class PreCopyPolicy : IPreCopyPolicy
         HotPages ??= new HotPageTracker(pending.PageCount, _options.HotWindow, _options.HotThreshold);
         HotPages.Observe(dirtied);
         // Deferred pages are sent in the downtime: never hold back more than the downtime limit can carry.
-        long cap = (long)Math.Min(Math.Floor(Predictor.BandwidthPagesPerSecond * _options.DowntimeLimit.TotalSeconds + 1e-6), long.MaxValue / 2);
+        double seconds = Math.Max(0, (_options.DowntimeLimit - Predictor.SwitchoverCost).TotalSeconds);
+        long cap = (long)Math.Min(Math.Floor(Predictor.BandwidthPagesPerSecond * seconds + 1e-6), long.MaxValue / 2);
         return HotPages.Select(pending, sendNow, cap, out _);
     }
 

@@ -104,10 +104,11 @@ public sealed class FrameWriter : IDisposable
     private bool _open;
     private int _capacity;
 
-    public FrameWriter(Stream stream, Transport.RateLimiter? limiter = null)
+    public FrameWriter(Stream stream, Transport.RateLimiter? limiter = null, TimeProvider? time = null)
     {
         _stream = stream;
         Limiter = limiter;
+        Time = time ?? TimeProvider.System;
         _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
     }
 
@@ -115,8 +116,10 @@ public sealed class FrameWriter : IDisposable
     /// <summary>Bytes handed to the stream so far, headers included.</summary>
     public long BytesWritten { get; private set; }
     public long FramesWritten { get; private set; }
-    /// <summary>Stopwatch ticks spent inside the stream's Write (blocked on the socket), rate-limiter waits not included.</summary>
+    /// <summary>Ticks of <see cref="Time"/> spent inside the stream's Write (blocked on the socket), rate-limiter waits not included.</summary>
     public long WriteTicks { get; private set; }
+    /// <summary>The clock <see cref="WriteTicks"/> is measured with.</summary>
+    public TimeProvider Time { get; }
 
     /// <summary>Starts a frame; returns the space for its payload.</summary>
     public Span<byte> Begin(FrameType type, int capacity = 0)
@@ -154,9 +157,9 @@ public sealed class FrameWriter : IDisposable
         BinaryPrimitives.WriteUInt32LittleEndian(h[12..], FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
         int total = FrameFormat.HeaderSize + payloadLength;
         Limiter?.Consume(total);
-        long t0 = Stopwatch.GetTimestamp();
+        long t0 = Time.GetTimestamp();
         _stream.Write(_buffer, 0, total);
-        WriteTicks += Stopwatch.GetTimestamp() - t0;
+        WriteTicks += Time.GetTimestamp() - t0;
         BytesWritten += total;
         FramesWritten++;
     }

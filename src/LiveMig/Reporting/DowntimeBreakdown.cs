@@ -1,5 +1,3 @@
-using System.Diagnostics;
-
 namespace LiveMig.Reporting;
 
 /// <summary>One step of the switch-over, in the order it happened, and how long it took.</summary>
@@ -30,34 +28,37 @@ public sealed record DowntimeBreakdown
     public double? VcpuWakeMs { get; init; }
 }
 
-/// <summary>Stopwatch marks for a <see cref="DowntimeBreakdown"/>: each <see cref="Mark"/> records the time since the previous one. Not thread-safe.</summary>
-public sealed class PhaseClock
+/// <summary>Marks for a <see cref="DowntimeBreakdown"/>: each <see cref="Mark"/> records the time since the previous one, on the clock given. Not thread-safe.</summary>
+public sealed class PhaseClock(TimeProvider? time = null)
 {
+    private readonly TimeProvider _time = time ?? TimeProvider.System;
     private readonly List<DowntimePhase> _phases = new(12);
     private long _last;
+    private bool _started;
     private TimeSpan _jit0;
 
-    public bool Started => _last != 0;
+    public bool Started => _started;
 
-    /// <summary>Starts (or restarts) at <paramref name="timestamp"/> (a <see cref="Stopwatch"/> timestamp).</summary>
+    /// <summary>Starts (or restarts) at <paramref name="timestamp"/> (a timestamp of the clock given).</summary>
     public void Start(long timestamp)
     {
         _phases.Clear();
         _last = timestamp;
+        _started = true;
         _jit0 = System.Runtime.JitInfo.GetCompilationTime(currentThread: true);
     }
 
     /// <summary>Ends the step called <paramref name="phase"/> now; does nothing before <see cref="Start"/>.</summary>
     public void Mark(string phase)
     {
-        if (_last == 0) return;
-        long now = Stopwatch.GetTimestamp();
-        _phases.Add(new DowntimePhase { Phase = phase, Ms = Stopwatch.GetElapsedTime(_last, now).TotalMilliseconds });
+        if (!_started) return;
+        long now = _time.GetTimestamp();
+        _phases.Add(new DowntimePhase { Phase = phase, Ms = _time.GetElapsedTime(_last, now).TotalMilliseconds });
         _last = now;
     }
 
     public List<DowntimePhase> Phases => [.. _phases];
 
     /// <summary>JIT time of the calling thread since <see cref="Start"/> (call it on the thread that started the clock).</summary>
-    public double JitMs => _last == 0 ? 0 : (System.Runtime.JitInfo.GetCompilationTime(currentThread: true) - _jit0).TotalMilliseconds;
+    public double JitMs => !_started ? 0 : (System.Runtime.JitInfo.GetCompilationTime(currentThread: true) - _jit0).TotalMilliseconds;
 }

@@ -1,4 +1,4 @@
-using System.Diagnostics;
+using LiveMig.Core;
 
 namespace LiveMig.Transport;
 
@@ -6,15 +6,23 @@ namespace LiveMig.Transport;
 /// Token bucket shared by every sender of a migration. The rate can change while a migration
 /// runs. A sender that takes more than the bucket holds goes into debt and sleeps it off, so
 /// large frames need no special case; the burst is 10 ms worth of the rate (at least 256 KiB).
+/// Time goes through the <see cref="TimeProvider"/> given: on a <see cref="VirtualClock"/> the
+/// sleep that pays a debt advances virtual time, so the limiter is also a model of a link.
 /// </summary>
 public sealed class RateLimiter
 {
     private readonly object _lock = new();
+    private readonly TimeProvider _time;
     private long _bytesPerSecond;
     private double _tokens;
-    private long _last = Stopwatch.GetTimestamp();
+    private long _last;
 
-    public RateLimiter(long bytesPerSecond) => BytesPerSecond = bytesPerSecond;
+    public RateLimiter(long bytesPerSecond, TimeProvider? time = null)
+    {
+        _time = time ?? TimeProvider.System;
+        _last = _time.GetTimestamp();
+        BytesPerSecond = bytesPerSecond;
+    }
 
     /// <summary>Bytes per second; 0 means unlimited.</summary>
     public long BytesPerSecond
@@ -40,8 +48,8 @@ public sealed class RateLimiter
         {
             long rate = _bytesPerSecond;
             if (rate <= 0) return;
-            long now = Stopwatch.GetTimestamp();
-            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / Stopwatch.Frequency - bytes);
+            long now = _time.GetTimestamp();
+            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / _time.TimestampFrequency - bytes);
             _last = now;
         }
     }
@@ -53,13 +61,13 @@ public sealed class RateLimiter
         {
             long rate = _bytesPerSecond;
             if (rate <= 0) return;
-            long now = Stopwatch.GetTimestamp();
-            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / Stopwatch.Frequency);
+            long now = _time.GetTimestamp();
+            _tokens = Math.Min(Burst(rate), _tokens + (now - _last) * (double)rate / _time.TimestampFrequency);
             _last = now;
             _tokens -= bytes;
             if (_tokens >= 0) return;
             waitSeconds = -_tokens / rate;
         }
-        Thread.Sleep(TimeSpan.FromSeconds(waitSeconds));
+        _time.Sleep(TimeSpan.FromSeconds(waitSeconds));
     }
 }

@@ -1,3 +1,5 @@
+using LiveMig.Core;
+
 namespace LiveMig.Transport;
 
 /// <summary>
@@ -20,8 +22,7 @@ public sealed class RetryBackoff(TimeSpan first, TimeSpan max, TimeSpan window, 
     public bool Wait(CancellationToken cancel = default, WaitHandle? wake = null)
     {
         if (_time.GetElapsedTime(_start) + _delay > window) return false;
-        if (wake is null) cancel.WaitHandle.WaitOne(_delay);
-        else WaitHandle.WaitAny([cancel.WaitHandle, wake], _delay);
+        _time.WaitAny(wake is null ? [cancel.WaitHandle] : [cancel.WaitHandle, wake], _delay);
         cancel.ThrowIfCancellationRequested();
         _delay = TimeSpan.FromTicks(Math.Min(_delay.Ticks * 2, max.Ticks));
         return true;

@@ -1,0 +1,228 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Engine;
+using LiveMig.Memory;
+using LiveMig.Policies;
+using LiveMig.Reporting;
+using LiveMig.Vm;
+
+namespace LiveMig.Core;
+
+/// <summary>
+/// The round loop of pre-copy (Clark et al., NSDI 2005), shared by every driver: the pre-copy
+/// engine, hybrid's pre-copy phase, and the simulator. It owns the page sets — <see cref="Pending"/>
+/// (every page the destination does not hold as it is now), the next round's selection, one
+/// harvest of the dirty log — builds each round's <see cref="RoundStats"/>, asks the policy what
+/// to send and whether to go on, and applies the brakes it asks for. It reaches the world only
+/// through its ports: an <see cref="IRoundSender"/> (send, sync), an <see cref="IDirtyLog"/>
+/// (harvest), <see cref="IGuestBrakes"/> (throttle, dirty limit) and a <see cref="TimeProvider"/>;
+/// it never touches a socket, a page's bytes or the wall clock.
+/// </summary>
+public sealed class RoundController
+{
+    private readonly IPreCopyPolicy _policy;
+    private readonly IRoundSender _sender;
+    private readonly IDirtyLog _dirtyLog;
+    private readonly IGuestBrakes _brakes;
+    private readonly TimeProvider _time;
+    private readonly IMigrationObserver? _observer;
+    private readonly List<RoundReport> _rounds = [];
+    private PageBitmap _sendNow = null!, _dirtied = null!;
+    private long _sendCount, _deferred, _lastHarvest;
+    private bool _skipRewritten;
+
+    public RoundController(IPreCopyPolicy policy, IRoundSender sender, IDirtyLog dirtyLog, IGuestBrakes brakes, TimeProvider time, IMigrationObserver? observer = null)
+    {
+        _policy = policy;
+        _sender = sender;
+        _dirtyLog = dirtyLog;
+        _brakes = brakes;
+        _time = time;
+        _observer = observer;
+        Meter = new ThrottleMeter(brakes, time);
+    }
+
+    /// <summary>Every page the destination does not hold as it is now: sent pages leave it, harvested ones come back. What is pending at the pause goes in the stop-and-copy.</summary>
+    public PageBitmap Pending { get; private set; } = null!;
+    /// <summary>The round running or last run.</summary>
+    public int Round { get; private set; }
+    /// <summary>The decision that ended the live rounds (or the latest one).</summary>
+    public PreCopyDecision Decision { get; private set; }
+    /// <summary>Pages sent since the destination last acknowledged delivery (they may be lost with the connection), and their round; null when none.</summary>
+    public PageBitmap? InFlight { get; private set; }
+    public int InFlightRound { get; private set; } = -1;
+    public IReadOnlyList<RoundReport> Rounds => _rounds;
+    public long PagesSent { get; private set; }
+    public long ZeroMarkers { get; private set; }
+    public long PagesSkipped { get; private set; }
+    /// <summary>Pending pages held back as hot when the live rounds ended.</summary>
+    public long DeferredAtStop { get; private set; }
+    public double MaxThrottle { get; private set; }
+    public double MaxDirtyLimit { get; private set; }
+    public ThrottleMeter Meter { get; }
+    /// <summary>Whether live rounds skip pages written again since their harvest (the policy wants it and the dirty log can tell cheaply).</summary>
+    public bool SkipsRewritten => _skipRewritten;
+
+    /// <summary>
+    /// Starts the migration's rounds with <paramref name="firstRound"/> as round 0's pages (the
+    /// dirty log must be tracking already, so no write after this is missed).
+    /// </summary>
+    public void Begin(PageBitmap firstRound)
+    {
+        Pending = new PageBitmap(firstRound.PageCount);
+        Pending.CopyFrom(firstRound);
+        _sendNow = new PageBitmap(firstRound.PageCount);
+        _sendNow.CopyFrom(firstRound);
+        _dirtied = new PageBitmap(firstRound.PageCount);
+        _sendCount = firstRound.Count();
+        _lastHarvest = _time.GetTimestamp();
+        _skipRewritten = _policy.SkipRewrittenPages && _dirtyLog.CanPeek;
+        _policy.MigrationStarted();
+    }
+
+    /// <summary>
+    /// Runs live rounds until the policy ends them (stop-and-copy, or the switch to post-copy);
+    /// returns that decision. A failure of the sender propagates with <see cref="InFlight"/> set;
+    /// after <see cref="Reattached"/> this can be called again and goes on with a new round.
+    /// </summary>
+    public PreCopyDecision RunLiveRounds(CancellationToken cancel)
+    {
+        while (true)
+        {
+            cancel.ThrowIfCancellationRequested();
+            var stats = LiveRound(cancel);
+            var decision = Decision = _policy.AfterRound(stats);
+            Record(stats, final: false, decision.EstimatedDowntime);
+            ApplyBrakes(decision);
+            if (decision.StopAndCopy)
+            {
+                DeferredAtStop = _deferred;
+                return decision;
+            }
+            Round++;
+        }
+    }
+
+    /// <summary>One live round: send, sync, harvest, plan the next; the statistics the policy sees.</summary>
+    private RoundStats LiveRound(CancellationToken cancel)
+    {
+        Pending.AndNot(_sendNow);
+        (InFlight, InFlightRound) = (_sendNow, Round);
+        long t0 = _time.GetTimestamp();
+        var sent = _sender.SendRound(Round, false, _sendNow, _sendCount, skipZero: Round == 0, _skipRewritten ? Pending : null, cancel);
+        _sender.Sync(Round);
+        InFlight = null;
+        var duration = _time.GetElapsedTime(t0);
+        Count(sent);
+        _dirtied.ClearAll();
+        long harvested = _dirtyLog.Harvest(_dirtied);
+        long harvestTs = _time.GetTimestamp();
+        double interval = _time.GetElapsedTime(_lastHarvest, harvestTs).TotalSeconds;
+        _lastHarvest = harvestTs;
+        Pending.Or(_dirtied);
+        long pendingCount = Pending.Count();
+        _sendCount = _policy.PlanNextRound(_dirtied, Pending, _sendNow);
+        var stats = new RoundStats(Round, sent.Pages, sent.Bytes, duration, pendingCount, sent.Bytes / Math.Max(duration.TotalSeconds, 1e-6), harvested / Math.Max(interval, 1e-6))
+        {
+            PagesSkipped = sent.Skipped,
+            PagesDeferred = _deferred,
+            PagesDirtied = harvested,
+            NextRoundPages = _sendCount,
+            SwitchoverCost = _sender.SwitchoverCost,
+        };
+        _deferred = pendingCount - _sendCount;
+        _sender.EndRound(stats);
+        return stats;
+    }
+
+    private void Count(RoundSent sent)
+    {
+        PagesSent += sent.Pages;
+        ZeroMarkers += sent.ZeroMarkers;
+        PagesSkipped += sent.Skipped;
+    }
+
+    /// <summary>Mechanism only: the policy decided whether and how hard to slow the guest.</summary>
+    private void ApplyBrakes(PreCopyDecision decision)
+    {
+        if (decision.Throttle is { } t) _brakes.Throttle(t);
+        if (decision.DirtyLimit is { } l) _brakes.LimitDirtyRate(l);
+        if (_brakes.ThrottleFraction > 0 || _brakes.DirtyRateLimit > 0) Meter.SlowedDown();
+        MaxThrottle = Math.Max(MaxThrottle, _brakes.ThrottleFraction);
+        MaxDirtyLimit = Math.Max(MaxDirtyLimit, _brakes.DirtyRateLimit);
+    }
+
+    /// <summary>
+    /// At the pause: ends the throttle meter and lifts both brakes (the paused guest has nothing
+    /// left to slow; a failed switch-over resumes it unslowed). Also on any failure.
+    /// </summary>
+    public void ReleaseBrakes()
+    {
+        Meter.Ended();
+        _brakes.Throttle(0);
+        _brakes.LimitDirtyRate(0);
+    }
+
+    /// <summary>The guest is paused: the last harvest joins the pending set, which is now exactly what the destination lacks. Returns its size.</summary>
+    public long HarvestFinal()
+    {
+        _dirtyLog.Harvest(Pending);
+        return Pending.Count();
+    }
+
+    /// <summary>The stop-and-copy: sends every pending page as the final round (the pending set stays in flight until the destination acknowledges the switch-over).</summary>
+    public RoundStats SendFinalRound(long count)
+    {
+        Round++;
+        (InFlight, InFlightRound) = (Pending, Round);
+        long t0 = _time.GetTimestamp();
+        var sent = _sender.SendRound(Round, true, Pending, count, skipZero: false, null, CancellationToken.None);
+        var duration = _time.GetElapsedTime(t0);
+        Count(sent);
+        var stats = new RoundStats(Round, sent.Pages, sent.Bytes, duration, 0, sent.Bytes / Math.Max(duration.TotalSeconds, 1e-6), 0);
+        _sender.EndRound(stats);
+        return stats;
+    }
+
+    /// <summary>Adds the stop-and-copy to the rounds (and tells the observer): apart from sending it, so the engine can time the two.</summary>
+    public void RecordFinalRound(RoundStats stats) => Record(stats, final: true, TimeSpan.Zero);
+
+    /// <summary>
+    /// After the engine reconnected to the destination's partial copy: of the pages in flight,
+    /// those <paramref name="delivered"/> arrived; the others are pending again. Returns those
+    /// (no delta or dedup reference may lean on them), or null when nothing was in flight. The
+    /// next round sends every pending page.
+    /// </summary>
+    public PageBitmap? Reattached(PageBitmap delivered)
+    {
+        var lost = InFlight;
+        if (lost is not null)
+        {
+            lost.AndNot(delivered);
+            if (!ReferenceEquals(lost, Pending)) Pending.Or(lost);
+            InFlight = null;
+        }
+        _sendNow.CopyFrom(Pending);
+        _sendCount = Pending.Count();
+        _deferred = 0;
+        Round++;
+        return lost;
+    }
+
+    /// <summary>Pages the next live round will send.</summary>
+    public long NextRoundPages => _sendCount;
+
+    private void Record(RoundStats s, bool final, TimeSpan estimatedDowntime)
+    {
+        var r = new RoundReport
+        {
+            Round = s.Round, Final = final, PagesSent = s.PagesSent, PagesDirtied = s.DirtyPagesAfter, BytesSent = s.BytesSent,
+            DurationMs = s.Duration.TotalMilliseconds, BandwidthBytesPerSecond = s.BandwidthBytesPerSecond, DirtyRatePagesPerSecond = s.DirtyRatePagesPerSecond,
+            PagesSkipped = s.PagesSkipped, PagesDeferred = s.PagesDeferred, Throttle = _brakes.ThrottleFraction, DirtyLimit = _brakes.DirtyRateLimit,
+            EstimatedDowntimeMs = final ? 0 : Ms(estimatedDowntime),
+        };
+        _rounds.Add(r);
+        _observer?.RoundCompleted(r);
+    }
+
+    internal static double Ms(TimeSpan t) => t == TimeSpan.MaxValue ? -1 : t.TotalMilliseconds;
+}
