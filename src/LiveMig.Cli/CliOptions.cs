@@ -21,10 +21,10 @@ internal sealed class CliOptions
     public readonly Option<string> Fill = new("--fill") { Description = "Initial memory content: zero (sparse), random (incompressible), mixed (35% zero, 25% random, 40% text).", DefaultValueFactory = _ => "mixed", HelpName = "KIND" };
     public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };
     public readonly Option<string> Bandwidth = new("--bandwidth") { Description = "Cap on migration traffic, e.g. 100MiB/s, 1Gbit; 'unlimited' for none.", DefaultValueFactory = _ => "unlimited", HelpName = "RATE" };
-    public readonly Option<string> DowntimeLimit = new("--downtime-limit") { Description = "Stop iterating once the remaining dirty pages would take at most this long to send.", DefaultValueFactory = _ => "300ms", HelpName = "TIME" };
+    public readonly Option<string> DowntimeLimit = new("--downtime-limit") { Description = "Stop iterating once the remaining dirty pages, at their measured cost on the wire, and the switch-over's round trips would take at most this long (hybrid: switch to post-copy then). Not with postcopy.", DefaultValueFactory = _ => "300ms", HelpName = "TIME" };
     public readonly Option<int> MaxRounds = new("--max-rounds") { Description = "Most pre-copy rounds (round 0 included) before stop-and-copy.", DefaultValueFactory = _ => 30, HelpName = "N" };
     public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy (iterate, then stop and copy); postcopy (move the vCPUs first, resume on the destination at once, fetch pages on demand while pushing the rest); hybrid (pre-copy rounds within a budget, then post-copy).", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
-    public readonly Option<string> HybridBudget = new("--hybrid-budget") { Description = "When hybrid switches to post-copy: rounds=N (default 5), time=DURATION, bytes=SIZE, comma-separated; it also switches as soon as the dirty set stops shrinking.", DefaultValueFactory = _ => "rounds=5", HelpName = "SPEC" };
+    public readonly Option<string> HybridBudget = new("--hybrid-budget") { Description = "When hybrid switches to post-copy: rounds=N (default 5), time=DURATION, bytes=SIZE, comma-separated; it also switches wherever pre-copy would stop (downtime target met, rounds not converging, --max-rounds, --predictive-stop). Hybrid only.", DefaultValueFactory = _ => "rounds=5", HelpName = "SPEC" };
     public readonly Option<string> DemandPaging = new("--demand-paging") { Description = "How the destination fetches missing pages in post-copy: auto (userfaultfd where available, else portable with a note), portable (present bitmap on the vCPU path), userfaultfd (kernel faults served by the native helper; fails when unavailable).", DefaultValueFactory = _ => "auto", HelpName = "MODE" };
     public readonly Option<bool> Verify = new("--verify") { Description = "Hash memory at pause (source) and before resume (destination); a mismatch fails the migration. On by default; --verify false to skip.", DefaultValueFactory = _ => true };
     public readonly Option<bool> Json = new("--json") { Description = "Print the report as one JSON object on stdout; no progress display." };
@@ -128,6 +128,7 @@ internal sealed class CliOptions
             "precopy" => MigrationStrategy.PreCopy, "postcopy" => MigrationStrategy.PostCopy, "hybrid" => MigrationStrategy.Hybrid,
             _ => throw new UsageException($"--strategy '{strategy}': expected precopy, postcopy or hybrid"),
         };
+        StrategyRules.Check(this, r, kind, strategy.ToLowerInvariant());
         string bw = r.GetValue(Bandwidth)!;
         if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': expected a rate such as 100MiB/s or 1Gbit, or unlimited");
         string dl = r.GetValue(DowntimeLimit)!;
@@ -137,7 +138,7 @@ internal sealed class CliOptions
         bool defer = r.GetValue(DeferHotPages);
         int streams = r.GetValue(Streams);
         if (streams < 1 || streams > Protocol.StreamLayout.MaxStreams) throw new UsageException($"--streams {streams}: must be between 1 and {Protocol.StreamLayout.MaxStreams}");
-        if (streams > 1 && kind != MigrationStrategy.PreCopy) throw new UsageException($"--streams {streams}: only pre-copy sends on several streams; {strategy} uses one connection for pages (and one for page requests)");
+        if (streams > 1 && kind != MigrationStrategy.PreCopy) throw new UsageException($"--streams {streams}: not with --strategy {strategy.ToLowerInvariant()}: only pre-copy sends on several streams; {strategy.ToLowerInvariant()} uses one connection for pages (and one for page requests)");
         string rc = r.GetValue(Reconnect)!;
         if (!Units.TryParseDuration(rc, out var reconnect) || reconnect < TimeSpan.Zero || reconnect > TimeSpan.FromDays(1))
             throw new UsageException($"--reconnect '{rc}': expected a duration such as 30s (0 = no reconnecting, at most 1 day)");
@@ -162,7 +163,7 @@ internal sealed class CliOptions
             // Post-copy has no choice but to recover (neither side has the whole VM): a window of 0 there means give up at once.
             PostCopy = new PostCopyOptions { Hybrid = ParseHybridBudget(r.GetValue(HybridBudget)!), RecoveryTimeout = reconnect },
         };
-        options = Optimizations.Apply(r.GetValue(Optimize)!, options);
+        options = Optimizations.Apply(r.GetValue(Optimize)!, options, kind, strategy.ToLowerInvariant());
         return options with { Pipeline = ApplyPipelineOptions(r, options.Pipeline) };
     }
 

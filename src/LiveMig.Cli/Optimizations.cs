@@ -26,16 +26,21 @@ internal static class Optimizations
 
     public static string Names => string.Join(", ", Known.Select(e => e.Name));
 
-    /// <summary>Applies <c>all</c>, <c>none</c>, or a comma-separated list of names.</summary>
-    public static MigrationOptions Apply(string spec, MigrationOptions options)
+    /// <summary>
+    /// Applies <c>all</c>, <c>none</c>, or a comma-separated list of names. <c>all</c> takes every
+    /// optimisation <paramref name="strategy"/> can use; a name it cannot use is refused.
+    /// </summary>
+    public static MigrationOptions Apply(string spec, MigrationOptions options, MigrationStrategy strategy = MigrationStrategy.PreCopy, string strategyName = "precopy")
     {
         string s = spec.Trim().ToLowerInvariant();
         if (s is "none" or "") return options;
-        if (s == "all") return Known.Aggregate(options, (o, e) => e.Apply(o));
+        if (s == "all") return Known.Where(e => StrategyRules.StageApplies(e.Name, strategy)).Aggregate(options, (o, e) => e.Apply(o));
         foreach (string name in s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
             var e = Known.FirstOrDefault(k => k.Name == name)
                 ?? throw new UsageException($"--optimize '{spec}': unknown optimisation '{name}' (known: all, none, {Names})");
+            if (!StrategyRules.StageApplies(name, strategy))
+                throw new UsageException($"--optimize: '{name}' not with --strategy {strategyName}: post-copy sends each page once while the VM runs at the destination");
             options = e.Apply(options);
         }
         return options;

@@ -90,8 +90,8 @@ public class CliStreamsOptionTests
     [Theory]
     [InlineData("--streams 0", "--streams 0: must be between 1 and 16")]
     [InlineData("--streams 17", "--streams 17: must be between 1 and 16")]
-    [InlineData("--streams 2 --strategy postcopy", "--streams 2: only pre-copy sends on several streams; postcopy uses one connection")]
-    [InlineData("--streams 2 --strategy hybrid", "--streams 2: only pre-copy sends on several streams; hybrid uses one connection")]
+    [InlineData("--streams 2 --strategy postcopy", "--streams 2: not with --strategy postcopy: only pre-copy sends on several streams; postcopy uses one connection")]
+    [InlineData("--streams 2 --strategy hybrid", "--streams 2: not with --strategy hybrid: only pre-copy sends on several streams; hybrid uses one connection")]
     public void Cli_streams_out_of_range_or_with_post_copy_is_refused_in_one_line(string args, string error)
     {
         var e = Assert.Throws<UsageException>(() => Parse(args.Split(' ')));

@@ -131,7 +131,8 @@ public class PostCopyTests(ITestOutputHelper output)
         using var loop = new PostCopyLoopback(Portable);
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=50000,range=25%", Fill = MemoryFill.Mixed, Seed = 7 });
         vm.Start();
-        var options = new MigrationOptions { Strategy = MigrationStrategy.Hybrid, BandwidthLimit = 128L << 20, PostCopy = new() { Hybrid = new() { MaxRounds = 2 } } };
+        // A downtime target it cannot meet: the round budget ends the rounds (otherwise the switch comes where pre-copy would stop).
+        var options = new MigrationOptions { Strategy = MigrationStrategy.Hybrid, BandwidthLimit = 128L << 20, PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1) }, PostCopy = new() { Hybrid = new() { MaxRounds = 2 } } };
         var (src, arrived) = loop.Migrate(vm, options);
         output.WriteLine(src.ToJson(indented: true));
         CheckVerified(src, arrived);
@@ -145,6 +146,61 @@ public class PostCopyTests(ITestOutputHelper output)
         arrived.Vm.Pause();
         Assert.Null(arrived.Vm.CheckInvariant());
     }
+
+    /// <summary>Hybrid's pre-copy rounds run on the round controller: the page pipeline's every stage works there, and the push compresses.</summary>
+    [Fact]
+    public void Hybrid_with_every_stage_sends_compressed_delta_and_dedup_pages_and_counts_them()
+    {
+        using var loop = new PostCopyLoopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 48L << 20, Vcpus = 2, Workload = "sweep:rate=40000,range=50%", Fill = MemoryFill.Mixed, Seed = 3 });
+        for (int i = 0; i < 500; i++) Pages.Text(i % 10).CopyTo(vm.Memory.Page(vm.Memory.PageCount - 1 - i)); // above the range: duplicates, and free
+        for (int i = 0; i < 200; i++) Pages.Text(i % 5).CopyTo(vm.Memory.Page(1000 + i));                     // inside it: duplicates that are sent
+        vm.Start();
+        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        var options = new MigrationOptions
+        {
+            Strategy = MigrationStrategy.Hybrid,
+            BandwidthLimit = 128L << 20,
+            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1) },
+            PostCopy = new() { Hybrid = new() { MaxRounds = 4 } },
+            Pipeline = Pipeline.PipelineOptions.All with { Compression = Pipeline.CompressionKind.Lz4 },
+        };
+        var (src, arrived) = loop.Migrate(vm, options);
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.True(src.Rounds.Count >= 2);
+        Assert.True(src.PagesByEncoding["lz4"] > 0, "nothing compressed");
+        Assert.True(src.PagesByEncoding["xbzrle"] > 0, "no delta in the re-sent rounds");
+        Assert.True(src.PagesByEncoding["dedup"] > 0, "no dedup reference");
+        Assert.True(src.PagesByEncoding["skipped"] > 0, "no free page skipped");
+        Assert.Contains("lz4", src.Stages.Keys);
+        Assert.Contains("xbzrle", src.Stages.Keys);
+        Assert.Contains("dedup", src.Stages.Keys);
+        Assert.True(src.Bytes.PageData > 0 && src.Bytes.PageData < src.BytesOnWire);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    /// <summary>Pure post-copy: the push compresses (the page-request answers stay raw), and free pages are never to come.</summary>
+    [Fact]
+    public void Postcopy_push_compresses_and_free_pages_arrive_zero()
+    {
+        using var loop = new PostCopyLoopback();
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle:used=50%", Fill = MemoryFill.Mixed, Seed = 4 });
+        vm.Start();
+        var options = PostCopy() with { Pipeline = new Pipeline.PipelineOptions { Compression = Pipeline.CompressionKind.Lz4, SkipFreePages = true } };
+        var (src, arrived) = loop.Migrate(vm, options);
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        Assert.True(src.PagesByEncoding["lz4"] > 0, "the push compressed nothing");
+        Assert.True(src.PagesByEncoding["skipped"] > 0, "no free page skipped");
+        long half = vm.Memory.PageCount / 2;
+        Assert.True(src.PagesPushed + src.PagesRequested <= half, $"{src.PagesPushed + src.PagesRequested} pages sent for a guest using {half}");
+        // The destination holds zeros where the source's free pages were.
+        Assert.True(PageCodecIsZero(arrived.Vm.Memory, vm.Memory.PageCount - 1));
+    }
+
+    private static bool PageCodecIsZero(GuestMemory m, long page) => Pipeline.PageCodec.IsZero(m.Page(page));
 
     [Fact]
     public void Postcopy_zero_pages_arrive_as_markers_and_holes_are_never_sent()

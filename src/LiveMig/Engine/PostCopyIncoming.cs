@@ -330,7 +330,8 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 }
             }
 
-            // Post-copy: pushed pages on main until PostCopyEnd; requested pages on the other connection.
+            // Post-copy: pushed pages on main until PostCopyEnd (compressed if negotiated); requested pages on the other connection.
+            var pushDecoder = new PushDecoder(h.Placer.Decoder);
             while (true)
             {
                 try
@@ -340,7 +341,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     if (type == FrameType.Error) throw new SourceAbort($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                     if (type == FrameType.PageBatch)
                     {
-                        Interlocked.Add(ref _placedFromPush, PlaceBatch(payload, frame, scratch, BasicPageDecoder.Instance));
+                        Interlocked.Add(ref _placedFromPush, PlaceBatch(payload, frame, scratch, pushDecoder));
                         continue;
                     }
                     if (type != FrameType.PostCopyEnd) throw new ProtocolException($"unexpected {type} (frame {frame}) in post-copy");

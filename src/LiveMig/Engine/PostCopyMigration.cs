@@ -57,6 +57,8 @@ public sealed class PostCopyMigration
     /// <param name="roundPolicy">Hybrid: the policy of the pre-copy rounds and of the switch (default <see cref="HybridPolicy"/>); ignored for pure post-copy.</param>
     public PostCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? roundPolicy = null)
     {
+        if (options.Strategy == MigrationStrategy.PostCopy && (options.Pipeline.XbzrleCacheBytes > 0 || options.Pipeline.Dedup))
+            throw new ArgumentException("post-copy sends each page once while the VM runs at the destination: XBZRLE deltas and dedup references have nothing safe to lean on (use hybrid)", nameof(options));
         _vm = vm;
         _options = options;
         _time = options.Time;
@@ -252,6 +254,8 @@ public sealed class PostCopyMigration
         var pending = new PageBitmap(_vm.Memory.PageCount);
         long populated = _vm.Memory.MarkPopulated(pending);
         _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
+        // Free pages are not to come: the destination keeps them zero (and both sides hash them as zero pages).
+        if (_pipeline is { Options.SkipFreePages: true } p) p.SkipFreePages(free => _vm.ReportFreePages(free), pending, populated, _holes);
         return pending;
     }
 
@@ -367,7 +371,7 @@ public sealed class PostCopyMigration
         Span<byte> small = stackalloc byte[512];
         // Hybrid's rounds need Sync and the page pipeline's stages; every stage asked for is required.
         var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0)
-            | (_rounds is not null ? Capabilities.RoundSync | _options.Pipeline.Capabilities : 0);
+            | _options.Pipeline.Capabilities | (_rounds is not null ? Capabilities.RoundSync : 0);
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
             _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
@@ -466,6 +470,12 @@ public sealed class PostCopyMigration
     {
         var frames = link.MainFrames;
         var writer = new PageBatchWriter(frames, _vm.Memory) { Hashes = _hashes };
+        if (_pipeline is { } pipeline && pipeline.Options.Compression != CompressionKind.None)
+        {
+            // Compression pays on a slow link; nothing else may lean on the destination's pages now.
+            writer.Encoder = pipeline.CreateEncoder(compressionOnly: true);
+            writer.Link = pipeline.Link;
+        }
         lock (_counters) _counters.Add(writer.Counters);
         writer.BeginRound(_postCopyRound);
         // Pay the cap before claiming a batch, so a claimed page never sits in the limiter while it is requested.

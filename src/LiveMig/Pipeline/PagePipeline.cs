@@ -124,10 +124,15 @@ public sealed class SourcePipeline : IDisposable
         }
     }
 
-    /// <summary>A new encoder for one sending thread; it shares this pipeline's cache and index.</summary>
-    public PipelineEncoder CreateEncoder()
+    /// <summary>
+    /// A new encoder for one sending thread; it shares this pipeline's cache and index. With
+    /// <paramref name="compressionOnly"/> it only compresses (post-copy's push: the destination
+    /// VM runs and changes its pages, so neither a delta nor a dedup reference may lean on what
+    /// it holds, and the cache and index are no longer kept).
+    /// </summary>
+    public PipelineEncoder CreateEncoder(bool compressionOnly = false)
     {
-        var e = new PipelineEncoder(this);
+        var e = new PipelineEncoder(this, compressionOnly);
         lock (_encoders) _encoders.Add(e);
         return e;
     }
@@ -226,12 +231,15 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
     private readonly StageCounters? _dedup, _xbzrle, _lz4, _zstdC, _adaptiveC;
     private int _round;
 
-    internal PipelineEncoder(SourcePipeline pipeline)
+    private readonly bool _compressionOnly;
+
+    internal PipelineEncoder(SourcePipeline pipeline, bool compressionOnly = false)
     {
         _p = pipeline;
+        _compressionOnly = compressionOnly;
         var o = pipeline.Options;
-        if (o.Dedup) _dedup = Stages.NewDedup();
-        if (o.XbzrleCacheBytes > 0) _xbzrle = Stages.NewXbzrle();
+        if (o.Dedup && !compressionOnly) _dedup = Stages.NewDedup();
+        if (o.XbzrleCacheBytes > 0 && !compressionOnly) _xbzrle = Stages.NewXbzrle();
         switch (o.Compression)
         {
             case CompressionKind.Lz4:
@@ -298,6 +306,7 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
             enc = PageEncoding.Raw;
         }
 
+        if (_compressionOnly) return enc;
         // Keep the shared models of what the destination holds exact.
         if (_p.Cache is { } cache && enc != PageEncoding.Xbzrle) cache.Update(page, s, insert: _round > 0 && enc != PageEncoding.Zero);
         if (_p.DedupIndex is { } index)
@@ -445,6 +454,22 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
 /// every reference against the content it names and indexes placed pages in the
 /// destination-wide <see cref="DedupStore"/> for later migrations. One per incoming migration.
 /// </summary>
+/// <summary>
+/// Decodes what post-copy's push may carry: zero, raw, LZ4 and Zstd pages. A delta or a dedup
+/// reference would read the destination's memory, where in post-copy the page it leans on may
+/// not have arrived (and reading a missing page from managed code is the userfaultfd hazard):
+/// refused as a protocol error.
+/// </summary>
+public sealed class PushDecoder(IPageDecoder inner) : IPageDecoder
+{
+    public void Decode(long page, PageEncoding encoding, ReadOnlySpan<byte> payload, Span<byte> target)
+    {
+        if (encoding is PageEncoding.Xbzrle or PageEncoding.Dedup)
+            throw new ProtocolException($"{EncodingCounters.Name(encoding)} entry for page {page} after the switch to post-copy: only zero, raw, lz4 and zstd pages may follow it");
+        inner.Decode(page, encoding, payload, target);
+    }
+}
+
 public sealed class PipelineDecoder : IPageDecoder, IDisposable
 {
     private readonly GuestMemory _memory;
