@@ -130,6 +130,24 @@ public sealed class RoundControllerTests
     }
 
     [Fact]
+    public void The_time_budget_counts_from_the_start_of_the_rounds_not_from_when_the_policy_was_made()
+    {
+        var clock = new VirtualClock();
+        var link = new ModelLink(clock, LinkBytesPerSecond, TimeSpan.Zero, BytesPerPage);
+        var guest = new ModelGuest(clock, 1 << 20, 300_000); // about the page bandwidth: never converges on its own
+        var policy = new PreCopyPolicy(new PreCopyOptions { TimeBudget = TimeSpan.FromSeconds(10), MaxRounds = 1000, NonConvergenceRounds = 1000 }, clock);
+        clock.Advance(TimeSpan.FromMinutes(5)); // the policy waited a long time before the migration began
+        var c = new RoundController(policy, link, guest, guest, clock);
+        guest.Start();
+        long started = clock.GetTimestamp();
+        c.Begin(All(1 << 20));
+        var decision = c.RunLiveRounds(CancellationToken.None);
+        Assert.Equal(StopReason.TimeBudget, decision.Reason);
+        Assert.True(c.Rounds.Count > 1);
+        Assert.InRange(clock.GetElapsedTime(started).TotalSeconds, 10, 10 + c.Rounds[^1].DurationMs / 1000 + 1e-6);
+    }
+
+    [Fact]
     public void A_model_migration_is_deterministic_for_a_seed()
     {
         static string Run(ulong seed)
