@@ -112,7 +112,7 @@ public class ConvergeMigrationTests(ITestOutputHelper output)
             var options = new MigrationOptions
             {
                 BandwidthLimit = 64L << 20,
-                PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), DeferHotPages = defer, SkipRewrittenPages = defer },
+                PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(50), DeferHotPages = defer, SkipRewrittenPages = defer }.PauseOnStall(),
             };
             var (report, arrived) = loop.Migrate(vm, options);
             Assert.True(report.Verified);

@@ -64,7 +64,7 @@ public partial class FaultTests
         long hole = -1;
         var options = new MigrationOptions
         {
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromTicks(1), MaxRounds = 4 },
+            PreCopy = new Policies.PreCopyOptions { DowntimeLimit = TimeSpan.FromTicks(1), MaxRounds = 4 }.PauseOnStall(),
             Pipeline = new PipelineOptions { XbzrleCacheBytes = 4L << 20 },
         };
         var e = CodecFault(options,

@@ -1,3 +1,4 @@
+using LiveMig.Policies;
 using LiveMig.Engine;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
@@ -98,7 +99,7 @@ public class PipelineMigrationTests(ITestOutputHelper output)
         var options = new MigrationOptions
         {
             BandwidthLimit = 128L << 20,
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 5 },
+            PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 5 }.PauseOnStall(),
             Pipeline = new PipelineOptions { XbzrleCacheBytes = 16L << 20 },
         };
         var (report, arrived) = loop.Migrate(vm, options);
@@ -192,7 +193,7 @@ public class PipelineMigrationTests(ITestOutputHelper output)
         long page = vm.Memory.PageCount - 3;
         byte[] content = Pages.Text(77);
         var writer = new WriteOnRoundStart(0, () => { content.CopyTo(vm.Memory.Page(page)); vm.Memory.NoteWrite(page); });
-        var options = new MigrationOptions { Pipeline = new PipelineOptions { SkipFreePages = true }, PreCopy = new() { MaxRounds = 3 } };
+        var options = new MigrationOptions { Pipeline = new PipelineOptions { SkipFreePages = true }, PreCopy = new PreCopyOptions { MaxRounds = 3 }.PauseOnStall() };
         var (report, arrived) = loop.Migrate(vm, options, writer);
         Show(report);
         Assert.True(writer.Done);
@@ -223,7 +224,7 @@ public class PipelineMigrationTests(ITestOutputHelper output)
         var options = new MigrationOptions
         {
             BandwidthLimit = 128L << 20,
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 5 },
+            PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 5 }.PauseOnStall(),
             Pipeline = PipelineOptions.All,
         };
         var (report, arrived) = loop.Migrate(vm, options);

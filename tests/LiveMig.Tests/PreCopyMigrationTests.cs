@@ -1,3 +1,4 @@
+using LiveMig.Policies;
 using LiveMig.DirtyTracking;
 using LiveMig.Engine;
 using LiveMig.Vm;
@@ -54,16 +55,87 @@ public class PreCopyMigrationTests
         Assert.Equal("downtime-target", report.StopReason);
     }
 
+    /// <summary>A guest that rewrites all its memory faster than the link carries it can never meet a 1 ms target.</summary>
+    private static MigrationOptions NeverConverges(PreCopyOptions? preCopy = null) => new()
+    {
+        BandwidthLimit = 64L << 20,
+        PreCopy = (preCopy ?? new PreCopyOptions()) with { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 5 },
+    };
+
+    private static BuiltInVm SweepingVm() => BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep", Seed = 3 });
+
     [Fact]
-    public void Non_converging_guest_stops_after_its_dirty_set_stops_shrinking()
+    public void Non_converging_guest_is_not_paused_past_the_limit_by_default_the_migration_fails_and_the_vm_runs_on()
     {
         using var loop = new Loopback();
-        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep", Seed = 3 });
+        using var vm = SweepingVm();
         vm.Start();
-        var options = new MigrationOptions { BandwidthLimit = 64L << 20, PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 50 } };
+        var e = Assert.Throws<MigrationFailedException>(() => loop.Migrate(vm, NeverConverges()));
+        Assert.Contains("pre-copy stalled", e.Message);
+        Assert.Contains("over the downtime limit of 1 ms", e.Message);
+        Assert.Contains("pages/s", e.Message);
+        Assert.Contains("--on-stall", e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+        Assert.Equal(0, vm.ThrottleFraction);
+        Assert.Equal(0, e.Report.DowntimeMs);
+        Assert.Contains(e.Report.Escalations, l => l.Contains("aborted"));
+        // Still running: its counter moves on.
+        long ops = vm.Operations;
+        Assert.True(SpinWait.SpinUntil(() => vm.Operations > ops, TimeSpan.FromSeconds(10)), "the VM does not run after the failed migration");
+        loop.DestinationFailure();
+    }
+
+    [Fact]
+    public void Non_converging_guest_with_on_stall_pause_is_paused_within_the_maximum_and_the_report_says_by_how_much()
+    {
+        using var loop = new Loopback();
+        using var vm = SweepingVm();
+        vm.Start();
+        var (report, arrived) = loop.Migrate(vm, NeverConverges(new PreCopyOptions().PauseOnStall(TimeSpan.FromSeconds(30))));
+        Assert.True(report.Verified);
+        Assert.Contains(report.StopReason, new[] { "non-convergence", "max-rounds", "no-gain" });
+        Assert.NotNull(report.DowntimeExceededMs);
+        Assert.Equal(report.DowntimeMs - 1, report.DowntimeExceededMs!.Value, 3);
+        Assert.Contains(report.Escalations, l => l.Contains("paused anyway"));
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
+    }
+
+    [Fact]
+    public void Non_converging_guest_with_on_stall_pause_whose_estimate_exceeds_the_maximum_is_not_paused()
+    {
+        using var loop = new Loopback();
+        using var vm = SweepingVm();
+        vm.Start();
+        // The estimate is hundreds of milliseconds: over a maximum of 2 ms.
+        var e = Assert.Throws<MigrationFailedException>(() => loop.Migrate(vm, NeverConverges(new PreCopyOptions().PauseOnStall(TimeSpan.FromMilliseconds(2)))));
+        Assert.Contains("pre-copy stalled", e.Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+        loop.DestinationFailure();
+    }
+
+    [Fact]
+    public void Non_converging_guest_with_on_stall_throttle_is_slowed_until_it_converges_and_released()
+    {
+        using var loop = new Loopback();
+        using var vm = SweepingVm();
+        vm.Start();
+        var options = NeverConverges() with
+        {
+            PreCopy = NeverConverges().PreCopy with
+            {
+                DowntimeLimit = TimeSpan.FromMilliseconds(50),
+                MaxRounds = 30,
+                OnStall = StallAction.Throttle,
+                AutoConverge = new AutoConvergeOptions { Initial = 0.5, Increment = 0.2, TriggerRounds = 1 },
+            },
+        };
         var (report, arrived) = loop.Migrate(vm, options);
         Assert.True(report.Verified);
-        Assert.Contains(report.StopReason, new[] { "non-convergence", "max-rounds" });
+        Assert.True(report.Throttle >= 0.5, $"throttle {report.Throttle}");
+        Assert.Contains(report.Escalations, l => l.Contains("vCPU throttle 50%"));
+        Assert.Null(report.DowntimeExceededMs);
         arrived.Vm.Pause();
         Assert.Null(arrived.Vm.CheckInvariant());
     }

@@ -70,7 +70,7 @@ public class ResumeTests
     {
         ReconnectWindow = TimeSpan.FromSeconds(20),
         // Several live rounds whatever the machine's speed, so every cut point is reached.
-        PreCopy = new Policies.PreCopyOptions { DowntimeLimit = TimeSpan.Zero, MaxRounds = 4 },
+        PreCopy = new Policies.PreCopyOptions { DowntimeLimit = TimeSpan.Zero, MaxRounds = 4 }.PauseOnStall(),
         IoTimeout = TimeSpan.FromSeconds(10),
         Pipeline = pipeline ?? new PipelineOptions(),
         PostCopy = new PostCopyOptions { FirstRetryDelay = TimeSpan.FromMilliseconds(10) },

@@ -147,6 +147,47 @@ public sealed class RoundControllerTests
         Assert.InRange(clock.GetElapsedTime(started).TotalSeconds, 10, 10 + c.Rounds[^1].DurationMs / 1000 + 1e-6);
     }
 
+    [Theory]
+    [InlineData(StallAction.Abort, RoundsEnding.Abort, 0.0)]
+    [InlineData(StallAction.Throttle, RoundsEnding.Abort, 0.99)]
+    [InlineData(StallAction.PostCopy, RoundsEnding.PostCopy, 0.0)]
+    public void A_stall_ends_the_rounds_as_on_stall_says_and_throttle_gives_up_only_once_no_brake_is_left(StallAction onStall, RoundsEnding ending, double throttle)
+    {
+        double pageBandwidth = LinkBytesPerSecond / BytesPerPage;
+        // 1000 × the link: even at 99% the guest writes ten times what the link carries.
+        var options = new PreCopyOptions { MaxRounds = 200, OnStall = onStall, AutoConverge = onStall == StallAction.Throttle ? new AutoConvergeOptions { TriggerRounds = 1 } : null };
+        var (c, _, _, guest) = Model(1 << 20, pageBandwidth * 1000, options);
+        guest.Start();
+        c.Begin(All(1 << 20));
+        var d = c.RunLiveRounds(CancellationToken.None);
+        Assert.True(d.StopAndCopy && d.Stalled);
+        Assert.Equal(ending, d.Ending);
+        Assert.Equal(throttle, c.MaxThrottle, 6);
+        Assert.Equal(throttle > 0, c.Escalations.Any(l => l.Contains("vCPU throttle 99%")));
+    }
+
+    [Fact]
+    public void A_stall_with_on_stall_pause_stops_and_copies_only_within_the_maximum_downtime()
+    {
+        double pageBandwidth = LinkBytesPerSecond / BytesPerPage;
+        // 10% of the memory stays dirty: a stop-and-copy of 1/10 of 2^20 pages takes about 344 ms.
+        var writable = (First: 0L, Count: 1L << 17);
+        foreach (var (max, ending) in new[] { (TimeSpan.FromSeconds(1), RoundsEnding.StopAndCopy), (TimeSpan.FromMilliseconds(320), RoundsEnding.Abort) })
+        {
+            var clock = new VirtualClock();
+            var link = new ModelLink(clock, LinkBytesPerSecond, TimeSpan.Zero, BytesPerPage);
+            var guest = new ModelGuest(clock, 1 << 20, pageBandwidth * 2, writable: writable);
+            var policy = new PreCopyPolicy(new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(300) }.PauseOnStall(max), clock);
+            var c = new RoundController(policy, link, guest, guest, clock);
+            guest.Start();
+            c.Begin(All(1 << 20));
+            var d = c.RunLiveRounds(CancellationToken.None);
+            Assert.True(d.Stalled);
+            Assert.InRange(d.EstimatedDowntime.TotalMilliseconds, 320, 1000);
+            Assert.Equal(ending, d.Ending);
+        }
+    }
+
     [Fact]
     public void A_model_migration_is_deterministic_for_a_seed()
     {

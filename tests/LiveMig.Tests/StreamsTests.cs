@@ -1,3 +1,4 @@
+using LiveMig.Policies;
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Net;
@@ -55,7 +56,7 @@ public class StreamsTests(ITestOutputHelper output)
         var options = new MigrationOptions
         {
             Streams = streams, BandwidthLimit = 256L << 20,
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 6, DeferHotPages = aids, SkipRewrittenPages = aids },
+            PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 6, DeferHotPages = aids, SkipRewrittenPages = aids }.PauseOnStall(),
         };
         var (report, arrived) = loop.Migrate(vm, options);
         output.WriteLine($"{report.Rounds.Count} rounds, {report.PagesSent} pages, stop {report.StopReason}, skipped {report.PagesSkipped}");
@@ -119,7 +120,7 @@ public class StreamsTests(ITestOutputHelper output)
         RoundGate? held = null;
         var migration = new MigrationOptions
         {
-            Streams = 2, PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 4 },
+            Streams = 2, PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 4 }.PauseOnStall(),
             StreamConnector = i =>
             {
                 var c = new TcpClient { NoDelay = true };
@@ -156,7 +157,7 @@ public class StreamsTests(ITestOutputHelper output)
         var options = new MigrationOptions
         {
             Streams = 3, Security = psk, BandwidthLimit = 200L << 20,
-            PreCopy = new() { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 5 },
+            PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(5), MaxRounds = 5 }.PauseOnStall(),
             Pipeline = new PipelineOptions { Compression = CompressionKind.Lz4, XbzrleCacheBytes = 16L << 20, Dedup = true }, // (free-page skipping would leave pages zero on purpose)
         };
         var (report, arrived) = loop.Migrate(vm, options);

@@ -141,11 +141,22 @@ public sealed class RoundController
         PagesSkipped += sent.Skipped;
     }
 
+    /// <summary>Every step the migration took beyond plain rounds (brakes, a stall and what became of it), one line each, for the report.</summary>
+    public List<string> Escalations { get; } = [];
+
     /// <summary>Mechanism only: the policy decided whether and how hard to slow the guest.</summary>
     private void ApplyBrakes(PreCopyDecision decision)
     {
-        if (decision.Throttle is { } t) _brakes.Throttle(t);
-        if (decision.DirtyLimit is { } l) _brakes.LimitDirtyRate(l);
+        if (decision.Throttle is { } t)
+        {
+            _brakes.Throttle(t);
+            Escalations.Add($"round {Round}: vCPU throttle {t * 100:0}%");
+        }
+        if (decision.DirtyLimit is { } l)
+        {
+            _brakes.LimitDirtyRate(l);
+            Escalations.Add($"round {Round}: dirty limit {l:0} page writes/s per vCPU");
+        }
         if (_brakes.ThrottleFraction > 0 || _brakes.DirtyRateLimit > 0) Meter.SlowedDown();
         MaxThrottle = Math.Max(MaxThrottle, _brakes.ThrottleFraction);
         MaxDirtyLimit = Math.Max(MaxDirtyLimit, _brakes.DirtyRateLimit);
@@ -225,4 +236,20 @@ public sealed class RoundController
     }
 
     internal static double Ms(TimeSpan t) => t == TimeSpan.MaxValue ? -1 : t.TotalMilliseconds;
+
+    /// <summary>
+    /// Why the rounds stalled, in one line an operator can act on: the estimate against the
+    /// limit, the guest's dirty rate against what the link carried.
+    /// </summary>
+    public string StallSummary(TimeSpan downtimeLimit)
+    {
+        var d = Decision;
+        var last = _rounds.Count > 0 ? _rounds[^1] : null;
+        double seconds = _rounds.Sum(r => r.DurationMs) / 1000;
+        double link = seconds > 0 ? _rounds.Sum(r => r.BytesSent) / seconds : 0;
+        double dirty = last?.DirtyRatePagesPerSecond ?? 0;
+        string estimate = d.EstimatedDowntime == TimeSpan.MaxValue ? "an unknown time" : $"an estimated {d.EstimatedDowntime.TotalMilliseconds:0} ms";
+        return $"pre-copy stalled after round {Round} ({StopReasons.Name(d.Reason)}): a stop-and-copy now would pause the VM for {estimate}, over the downtime limit of {downtimeLimit.TotalMilliseconds:0} ms; " +
+               $"the guest dirties {dirty:0} pages/s ({Units.Bytes((long)(dirty * GuestMemory.PageSize))}/s), the link carried {Units.Bytes((long)link)}/s";
+    }
 }

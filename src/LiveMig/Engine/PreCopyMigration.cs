@@ -124,6 +124,7 @@ public sealed class PreCopyMigration
                     if (!_setupDone) Setup();
                     _observer.Phase("live");
                     _controller.RunLiveRounds(cancel);
+                    EndOfRounds();
                     ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // done long ago, unless round 0 was tiny
                     StopAndCopy();
                     break;
@@ -206,6 +207,28 @@ public sealed class PreCopyMigration
         }
         _controller.Begin(first);
         _setupDone = true;
+    }
+
+    /// <summary>
+    /// The downtime limit is a promise: rounds that stalled short of it end as the user chose
+    /// (<see cref="PreCopyOptions.OnStall"/>) — a failure that leaves the VM running here, or a
+    /// longer pause within the maximum given.
+    /// </summary>
+    private void EndOfRounds()
+    {
+        var d = _controller.Decision;
+        if (!d.Stalled && d.Ending == RoundsEnding.StopAndCopy) return;
+        string stall = _controller.StallSummary(_options.PreCopy.DowntimeLimit);
+        if (d.Ending == RoundsEnding.StopAndCopy)
+        {
+            _controller.Escalations.Add($"{stall}; paused anyway, within the maximum downtime of {_options.PreCopy.MaxDowntime?.TotalMilliseconds:0} ms");
+            return;
+        }
+        string why = d.Ending == RoundsEnding.PostCopy
+            ? $"{stall}; the policy asked to switch to post-copy, which this pre-copy migration did not negotiate (use --on-stall postcopy)"
+            : $"{stall}; migration aborted, the VM keeps running on the source. It would converge with --on-stall throttle (slow the guest), --on-stall postcopy, a higher --bandwidth or --compress; or accept the pause with --on-stall pause --max-downtime TIME";
+        _controller.Escalations.Add(why);
+        throw new MigrationAbort(why);
     }
 
     /// <summary>Pause, send the rest and the VM state, and have the destination verify and prepare (Prepare → Ready).</summary>
@@ -424,10 +447,11 @@ public sealed class PreCopyMigration
         long bytes = _bytesOfClosedLinks + _sender.BytesWritten;
         long end = error is null ? _resumedTs : _time.GetTimestamp();
         bool verified = error is null && _options.Verify;
+        double downtime = error is null ? _time.GetElapsedTime(_pauseTs, _resumedTs).TotalMilliseconds : 0;
         return r with
         {
             TotalTimeMs = _time.GetElapsedTime(_t0, end).TotalMilliseconds,
-            DowntimeMs = error is null ? _time.GetElapsedTime(_pauseTs, _resumedTs).TotalMilliseconds : 0,
+            DowntimeMs = downtime,
             VerifyMs = error is null ? _verifyMs + _ready.VerifyUs / 1000.0 : 0,
             DowntimeBreakdown = error is null ? new DowntimeBreakdown { PauseBarrierMs = _pauseBarrierMs, Source = _downtime.Phases, SourceJitMs = _downtime.JitMs } : null,
             BytesOnWire = bytes,
@@ -439,6 +463,7 @@ public sealed class PreCopyMigration
             Verified = verified ? true : _hashesDiffer ? false : null,
             SourceHash = verified ? $"{_sourceHash:x16}" : null,
             DestinationHash = verified ? $"{_ready.DestinationHash:x16}" : null,
+            DowntimeExceededMs = error is null && _controller.Decision.Stalled ? Math.Max(0, downtime - _options.PreCopy.DowntimeLimit.TotalMilliseconds) : null,
         };
     }
 

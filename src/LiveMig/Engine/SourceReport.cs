@@ -52,6 +52,7 @@ internal static class SourceReport
             OpsPerSecondThrottled = meter.RateDuring,
             OperationsLost = meter.OperationsLost,
             Rounds = [.. rounds.Rounds],
+            Escalations = [.. rounds.Escalations],
         };
     }
 

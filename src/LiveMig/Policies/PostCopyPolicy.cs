@@ -32,7 +32,8 @@ public sealed class HybridPolicy : IPreCopyPolicy
     public HybridPolicy(HybridOptions options, PreCopyOptions rounds, TimeProvider time)
     {
         _options = options;
-        _rounds = new PreCopyPolicy(rounds, time);
+        // A stall is hybrid's cue to switch, never a reason to abort or to pause longer.
+        _rounds = new PreCopyPolicy(rounds with { OnStall = StallAction.PostCopy }, time);
         _time = time;
         _start = time.GetTimestamp();
     }
@@ -59,8 +60,8 @@ public sealed class HybridPolicy : IPreCopyPolicy
         _bytes += round.BytesSent;
         var decision = _rounds.AfterRound(round);
         // A budget that ends the rounds wins over a brake step: the switch ends the guest's slowing anyway.
-        if (Budget(round) is { } spent) return decision with { StopAndCopy = true, Reason = spent, Throttle = null, DirtyLimit = null };
-        return decision;
+        if (Budget(round) is { } spent) decision = decision with { StopAndCopy = true, Reason = spent, Throttle = null, DirtyLimit = null };
+        return decision.StopAndCopy ? decision with { Ending = RoundsEnding.PostCopy } : decision;
     }
 
     private StopReason? Budget(RoundStats round)

@@ -56,6 +56,34 @@ public readonly record struct PreCopyDecision(bool StopAndCopy, StopReason Reaso
     public double? DirtyLimit { get; init; }
     /// <summary>What the predictor expected when the decision was made.</summary>
     public RoundForecast? Forecast { get; init; }
+    /// <summary>How the live rounds end when <see cref="StopAndCopy"/> is set: a stop-and-copy, a switch to post-copy, or no switch at all.</summary>
+    public RoundsEnding Ending { get; init; }
+    /// <summary>The rounds ended short of the downtime target (a stop-and-copy now would pause the guest longer than the limit); <see cref="Ending"/> says what <see cref="PreCopyOptions.OnStall"/> made of it.</summary>
+    public bool Stalled { get; init; }
+}
+
+/// <summary>How the live rounds end.</summary>
+public enum RoundsEnding
+{
+    /// <summary>Pause and send the rest (pre-copy's switch-over).</summary>
+    StopAndCopy,
+    /// <summary>Pause and switch to post-copy: the VM resumes at the destination, the rest follows (hybrid; pre-copy with <c>--on-stall postcopy</c>).</summary>
+    PostCopy,
+    /// <summary>Do not switch: the migration fails and the VM keeps running on the source, unslowed (the downtime limit is a promise).</summary>
+    Abort,
+}
+
+/// <summary>What pre-copy does when its rounds stop converging before the downtime target is met (<c>--on-stall</c>).</summary>
+public enum StallAction
+{
+    /// <summary>Fail the migration, the VM keeps running on the source (the default: the limit is a promise).</summary>
+    Abort,
+    /// <summary>Slow the guest (auto-converge and the dirty limit, when given) until it converges; abort once no brake is left.</summary>
+    Throttle,
+    /// <summary>Switch to post-copy, as hybrid does.</summary>
+    PostCopy,
+    /// <summary>Pause anyway, if the estimate is within <see cref="PreCopyOptions.MaxDowntime"/>; else abort.</summary>
+    Pause,
 }
 
 /// <summary>
@@ -111,6 +139,10 @@ public sealed record PreCopyOptions
     public AutoConvergeOptions? AutoConverge { get; init; }
     /// <summary>When rounds do not converge, cap each vCPU at this many page writes per second (QEMU's dirty-limit), before any CPU throttle step; 0: off.</summary>
     public double DirtyLimit { get; init; }
+    /// <summary>What to do when the rounds stop short of the downtime target (non-convergence, the round limit, the time budget, no gain).</summary>
+    public StallAction OnStall { get; init; }
+    /// <summary>With <see cref="StallAction.Pause"/>: the longest pause accepted instead of <see cref="DowntimeLimit"/>.</summary>
+    public TimeSpan? MaxDowntime { get; init; }
 
     /// <summary>
     /// These options with every convergence aid on: hot-page deferral, skipping re-written pages,
@@ -137,7 +169,11 @@ public sealed record PreCopyOptions
         if (!(DowntimeWorth > 0)) throw new ArgumentOutOfRangeException(nameof(DowntimeWorth), DowntimeWorth, "must be positive");
         AutoConverge?.Check();
         if (!(DirtyLimit >= 0) || double.IsInfinity(DirtyLimit)) throw new ArgumentOutOfRangeException(nameof(DirtyLimit), DirtyLimit, "must be a finite number of pages/s, 0 for none");
+        if (MaxDowntime is { } max && max < DowntimeLimit) throw new ArgumentOutOfRangeException(nameof(MaxDowntime), max, "must be at least the downtime limit");
     }
+
+    /// <summary>Accept any pause when the rounds stall (tests and benchmarks that measure a forced stop-and-copy).</summary>
+    public PreCopyOptions PauseOnStall(TimeSpan? max = null) => this with { OnStall = StallAction.Pause, MaxDowntime = max ?? TimeSpan.FromHours(1) };
 }
 
 /// <summary>
@@ -164,7 +200,9 @@ public sealed class PreCopyPolicy : IPreCopyPolicy
         _options = options;
         _time = time;
         _start = time.GetTimestamp();
-        Convergence = new ConvergenceThrottle(options.AutoConverge, options.DirtyLimit);
+        // Throttling on a stall is auto-converge (QEMU's steps unless given): the brakes come on before the rounds give up.
+        var auto = options.OnStall == StallAction.Throttle ? options.AutoConverge ?? new AutoConvergeOptions() : options.AutoConverge;
+        Convergence = new ConvergenceThrottle(auto, options.DirtyLimit);
     }
 
     public PreCopyOptions Options => _options;
@@ -198,6 +236,19 @@ public sealed class PreCopyPolicy : IPreCopyPolicy
     }
 
     public PreCopyDecision AfterRound(RoundStats round)
+    {
+        var d = Decide(round);
+        if (!d.StopAndCopy || d.Reason == StopReason.DowntimeTarget || d.EstimatedDowntime <= _options.DowntimeLimit) return d;
+        // The rounds end short of the target: a stop-and-copy now would break the downtime promise.
+        return _options.OnStall switch
+        {
+            StallAction.Pause when _options.MaxDowntime is { } max && d.EstimatedDowntime <= max => d with { Stalled = true },
+            StallAction.PostCopy => d with { Stalled = true, Ending = RoundsEnding.PostCopy },
+            _ => d with { Stalled = true, Ending = RoundsEnding.Abort },
+        };
+    }
+
+    private PreCopyDecision Decide(RoundStats round)
     {
         Predictor.Observe(round);
         var forecast = Predictor.Forecast();

@@ -153,6 +153,10 @@ public sealed record MigrationReport
     /// <summary>Operations the guest did not do while slowed, compared with its rate before.</summary>
     public long? OperationsLost { get; init; }
     public List<RoundReport> Rounds { get; init; } = [];
+    /// <summary>Source: each step beyond plain rounds, one line each: brakes applied, a stall and what became of it (abort, a longer pause, the switch to post-copy).</summary>
+    public List<string> Escalations { get; init; } = [];
+    /// <summary>Source: how much longer than the downtime limit the pause was, when the user accepted that (<c>--on-stall pause</c>); null otherwise.</summary>
+    public double? DowntimeExceededMs { get; init; }
     public ClientReport? Client { get; init; }
     /// <summary>Pre-copy resume: connection drops survived before the switch-over, each by reattaching to the same destination.</summary>
     public int Reconnects { get; init; }
