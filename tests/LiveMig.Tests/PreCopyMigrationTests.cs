@@ -16,7 +16,8 @@ public class PreCopyMigrationTests
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=200000", Fill = MemoryFill.Mixed, Seed = 5, DirtyLog = kind });
         vm.Start();
         SpinWait.SpinUntil(() => vm.Operations > 20_000);
-        var (report, arrived) = loop.Migrate(vm);
+        // About the data, not the policy: a loaded machine may not converge, so accept the pause.
+        var (report, arrived) = loop.Migrate(vm, new MigrationOptions { PreCopy = new PreCopyOptions().PauseOnStall() });
 
         Assert.Equal("completed", report.Outcome);
         Assert.True(report.Verified);

@@ -33,14 +33,11 @@ public sealed class PreCopyMigration
     private ConnectionRoundSender _sender = null!;
     private RoundController _controller = null!;
     private SourcePipeline? _pipeline;
-    private bool _canResume, _setupDone, _paused, _committed, _hashesDiffer;
+    private StopAndCopy _switchover = null!;
+    private bool _canResume, _setupDone;
     private int _reconnects, _attempts;
-    private long _bytesOfClosedLinks, _stateBytes, _t0, _pauseTs, _resumedTs;
-    private double _verifyMs, _pauseBarrierMs;
-    private ulong _sourceHash;
-    private ReadyMessage _ready;
+    private long _bytesOfClosedLinks, _t0;
     private DateTimeOffset _started;
-    private PhaseClock _downtime = null!;
     private readonly List<string> _interruptions = [];
 
     public PreCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? policy = null)
@@ -109,8 +106,8 @@ public sealed class PreCopyMigration
         _sender = new ConnectionRoundSender(new PageBatchWriter(frames, _vm.Memory), _vm.DirtyLog, _observer, _time) { Bandwidth = Bandwidth };
         _sender.Bind(frames, new FrameReader(stream));
         _controller = new RoundController(_policy, _sender, _vm.DirtyLog, _vm, _time, _observer);
-        _downtime = new PhaseClock(_time);
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), Math.Max(1, _options.Streams), _time);
+        _switchover = new StopAndCopy(_vm, _controller, _sender, _pipeline, _options.Verify, _time, _observer);
         try
         {
             Handshake(reconnect);
@@ -126,15 +123,15 @@ public sealed class PreCopyMigration
                     _controller.RunLiveRounds(cancel);
                     EndOfRounds();
                     ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // done long ago, unless round 0 was tiny
-                    StopAndCopy();
+                    _switchover.PauseAndPrepare();
                     break;
                 }
-                catch (Exception e) when (_canResume && _setupDone && !_committed && LinkFailure.Is(e))
+                catch (Exception e) when (_canResume && _setupDone && !_switchover.Committed && LinkFailure.Is(e))
                 {
                     Reattach(reconnect!, e, cancel);
                 }
             }
-            Commit();
+            _switchover.Commit();
             return Report(null);
         }
         catch (Exception e) when (e is ProtocolException or IOException or MigrationAbort or OperationCanceledException or SocketException or ObjectDisposedException)
@@ -231,102 +228,22 @@ public sealed class PreCopyMigration
         throw new MigrationAbort(why);
     }
 
-    /// <summary>Pause, send the rest and the VM state, and have the destination verify and prepare (Prepare → Ready).</summary>
-    private void StopAndCopy()
-    {
-        _observer.Phase("paused");
-        long pauseAsked = _time.GetTimestamp();
-        _vm.Pause();
-        _pauseTs = _time.GetTimestamp();
-        _paused = true;
-        _pauseBarrierMs = _time.GetElapsedTime(pauseAsked, _pauseTs).TotalMilliseconds;
-        _downtime.Start(_pauseTs);
-        // Paused, a throttle or limit has nothing left to do: release it now, so the guest
-        // never runs slowed again here (a failed switch-over resumes it) and its saved state is clean.
-        _controller.ReleaseBrakes();
-        if (_pipeline is not null) _pipeline.Paused = true;
-        _downtime.Mark("release-brakes");
-        long finalCount = _controller.HarvestFinal();
-        _downtime.Mark("final-harvest");
-        var final = _controller.SendFinalRound(finalCount);
-        _downtime.Mark("final-round");
-        _controller.RecordFinalRound(final); // the progress display hears of it
-        _downtime.Mark("observer");
-        SendState();
-        Prepare();
-    }
-
-    private void SendState()
-    {
-        byte[] state = _vm.SaveState();
-        _downtime.Mark("save-state");
-        _sender.Frames.Send(FrameType.VmState, state);
-        _stateBytes = state.Length + FrameFormat.HeaderSize;
-        _sender.StateBytes = _stateBytes;
-        _downtime.Mark("send-vm-state");
-        if (_sender.Batches.Hashes is { } hashes)
-        {
-            // Every page's hash was taken as it was sent, and the final round re-sent every
-            // page written since: the per-page hashes now describe the paused memory exactly.
-            long h0 = _time.GetTimestamp();
-            _sourceHash = hashes.Combine();
-            _verifyMs = _time.GetElapsedTime(h0).TotalMilliseconds;
-        }
-        _downtime.Mark("hash-combine");
-    }
-
-    private void Prepare()
-    {
-        Span<byte> small = stackalloc byte[64];
-        var prepare = new PrepareMessage(_options.Verify, _sourceHash, _controller.PagesSent);
-        _sender.Frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
-        var type = _sender.Reader.Read(out var payload);
-        if (type == FrameType.Error)
-        {
-            var refusal = ErrorMessage.Parse(payload);
-            _hashesDiffer = refusal.Code == ErrorMessage.VerificationFailed;
-            throw new MigrationAbort($"destination aborted before the switch-over: {refusal.Text}");
-        }
-        if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
-        _ready = ReadyMessage.Parse(payload);
-        _downtime.Mark("prepare-to-ready");
-        if (_options.Verify && _ready.DestinationHash != _sourceHash)
-        {
-            _hashesDiffer = true;
-            throw new MigrationAbort($"destination memory hash {_ready.DestinationHash:x16} differs from the source's {_sourceHash:x16}");
-        }
-    }
-
-    /// <summary>Step 2: from here on the destination may run the VM, so the source never resumes it.</summary>
-    private void Commit()
-    {
-        _sender.Frames.Send(FrameType.Commit, []);
-        _committed = true;
-        var type = _sender.Reader.Read(out _);
-        if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
-        _resumedTs = _time.GetTimestamp();
-        _downtime.Mark("commit-to-resumed");
-        _observer.Phase("resumed");
-        _vm.DirtyLog.Stop();
-        if (_vm is BuiltInVm b) b.Stop();
-    }
-
     /// <summary>What a failure leaves: before Commit the VM runs on here, unslowed; after it, it stays paused. Returns the reason.</summary>
     private string Fail(Exception e)
     {
         string why = e switch
         {
             OperationCanceledException => "migration cancelled",
-            IOException io when !_committed => DestinationError(_sender.Reader, _stream) ?? $"connection to the destination failed: {io.InnerException?.Message ?? io.Message}",
+            IOException io when !_switchover.Committed => DestinationError(_sender.Reader, _stream) ?? $"connection to the destination failed: {io.InnerException?.Message ?? io.Message}",
             _ => e.Message,
         };
-        if (_committed)
+        if (_switchover.Committed)
             return why + " — after Commit: the destination may have resumed the VM, so the source keeps it paused (never running on both)";
         // The destination never got Commit: it discards its copy, the VM carries on here.
         TrySendError(_sender.Frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
         _vm.DirtyLog.Stop();
         _controller.ReleaseBrakes();
-        if (_paused) _vm.Resume();
+        _switchover.ResumeAfterDrop();
         return why;
     }
 
@@ -338,13 +255,9 @@ public sealed class PreCopyMigration
     private void Reattach(Func<int, Stream> reconnect, Exception cause, CancellationToken cancel)
     {
         long cut = _time.GetTimestamp();
-        string phase = _paused ? "stop-and-copy" : $"round {_controller.Round}";
+        string phase = _switchover.Paused ? "stop-and-copy" : $"round {_controller.Round}";
         _observer.Phase("reconnecting");
-        if (_paused)
-        {
-            _vm.Resume();
-            _paused = false;
-        }
+        _switchover.ResumeAfterDrop();
         _bytesOfClosedLinks += _sender.Frames.BytesWritten;
         _sender.Frames.Dispose();
         _sender.Reader.Dispose();
@@ -445,26 +358,17 @@ public sealed class PreCopyMigration
         };
         if (_sender is null) return r; // failed before it began (no connection)
         long bytes = _bytesOfClosedLinks + _sender.BytesWritten;
-        long end = error is null ? _resumedTs : _time.GetTimestamp();
-        bool verified = error is null && _options.Verify;
-        double downtime = error is null ? _time.GetElapsedTime(_pauseTs, _resumedTs).TotalMilliseconds : 0;
-        return r with
+        r = r with
         {
-            TotalTimeMs = _time.GetElapsedTime(_t0, end).TotalMilliseconds,
-            DowntimeMs = downtime,
-            VerifyMs = error is null ? _verifyMs + _ready.VerifyUs / 1000.0 : 0,
-            DowntimeBreakdown = error is null ? new DowntimeBreakdown { PauseBarrierMs = _pauseBarrierMs, Source = _downtime.Phases, SourceJitMs = _downtime.JitMs } : null,
+            TotalTimeMs = _time.GetElapsedTime(_t0, error is null ? _switchover.ResumedTimestamp : _time.GetTimestamp()).TotalMilliseconds,
             BytesOnWire = bytes,
-            Bytes = SourceReport.Wire(bytes, _sender.Counters(), _controller.ZeroMarkers, _stateBytes),
+            Bytes = SourceReport.Wire(bytes, _sender.Counters(), _controller.ZeroMarkers, _switchover.StateBytes),
             Reconnects = _reconnects,
             Interruptions = [.. _interruptions],
             PagesByEncoding = _sender.Counters().PagesByName(),
             Streams = Math.Max(1, _options.Streams),
-            Verified = verified ? true : _hashesDiffer ? false : null,
-            SourceHash = verified ? $"{_sourceHash:x16}" : null,
-            DestinationHash = verified ? $"{_ready.DestinationHash:x16}" : null,
-            DowntimeExceededMs = error is null && _controller.Decision.Stalled ? Math.Max(0, downtime - _options.PreCopy.DowntimeLimit.TotalMilliseconds) : null,
         };
+        return _switchover.AddTo(r, _options.PreCopy.DowntimeLimit);
     }
 
     private string Workload => _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "";
