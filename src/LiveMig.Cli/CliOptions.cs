@@ -22,6 +22,9 @@ internal sealed class CliOptions
     public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };
     public readonly Option<string> Bandwidth = new("--bandwidth") { Description = "Cap on migration traffic, e.g. 100MiB/s, 1Gbit; 'unlimited' for none.", DefaultValueFactory = _ => "unlimited", HelpName = "RATE" };
     public readonly Option<string> DowntimeLimit = new("--downtime-limit") { Description = "Stop iterating once the remaining dirty pages, at their measured cost on the wire, and the switch-over's round trips would take at most this long (hybrid: switch to post-copy then). Not with postcopy.", DefaultValueFactory = _ => "300ms", HelpName = "TIME" };
+    public readonly Option<string> OnStall = new("--on-stall") { Description = "When the rounds stop converging before the downtime target is met: abort (the migration fails, the VM keeps running here, unslowed), throttle (auto-converge, and --dirty-limit if given, until it converges; abort once no brake is left), postcopy (switch to post-copy, as hybrid does), pause (pause anyway, up to --max-downtime). Pre-copy only.", DefaultValueFactory = _ => "abort", HelpName = "ACTION" };
+    public readonly Option<string?> MaxDowntime = new("--max-downtime") { Description = "With --on-stall pause: the longest pause accepted when the rounds stall (the report says by how much the target was exceeded).", HelpName = "TIME" };
+    public readonly Option<string?> Timeout = new("--timeout") { Description = "Bounds the pre-copy rounds: once they have run this long the migration ends as if they had stalled (or stops and copies, if the rest fits the downtime limit; hybrid switches to post-copy).", HelpName = "TIME" };
     public readonly Option<int> MaxRounds = new("--max-rounds") { Description = "Most pre-copy rounds (round 0 included) before stop-and-copy.", DefaultValueFactory = _ => 30, HelpName = "N" };
     public readonly Option<string> Strategy = new("--strategy") { Description = "Migration model: precopy (iterate, then stop and copy); postcopy (move the vCPUs first, resume on the destination at once, fetch pages on demand while pushing the rest); hybrid (pre-copy rounds within a budget, then post-copy).", DefaultValueFactory = _ => "precopy", HelpName = "NAME" };
     public readonly Option<string> HybridBudget = new("--hybrid-budget") { Description = "When hybrid switches to post-copy: rounds=N (default 5), time=DURATION, bytes=SIZE, comma-separated; it also switches wherever pre-copy would stop (downtime target met, rounds not converging, --max-rounds, --predictive-stop). Hybrid only.", DefaultValueFactory = _ => "rounds=5", HelpName = "SPEC" };
@@ -86,7 +89,7 @@ internal sealed class CliOptions
     public void AddMigrationOptions(Command c)
     {
         c.Add(Strategy); c.Add(HybridBudget); c.Add(Streams); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
-        c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit); c.Add(Reconnect);
+        c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit); c.Add(OnStall); c.Add(MaxDowntime); c.Add(Timeout); c.Add(Reconnect);
         AddSecurityOptions(c);
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
@@ -139,6 +142,9 @@ internal sealed class CliOptions
         int streams = r.GetValue(Streams);
         if (streams < 1 || streams > Protocol.StreamLayout.MaxStreams) throw new UsageException($"--streams {streams}: must be between 1 and {Protocol.StreamLayout.MaxStreams}");
         if (streams > 1 && kind != MigrationStrategy.PreCopy) throw new UsageException($"--streams {streams}: not with --strategy {strategy.ToLowerInvariant()}: only pre-copy sends on several streams; {strategy.ToLowerInvariant()} uses one connection for pages (and one for page requests)");
+        var (onStall, maxDowntime) = ParseStall(r, downtime);
+        if (onStall == StallAction.PostCopy && streams > 1) throw new UsageException($"--streams {streams}: not with --on-stall postcopy: a migration that may switch to post-copy sends its pages on one connection");
+        TimeSpan? timeout = ParseOptionalDuration(r.GetValue(Timeout), "--timeout");
         string rc = r.GetValue(Reconnect)!;
         if (!Units.TryParseDuration(rc, out var reconnect) || reconnect < TimeSpan.Zero || reconnect > TimeSpan.FromDays(1))
             throw new UsageException($"--reconnect '{rc}': expected a duration such as 30s (0 = no reconnecting, at most 1 day)");
@@ -158,6 +164,9 @@ internal sealed class CliOptions
                 PredictiveStop = r.GetValue(PredictiveStop),
                 AutoConverge = r.GetResult(AutoConverge) is null ? null : ParseAutoConverge(r.GetValue(AutoConverge)),
                 DirtyLimit = ParseDirtyLimit(r.GetValue(DirtyLimit)),
+                OnStall = onStall,
+                MaxDowntime = maxDowntime,
+                TimeBudget = timeout,
             },
             Strategy = kind,
             // Post-copy has no choice but to recover (neither side has the whole VM): a window of 0 there means give up at once.
@@ -259,6 +268,29 @@ internal sealed class CliOptions
             }
         }
         return o;
+    }
+
+    /// <summary>--on-stall and --max-downtime, checked together: a maximum goes with pause, and pause needs one.</summary>
+    private (StallAction, TimeSpan?) ParseStall(ParseResult r, TimeSpan downtimeLimit)
+    {
+        string text = r.GetValue(OnStall)!;
+        var action = text.Trim().ToLowerInvariant() switch
+        {
+            "abort" => StallAction.Abort, "throttle" => StallAction.Throttle, "postcopy" => StallAction.PostCopy, "pause" => StallAction.Pause,
+            _ => throw new UsageException($"--on-stall '{text}': expected abort, throttle, postcopy or pause"),
+        };
+        TimeSpan? max = ParseOptionalDuration(r.GetValue(MaxDowntime), "--max-downtime");
+        if (max is not null && action != StallAction.Pause) throw new UsageException("--max-downtime: only with --on-stall pause (the longest pause it accepts)");
+        if (action == StallAction.Pause && max is null) throw new UsageException("--on-stall pause: give the longest pause accepted with --max-downtime TIME");
+        if (max < downtimeLimit) throw new UsageException($"--max-downtime {r.GetValue(MaxDowntime)}: shorter than --downtime-limit ({downtimeLimit.TotalMilliseconds:0} ms)");
+        return (action, max);
+    }
+
+    private static TimeSpan? ParseOptionalDuration(string? text, string option)
+    {
+        if (text is null) return null;
+        if (!Units.TryParseDuration(text, out var t) || t <= TimeSpan.Zero || t > TimeSpan.FromDays(1)) throw new UsageException($"{option} '{text}': expected a positive duration such as 10s (at most 1 day)");
+        return t;
     }
 
     public static DemandPagingMode ParseDemandPaging(string text) => text.ToLowerInvariant() switch

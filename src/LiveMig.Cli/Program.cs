@@ -272,7 +272,7 @@ public static class Program
         Func<MigrationReport> run;
         Func<string, string> resume;
         Guid id;
-        if (options.Strategy == MigrationStrategy.PreCopy)
+        if (!Migrations.NeedsPostCopyEngine(options))
         {
             var pre = new PreCopyMigration(vm, options, late);
             (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a));

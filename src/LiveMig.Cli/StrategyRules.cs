@@ -29,6 +29,9 @@ internal static class StrategyRules
         new(o => o.XbzrleCache, PostCopyOnly, "post-copy sends each page once, so there is no copy at the destination to send a delta against"),
         new(o => o.Dedup, PostCopyOnly, "post-copy places pages while the VM runs at the destination, where a reference's holder page may have changed; use precopy or hybrid"),
         new(o => o.DemandPaging, [MigrationStrategy.PreCopy], "only post-copy and hybrid fetch missing pages on demand"),
+        new(o => o.MaxDowntime, [MigrationStrategy.PostCopy, MigrationStrategy.Hybrid], "it bounds the pause of a stalled pre-copy (--on-stall pause)"),
+        new(o => o.OnStall, [MigrationStrategy.PostCopy, MigrationStrategy.Hybrid], "hybrid always switches to post-copy when its rounds stall, and post-copy has no rounds"),
+        new(o => o.Timeout, PostCopyOnly, NoRounds),
     ];
 
     /// <summary>Refuses, as a <see cref="UsageException"/>, the first option given on the command line that <paramref name="strategy"/> cannot honour.</summary>

@@ -50,6 +50,9 @@ public sealed partial class CliStrategyMatrixTests
         ["--predictive-stop"] = (["--predictive-stop"], p => p.Options.PreCopy.PredictiveStop),
         ["--auto-converge"] = (["--auto-converge"], p => p.Options.PreCopy.AutoConverge is not null),
         ["--dirty-limit"] = (["--dirty-limit", "2000"], p => p.Options.PreCopy.DirtyLimit == 2000),
+        ["--on-stall"] = (["--on-stall", "throttle"], p => p.Options.PreCopy.OnStall == Policies.StallAction.Throttle),
+        ["--max-downtime"] = (["--on-stall", "pause", "--max-downtime", "1s"], p => p.Options.PreCopy.MaxDowntime == TimeSpan.FromSeconds(1) && p.Options.PreCopy.OnStall == Policies.StallAction.Pause),
+        ["--timeout"] = (["--timeout", "10s"], p => p.Options.PreCopy.TimeBudget == TimeSpan.FromSeconds(10)),
         ["--compress"] = (["--compress", "lz4"], p => p.Options.Pipeline.Compression == CompressionKind.Lz4),
         ["--xbzrle-cache"] = (["--xbzrle-cache", "8MiB"], p => p.Options.Pipeline.XbzrleCacheBytes == 8L << 20),
         ["--dedup"] = (["--dedup"], p => p.Options.Pipeline.Dedup),
@@ -119,8 +122,8 @@ public sealed partial class CliStrategyMatrixTests
         var expected = strategy switch
         {
             "precopy" => new[] { "--hybrid-budget", "--demand-paging" },
-            "postcopy" => ["--dirty-log", "--hybrid-budget", "--streams", "--downtime-limit", "--max-rounds", "--defer-hot-pages", "--predictive-stop", "--auto-converge", "--dirty-limit", "--xbzrle-cache", "--dedup"],
-            _ => ["--streams"],
+            "postcopy" => ["--dirty-log", "--hybrid-budget", "--streams", "--downtime-limit", "--max-rounds", "--defer-hot-pages", "--predictive-stop", "--auto-converge", "--dirty-limit", "--on-stall", "--max-downtime", "--timeout", "--xbzrle-cache", "--dedup"],
+            _ => ["--streams", "--on-stall", "--max-downtime"],
         };
         Assert.Equal(expected.Order(), refused.Order());
     }

@@ -181,6 +181,38 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Null(arrived.Vm.CheckInvariant());
     }
 
+    /// <summary>Pre-copy with <c>--on-stall postcopy</c>: a guest that converges still ends in a stop-and-copy; one that stalls switches to post-copy.</summary>
+    [Fact]
+    public void Precopy_on_stall_postcopy_stops_and_copies_when_it_converges_and_switches_when_it_stalls()
+    {
+        using (var loop = new PostCopyLoopback())
+        {
+            using var idle = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Mixed, Seed = 2 });
+            idle.Start();
+            var converging = new MigrationOptions { PreCopy = new PreCopyOptions { OnStall = StallAction.PostCopy } };
+            var (src, arrived) = loop.Migrate(idle, converging);
+            CheckVerified(src, arrived);
+            Assert.Equal("precopy", src.Strategy);
+            Assert.Equal("downtime-target", src.StopReason);
+            Assert.Equal(0, src.PagesPushed + src.PagesRequested);
+            Assert.True(src.Rounds[^1].Final);
+            Assert.Empty(src.Escalations);
+        }
+        using (var loop = new PostCopyLoopback())
+        {
+            using var busy = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep", Seed = 3 });
+            busy.Start();
+            var stalling = new MigrationOptions { BandwidthLimit = 64L << 20, PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(1), MaxRounds = 4, OnStall = StallAction.PostCopy } };
+            var (src, arrived) = loop.Migrate(busy, stalling);
+            output.WriteLine(src.ToJson(indented: true));
+            CheckVerified(src, arrived);
+            Assert.True(src.PagesPushed + src.PagesRequested > 0, "nothing moved in post-copy");
+            Assert.Contains(src.Escalations, l => l.Contains("switched to post-copy"));
+            arrived.Vm.Pause();
+            Assert.Null(arrived.Vm.CheckInvariant());
+        }
+    }
+
     /// <summary>Pure post-copy: the push compresses (the page-request answers stay raw), and free pages are never to come.</summary>
     [Fact]
     public void Postcopy_push_compresses_and_free_pages_arrive_zero()

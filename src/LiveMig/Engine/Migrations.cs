@@ -3,8 +3,12 @@ namespace LiveMig.Engine;
 /// <summary>Picks the source engine for <see cref="MigrationOptions.Strategy"/>.</summary>
 public static class Migrations
 {
+    /// <summary>Pre-copy runs on <see cref="PreCopyMigration"/>, unless it may switch to post-copy on a stall: that, hybrid and post-copy need the page-request connection of <see cref="PostCopyMigration"/>.</summary>
+    public static bool NeedsPostCopyEngine(MigrationOptions options) =>
+        options.Strategy != MigrationStrategy.PreCopy || options.PreCopy.OnStall == Policies.StallAction.PostCopy;
+
     public static Reporting.MigrationReport MigrateTo(Vm.IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer, string host, int port, CancellationToken cancel = default) =>
-        options.Strategy == MigrationStrategy.PreCopy
+        !NeedsPostCopyEngine(options)
             ? new PreCopyMigration(vm, options, observer).MigrateTo(host, port, cancel)
             : options.Streams > 1
                 ? throw new ArgumentException($"{Name(options.Strategy)} uses one data connection; several streams ({options.Streams}) are for pre-copy only", nameof(options))

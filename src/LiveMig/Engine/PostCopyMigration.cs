@@ -68,6 +68,13 @@ public sealed class PostCopyMigration
             var hybrid = new HybridPolicy(options.PostCopy.Hybrid, options.PreCopy, options.Time);
             if (roundPolicy is not null || !hybrid.SwitchesAtOnce) _rounds = roundPolicy ?? hybrid;
         }
+        else if (options.Strategy == MigrationStrategy.PreCopy)
+        {
+            // Pre-copy that may fall back to post-copy (--on-stall postcopy): its own policy, post-copy only on a stall.
+            if (options.PreCopy.OnStall != StallAction.PostCopy) throw new ArgumentException("a pre-copy migration runs on PreCopyMigration unless it may switch to post-copy on a stall (PreCopyOptions.OnStall = PostCopy)", nameof(options));
+            if (options.Streams > 1) throw new ArgumentException("pre-copy that may switch to post-copy uses one data connection", nameof(options));
+            _rounds = roundPolicy ?? new PreCopyPolicy(options.PreCopy, options.Time);
+        }
         Limiter = new RateLimiter(options.BandwidthLimit, options.Time);
     }
 
@@ -78,7 +85,7 @@ public sealed class PostCopyMigration
     /// <summary>Makes each connection (kind, attempt number from 0); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address.</summary>
     public Func<ChannelKind, int, Stream>? Connector { get; init; }
 
-    private string StrategyName => _options.Strategy == MigrationStrategy.Hybrid ? "hybrid" : "postcopy";
+    private string StrategyName => Migrations.Name(_options.Strategy);
 
     /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
     public ReconnectTarget? Target { get; private set; }
@@ -157,7 +164,17 @@ public sealed class PostCopyMigration
             }
             Handshake(link);
             OpenPriority(link, connect, 0);
-            if (_rounds is not null) PreCopyRounds(link, cancel);
+            if (_rounds is not null && PreCopyRounds(link, cancel) is { } converged)
+            {
+                // The rounds met the target: pre-copy's switch-over, no post-copy phase at all.
+                converged.PauseAndPrepare();
+                converged.Commit();
+                _completedAt = _resumedAt = converged.ResumedTimestamp;
+                _observer.Phase("done");
+                var done = Report(null, link);
+                link.Dispose();
+                return done;
+            }
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
             link = PostCopy(link, connect, pendingAtSwitch, cancel);
@@ -186,11 +203,13 @@ public sealed class PostCopyMigration
     }
 
     /// <summary>
-    /// Hybrid's pre-copy phase, on the same round controller as pre-copy (the page pipeline,
-    /// Sync, hot-page deferral and the convergence aids included), on the main connection; the
-    /// policy's "stop" is the switch to post-copy.
+    /// The pre-copy phase of hybrid (or of pre-copy with <c>--on-stall postcopy</c>), on the same
+    /// round controller as pre-copy (the page pipeline, Sync, hot-page deferral and the
+    /// convergence aids included), on the main connection. Hybrid's policy always ends in the
+    /// switch to post-copy; pre-copy's ends in a stop-and-copy when the rounds converge (returned,
+    /// ready to run), the switch when they stall, or an abort.
     /// </summary>
-    private void PreCopyRounds(Link link, CancellationToken cancel)
+    private StopAndCopy? PreCopyRounds(Link link, CancellationToken cancel)
     {
         if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
         var batches = new PageBatchWriter(link.MainFrames, _vm.Memory) { Hashes = _hashes };
@@ -204,8 +223,24 @@ public sealed class PostCopyMigration
         var first = FirstRound.Choose(_vm, _pipeline, sender, _announceExtents);
         _controller.Begin(first);
         _observer.Phase("live");
-        _controller.RunLiveRounds(cancel);
+        var d = _controller.RunLiveRounds(cancel);
+        string stall = d.Stalled ? _controller.StallSummary(_options.PreCopy.DowntimeLimit) : "";
+        switch (d.Ending)
+        {
+            case RoundsEnding.Abort:
+                string why = $"{stall}; migration aborted, the VM keeps running on the source";
+                _controller.Escalations.Add(why);
+                throw new MigrationAbort(why);
+            case RoundsEnding.StopAndCopy:
+                if (d.Stalled) _controller.Escalations.Add($"{stall}; paused anyway, within the maximum downtime of {_options.PreCopy.MaxDowntime?.TotalMilliseconds:0} ms");
+                return _stopAndCopy = new StopAndCopy(_vm, _controller, sender, _pipeline, _options.Verify, _time, _observer);
+            default:
+                if (d.Stalled) _controller.Escalations.Add($"{stall}; switched to post-copy");
+                return null;
+        }
     }
+
+    private StopAndCopy? _stopAndCopy;
 
     /// <summary>The switch: pause, say which pages are still to come, send the VM state, and commit once the destination is ready.</summary>
     private PageBitmap Switch(Link link)
@@ -310,6 +345,11 @@ public sealed class PostCopyMigration
     private string Fail(Exception e, Link? link)
     {
         string why = e is OperationCanceledException ? "migration cancelled" : e.Message;
+        if (_stopAndCopy is { Committed: true })
+        {
+            link?.Dispose();
+            return why + " — after Commit: the destination may have resumed the VM, so the source keeps it paused (never running on both)";
+        }
         if (_committed)
         {
             link?.Dispose();
@@ -325,6 +365,7 @@ public sealed class PostCopyMigration
         _vm.DirtyLog.Stop();
         _controller?.ReleaseBrakes();
         if (_paused) _vm.Resume();
+        _stopAndCopy?.ResumeAfterDrop();
         return why;
     }
 
@@ -348,6 +389,7 @@ public sealed class PostCopyMigration
             NetworkFaults = _networkFaults,
             StopReason = _controller is null ? StopReasons.Name(_options.Strategy == MigrationStrategy.Hybrid ? StopReason.RoundBudget : StopReason.Immediate) : StopReasons.Name(_controller.Decision.Reason),
         };
+        if (_stopAndCopy is not null) return _stopAndCopy.AddTo(r with { Bytes = SourceReport.Wire(bytes, AllCounters(), ZeroMarkersSent(), _stopAndCopy.StateBytes) }, _options.PreCopy.DowntimeLimit);
         if (!completed) return r;
         bool verifiedOk = error is null;
         return r with

@@ -222,7 +222,7 @@ public sealed class PreCopyMigration
             return;
         }
         string why = d.Ending == RoundsEnding.PostCopy
-            ? $"{stall}; the policy asked to switch to post-copy, which this pre-copy migration did not negotiate (use --on-stall postcopy)"
+            ? $"{stall}; the policy asked to switch to post-copy, which PreCopyMigration cannot do (PostCopyMigration runs pre-copy that may switch; Migrations.MigrateTo picks it for OnStall = PostCopy)"
             : $"{stall}; migration aborted, the VM keeps running on the source. It would converge with --on-stall throttle (slow the guest), --on-stall postcopy, a higher --bandwidth or --compress; or accept the pause with --on-stall pause --max-downtime TIME";
         _controller.Escalations.Add(why);
         throw new MigrationAbort(why);
