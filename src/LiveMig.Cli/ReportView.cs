@@ -28,7 +28,7 @@ internal static class ReportView
             string extra = string.Join(", ", st.Counters.Where(kv => kv.Value != 0).Select(kv => $"{kv.Key} {kv.Value}"));
             Row($"stage {name}", $"{st.PagesEncoded:N0} of {st.PagesOffered:N0} pages, saved {Units.Bytes(st.BytesSaved)} ({Units.Bytes(st.BytesIn)} → {Units.Bytes(st.BytesOut)}), {st.CpuMs:0.0} ms" + (extra.Length > 0 ? $"; {extra}" : ""));
         }
-        if (r.Strategy == "precopy") Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        if (r.Strategy == "precopy" && r.PagesPushed + r.PagesRequested == 0) Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
         else
         {
             Row("switch to post-copy", $"{r.StopReason}; VM running on the destination after {r.TimeToResumeMs:0.0} ms, last page {r.PostCopyMs:0.0} ms later");
@@ -47,6 +47,8 @@ internal static class ReportView
                 ? $"; guest {before:N0} ops/s before, {during:N0} while slowed, {r.OperationsLost:N0} operations lost" : "";
             Row("guest slowed", $"{how} for {r.ThrottledMs:0} ms{cost}");
         }
+        if (r.DowntimeExceededMs is { } over) Row("downtime limit exceeded", $"by {over:0.0} ms (accepted with --on-stall pause)");
+        foreach (string step in r.Escalations) Row("escalation", step);
         Row("verified", r.Verified switch { true => $"yes (xxHash3 {r.SourceHash})", false => "NO: memory differs", null => "not asked" });
         console.Write(summary);
 
