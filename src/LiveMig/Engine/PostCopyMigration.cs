@@ -263,7 +263,7 @@ public sealed class PostCopyMigration
             CompletedAt = Stopwatch.GetTimestamp();
             if (!resumedSeen) ResumedAt = CompletedAt;
             _observer.Phase("done");
-            if (_vm is BuiltInVm b) b.Stop();
+            _vm.Stop();
             bool verified = !_options.Verify || done.DestinationHash == sourceHash;
             long bytes = _bytesOfClosedLinks + link.BytesWritten;
             var report = BaseReport() with
@@ -585,7 +585,7 @@ public sealed class PostCopyMigration
         return new LatencySummary { P50 = p50, P99 = p99, Max = max };
     }
 
-    private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
+    private int VcpuCount => _vm.VcpuCount;
 
     private MigrationReport BaseReport() => new()
     {
@@ -593,7 +593,7 @@ public sealed class PostCopyMigration
         Role = "source",
         Strategy = StrategyName,
         VmName = _vm.Name,
-        Workload = _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "",
+        Workload = _vm.Description,
         MemoryBytes = _vm.Memory.Size,
         Vcpus = VcpuCount,
         DirtyLog = _options.Strategy == MigrationStrategy.Hybrid ? _vm.DirtyLog.Name : "none",

@@ -369,7 +369,7 @@ public sealed class PreCopyMigration
             downtime.Mark("commit-to-resumed");
             _observer.Phase("resumed");
             _vm.DirtyLog.Stop();
-            if (_vm is BuiltInVm b) b.Stop();
+            _vm.Stop();
 
             return BaseReport() with
             {
@@ -523,7 +523,7 @@ public sealed class PreCopyMigration
         }
     }
 
-    private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
+    private int VcpuCount => _vm.VcpuCount;
 
     /// <summary>Releases any throttle or dirty limit this migration may have put on the guest.</summary>
     private void ReleaseGuest()
@@ -665,7 +665,7 @@ public sealed class PreCopyMigration
         Strategy = "precopy",
         StartedAt = DateTimeOffset.UtcNow,
         VmName = _vm.Name,
-        Workload = _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "",
+        Workload = _vm.Description,
         MemoryBytes = _vm.Memory.Size,
         Vcpus = VcpuCount,
         DirtyLog = _vm.DirtyLog.Name,

@@ -74,12 +74,13 @@ internal static class SwitchoverWarmup
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     /// <summary>
-    /// For the source: the VM's own types (its workload, its dirty log) too, and the state-saving
-    /// path run once into nowhere. Interface calls the migration thread makes at the pause (the
+    /// For the source: the VM's own types (the VM, its dirty log) too, and the VM's own warm-up
+    /// (<see cref="IVirtualMachine.WarmSwitchover"/>: the built-in VM saves its state once into
+    /// nowhere). Interface calls the migration thread makes at the pause (the
     /// brakes' release) are warmed by <see cref="WarmBrakes"/> on that thread.
     /// </summary>
     public static Task ForSource(IVirtualMachine vm) =>
-        Start(() => (vm as BuiltInVm)?.WarmStatePath(), typeof(PreCopyMigration), typeof(ThrottleMeter), vm.GetType(), vm.DirtyLog.GetType(), (vm as BuiltInVm)?.Workload.GetType() ?? typeof(object));
+        Start(vm.WarmSwitchover, typeof(PreCopyMigration), typeof(ThrottleMeter), vm.GetType(), vm.DirtyLog.GetType());
 
     /// <summary>
     /// Calls the brakes with the values in force (no change, so no effect), and SaveState (which a
