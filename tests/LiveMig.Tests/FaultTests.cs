@@ -106,6 +106,51 @@ public partial class FaultTests(ITestOutputHelper output)
         Assert.True(allocated < 32L << 20, $"receiving allocated {allocated} bytes");
     }
 
+    /// <summary>A version-1 source's Hello ends after the VM name (no kind): it is refused by the version check, naming both ranges.</summary>
+    [Fact]
+    public void Fault_version_1_hello_without_a_vm_kind_is_refused_by_the_version_check()
+    {
+        string name = NewName();
+        var v1 = Hello(name) with { MaxVersion = 1, MinVersion = 1 };
+        var payload = new byte[512];
+        int n = v1.Write(payload) - (2 + BuiltInVm.KindName.Length); // cut the kind off: the version-1 layout
+        using var s = new Script();
+        s.Frame(FrameType.Hello, payload.AsSpan(0, n));
+        var (e, replies) = ReceiveFails(s.Bytes(), name);
+        Assert.Contains($"protocol version mismatch: source speaks 1..1, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}", e.Message);
+        Assert.Equal(ErrorMessage.Refused, Assert.Single(replies).Error!.Value.Code);
+    }
+
+    [Fact]
+    public void Fault_unknown_vm_kind_is_refused_naming_the_kind_and_the_supported_kinds()
+    {
+        string name = NewName();
+        using var s = new Script();
+        s.Hello(Hello(name) with { VmKind = "qemu" });
+        var (e, replies) = ReceiveFails(s.Bytes(), name);
+        Assert.Equal("refused: VM kind 'qemu' is not supported here (supported: builtin)", e.Message);
+        Assert.Equal(ErrorMessage.Refused, Assert.Single(replies).Error!.Value.Code);
+    }
+
+    [Theory]
+    [InlineData("bad\nkind", "Hello: vmKind byte 3 is 0x0a")]
+    [InlineData("", "Hello: vmKind is 0 bytes")]
+    [InlineData("0123456789abcdef0123456789abcdefX", "Hello: vmKind is 33 bytes")]
+    public void Fault_malformed_vm_kind_is_a_protocol_error_that_does_not_echo_it(string kind, string expected)
+    {
+        string name = NewName();
+        var payload = new byte[512];
+        int n = Hello(name).Write(payload) - (2 + BuiltInVm.KindName.Length);
+        var w = new SpanWriter(payload.AsSpan(n));
+        w.U16((ushort)kind.Length);
+        w.Bytes(System.Text.Encoding.ASCII.GetBytes(kind));
+        using var s = new Script();
+        s.Frame(FrameType.Hello, payload.AsSpan(0, n + w.Position));
+        var (e, _) = ReceiveFails(s.Bytes(), name);
+        Assert.StartsWith(expected, e.Message);
+        Assert.Throws<ArgumentException>(() => (Hello(name) with { VmKind = kind }).Write(new byte[512]));
+    }
+
     [Theory]
     [InlineData((ushort)99, (ushort)99)]
     [InlineData((ushort)0, (ushort)0)]
@@ -564,7 +609,7 @@ public partial class FaultTests(ITestOutputHelper output)
     private static HelloMessage Hello(string name, long memory = 1 << 20) => new(
         ProtocolVersion.Version, ProtocolVersion.MinSupported,
         Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify, Capabilities.Raw | Capabilities.ZeroPages,
-        memory, GuestMemory.PageSize, 2, Guid.NewGuid(), name);
+        memory, GuestMemory.PageSize, 2, Guid.NewGuid(), name, BuiltInVm.KindName);
 
     private readonly record struct Entry(uint Page, byte Encoding, byte[] Data);
 

@@ -381,6 +381,7 @@ public sealed class IncomingMigration
     {
         if (h.MaxVersion < ProtocolVersion.MinSupported || h.MinVersion > ProtocolVersion.Version)
             return $"protocol version mismatch: source speaks {h.MinVersion}..{h.MaxVersion}, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}";
+        if (h.VmKind != BuiltInVm.KindName) return $"VM kind '{h.VmKind}' is not supported here (supported: {BuiltInVm.KindName})";
         if (h.PageSize != GuestMemory.PageSize) return $"page size {h.PageSize} not supported (only {GuestMemory.PageSize})";
         if (h.MemoryBytes <= 0 || h.MemoryBytes % GuestMemory.PageSize != 0) return $"memory size {h.MemoryBytes} is not a positive multiple of the page size";
         if (h.MemoryBytes > _options.MaxMemoryBytes) return $"memory size {Units.Bytes(h.MemoryBytes)} exceeds this destination's limit of {Units.Bytes(_options.MaxMemoryBytes)}";

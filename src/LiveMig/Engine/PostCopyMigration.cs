@@ -346,7 +346,7 @@ public sealed class PostCopyMigration
     {
         var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, caps, caps,
-            _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
+            _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name, _vm.Kind);
         link.MainFrames.Send(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");

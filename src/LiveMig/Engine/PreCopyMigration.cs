@@ -131,7 +131,7 @@ public sealed class PreCopyMigration
             // Resume after a drop is for the single connection: with several data streams a drop fails the migration (docs/protocol.md).
             var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
             var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
-                memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
+                memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name, _vm.Kind);
             frames.Send(FrameType.Hello, small[..hello.Write(small)]);
             var type = reader.Read(out var payload);
             if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");

@@ -11,8 +11,9 @@ namespace LiveMig.Protocol;
 /// </summary>
 public static class ProtocolVersion
 {
-    public const ushort Version = 1;
-    public const ushort MinSupported = 1;
+    // 2: the Hello names the VM kind (appended); VM state travels as a sequence of VmState chunks.
+    public const ushort Version = 2;
+    public const ushort MinSupported = 2;
 }
 
 [Flags]
@@ -49,21 +50,28 @@ public enum Capabilities : ulong
     PostCopy = 1UL << 24,
 }
 
-/// <summary>Source → destination, first frame.</summary>
+/// <summary>
+/// Source → destination, first frame. <see cref="VmKind"/> (version 2) comes last, so that a
+/// version-1 Hello, which ends after the name, still parses (with an empty kind) as far as the
+/// version check that refuses it.
+/// </summary>
 public readonly record struct HelloMessage(
     ushort MaxVersion, ushort MinVersion, Capabilities Requested, Capabilities Required,
-    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName)
+    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName, string VmKind)
 {
     public const int MaxNameBytes = 255;
+    public const int MaxKindBytes = 32;
 
     public int Write(Span<byte> into)
     {
+        if (KindError(VmKind) is { } bad) throw new ArgumentException(bad, nameof(VmKind));
         var w = new SpanWriter(into);
         w.U16(MaxVersion); w.U16(MinVersion);
         w.U64((ulong)Requested); w.U64((ulong)Required);
         w.I64(MemoryBytes); w.U32((uint)PageSize); w.U32((uint)Vcpus);
         MigrationId.TryWriteBytes(w.Remaining); w.Advance(16);
         w.String(VmName, MaxNameBytes);
+        w.String(VmKind, MaxKindBytes);
         return w.Position;
     }
 
@@ -71,10 +79,24 @@ public readonly record struct HelloMessage(
     {
         var r = new SpanReader(payload, "Hello");
         var m = new HelloMessage(r.U16("maxVersion"), r.U16("minVersion"), (Capabilities)r.U64("requested"), (Capabilities)r.U64("required"),
-            r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes));
+            r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes), "");
+        if (r.Remaining == 0) return m; // a version-1 Hello: the version check refuses it
+        int n = r.U16("vmKind.length");
+        if (n is 0 or > MaxKindBytes) throw new ProtocolException($"Hello: vmKind is {n} bytes; {KindRule}");
+        var kind = r.Bytes(n, "vmKind");
         r.End();
-        return m;
+        for (int i = 0; i < kind.Length; i++)
+            if (!IsKindChar(kind[i])) throw new ProtocolException($"Hello: vmKind byte {i} is 0x{kind[i]:x2}; {KindRule}");
+        return m with { VmKind = System.Text.Encoding.ASCII.GetString(kind) };
     }
+
+    private const string KindRule = "a VM kind is 1..32 ASCII letters, digits, '.', '_' or '-'";
+
+    private static bool IsKindChar(int c) => c is (>= 'a' and <= 'z') or (>= 'A' and <= 'Z') or (>= '0' and <= '9') or '.' or '_' or '-';
+
+    /// <summary>Why <paramref name="kind"/> cannot name a VM kind, or null.</summary>
+    public static string? KindError(string? kind) =>
+        kind is null || kind.Length is 0 or > MaxKindBytes || !kind.All(c => IsKindChar(c)) ? $"VM kind '{kind}' is not valid: {KindRule}" : null;
 }
 
 /// <summary>Destination → source: the version it will speak and the capabilities it accepts.</summary>
