@@ -233,7 +233,7 @@ public class ResumeTests
         Assert.Equal(VmRunState.Running, vm.State);
     }
 
-    private static BuiltInVm WaitArrived(Loopback loop)
+    private static IVirtualMachine WaitArrived(Loopback loop)
     {
         SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
         return loop.Listener.Vms.Single();

@@ -10,7 +10,7 @@ using LiveMig.Vm;
 namespace LiveMig.Engine;
 
 /// <summary>A VM that arrived and runs here, with the destination's report of its migration.</summary>
-public sealed record ArrivedVm(BuiltInVm Vm, MigrationReport Report);
+public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report);
 
 /// <summary>
 /// The destination side of one migration: a state machine over the frames (docs/protocol.md).
@@ -48,7 +48,9 @@ public sealed class IncomingMigration
         Span<byte> small = stackalloc byte[64];
         var state = State.AwaitHello;
         GuestMemory? memory = null;
-        BuiltInVm? vm = null;
+        IVirtualMachine? vm = null;
+        IVmFactory factory = null!; // the Hello's kind's, once the Hello is accepted
+        IncomingVm incoming = null!;
         PageBatchReader? placer = null;
         PipelineDecoder? decoder = null;
         Capabilities accepted = 0;
@@ -83,11 +85,10 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
-                        SwitchoverWarmup.ForDestination(); // the restore and resume code compiles while the pages arrive
-                        // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
-                        memory = _options.MemoryPool?.Take(hello.MemoryBytes);
-                        preparedMemory = memory is not null;
-                        try { memory ??= GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]); }
+                        factory = Factory(hello.VmKind)!;
+                        incoming = Incoming(hello);
+                        SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
+                        try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
@@ -100,7 +101,7 @@ public sealed class IncomingMigration
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
                         // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
-                        else if (hello.Vcpus <= MaxParkedVcpus) vcpuThreads = new ParkedThreads(hello.Vcpus, hello.VmName[..Math.Min(hello.VmName.Length, 32)]);
+                        else vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
                             resumption = PreCopyResumption.Register(hello.MigrationId, stream);
@@ -138,7 +139,7 @@ public sealed class IncomingMigration
                             PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, rounds, t0, started, currentRound, reader.BytesRead);
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, rounds, t0, started, currentRound, reader.BytesRead);
                         memory = null; // post-copy owns it now
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
@@ -193,7 +194,7 @@ public sealed class IncomingMigration
                         // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
                         // Not with several data streams: their final-round pages may still be arriving (they
                         // are all placed only at Prepare), and restoring reads memory.
-                        if (streams is null && !_options.VerifyFromScratch && TryRestoreEarly(memory!, vmState, vcpuThreads, out restoreError) is { } early) { vm = early; memory = null; }
+                        if (streams is null && !_options.VerifyFromScratch && TryRestoreEarly(factory, incoming, memory!, vmState, vcpuThreads, out restoreError) is { } early) { vm = early; memory = null; }
                         downtime.Mark("restore");
                         break;
                     case (State.HaveState, FrameType.Prepare):
@@ -222,7 +223,7 @@ public sealed class IncomingMigration
                         if (restoreError is not null) throw new ProtocolException(restoreError);
                         if (vm is null)
                         {
-                            try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog, vcpuThreads); }
+                            try { vm = factory.Restore(incoming, memory!, vmState, vcpuThreads); }
                             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
                             memory = null; // the VM owns it now
                             downtime.Mark("restore");
@@ -248,7 +249,7 @@ public sealed class IncomingMigration
                             Role = "destination",
                             Security = _options.Security.Mode,
                             VmName = hello.VmName,
-                            Workload = vm.Workload.Spec.ToString(),
+                            Workload = vm.Description,
                             MemoryBytes = hello.MemoryBytes,
                             Vcpus = vm.VcpuCount,
                             DirtyLog = vm.DirtyLog.Name,
@@ -291,7 +292,7 @@ public sealed class IncomingMigration
                 vmState = null;
                 pauseSeenTs = 0;
                 // A VM restored early (at VmState) never ran: undo it, its memory takes pages again.
-                if (vm is not null) { memory = vm.DetachMemory(); vm = null; }
+                if (vm is not null) { memory = factory.Unrestore(vm); vm = null; }
                 restoreError = null;
                 afterReattach = true;
                 reattaches++;
@@ -307,7 +308,7 @@ public sealed class IncomingMigration
             vcpuThreads?.Dispose();
             // No data stream may touch the memory once it is discarded: stop them all first.
             try { streams?.Abort(e.Message); }
-            catch (ProtocolException) { memory = null; if (vm is not null) { vm.DetachMemory(); vm = null; } } // a stream thread did not stop: leak the memory rather than unmap it under it
+            catch (ProtocolException) { memory = null; if (vm is not null) { factory.Unrestore(vm); vm = null; } } // a stream thread did not stop: leak the memory rather than unmap it under it
             streams?.DisposeDecoders();
             decoder?.Dispose();
             decoder = null;
@@ -341,15 +342,21 @@ public sealed class IncomingMigration
     }
 
     /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>
-    private BuiltInVm? TryRestoreEarly(GuestMemory memory, byte[] state, ParkedThreads? threads, out string? error)
+    private static IVirtualMachine? TryRestoreEarly(IVmFactory factory, IncomingVm incoming, GuestMemory memory, byte[] state, ParkedThreads? threads, out string? error)
     {
         error = null;
-        try { return BuiltInVm.Restore(memory, state, _options.DirtyLog, threads); }
+        try { return factory.Restore(incoming, memory, state, threads); }
         catch (InvalidDataException e) { error = e.Message; return null; }
     }
 
-    /// <summary>Most vCPU threads made ahead at Hello (a larger VM gets its threads at restore).</summary>
-    private const int MaxParkedVcpus = 64;
+    /// <summary>This destination's factory for VMs of <paramref name="kind"/>, or null.</summary>
+    private IVmFactory? Factory(string kind) => _options.VmFactories.FirstOrDefault(f => f.Kind == kind);
+
+    private IncomingVm Incoming(HelloMessage h) => new()
+    {
+        MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus,
+        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool,
+    };
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
 
@@ -381,7 +388,7 @@ public sealed class IncomingMigration
     {
         if (h.MaxVersion < ProtocolVersion.MinSupported || h.MinVersion > ProtocolVersion.Version)
             return $"protocol version mismatch: source speaks {h.MinVersion}..{h.MaxVersion}, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}";
-        if (h.VmKind != BuiltInVm.KindName) return $"VM kind '{h.VmKind}' is not supported here (supported: {BuiltInVm.KindName})";
+        if (Factory(h.VmKind) is null) return $"VM kind '{h.VmKind}' is not supported here (supported: {string.Join(", ", _options.VmFactories.Select(f => f.Kind))})";
         if (h.PageSize != GuestMemory.PageSize) return $"page size {h.PageSize} not supported (only {GuestMemory.PageSize})";
         if (h.MemoryBytes <= 0 || h.MemoryBytes % GuestMemory.PageSize != 0) return $"memory size {h.MemoryBytes} is not a positive multiple of the page size";
         if (h.MemoryBytes > _options.MaxMemoryBytes) return $"memory size {Units.Bytes(h.MemoryBytes)} exceeds this destination's limit of {Units.Bytes(_options.MaxMemoryBytes)}";

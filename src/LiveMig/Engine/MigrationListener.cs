@@ -14,7 +14,7 @@ public sealed class MigrationListener : IDisposable
 {
     private readonly TcpListener _listener;
     private readonly DestinationOptions _options;
-    private readonly ConcurrentDictionary<string, BuiltInVm> _vms = new();
+    private readonly ConcurrentDictionary<string, IVirtualMachine> _vms = new();
     private readonly CancellationTokenSource _stop = new();
     private Thread? _acceptThread;
 
@@ -32,7 +32,7 @@ public sealed class MigrationListener : IDisposable
     /// <summary>Raised when an incoming migration fails (its partial VM is already discarded).</summary>
     public event Action<MigrationFailedException>? Failed;
 
-    public IReadOnlyCollection<BuiltInVm> Vms => (IReadOnlyCollection<BuiltInVm>)_vms.Values;
+    public IReadOnlyCollection<IVirtualMachine> Vms => (IReadOnlyCollection<IVirtualMachine>)_vms.Values;
 
     public void Start()
     {

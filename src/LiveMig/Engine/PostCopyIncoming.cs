@@ -14,7 +14,7 @@ namespace LiveMig.Engine;
 /// <summary>What <see cref="IncomingMigration"/> hands over at the switch to post-copy.</summary>
 internal sealed record PostCopyHandover(
     Stream Stream, FrameReader Reader, FrameWriter Frames, GuestMemory Memory, PageBatchReader Placer,
-    HelloMessage Hello, List<RoundReport> Rounds, long StartTimestamp, DateTimeOffset Started, int CurrentRound, long PreCopyBytes);
+    HelloMessage Hello, IVmFactory Factory, IncomingVm Vm, List<RoundReport> Rounds, long StartTimestamp, DateTimeOffset Started, int CurrentRound, long PreCopyBytes);
 
 /// <summary>
 /// The destination side of post-copy: from the switch (PostCopyStart) to the last page. Sets up
@@ -266,7 +266,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     public ArrivedVm Run(PostCopyHandover h, ReadOnlySpan<byte> startPayload)
     {
         var memory = h.Memory;
-        BuiltInVm? vm = null;
+        IVirtualMachine? vm = null;
         var main = new Channel(h.Stream, h.Reader, h.Frames, ChannelKind.Main);
         lock (_lock) _currentMain = main;
         long switchTs = Stopwatch.GetTimestamp(), resumedTs = 0;
@@ -307,7 +307,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 if (_priority is { } ch && !ch.Broken) StartPriorityService(ch);
             }
 
-            try { vm = BuiltInVm.Restore(memory, vmState, _options.DirtyLog); }
+            try { vm = h.Factory.Restore(h.Vm, memory, vmState, null); }
             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
             main.Frames.Send(FrameType.Ready, small[..new ReadyMessage(0, 0).Write(small)]);
             readySent = true;
@@ -397,7 +397,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             Error = error,
             Security = _options.Security.Mode,
             VmName = _hello.VmName,
-            Workload = vm?.Workload.Spec.ToString() ?? "",
+            Workload = vm?.Description ?? "",
             MemoryBytes = _hello.MemoryBytes,
             Vcpus = vm?.VcpuCount ?? _hello.Vcpus,
             DirtyLog = vm is not null && error is null ? vm.DirtyLog.Name : "",
@@ -437,7 +437,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         try { ns.Socket.ReceiveBufferSize = _options.PostCopy.PushSocketBuffer; } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
     }
 
-    private void Resume(BuiltInVm vm, Channel main, ref long resumedTs)
+    private void Resume(IVirtualMachine vm, Channel main, ref long resumedTs)
     {
         _options.BeforeResume?.Invoke(vm);
         vm.Resume();
@@ -471,7 +471,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     /// After a connection failure: close both connections, keep the faulting vCPUs waiting, wait
     /// for the source to reconnect, tell it which pages are here. Throws <see cref="RecoveryFailed"/> on timeout.
     /// </summary>
-    private Channel Recover(Channel broken, Exception cause, BuiltInVm? resumeOnAttach, ref long resumedTs)
+    private Channel Recover(Channel broken, Exception cause, IVirtualMachine? resumeOnAttach, ref long resumedTs)
     {
         _networkFaults++;
         Trace?.Invoke($"recover: {cause.GetType().Name}: {cause.Message}");
