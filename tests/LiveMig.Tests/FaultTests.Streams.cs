@@ -128,7 +128,7 @@ public partial class FaultTests
             if (r < Final) Sync(control, r);
             control.RoundEnd(r);
         }
-        control.Frame(FrameType.VmState, vmState);
+        control.VmState(vmState);
         var b = new byte[64];
         control.Frame(FrameType.Prepare, b.AsSpan(0, new PrepareMessage(true, expected.Combine(), last.Count).Write(b)));
         control.Frame(FrameType.Commit, []);
@@ -307,7 +307,7 @@ public partial class FaultTests
             control.RoundEnd(0);
             control.RoundStart(1, final: true);
             control.RoundEnd(1);
-            control.Frame(FrameType.VmState, vmState);
+            control.VmState(vmState);
             var b = new byte[64];
             control.Frame(FrameType.Prepare, b.AsSpan(0, new PrepareMessage(true, expected.Combine(), 0).Write(b)));
             control.Frame(FrameType.Commit, []);

@@ -1,6 +1,8 @@
+using System.Buffers.Binary;
 using LiveMig.DirtyTracking;
 using LiveMig.Engine;
 using LiveMig.Memory;
+using LiveMig.Protocol;
 using LiveMig.Vm;
 
 namespace LiveMig.Tests;
@@ -8,8 +10,12 @@ namespace LiveMig.Tests;
 /// <summary>The VM is pluggable at both ends: the kind in the Hello picks the destination's factory.</summary>
 public class VmSeamTests
 {
-    /// <summary>A VM of another kind: the built-in VM under another name (as a QEMU guest will be another implementation).</summary>
-    private sealed class OtherKindVm(IVirtualMachine inner) : IVirtualMachine
+    /// <summary>
+    /// A VM of another kind: the built-in VM under another name (as a QEMU guest will be another
+    /// implementation), whose state can carry <paramref name="padding"/> bytes of "device state"
+    /// after the built-in VM's (u32 length, built-in state, padding).
+    /// </summary>
+    private sealed class OtherKindVm(IVirtualMachine inner, int padding = 0) : IVirtualMachine
     {
         public const string KindName = "other-kind";
         public IVirtualMachine Inner => inner;
@@ -24,7 +30,28 @@ public class VmSeamTests
         public void Pause() => inner.Pause();
         public void Resume() => inner.Resume();
         public void Stop() => inner.Stop();
-        public byte[] SaveState() => inner.SaveState();
+        public byte[] SaveState()
+        {
+            byte[] own = inner.SaveState();
+            var state = new byte[4 + own.Length + padding];
+            BinaryPrimitives.WriteInt32LittleEndian(state, own.Length);
+            own.CopyTo(state, 4);
+            for (int i = 0; i < padding; i++) state[4 + own.Length + i] = Pad(i);
+            return state;
+        }
+
+        public static byte Pad(int i) => (byte)(i * 31 + (i >> 20) + 7);
+
+        /// <summary>The built-in VM's part of a saved state; checks the padding.</summary>
+        public static ReadOnlySpan<byte> Unpad(ReadOnlySpan<byte> state, out int padding)
+        {
+            int n = BinaryPrimitives.ReadInt32LittleEndian(state);
+            var pad = state[(4 + n)..];
+            for (int i = 0; i < pad.Length; i++)
+                if (pad[i] != Pad(i)) throw new InvalidDataException($"device state byte {i} is {pad[i]}, expected {Pad(i)}");
+            padding = pad.Length;
+            return state.Slice(4, n);
+        }
         public void Throttle(double fraction) { }
         public double ThrottleFraction => 0;
         public void LimitDirtyRate(double pagesPerSecondPerVcpu) { }
@@ -38,20 +65,22 @@ public class VmSeamTests
     private sealed class OtherKindFactory : IVmFactory
     {
         public readonly List<string> Calls = [];
+        public int PaddingRestored = -1;
         public string Kind => OtherKindVm.KindName;
         public VmMemory CreateMemory(IncomingVm vm) { Calls.Add($"memory {vm.Kind} {vm.MemoryBytes}"); return BuiltInVmFactory.Instance.CreateMemory(vm); }
         public ParkedThreads? PrepareThreads(IncomingVm vm) { Calls.Add($"threads {vm.Vcpus}"); return null; }
         public IVirtualMachine Restore(IncomingVm vm, GuestMemory memory, ReadOnlySpan<byte> state, ParkedThreads? threads)
         {
             Calls.Add("restore");
-            return new OtherKindVm(BuiltInVmFactory.Instance.Restore(vm, memory, state, threads));
+            var own = OtherKindVm.Unpad(state, out PaddingRestored);
+            return new OtherKindVm(BuiltInVmFactory.Instance.Restore(vm, memory, own, threads));
         }
         public GuestMemory Unrestore(IVirtualMachine vm) => BuiltInVmFactory.Instance.Unrestore(((OtherKindVm)vm).Inner);
     }
 
-    private static OtherKindVm StartOther()
+    private static OtherKindVm StartOther(int padding = 0)
     {
-        var vm = new OtherKindVm(BuiltInVm.Create(new VmConfig { Name = "o" + Guid.NewGuid().ToString("N")[..8], MemoryBytes = 16L << 20, Workload = "sweep:rate=20000", Fill = MemoryFill.Mixed, Seed = 3 }));
+        var vm = new OtherKindVm(BuiltInVm.Create(new VmConfig { Name = "o" + Guid.NewGuid().ToString("N")[..8], MemoryBytes = 16L << 20, Workload = "sweep:rate=20000", Fill = MemoryFill.Mixed, Seed = 3 }), padding);
         ((BuiltInVm)vm.Inner).Start();
         return vm;
     }
@@ -80,6 +109,28 @@ public class VmSeamTests
         Assert.Equal(VmRunState.Stopped, vm.State);
         other.Pause();
         Assert.Null(other.CheckInvariant());
+    }
+
+    /// <summary>A device state far larger than one frame travels as VmState chunks and arrives byte for byte (pre-copy, post-copy).</summary>
+    [Theory]
+    [InlineData(MigrationStrategy.PreCopy)]
+    [InlineData(MigrationStrategy.PostCopy)]
+    public void A_40_MiB_vm_state_travels_in_chunks_and_arrives_intact(MigrationStrategy strategy)
+    {
+        const int padding = 40 << 20;
+        var factory = new OtherKindFactory();
+        var options = new DestinationOptions { VmFactories = [factory], PostCopy = new() { Mode = DemandPagingMode.Portable } };
+        using var vm = StartOther(padding);
+        using var pre = strategy == MigrationStrategy.PreCopy ? new Loopback(options) : null;
+        using var post = pre is null ? new PostCopyLoopback(options) : null;
+        var (source, arrived) = pre?.Migrate(vm) ?? post!.Migrate(vm, PostCopyTests.PostCopy());
+        Assert.Equal("completed", source.Outcome);
+        Assert.True(arrived.Report.Verified);
+        Assert.Equal(padding, factory.PaddingRestored);
+        int chunks = (padding + 4 + 1024) / VmStateChunks.ChunkBytes + 1;
+        Assert.InRange(source.Bytes!.VmState, padding, padding + chunks * (FrameFormat.HeaderSize + VmStateChunks.HeaderSize) + 4096);
+        arrived.Vm.Pause();
+        Assert.Null(arrived.Vm.CheckInvariant());
     }
 
     [Fact]

@@ -19,7 +19,7 @@ public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report);
 /// </summary>
 public sealed class IncomingMigration
 {
-    private enum State { AwaitHello, Live, StopAndCopy, HaveState, Prepared }
+    private enum State { AwaitHello, Live, StopAndCopy, ReceivingState, HaveState, Prepared }
 
     private readonly DestinationOptions _options;
 
@@ -55,6 +55,7 @@ public sealed class IncomingMigration
         PipelineDecoder? decoder = null;
         Capabilities accepted = 0;
         byte[]? vmState = null;
+        var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
         Prefaulter? prefaulter = null;
         bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
@@ -186,9 +187,10 @@ public sealed class IncomingMigration
                         streams?.WaitRound(sync.Round);
                         frames.Send(FrameType.SyncAck, small[..sync.Write(small)]);
                         break;
-                    case (State.StopAndCopy, FrameType.VmState):
-                        if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
-                        vmState = payload.ToArray();
+                    case (State.StopAndCopy or State.ReceivingState, FrameType.VmState):
+                        state = State.ReceivingState;
+                        if (!stateChunks.Add(payload, frame)) break;
+                        vmState = stateChunks.State;
                         state = State.HaveState;
                         downtime.Mark("vm-state");
                         // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
@@ -273,11 +275,13 @@ public sealed class IncomingMigration
                         decoder?.Dispose();
                         streams?.DisposeDecoders();
                         return new ArrivedVm(vm, report);
+                    case (State.ReceivingState, _):
+                        throw stateChunks.Interrupted(type, frame);
                     default:
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
                 }
               }
-              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.HaveState && LinkFailure.Is(e))
+              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.ReceivingState or State.HaveState && LinkFailure.Is(e))
               {
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
@@ -290,6 +294,7 @@ public sealed class IncomingMigration
                 stream = next.Stream;
                 state = State.Live;
                 vmState = null;
+                stateChunks.Reset();
                 pauseSeenTs = 0;
                 // A VM restored early (at VmState) never ran: undo it, its memory takes pages again.
                 if (vm is not null) { memory = factory.Unrestore(vm); vm = null; }

@@ -59,6 +59,8 @@ public sealed record DestinationOptions
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
     public Action<IVirtualMachine>? BeforeResume { get; init; }
+    /// <summary>Largest VM state (vCPU and device state, sent in chunks) a source may announce; a larger claim fails the migration before anything is allocated.</summary>
+    public long MaxVmStateBytes { get; init; } = 256L << 20;
     /// <summary>
     /// The VM kinds this destination can run, one factory each (the Hello names the kind; any
     /// other is refused). Default: the built-in VM.

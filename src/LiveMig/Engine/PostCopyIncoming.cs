@@ -283,18 +283,18 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             var start = PostCopyStartMessage.Parse(startPayload);
             if (start.Round != h.CurrentRound + 1) throw new ProtocolException($"PostCopyStart: round {start.Round} after round {h.CurrentRound}");
             using var pending = new NativePageBitmap(memory.PageCount);
-            byte[] vmState;
+            var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
             while (true)
             {
                 var type = main.Reader.Read(out var payload);
                 long frame = main.Reader.FramesRead - 1;
                 if (type == FrameType.Error) throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
-                if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, pending); continue; }
-                if (type != FrameType.VmState) throw new ProtocolException($"unexpected {type} (frame {frame}) after PostCopyStart");
-                if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
-                vmState = payload.ToArray();
-                break;
+                if (type == FrameType.VmState) { if (stateChunks.Add(payload, frame)) break; continue; }
+                if (stateChunks.Started) throw stateChunks.Interrupted(type, frame);
+                if (type != FrameType.PendingPages) throw new ProtocolException($"unexpected {type} (frame {frame}) after PostCopyStart");
+                PageBitmapChunks.Apply(payload, pending);
             }
+            byte[] vmState = stateChunks.State;
             if (pending.Count() != start.PendingPages) throw new ProtocolException($"PostCopyStart announced {start.PendingPages} pending pages, the bitmap lists {pending.Count()}");
 
             // Demand paging: present = everything not still to come.

@@ -206,8 +206,7 @@ public sealed class PostCopyMigration
             link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
             PageBitmapChunks.Send(link.MainFrames, _pending);
             byte[] state = _vm.SaveState();
-            link.MainFrames.Send(FrameType.VmState, state);
-            stateBytes = state.Length + FrameFormat.HeaderSize;
+            stateBytes = VmStateChunks.Send(link.MainFrames, state);
             StartServer(link); // the destination may fault while it restores the VM
 
             var type = link.MainReader.Read(out var payload);

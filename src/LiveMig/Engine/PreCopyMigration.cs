@@ -289,8 +289,7 @@ public sealed class PreCopyMigration
 
                     byte[] state = _vm.SaveState();
                     downtime.Mark("save-state");
-                    frames.Send(FrameType.VmState, state);
-                    stateBytes = state.Length + FrameFormat.HeaderSize;
+                    stateBytes = VmStateChunks.Send(frames, state);
                     downtime.Mark("send-vm-state");
                     if (batches.Hashes is not null)
                     {
