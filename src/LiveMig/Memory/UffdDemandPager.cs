@@ -147,8 +147,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
                 {
                     long end = p;
                     while (end + 1 < first + count && pending.IsSet(end + 1)) end++;
-                    if (Native.fallocate(memory.FileDescriptor, Native.FALLOC_FL_PUNCH_HOLE | Native.FALLOC_FL_KEEP_SIZE, p << GuestMemory.PageShift, (end - p + 1) << GuestMemory.PageShift) != 0)
-                    { why = $"fallocate(PUNCH_HOLE): {Native.ErrorText(Native.Errno)}"; return false; }
+                    if (memory.PunchHole(p, end - p + 1) is { } failed) { why = failed; return false; }
                     p = pending.NextSet(end + 1);
                 }
             }

@@ -29,7 +29,7 @@ public readonly record struct VmMemory(GuestMemory Memory, bool Populated);
 /// when the Hello arrives, then the VM itself from that memory, once it holds every page, and
 /// the state the source sent. The destination keeps one factory per kind it supports
 /// (<c>DestinationOptions.VmFactories</c>); the built-in VM's is <see cref="BuiltInVmFactory"/>,
-/// a QEMU guest's will map QEMU's RAM file (<c>GuestMemory.Open</c>) and start QEMU.
+/// a QEMU guest's will map QEMU's RAM file (<see cref="GuestMemory.Open(string, long?, long)"/>) and start QEMU.
 /// </summary>
 public interface IVmFactory
 {
