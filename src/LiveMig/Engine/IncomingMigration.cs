@@ -22,8 +22,19 @@ public sealed class IncomingMigration
     private enum State { AwaitHello, Live, StopAndCopy, ReceivingState, HaveState, Prepared }
 
     private readonly DestinationOptions _options;
+    private readonly DestinationSessions _sessions;
 
-    public IncomingMigration(DestinationOptions options) => _options = options;
+    /// <summary>
+    /// One incoming connection of a destination with <paramref name="options"/>. Migrations that
+    /// later connections may join (resume, post-copy, data streams) are registered in
+    /// <paramref name="sessions"/>: give every connection of one destination the same (a
+    /// <see cref="MigrationListener"/> does); default: a registry of this connection's own.
+    /// </summary>
+    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null)
+    {
+        _options = options;
+        _sessions = sessions ?? new DestinationSessions();
+    }
 
     /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
     public ArrivedVm? Receive(Stream stream)
@@ -100,12 +111,12 @@ public sealed class IncomingMigration
                             placer.Decoder = decoder;
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
-                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
+                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
                         // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
                         else vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
-                            resumption = PreCopyResumption.Register(hello.MigrationId, stream);
+                            resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);
                             placer.Delivered = new PageBitmap(memory.PageCount);
                         }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
@@ -121,7 +132,7 @@ public sealed class IncomingMigration
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
                     case (State.AwaitHello, FrameType.StreamAttach):
-                        IncomingStreams.ServeAttach(payload, stream, reader, frames);
+                        IncomingStreams.ServeAttach(_sessions, payload, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.Streams):
                         int count = StreamsMessage.Parse(payload, "Streams").Count;
@@ -129,15 +140,15 @@ public sealed class IncomingMigration
                         if (currentRound >= 0 || streams is not null) throw new ProtocolException($"Streams (frame {frame}) after round 0 began, or twice");
                         if (resumption is not null) throw new ProtocolException($"Streams (frame {frame}) with pre-copy resume: a multi-stream migration is not resumed after a drop");
                         if (count < 2 || count > StreamLayout.MaxStreams) throw new RefusedException($"{count} data streams requested; this destination accepts 2..{StreamLayout.MaxStreams}");
-                        streams = IncomingStreams.Open(hello.MigrationId, count, memory!, placer!.Hashes, decoder, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null, _options);
+                        streams = IncomingStreams.Open(_sessions, hello.MigrationId, count, memory!, placer!.Hashes, decoder, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null, _options);
                         frames.Send(FrameType.StreamsAck, small[..new StreamsMessage(count).Write(small)]);
                         break;
                     case (State.AwaitHello, FrameType.Attach):
                         var attach = AttachMessage.Parse(payload);
-                        if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(attach.MigrationId))
-                            PreCopyResumption.ServeAttach(attach.MigrationId, stream, reader, frames);
+                        if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(_sessions, attach.MigrationId))
+                            PreCopyResumption.ServeAttach(_sessions, attach.MigrationId, stream, reader, frames);
                         else
-                            PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
+                            PostCopyIncoming.ServeAttach(_sessions, attach, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
                         var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, rounds, t0, started, currentRound, reader.BytesRead);

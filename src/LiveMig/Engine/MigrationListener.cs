@@ -16,6 +16,8 @@ public sealed class MigrationListener : IDisposable
     private readonly DestinationOptions _options;
     private readonly ConcurrentDictionary<string, IVirtualMachine> _vms = new();
     private readonly CancellationTokenSource _stop = new();
+    /// <summary>This listener's migrations that later connections join (resume, post-copy, data streams): its own, shared with no other listener.</summary>
+    private readonly DestinationSessions _sessions = new();
     private Thread? _acceptThread;
 
     public MigrationListener(IPAddress address, int port, DestinationOptions options)
@@ -31,6 +33,9 @@ public sealed class MigrationListener : IDisposable
 
     /// <summary>Raised when an incoming migration fails (its partial VM is already discarded).</summary>
     public event Action<MigrationFailedException>? Failed;
+
+    /// <summary>The migrations in progress here that other connections may join.</summary>
+    public DestinationSessions Sessions => _sessions;
 
     public IReadOnlyCollection<IVirtualMachine> Vms => (IReadOnlyCollection<IVirtualMachine>)_vms.Values;
 
@@ -72,7 +77,7 @@ public sealed class MigrationListener : IDisposable
                     return;
                 }
                 using var _ = stream;
-                var arrived = new IncomingMigration(_options).Receive(stream);
+                var arrived = new IncomingMigration(_options, _sessions).Receive(stream);
                 if (arrived is null) return; // a second connection of a post-copy migration
                 arrived = arrived with { Report = arrived.Report with { Peer = peer } };
                 _vms[arrived.Report.MigrationId] = arrived.Vm;

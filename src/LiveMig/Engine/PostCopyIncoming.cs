@@ -26,11 +26,11 @@ internal sealed record PostCopyHandover(
 /// </summary>
 internal sealed unsafe class PostCopyIncoming : IPageRequester
 {
-    private static readonly ConcurrentDictionary<Guid, PostCopyIncoming> Sessions = new();
     /// <summary>Diagnostics for tests: connection events of every session in this process.</summary>
     internal static Action<string>? Trace;
 
     private readonly DestinationOptions _options;
+    private readonly ConcurrentDictionary<Guid, PostCopyIncoming> _sessions;
     private readonly HelloMessage _hello;
     private readonly Lock _lock = new();
     private readonly Lock _sendLock = new();
@@ -46,8 +46,9 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private long _placedFromPush, _placedFromRequests, _duplicates;
     private int _networkFaults;
 
-    private PostCopyIncoming(HelloMessage hello, DestinationOptions options)
+    private PostCopyIncoming(ConcurrentDictionary<Guid, PostCopyIncoming> sessions, HelloMessage hello, DestinationOptions options)
     {
+        _sessions = sessions;
         _hello = hello;
         _options = options;
     }
@@ -72,14 +73,14 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     }
 
     /// <summary>Called when a Hello negotiated post-copy: the page-request connection may attach from now on.</summary>
-    public static PostCopyIncoming Register(HelloMessage hello, DestinationOptions options)
+    public static PostCopyIncoming Register(DestinationSessions sessions, HelloMessage hello, DestinationOptions options)
     {
-        var s = new PostCopyIncoming(hello, options);
-        Sessions[hello.MigrationId] = s;
+        var s = new PostCopyIncoming(sessions.PostCopy, hello, options);
+        sessions.PostCopy[hello.MigrationId] = s;
         return s;
     }
 
-    public void Unregister() => Sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
+    public void Unregister() => _sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
 
     /// <summary>The migration failed before the switch: forget it and let its page-request connection go.</summary>
     public void Abort()
@@ -95,10 +96,9 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     /// A connection whose first frame is Attach: joins the migration it names and blocks until
     /// the migration no longer needs it (the listener closes it when this returns).
     /// </summary>
-    public static void ServeAttach(ReadOnlySpan<byte> payload, Stream stream, FrameReader reader, FrameWriter frames)
+    public static void ServeAttach(DestinationSessions sessions, AttachMessage m, Stream stream, FrameReader reader, FrameWriter frames)
     {
-        var m = AttachMessage.Parse(payload);
-        if (!Sessions.TryGetValue(m.MigrationId, out var session))
+        if (!sessions.PostCopy.TryGetValue(m.MigrationId, out var session))
             throw new ProtocolException($"Attach: no migration {m.MigrationId} is waiting here (it completed, failed, or its resume window ran out)");
         session.Attach(new Channel(stream, reader, frames, m.Channel));
     }
