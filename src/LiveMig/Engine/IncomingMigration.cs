@@ -44,8 +44,7 @@ public sealed class IncomingMigration
             stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
             stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
-        var started = DateTimeOffset.UtcNow;
-        long t0 = Stopwatch.GetTimestamp();
+        var report = new DestinationReport(_options);
         // A resumed migration reads and writes through the connection the source came back on;
         // these two belong to the first one.
         using var reader0 = new FrameReader(stream);
@@ -53,7 +52,6 @@ public sealed class IncomingMigration
         var reader = reader0;
         var frames = frames0;
         PreCopyResumption? resumption = null;
-        int reattaches = 0;
         long bytesOfEarlierLinks = 0;
         bool afterReattach = false;
         Span<byte> small = stackalloc byte[64];
@@ -70,11 +68,6 @@ public sealed class IncomingMigration
         Prefaulter? prefaulter = null;
         bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
-        long pauseSeenTs = 0;
-        double verifyMs = 0;
-        ulong hash = 0;
-        bool verify = false;
-        var rounds = new List<RoundReport>();
         int currentRound = -1;
         PostCopyIncoming? postCopy = null;
         var downtime = new PhaseClock();
@@ -105,6 +98,7 @@ public sealed class IncomingMigration
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         accepted = hello.Requested & Supported;
+                        (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
                             decoder = new PipelineDecoder(memory, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null);
@@ -128,6 +122,7 @@ public sealed class IncomingMigration
                         var filledPages = decoder!.Fill(payload, p => placer!.Hashes?.Set(p, memory!.Page(p)));
                         long filledCount = filledPages.Count(f => f);
                         placer!.Counters.AddPages(PageEncoding.Dedup, filledCount);
+                        report.GangFilled += filledCount;
                         var answer = new byte[4 + (filledPages.Length + 7) / 8];
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
@@ -151,7 +146,8 @@ public sealed class IncomingMigration
                             PostCopyIncoming.ServeAttach(_sessions, attach, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, rounds, t0, started, currentRound, reader.BytesRead);
+                        report.BytesOnWire = bytesOfEarlierLinks;
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
                         memory = null; // post-copy owns it now
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
@@ -161,7 +157,7 @@ public sealed class IncomingMigration
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
-                        if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); downtime.Start(pauseSeenTs); }
+                        if (rs.Final) { state = State.StopAndCopy; report.PausedTs = Stopwatch.GetTimestamp(); downtime.Start(report.PausedTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
@@ -173,7 +169,8 @@ public sealed class IncomingMigration
                         var re = RoundEndMessage.Parse(payload);
                         if (prefaulter is not null) { streams?.SetPlaced(null); prefaulter.Dispose(); prefaulter = null; placer!.Placed = null; } // round 0 is in
                         if (re.Round != currentRound) throw new ProtocolException($"RoundEnd (frame {frame}) for round {re.Round} inside round {currentRound}");
-                        rounds.Add(new RoundReport
+                        report.FirstRoundPlaced(Placed(placer!, streams)); // hybrid's live rounds have no Sync
+                        report.Rounds.Add(new RoundReport
                         {
                             Round = re.Round, Final = state == State.StopAndCopy, PagesSent = re.PagesSent, PagesDirtied = re.PagesDirtied, BytesSent = re.BytesSent,
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
@@ -196,12 +193,14 @@ public sealed class IncomingMigration
                         if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");
                         // Everything before this frame is placed (on every data stream, too): acknowledge, so the source times the round by delivery.
                         streams?.WaitRound(sync.Round);
+                        report.FirstRoundPlaced(Placed(placer!, streams)); // every stream is done with the round and none has begun the next
                         frames.Send(FrameType.SyncAck, small[..sync.Write(small)]);
                         break;
                     case (State.StopAndCopy or State.ReceivingState, FrameType.VmState):
                         state = State.ReceivingState;
                         if (!stateChunks.Add(payload, frame)) break;
                         vmState = stateChunks.State;
+                        report.VmStateBytes = stateChunks.WireBytes;
                         state = State.HaveState;
                         downtime.Mark("vm-state");
                         // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
@@ -213,23 +212,26 @@ public sealed class IncomingMigration
                     case (State.HaveState, FrameType.Prepare):
                         var prep = PrepareMessage.Parse(payload);
                         streams?.Finish(currentRound); // every data stream has placed the final round, and stopped
-                        verify = prep.Verify;
+                        (report.StopReason, report.FreePagesSkipped) = (prep.StopReason, prep.FreePagesSkipped);
                         downtime.Mark("await-prepare");
-                        if (verify)
+                        ulong hash = 0;
+                        if (prep.Verify)
                         {
                             if (placer!.Hashes is null) throw new ProtocolException($"Prepare (frame {frame}) asks for verification that the Hello did not negotiate");
                             long h0 = Stopwatch.GetTimestamp();
                             // Each page was hashed from this memory right after it was placed, and
                             // nothing else writes here before resume: this is the memory's hash.
                             hash = placer.Hashes.Combine();
+                            (report.DestinationHash, report.SourceHash) = (hash, prep.SourceHash);
                             if (_options.VerifyFromScratch && (vm?.Memory ?? memory)!.ComputeHash() != hash)
                                 throw new VerificationException($"verification failed: destination memory rehashed from scratch differs from its per-page hashes {hash:x16}");
-                            verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
+                            report.VerifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
                             if (hash != prep.SourceHash)
                             {
                                 SendError(frames, ErrorMessage.VerificationFailed, $"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
                                 throw new VerificationException($"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
                             }
+                            report.Verified = true;
                         }
                         downtime.Mark("hash-combine");
                         // A state that could not be restored is refused here, after verification (which comes first).
@@ -241,7 +243,7 @@ public sealed class IncomingMigration
                             memory = null; // the VM owns it now
                             downtime.Mark("restore");
                         }
-                        var readyMsg = new ReadyMessage(hash, (long)(verifyMs * 1000));
+                        var readyMsg = new ReadyMessage(hash, (long)(report.VerifyMs * 1000));
                         frames.Send(FrameType.Ready, small[..readyMsg.Write(small)]);
                         downtime.Mark("send-ready");
                         state = State.Prepared;
@@ -256,36 +258,12 @@ public sealed class IncomingMigration
                         downtime.Mark("resume");
                         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
                         try { frames.Send(FrameType.Resumed, []); } catch (IOException) { }
-                        var report = new MigrationReport
-                        {
-                            MigrationId = hello.MigrationId.ToString(),
-                            Role = "destination",
-                            Security = _options.Security.Mode,
-                            VmName = hello.VmName,
-                            Workload = vm.Description,
-                            MemoryBytes = hello.MemoryBytes,
-                            Vcpus = vm.VcpuCount,
-                            DirtyLog = vm.DirtyLog.Name,
-                            StartedAt = started,
-                            TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
-                            DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
-                            VerifyMs = verifyMs,
-                            DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs },
-                            BytesOnWire = bytesOfEarlierLinks + reader.BytesRead + (streams?.BytesRead ?? 0),
-                            Reconnects = reattaches,
-                            PagesByEncoding = WithStreams(placer!.Counters, streams).PagesByName(),
-                            Stages = streams is null ? decoder?.Report() ?? [] : streams.MergeStages(decoder?.Report() ?? []),
-                            Pipeline = CodecNames(accepted),
-                            Streams = streams?.Count ?? 1,
-                            PagesSent = placer.PagesPlaced + (streams?.PagesPlaced ?? 0),
-                            Verified = verify ? true : null,
-                            DestinationHash = verify ? $"{hash:x16}" : null,
-                            SourceHash = verify ? $"{hash:x16}" : null,
-                            Rounds = rounds,
-                        };
+                        (report.Vm, report.ResumedTs, report.EndTs) = (vm, resumedTs, resumedTs);
+                        report.DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs };
+                        RecordPages(report, placer!, decoder, streams, bytesOfEarlierLinks + reader.BytesRead);
                         decoder?.Dispose();
                         streams?.DisposeDecoders();
-                        return new ArrivedVm(vm, report);
+                        return new ArrivedVm(vm, report.Build(null));
                     case (State.ReceivingState, _):
                         throw stateChunks.Interrupted(type, frame);
                     default:
@@ -306,12 +284,12 @@ public sealed class IncomingMigration
                 state = State.Live;
                 vmState = null;
                 stateChunks.Reset();
-                pauseSeenTs = 0;
+                report.PausedTs = 0;
                 // A VM restored early (at VmState) never ran: undo it, its memory takes pages again.
                 if (vm is not null) { memory = factory.Unrestore(vm); vm = null; }
                 restoreError = null;
                 afterReattach = true;
-                reattaches++;
+                report.Reconnects++;
                 // What arrived of the round cut short: the source sends only the rest again.
                 if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
                 frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
@@ -325,6 +303,8 @@ public sealed class IncomingMigration
             // No data stream may touch the memory once it is discarded: stop them all first.
             try { streams?.Abort(e.Message); }
             catch (ProtocolException) { memory = null; if (vm is not null) { factory.Unrestore(vm); vm = null; } } // a stream thread did not stop: leak the memory rather than unmap it under it
+            if (placer is not null) RecordPages(report, placer, decoder, streams, bytesOfEarlierLinks + reader.BytesRead);
+            else report.BytesOnWire = reader.BytesRead;
             streams?.DisposeDecoders();
             decoder?.Dispose();
             decoder = null;
@@ -333,22 +313,8 @@ public sealed class IncomingMigration
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
-            var report = new MigrationReport
-            {
-                MigrationId = hello.MigrationId.ToString(),
-                Role = "destination",
-                Outcome = "failed",
-                Error = e.Message,
-                VmName = hello.VmName ?? "",
-                MemoryBytes = hello.MemoryBytes,
-                StartedAt = started,
-                TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = bytesOfEarlierLinks + reader.BytesRead,
-                Reconnects = reattaches,
-                Verified = e is VerificationException ? false : null,
-                Rounds = rounds,
-            };
-            throw new MigrationFailedException(e.Message, report, e);
+            if (e is VerificationException) report.Verified = false;
+            throw new MigrationFailedException(e.Message, report.Build(e.Message), e);
         }
         finally
         {
@@ -376,29 +342,24 @@ public sealed class IncomingMigration
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
 
-    private static EncodingCounters WithStreams(EncodingCounters control, IncomingStreams? streams)
+    /// <summary>Pages placed on the control connection and on every data stream.</summary>
+    private static long Placed(PageBatchReader placer, IncomingStreams? streams) => placer.PagesPlaced + (streams?.PagesPlaced ?? 0);
+
+    /// <summary>What the page path did, for the report: counts by encoding, stages, pages placed, bytes read (all connections).</summary>
+    private static void RecordPages(DestinationReport report, PageBatchReader placer, PipelineDecoder? decoder, IncomingStreams? streams, long controlBytes)
     {
-        if (streams is null) return control;
-        var sum = new EncodingCounters();
-        sum.Merge(control);
-        streams.AddCountersTo(sum);
-        return sum;
+        report.Pages.Merge(placer.Counters);
+        streams?.AddCountersTo(report.Pages);
+        report.Stages = streams is null ? decoder?.Report() ?? [] : streams.MergeStages(decoder?.Report() ?? []);
+        report.PagesPlaced = Placed(placer, streams);
+        report.Streams = streams?.Count ?? 1;
+        report.BytesOnWire = controlBytes + (streams?.BytesRead ?? 0);
     }
+
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
 
     /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>
     private Capabilities Supported => All & ~_options.Disabled & (_options.ResumeWindow > TimeSpan.Zero ? All : ~Capabilities.PreCopyResume);
-
-    /// <summary>The codecs a migration negotiated, for the report: <c>lz4 zstd xbzrle dedup</c>, or <c>none</c>.</summary>
-    private static string CodecNames(Capabilities c)
-    {
-        var names = new List<string>();
-        if ((c & Capabilities.Lz4) != 0) names.Add("lz4");
-        if ((c & Capabilities.Zstd) != 0) names.Add("zstd");
-        if ((c & Capabilities.Xbzrle) != 0) names.Add("xbzrle");
-        if ((c & Capabilities.Dedup) != 0) names.Add("dedup");
-        return names.Count == 0 ? "none" : string.Join(' ', names);
-    }
 
     private string? CheckHello(HelloMessage h)
     {

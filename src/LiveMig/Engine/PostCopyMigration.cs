@@ -39,6 +39,8 @@ public sealed class PostCopyMigration
     private PageHashes? _hashes;
     private int _postCopyRound;
     private long _pagesPushed, _pagesRequested, _requestsForSentPages, _bytesOfClosedLinks;
+    /// <summary>Zero pages counted but never sent: holes, and the zero pages round 0 leaves out (hybrid).</summary>
+    private long _unsentZeros;
     private int _networkFaults, _attempt;
     private bool _endSent;
     private Link? _currentLink;
@@ -168,6 +170,7 @@ public sealed class PostCopyMigration
                 {
                     cancel.ThrowIfCancellationRequested();
                     var stats = SendRound(round, toSend, toSendCount, link.MainFrames, batches, skipZero: round == 0, cancel);
+                    if (round == 0) _unsentZeros = batches.Counters.Pages(PageEncoding.Zero);
                     pagesInRounds += stats.PagesSent;
                     toSend.ClearAll();
                     toSendCount = _vm.DirtyLog.Harvest(toSend);
@@ -194,6 +197,7 @@ public sealed class PostCopyMigration
                 long populated = memory.MarkPopulated(pendingBits);
                 var holes = new EncodingCounters();
                 holes.AddPages(PageEncoding.Zero, memory.PageCount - populated);
+                _unsentZeros = memory.PageCount - populated;
                 lock (_counters) _counters.Add(holes);
             }
             _pending = new NativePageBitmap(memory.PageCount);
@@ -202,7 +206,7 @@ public sealed class PostCopyMigration
             long pendingCount = _pending.Count();
             _postCopyRound = round;
             _order = new PrepagingOrder(memory.PageCount, _options.PostCopy.Prepaging);
-            var start = new PostCopyStartMessage(round, pendingCount);
+            var start = new PostCopyStartMessage(round, pendingCount, HybridPolicy.Name(decision.Reason));
             link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
             PageBitmapChunks.Send(link.MainFrames, _pending);
             byte[] state = _vm.SaveState();
@@ -411,9 +415,10 @@ public sealed class PostCopyMigration
                         // it again here: the fault is then resolved by the page-request connection
                         // alone. The memory is paused, so both copies are the same; the
                         // destination places whichever comes first.
-                        if (_pending!.TryClear(p)) sent++;
+                        bool first = _pending!.TryClear(p);
+                        if (first) sent++;
                         else Interlocked.Increment(ref _requestsForSentPages);
-                        writer.Add(p, skipZero: false);
+                        writer.Add(p, skipZero: false, again: !first); // counted once by encoding, as the destination places it once
                     }
                     if (n > 0)
                     {
@@ -564,18 +569,18 @@ public sealed class PostCopyMigration
 
     private WireBytes WireBreakdown(long total, long stateBytes)
     {
-        long pageData = 0, zeroMarkers = 0;
+        long pageData = 0, zeroPages = 0;
         lock (_counters)
             foreach (var c in _counters)
                 for (int i = 0; i < EncodingCounters.Kinds; i++)
                 {
                     var e = (PageEncoding)i;
-                    if (e == PageEncoding.Zero) continue;
+                    if (e == PageEncoding.Zero) { zeroPages += c.Pages(e); continue; }
                     pageData += c.Bytes(e);
                 }
-        // Zero markers actually sent: zero pages minus the holes counted in round 0.
-        zeroMarkers = 0;
-        return new WireBytes { PageData = pageData, ZeroMarkers = zeroMarkers, VmState = stateBytes, Protocol = total - pageData - stateBytes };
+        // Zero markers actually sent: zero pages minus those counted but never sent.
+        long zeroMarkers = (zeroPages - _unsentZeros) * PageBatchWriter.EntryHeaderSize;
+        return new WireBytes { PageData = pageData, ZeroMarkers = zeroMarkers, VmState = stateBytes, Protocol = total - pageData - zeroMarkers - stateBytes };
     }
 
     private static LatencySummary Summary(LatencyRecorder r)

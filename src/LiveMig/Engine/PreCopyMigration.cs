@@ -300,7 +300,7 @@ public sealed class PreCopyMigration
                         verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
                     }
                     downtime.Mark("hash-combine");
-                    var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent);
+                    var prepare = new PrepareMessage(_options.Verify, sourceHash, pagesSent, ReasonName(decision.Reason), batches.Counters.Skipped);
                     frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
                     type = reader.Read(out payload);
                     if (type == FrameType.Error)

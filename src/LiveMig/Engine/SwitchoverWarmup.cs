@@ -53,7 +53,7 @@ internal static class SwitchoverWarmup
 
     /// <summary>For the destination: the restore (the types of the arriving VM's kind), resume and report code.</summary>
     public static Task ForDestination(IVmFactory factory) =>
-        Start(null, [typeof(IncomingMigration), typeof(DestinationOptions), factory.GetType(), .. factory.SwitchoverTypes]);
+        Start(null, [typeof(IncomingMigration), typeof(DestinationOptions), typeof(DestinationReport), typeof(VmStateAssembler), factory.GetType(), .. factory.SwitchoverTypes]);
 
     /// <summary>Starts compiling the switch-over code (plus <paramref name="extra"/> types) after running <paramref name="more"/>; the task ends when done.</summary>
     private static Task Start(Action? more, IEnumerable<Type> extra) =>
