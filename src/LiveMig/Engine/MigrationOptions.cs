@@ -65,7 +65,7 @@ public sealed record DestinationOptions
     /// The VM kinds this destination can run, one factory each (the Hello names the kind; any
     /// other is refused). Default: the built-in VM.
     /// </summary>
-    public IReadOnlyList<IVmFactory> VmFactories { get; init; } = [BuiltInVmFactory.Instance];
+    public IReadOnlyList<IVmFactory> VmFactories { get; init; } = IVmFactory.Defaults;
     /// <summary>Capabilities this destination pretends not to have (e.g. <c>Capabilities.Zstd</c>, for tests of the refusal).</summary>
     public Capabilities Disabled { get; init; }
     /// <summary>

@@ -33,6 +33,9 @@ public readonly record struct VmMemory(GuestMemory Memory, bool Populated);
 /// </summary>
 public interface IVmFactory
 {
+    /// <summary>The VM kinds a destination runs unless told otherwise: the built-in VM.</summary>
+    static IReadOnlyList<IVmFactory> Defaults => [BuiltInVmFactory.Instance];
+
     /// <summary>The VM kind this factory makes, as named in the Hello.</summary>
     string Kind { get; }
 
