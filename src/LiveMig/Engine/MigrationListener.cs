@@ -72,8 +72,7 @@ public sealed class MigrationListener : IDisposable
                 catch (AuthenticationFailedException e)
                 {
                     stream.Dispose();
-                    var refused = new Reporting.MigrationReport { Role = "destination", Outcome = "failed", Error = e.Message, Security = _options.Security.Mode };
-                    Failed?.Invoke(new MigrationFailedException(e.Message, refused, e));
+                    Failed?.Invoke(new MigrationFailedException(e.Message, new DestinationReport(_options).Build(e.Message), e));
                     return;
                 }
                 using var _ = stream;
