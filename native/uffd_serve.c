@@ -60,6 +60,8 @@ typedef struct {
     // status
     int64_t sock;
     uint64_t lat_count, faults, zero_faults, requests, placed, eexist, frames_in, dropped, errors;
+    uint64_t placed_zero;   // of placed: zero markers (the rest were raw pages)
+    uint64_t bytes_in;      // bytes read from page-request sockets
     uint64_t thread;        // pthread_t
     char error[256];
     char why[256];          // why the last connection was dropped
@@ -258,7 +260,7 @@ static void *serve(void *arg) {
                 sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify);
                 continue;
             }
-            if (n > 0) rx_len += (size_t)n;
+            if (n > 0) { rx_len += (size_t)n; __atomic_fetch_add(&c->bytes_in, (uint64_t)n, __ATOMIC_RELAXED); }
             size_t at = 0;
             int bad = 0;
             while (rx_len - at >= 16) {
@@ -289,6 +291,7 @@ static void *serve(void *arg) {
                     if (res == 1) { c->eexist++; continue; }
                     if (c->hashes) c->hashes[page] = hash;
                     set_bit(c->present, page);
+                    if (enc == 1) __atomic_fetch_add(&c->placed_zero, 1, __ATOMIC_RELAXED);
                     __atomic_fetch_add(&c->placed, 1, __ATOMIC_SEQ_CST);
                     for (int j = 0; j < n_out; j++) {
                         if (out[j].page != page) continue;

@@ -170,7 +170,7 @@ public static class Program
         {
             DirtyLog = config.DirtyLog,
             Security = options.Security,
-            BeforeResume = v => kvEndpoint?.Attach(v.Workload as KvWorkload),
+            BeforeResume = v => kvEndpoint?.Attach((v as BuiltInVm)?.Workload as KvWorkload),
             PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
         });
         listener.Arrived += a => arrived.TrySetResult(a);
@@ -197,7 +197,7 @@ public static class Program
         Thread.Sleep(200);
         // Both sides' steps of the switch-over in one report (same process, same clock).
         if (report.DowntimeBreakdown is { } db && arrived.Task.Result.Report.DowntimeBreakdown is { } dd)
-            report = report with { DowntimeBreakdown = db with { Destination = dd.Destination, DestinationJitMs = dd.DestinationJitMs, VcpuWakeMs = dest.ResumeToFirstRun?.TotalMilliseconds } };
+            report = report with { DowntimeBreakdown = db with { Destination = dd.Destination, DestinationJitMs = dd.DestinationJitMs, VcpuWakeMs = (dest as BuiltInVm)?.ResumeToFirstRun?.TotalMilliseconds } };
         if (client is not null)
         {
             // Let the client see the VM at work on the destination, then report what it saw throughout.

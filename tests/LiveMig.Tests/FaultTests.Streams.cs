@@ -128,7 +128,7 @@ public partial class FaultTests
             if (r < Final) Sync(control, r);
             control.RoundEnd(r);
         }
-        control.Frame(FrameType.VmState, vmState);
+        control.VmState(vmState);
         var b = new byte[64];
         control.Frame(FrameType.Prepare, b.AsSpan(0, new PrepareMessage(true, expected.Combine(), last.Count).Write(b)));
         control.Frame(FrameType.Commit, []);
@@ -160,12 +160,13 @@ public partial class FaultTests
             },
             VerifyFromScratch = true,
         };
+        var sessions = new DestinationSessions(); // the control and data connections of one destination
         var controlStream = new ControlScript(control.Bytes());
-        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(controlStream), TaskCreationOptions.LongRunning);
+        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(controlStream), TaskCreationOptions.LongRunning);
         // The data connections attach once the session exists (a source waits for StreamsAck too).
         Assert.True(controlStream.FramesWritten.Wait(Guard) && controlStream.FramesWritten.Wait(Guard), "no HelloAck and StreamsAck");
         var streams = new[] { new DataScript(data[0]), new DataScript(data[1], gateAt, gate) };
-        var served = streams.Select(s => Task.Factory.StartNew(() => new IncomingMigration(options).Receive(s), TaskCreationOptions.LongRunning)).ToArray();
+        var served = streams.Select(s => Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(s), TaskCreationOptions.LongRunning)).ToArray();
 
         var arrived = await incoming.WaitAsync(Guard);
         Assert.NotNull(arrived);
@@ -237,9 +238,10 @@ public partial class FaultTests
         bad.Pages(3, Version(64, 0));
         var controlStream = new ControlScript(control.Bytes());
         var options = new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(5) };
-        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(controlStream), TaskCreationOptions.LongRunning);
+        var sessions = new DestinationSessions(); // the control and data connections of one destination
+        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(controlStream), TaskCreationOptions.LongRunning);
         Assert.True(controlStream.FramesWritten.Wait(Guard) && controlStream.FramesWritten.Wait(Guard));
-        var stream1 = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(new DataScript(bad.Bytes())), TaskCreationOptions.LongRunning);
+        var stream1 = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(new DataScript(bad.Bytes())), TaskCreationOptions.LongRunning);
         var e = await Assert.ThrowsAsync<MigrationFailedException>(() => incoming.WaitAsync(Guard));
         output.WriteLine(e.Message);
         Assert.Equal("data stream 1: PageBatch (frame 1) of round 3 while this stream's round 0 is open", e.Message);
@@ -263,9 +265,10 @@ public partial class FaultTests
         StreamEnd(one, 0, 1);
         var controlStream = new ControlScript(control.Bytes());
         var options = new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(1) };
-        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(controlStream), TaskCreationOptions.LongRunning);
+        var sessions = new DestinationSessions(); // the control and data connections of one destination
+        var incoming = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(controlStream), TaskCreationOptions.LongRunning);
         Assert.True(controlStream.FramesWritten.Wait(Guard) && controlStream.FramesWritten.Wait(Guard));
-        var stream0 = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(new DataScript(one.Bytes())), TaskCreationOptions.LongRunning);
+        var stream0 = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(new DataScript(one.Bytes())), TaskCreationOptions.LongRunning);
         var sw = Stopwatch.StartNew();
         var e = await Assert.ThrowsAsync<MigrationFailedException>(() => incoming.WaitAsync(Guard));
         Assert.Equal("timed out after 1 s: data stream 1 never attached", e.Message);
@@ -307,7 +310,7 @@ public partial class FaultTests
             control.RoundEnd(0);
             control.RoundStart(1, final: true);
             control.RoundEnd(1);
-            control.Frame(FrameType.VmState, vmState);
+            control.VmState(vmState);
             var b = new byte[64];
             control.Frame(FrameType.Prepare, b.AsSpan(0, new PrepareMessage(true, expected.Combine(), 0).Write(b)));
             control.Frame(FrameType.Commit, []);
@@ -328,11 +331,12 @@ public partial class FaultTests
 
             var controlStream = new ControlScript(control.Bytes());
             var options = new DestinationOptions { IoTimeout = TimeSpan.FromMilliseconds(500) };
-            var incoming = Task.Factory.StartNew(() => new IncomingMigration(options).Receive(controlStream), TaskCreationOptions.LongRunning);
+            var sessions = new DestinationSessions(); // the control and data connections of one destination
+            var incoming = Task.Factory.StartNew(() => new IncomingMigration(options, sessions).Receive(controlStream), TaskCreationOptions.LongRunning);
             Assert.True(controlStream.FramesWritten.Wait(Guard) && controlStream.FramesWritten.Wait(Guard));
             var served = data.Select(d => Task.Factory.StartNew(() =>
             {
-                try { return new IncomingMigration(options).Receive(new DataScript(d)) is null ? "" : "a VM from a data connection"; }
+                try { return new IncomingMigration(options, sessions).Receive(new DataScript(d)) is null ? "" : "a VM from a data connection"; }
                 catch (MigrationFailedException) { return ""; } // refused at attach (e.g. a mutated id): the control connection then times out
             }, TaskCreationOptions.LongRunning)).ToArray();
             string outcome;

@@ -83,7 +83,7 @@ public partial class FaultTests(ITestOutputHelper output)
     [Theory]
     [InlineData(FrameType.PageBatch, 1u << 30)]
     [InlineData(FrameType.PageBatch, uint.MaxValue)]
-    [InlineData(FrameType.VmState, (16u << 20) + 1)]
+    [InlineData(FrameType.VmState, (uint)VmStateChunks.MaxPayload + 1)]
     [InlineData(FrameType.RoundEnd, 70_000u)]
     public void Fault_oversized_length_fails_before_allocating(FrameType type, uint length)
     {
@@ -104,6 +104,51 @@ public partial class FaultTests(ITestOutputHelper output)
         Assert.Contains($"{type} payload of {length} bytes exceeds the limit of {FrameFormat.MaxPayload(type)}", e.Message);
         Assert.Contains("frame 2 at stream byte", e.Message);
         Assert.True(allocated < 32L << 20, $"receiving allocated {allocated} bytes");
+    }
+
+    /// <summary>A version-1 source's Hello ends after the VM name (no kind): it is refused by the version check, naming both ranges.</summary>
+    [Fact]
+    public void Fault_version_1_hello_without_a_vm_kind_is_refused_by_the_version_check()
+    {
+        string name = NewName();
+        var v1 = Hello(name) with { MaxVersion = 1, MinVersion = 1 };
+        var payload = new byte[512];
+        int n = v1.Write(payload) - (2 + BuiltInVm.KindName.Length); // cut the kind off: the version-1 layout
+        using var s = new Script();
+        s.Frame(FrameType.Hello, payload.AsSpan(0, n));
+        var (e, replies) = ReceiveFails(s.Bytes(), name);
+        Assert.Contains($"protocol version mismatch: source speaks 1..1, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}", e.Message);
+        Assert.Equal(ErrorMessage.Refused, Assert.Single(replies).Error!.Value.Code);
+    }
+
+    [Fact]
+    public void Fault_unknown_vm_kind_is_refused_naming_the_kind_and_the_supported_kinds()
+    {
+        string name = NewName();
+        using var s = new Script();
+        s.Hello(Hello(name) with { VmKind = "qemu" });
+        var (e, replies) = ReceiveFails(s.Bytes(), name);
+        Assert.Equal("refused: VM kind 'qemu' is not supported here (supported: builtin)", e.Message);
+        Assert.Equal(ErrorMessage.Refused, Assert.Single(replies).Error!.Value.Code);
+    }
+
+    [Theory]
+    [InlineData("bad\nkind", "Hello: vmKind byte 3 is 0x0a")]
+    [InlineData("", "Hello: vmKind is 0 bytes")]
+    [InlineData("0123456789abcdef0123456789abcdefX", "Hello: vmKind is 33 bytes")]
+    public void Fault_malformed_vm_kind_is_a_protocol_error_that_does_not_echo_it(string kind, string expected)
+    {
+        string name = NewName();
+        var payload = new byte[512];
+        int n = Hello(name).Write(payload) - (2 + BuiltInVm.KindName.Length);
+        var w = new SpanWriter(payload.AsSpan(n));
+        w.U16((ushort)kind.Length);
+        w.Bytes(System.Text.Encoding.ASCII.GetBytes(kind));
+        using var s = new Script();
+        s.Frame(FrameType.Hello, payload.AsSpan(0, n + w.Position));
+        var (e, _) = ReceiveFails(s.Bytes(), name);
+        Assert.StartsWith(expected, e.Message);
+        Assert.Throws<ArgumentException>(() => (Hello(name) with { VmKind = kind }).Write(new byte[512]));
     }
 
     [Theory]
@@ -200,7 +245,7 @@ public partial class FaultTests(ITestOutputHelper output)
                 s.Hello(Hello(name)); s.RoundStart(0); s.Pages(0, Raw(0)); s.Frame(FrameType.Commit, []);
                 break;
             case "Commit after VmState":
-                s.Hello(Hello(name)); s.RoundStart(0, final: true); s.Pages(0, Raw(0)); s.RoundEnd(0); s.Frame(FrameType.VmState, [1, 2, 3]); s.Frame(FrameType.Commit, []);
+                s.Hello(Hello(name)); s.RoundStart(0, final: true); s.Pages(0, Raw(0)); s.RoundEnd(0); s.VmState([1, 2, 3]); s.Frame(FrameType.Commit, []);
                 break;
             case "Prepare before VmState":
                 s.Hello(Hello(name)); s.RoundStart(0, final: true); s.RoundEnd(0); s.Prepare();
@@ -215,12 +260,64 @@ public partial class FaultTests(ITestOutputHelper output)
                 s.Hello(Hello(name)); s.RoundStart(0); s.Pages(4, Raw(0));
                 break;
             case "VmState during live rounds":
-                s.Hello(Hello(name)); s.RoundStart(0); s.Frame(FrameType.VmState, [1, 2, 3]);
+                s.Hello(Hello(name)); s.RoundStart(0); s.VmState([1, 2, 3]);
                 break;
         }
         var (e, replies) = ReceiveFails(s.Bytes(), name);
         Assert.Contains(expected, e.Message);
         Assert.Equal(ErrorMessage.BadStream, replies[^1].Error!.Value.Code);
+    }
+
+    [Theory]
+    [InlineData("claim over the limit", "VmState (frame 3) announces 1024.00 GiB of VM state, over this destination's limit of 256.0 MiB")]
+    [InlineData("empty claim", "VmState (frame 3) announces an empty VM state")]
+    [InlineData("truncated", "VM state truncated: Prepare (frame 4) after 1048576 of 2097152 bytes")]
+    [InlineData("repeated chunk", "VmState (frame 4, offset 0) out of order: 1048576 of 2097152 bytes had arrived")]
+    [InlineData("chunk skipped", "VmState (frame 3, offset 1048576) out of order: 0 of 3145728 bytes had arrived")]
+    [InlineData("other total", "VmState (frame 4, offset 1048576) claims a state of 9 bytes, the first chunk 2097152")]
+    [InlineData("overlong", "VmState (frame 3, offset 0): 11 bytes run past the state's 10 bytes")]
+    [InlineData("last too early", "VmState (frame 3, offset 0): last chunk ends at 5 of 10 bytes (state truncated)")]
+    [InlineData("end not marked", "VmState (frame 3, offset 0) completes the 10 bytes but is not marked last")]
+    [InlineData("short header", "VmState (frame 3): 16 bytes is shorter than its 17-byte header")]
+    [InlineData("after the last", "unexpected VmState (frame 4) in state HaveState")]
+    public void Fault_bad_vm_state_chunks_fail_clearly_with_bounded_memory(string scenario, string expected)
+    {
+        string name = NewName();
+        using var s = new Script();
+        s.Hello(Hello(name));
+        s.RoundStart(0, final: true);
+        s.RoundEnd(0);
+        const int M = VmStateChunks.ChunkBytes;
+        switch (scenario)
+        {
+            case "claim over the limit": s.Frame(FrameType.VmState, Chunk(1UL << 40, 0, 0, 1)); break;
+            case "empty claim": s.Frame(FrameType.VmState, Chunk(0, 0, 1, 0)); break;
+            case "truncated": s.Frame(FrameType.VmState, Chunk(2 * M, 0, 0, M)); s.Prepare(); break;
+            case "repeated chunk": s.Frame(FrameType.VmState, Chunk(2 * M, 0, 0, M)); s.Frame(FrameType.VmState, Chunk(2 * M, 0, 0, M)); break;
+            case "chunk skipped": s.Frame(FrameType.VmState, Chunk(3 * M, M, 0, M)); break;
+            case "other total": s.Frame(FrameType.VmState, Chunk(2 * M, 0, 0, M)); s.Frame(FrameType.VmState, Chunk(9, M, 1, 9)); break;
+            case "overlong": s.Frame(FrameType.VmState, Chunk(10, 0, 1, 11)); break;
+            case "last too early": s.Frame(FrameType.VmState, Chunk(10, 0, 1, 5)); break;
+            case "end not marked": s.Frame(FrameType.VmState, Chunk(10, 0, 0, 10)); break;
+            case "short header": s.Frame(FrameType.VmState, Chunk(10, 0, 0, 0)[..16]); break;
+            case "after the last": s.VmState([1, 2, 3]); s.VmState([1, 2, 3]); break;
+        }
+        long allocated0 = GC.GetAllocatedBytesForCurrentThread();
+        var (e, replies) = ReceiveFails(s.Bytes(), name);
+        long allocated = GC.GetAllocatedBytesForCurrentThread() - allocated0;
+        Assert.Equal(expected, e.Message);
+        Assert.Equal(ErrorMessage.BadStream, replies[^1].Error!.Value.Code);
+        Assert.True(allocated < 24L << 20, $"receiving allocated {allocated:N0} bytes");
+    }
+
+    /// <summary>A VmState payload: total, offset, last flag, then <paramref name="bytes"/> bytes.</summary>
+    private static byte[] Chunk(ulong total, ulong offset, byte last, int bytes)
+    {
+        var p = new byte[VmStateChunks.HeaderSize + bytes];
+        BinaryPrimitives.WriteUInt64LittleEndian(p, total);
+        BinaryPrimitives.WriteUInt64LittleEndian(p.AsSpan(8), offset);
+        p[16] = last;
+        return p;
     }
 
     [Fact]
@@ -259,7 +356,7 @@ public partial class FaultTests(ITestOutputHelper output)
         s.RoundStart(0, final: true);
         s.Pages(0, Raw(0));
         s.RoundEnd(0);
-        s.Frame(FrameType.VmState, [1, 2, 3, 4, 5, 6, 7, 8]);
+        s.VmState([1, 2, 3, 4, 5, 6, 7, 8]);
         s.Prepare();
         var (e, _) = ReceiveFails(s.Bytes(), name);
         Assert.Contains("VM state: bad magic", e.Message);
@@ -278,7 +375,7 @@ public partial class FaultTests(ITestOutputHelper output)
         s.RoundStart(0, final: true);
         s.Pages(0, Raw(0), Raw(1));
         s.RoundEnd(0);
-        s.Frame(FrameType.VmState, state);
+        s.VmState(state);
         s.Prepare();
         long end = s.Offset;
         var (e, replies) = ReceiveFails(s.Bytes(), name);
@@ -564,7 +661,7 @@ public partial class FaultTests(ITestOutputHelper output)
     private static HelloMessage Hello(string name, long memory = 1 << 20) => new(
         ProtocolVersion.Version, ProtocolVersion.MinSupported,
         Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify, Capabilities.Raw | Capabilities.ZeroPages,
-        memory, GuestMemory.PageSize, 2, Guid.NewGuid(), name);
+        memory, GuestMemory.PageSize, 2, Guid.NewGuid(), name, BuiltInVm.KindName);
 
     private readonly record struct Entry(uint Page, byte Encoding, byte[] Data);
 
@@ -684,6 +781,8 @@ public partial class FaultTests(ITestOutputHelper output)
             Span<byte> b = stackalloc byte[512];
             Frame(FrameType.Hello, b[..h.Write(b)]);
         }
+
+        public void VmState(byte[] state) => VmStateChunks.Send(_frames, state);
 
         public void RoundStart(int round, bool final = false)
         {

@@ -22,7 +22,7 @@ internal sealed class Loopback : IDisposable
     public MigrationListener Listener { get; }
     public int Port => Listener.Port;
 
-    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions? options = null, IMigrationObserver? observer = null)
+    public (MigrationReport Source, ArrivedVm Arrived) Migrate(IVirtualMachine vm, MigrationOptions? options = null, IMigrationObserver? observer = null)
     {
         var report = new PreCopyMigration(vm, options ?? new MigrationOptions(), observer).MigrateTo("127.0.0.1", Port);
         // One arrival per migration, in order (a Loopback can take several: gang migration).

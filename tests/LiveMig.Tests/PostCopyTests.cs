@@ -37,7 +37,7 @@ internal sealed class PostCopyLoopback : IDisposable
         return new NetworkStream(s, ownsSocket: true);
     }
 
-    public (MigrationReport Source, ArrivedVm Arrived) Migrate(BuiltInVm vm, MigrationOptions options, Func<ChannelKind, int, Stream>? connector = null, IMigrationObserver? observer = null)
+    public (MigrationReport Source, ArrivedVm Arrived) Migrate(IVirtualMachine vm, MigrationOptions options, Func<ChannelKind, int, Stream>? connector = null, IMigrationObserver? observer = null)
     {
         var engine = new PostCopyMigration(vm, options, observer) { Connector = connector };
         var report = engine.MigrateTo("127.0.0.1", Port);
@@ -405,7 +405,7 @@ public class PostCopyTests(ITestOutputHelper output)
     public async Task Kv_store_and_its_client_survive_post_copy(MigrationStrategy strategy)
     {
         using var endpoint = new LiveMig.Workloads.KvEndpoint();
-        using var loop = new PostCopyLoopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(v.Workload as LiveMig.Workloads.KvWorkload) });
+        using var loop = new PostCopyLoopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(((BuiltInVm)v).Workload as LiveMig.Workloads.KvWorkload) });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "kv:keys=4096", Seed = 21, Fill = MemoryFill.Mixed });
         endpoint.Attach((LiveMig.Workloads.KvWorkload)vm.Workload);
         vm.Start();
@@ -424,7 +424,7 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.Equal(0, stats.Errors);
         Assert.Equal(0, stats.Mismatches); // every GET after the move returned what was PUT before it
         Assert.True(during.Count > 0);
-        Assert.Same(arrived.Vm.Workload, endpoint.Target);
+        Assert.Same(((BuiltInVm)arrived.Vm).Workload, endpoint.Target);
         arrived.Vm.Pause();
         Assert.Null(arrived.Vm.CheckInvariant());
     }

@@ -160,7 +160,7 @@ public class KvMigrationTests
     public async Task Kv_store_and_its_client_survive_a_live_migration()
     {
         using var endpoint = new LiveMig.Workloads.KvEndpoint();
-        using var loop = new Loopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(v.Workload as LiveMig.Workloads.KvWorkload), VerifyFromScratch = true });
+        using var loop = new Loopback(new DestinationOptions { BeforeResume = v => endpoint.Attach(((BuiltInVm)v).Workload as LiveMig.Workloads.KvWorkload), VerifyFromScratch = true });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "kv:keys=4096", Seed = 21 });
         endpoint.Attach((LiveMig.Workloads.KvWorkload)vm.Workload);
         vm.Start();
@@ -177,7 +177,7 @@ public class KvMigrationTests
         Assert.Equal(0, stats.Errors);
         Assert.Equal(0, stats.Mismatches); // every GET after the move returned what was PUT before it
         Assert.True(stats.LongestGapUs > 0);
-        Assert.Same(arrived.Vm.Workload, endpoint.Target);
+        Assert.Same(((BuiltInVm)arrived.Vm).Workload, endpoint.Target);
         arrived.Vm.Pause();
         Assert.Null(arrived.Vm.CheckInvariant());
     }

@@ -16,7 +16,7 @@ namespace LiveMig.Tests;
 public class ResumeTests
 {
     /// <summary>Passes frames through until the <paramref name="nth"/> frame of type <paramref name="cut"/> is about to be written; then the link is gone (closed, or silently black-holed).</summary>
-    private sealed class CutAt(Stream inner, FrameType cut, int nth, bool blackHole = false) : DelegatingStream(inner)
+    internal sealed class CutAt(Stream inner, FrameType cut, int nth, bool blackHole = false) : DelegatingStream(inner)
     {
         private int _seen;
         public bool Cut { get; private set; }
@@ -52,7 +52,7 @@ public class ResumeTests
         }
     }
 
-    private static Stream Tcp(int port)
+    internal static Stream Tcp(int port)
     {
         var client = new TcpClient("127.0.0.1", port) { NoDelay = true };
         return client.GetStream();
@@ -66,7 +66,7 @@ public class ResumeTests
         return vm;
     }
 
-    private static MigrationOptions Resumable(PipelineOptions? pipeline = null) => new()
+    internal static MigrationOptions Resumable(PipelineOptions? pipeline = null) => new()
     {
         ReconnectWindow = TimeSpan.FromSeconds(20),
         // Several live rounds whatever the machine's speed, so every cut point is reached.
@@ -233,7 +233,7 @@ public class ResumeTests
         Assert.Equal(VmRunState.Running, vm.State);
     }
 
-    private static BuiltInVm WaitArrived(Loopback loop)
+    private static IVirtualMachine WaitArrived(Loopback loop)
     {
         SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
         return loop.Listener.Vms.Single();

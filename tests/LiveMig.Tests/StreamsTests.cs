@@ -30,7 +30,7 @@ public class StreamsTests(ITestOutputHelper output)
         public long Differing = -1;
         public ulong DestinationHash;
 
-        public void Check(BuiltInVm arrived)
+        public void Check(IVirtualMachine arrived)
         {
             long n = 0;
             for (long p = 0; p < source.PageCount; p++)

@@ -97,7 +97,7 @@ public class SwitchoverFailureTests
         Assert.Equal(VmRunState.Running, arrived.State);
     }
 
-    private static BuiltInVm WaitArrived(Loopback loop)
+    private static IVirtualMachine WaitArrived(Loopback loop)
     {
         SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
         return loop.Listener.Vms.Single();

@@ -34,6 +34,29 @@ public class VmTests
         Assert.True(vm.DirtyLog.Harvest(dirty) > 0);
     }
 
+    /// <summary>What the engines used to downcast for is on the interface: kind, vCPUs, description, brakes, stop.</summary>
+    [Fact]
+    public void Built_in_vm_describes_itself_through_the_interface_and_stops_for_good()
+    {
+        using var built = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 3, Workload = "sweep:rate=1000", DirtyLog = DirtyLogKind.Software });
+        IVirtualMachine vm = built;
+        Assert.Equal("builtin", vm.Kind);
+        Assert.Equal(3, vm.VcpuCount);
+        Assert.Equal(built.Workload.Spec.ToString(), vm.Description);
+        Assert.StartsWith("sweep", vm.Description);
+        Assert.Equal(VmBrakes.Throttle | VmBrakes.DirtyLimit, vm.Brakes);
+        built.Start();
+        Assert.True(SpinWait.SpinUntil(() => built.Operations > 0, TimeSpan.FromSeconds(30)));
+        vm.Stop();
+        Assert.Equal(VmRunState.Stopped, vm.State);
+        long ops = built.Operations;
+        vm.Resume(); // a stopped VM never runs again
+        Thread.Sleep(20);
+        Assert.Equal(ops, built.Operations);
+        Assert.Null(vm.CheckInvariant());
+        _ = vm.Memory.ComputeHash(); // memory stays readable until Dispose
+    }
+
     /// <summary>The destination makes vCPU threads ahead (at Hello); the restored VM runs on exactly those, paused until Resume.</summary>
     [Fact]
     public void Restore_runs_the_vcpus_on_threads_made_ahead_and_not_before_resume()

@@ -10,7 +10,7 @@ using LiveMig.Vm;
 namespace LiveMig.Engine;
 
 /// <summary>A VM that arrived and runs here, with the destination's report of its migration.</summary>
-public sealed record ArrivedVm(BuiltInVm Vm, MigrationReport Report);
+public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report);
 
 /// <summary>
 /// The destination side of one migration: a state machine over the frames (docs/protocol.md).
@@ -19,11 +19,22 @@ public sealed record ArrivedVm(BuiltInVm Vm, MigrationReport Report);
 /// </summary>
 public sealed class IncomingMigration
 {
-    private enum State { AwaitHello, Live, StopAndCopy, HaveState, Prepared }
+    private enum State { AwaitHello, Live, StopAndCopy, ReceivingState, HaveState, Prepared }
 
     private readonly DestinationOptions _options;
+    private readonly DestinationSessions _sessions;
 
-    public IncomingMigration(DestinationOptions options) => _options = options;
+    /// <summary>
+    /// One incoming connection of a destination with <paramref name="options"/>. Migrations that
+    /// later connections may join (resume, post-copy, data streams) are registered in
+    /// <paramref name="sessions"/>: give every connection of one destination the same (a
+    /// <see cref="MigrationListener"/> does); default: a registry of this connection's own.
+    /// </summary>
+    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null)
+    {
+        _options = options;
+        _sessions = sessions ?? new DestinationSessions();
+    }
 
     /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
     public ArrivedVm? Receive(Stream stream)
@@ -33,8 +44,7 @@ public sealed class IncomingMigration
             stream.ReadTimeout = (int)_options.IoTimeout.TotalMilliseconds;
             stream.WriteTimeout = (int)_options.IoTimeout.TotalMilliseconds;
         }
-        var started = DateTimeOffset.UtcNow;
-        long t0 = Stopwatch.GetTimestamp();
+        var report = new DestinationReport(_options);
         // A resumed migration reads and writes through the connection the source came back on;
         // these two belong to the first one.
         using var reader0 = new FrameReader(stream);
@@ -42,25 +52,22 @@ public sealed class IncomingMigration
         var reader = reader0;
         var frames = frames0;
         PreCopyResumption? resumption = null;
-        int reattaches = 0;
         long bytesOfEarlierLinks = 0;
         bool afterReattach = false;
         Span<byte> small = stackalloc byte[64];
         var state = State.AwaitHello;
         GuestMemory? memory = null;
-        BuiltInVm? vm = null;
+        IVirtualMachine? vm = null;
+        IVmFactory factory = null!; // the Hello's kind's, once the Hello is accepted
+        IncomingVm incoming = null!;
         PageBatchReader? placer = null;
         PipelineDecoder? decoder = null;
         Capabilities accepted = 0;
         byte[]? vmState = null;
+        var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
         Prefaulter? prefaulter = null;
         bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
-        long pauseSeenTs = 0;
-        double verifyMs = 0;
-        ulong hash = 0;
-        bool verify = false;
-        var rounds = new List<RoundReport>();
         int currentRound = -1;
         PostCopyIncoming? postCopy = null;
         var downtime = new PhaseClock();
@@ -83,27 +90,27 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
-                        SwitchoverWarmup.ForDestination(); // the restore and resume code compiles while the pages arrive
-                        // memfd names are limited to 249 bytes: a long (up to 255-byte) VM name must not fail the allocation.
-                        memory = _options.MemoryPool?.Take(hello.MemoryBytes);
-                        preparedMemory = memory is not null;
-                        try { memory ??= GuestMemory.Create(hello.MemoryBytes, "livemig-in-" + hello.VmName[..Math.Min(hello.VmName.Length, 64)]); }
+                        factory = Factory(hello.VmKind)!;
+                        incoming = Incoming(hello);
+                        SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
+                        try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         accepted = hello.Requested & Supported;
+                        (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
                             decoder = new PipelineDecoder(memory, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null);
                             placer.Decoder = decoder;
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
-                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(hello, _options);
+                        if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
                         // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
-                        else if (hello.Vcpus <= MaxParkedVcpus) vcpuThreads = new ParkedThreads(hello.Vcpus, hello.VmName[..Math.Min(hello.VmName.Length, 32)]);
+                        else vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
-                            resumption = PreCopyResumption.Register(hello.MigrationId, stream);
+                            resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);
                             placer.Delivered = new PageBitmap(memory.PageCount);
                         }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
@@ -115,11 +122,12 @@ public sealed class IncomingMigration
                         var filledPages = decoder!.Fill(payload, p => placer!.Hashes?.Set(p, memory!.Page(p)));
                         long filledCount = filledPages.Count(f => f);
                         placer!.Counters.AddPages(PageEncoding.Dedup, filledCount);
+                        report.GangFilled += filledCount;
                         var answer = new byte[4 + (filledPages.Length + 7) / 8];
                         frames.Send(FrameType.DedupAnswer, answer.AsSpan(0, DedupAnswer.Write(answer, filledPages)));
                         break;
                     case (State.AwaitHello, FrameType.StreamAttach):
-                        IncomingStreams.ServeAttach(payload, stream, reader, frames);
+                        IncomingStreams.ServeAttach(_sessions, payload, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.Streams):
                         int count = StreamsMessage.Parse(payload, "Streams").Count;
@@ -127,18 +135,19 @@ public sealed class IncomingMigration
                         if (currentRound >= 0 || streams is not null) throw new ProtocolException($"Streams (frame {frame}) after round 0 began, or twice");
                         if (resumption is not null) throw new ProtocolException($"Streams (frame {frame}) with pre-copy resume: a multi-stream migration is not resumed after a drop");
                         if (count < 2 || count > StreamLayout.MaxStreams) throw new RefusedException($"{count} data streams requested; this destination accepts 2..{StreamLayout.MaxStreams}");
-                        streams = IncomingStreams.Open(hello.MigrationId, count, memory!, placer!.Hashes, decoder, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null, _options);
+                        streams = IncomingStreams.Open(_sessions, hello.MigrationId, count, memory!, placer!.Hashes, decoder, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null, _options);
                         frames.Send(FrameType.StreamsAck, small[..new StreamsMessage(count).Write(small)]);
                         break;
                     case (State.AwaitHello, FrameType.Attach):
                         var attach = AttachMessage.Parse(payload);
-                        if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(attach.MigrationId))
-                            PreCopyResumption.ServeAttach(attach.MigrationId, stream, reader, frames);
+                        if (attach.Channel == ChannelKind.Main && PreCopyResumption.IsKnown(_sessions, attach.MigrationId))
+                            PreCopyResumption.ServeAttach(_sessions, attach.MigrationId, stream, reader, frames);
                         else
-                            PostCopyIncoming.ServeAttach(payload, stream, reader, frames);
+                            PostCopyIncoming.ServeAttach(_sessions, attach, stream, reader, frames);
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, rounds, t0, started, currentRound, reader.BytesRead);
+                        report.BytesOnWire = bytesOfEarlierLinks;
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
                         memory = null; // post-copy owns it now
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
@@ -148,7 +157,7 @@ public sealed class IncomingMigration
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
-                        if (rs.Final) { state = State.StopAndCopy; pauseSeenTs = Stopwatch.GetTimestamp(); downtime.Start(pauseSeenTs); }
+                        if (rs.Final) { state = State.StopAndCopy; report.PausedTs = Stopwatch.GetTimestamp(); downtime.Start(report.PausedTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
@@ -160,7 +169,8 @@ public sealed class IncomingMigration
                         var re = RoundEndMessage.Parse(payload);
                         if (prefaulter is not null) { streams?.SetPlaced(null); prefaulter.Dispose(); prefaulter = null; placer!.Placed = null; } // round 0 is in
                         if (re.Round != currentRound) throw new ProtocolException($"RoundEnd (frame {frame}) for round {re.Round} inside round {currentRound}");
-                        rounds.Add(new RoundReport
+                        report.FirstRoundPlaced(Placed(placer!, streams)); // hybrid's live rounds have no Sync
+                        report.Rounds.Add(new RoundReport
                         {
                             Round = re.Round, Final = state == State.StopAndCopy, PagesSent = re.PagesSent, PagesDirtied = re.PagesDirtied, BytesSent = re.BytesSent,
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
@@ -183,51 +193,57 @@ public sealed class IncomingMigration
                         if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");
                         // Everything before this frame is placed (on every data stream, too): acknowledge, so the source times the round by delivery.
                         streams?.WaitRound(sync.Round);
+                        report.FirstRoundPlaced(Placed(placer!, streams)); // every stream is done with the round and none has begun the next
                         frames.Send(FrameType.SyncAck, small[..sync.Write(small)]);
                         break;
-                    case (State.StopAndCopy, FrameType.VmState):
-                        if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
-                        vmState = payload.ToArray();
+                    case (State.StopAndCopy or State.ReceivingState, FrameType.VmState):
+                        state = State.ReceivingState;
+                        if (!stateChunks.Add(payload, frame)) break;
+                        vmState = stateChunks.State;
+                        report.VmStateBytes = stateChunks.WireBytes;
                         state = State.HaveState;
                         downtime.Mark("vm-state");
                         // Rebuild the VM now, while the source combines its hash: its vCPUs stay parked until Commit.
                         // Not with several data streams: their final-round pages may still be arriving (they
                         // are all placed only at Prepare), and restoring reads memory.
-                        if (streams is null && !_options.VerifyFromScratch && TryRestoreEarly(memory!, vmState, vcpuThreads, out restoreError) is { } early) { vm = early; memory = null; }
+                        if (streams is null && !_options.VerifyFromScratch && TryRestoreEarly(factory, incoming, memory!, vmState, vcpuThreads, out restoreError) is { } early) { vm = early; memory = null; }
                         downtime.Mark("restore");
                         break;
                     case (State.HaveState, FrameType.Prepare):
                         var prep = PrepareMessage.Parse(payload);
                         streams?.Finish(currentRound); // every data stream has placed the final round, and stopped
-                        verify = prep.Verify;
+                        (report.StopReason, report.FreePagesSkipped) = (prep.StopReason, prep.FreePagesSkipped);
                         downtime.Mark("await-prepare");
-                        if (verify)
+                        ulong hash = 0;
+                        if (prep.Verify)
                         {
                             if (placer!.Hashes is null) throw new ProtocolException($"Prepare (frame {frame}) asks for verification that the Hello did not negotiate");
                             long h0 = Stopwatch.GetTimestamp();
                             // Each page was hashed from this memory right after it was placed, and
                             // nothing else writes here before resume: this is the memory's hash.
                             hash = placer.Hashes.Combine();
+                            (report.DestinationHash, report.SourceHash) = (hash, prep.SourceHash);
                             if (_options.VerifyFromScratch && (vm?.Memory ?? memory)!.ComputeHash() != hash)
                                 throw new VerificationException($"verification failed: destination memory rehashed from scratch differs from its per-page hashes {hash:x16}");
-                            verifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
+                            report.VerifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
                             if (hash != prep.SourceHash)
                             {
                                 SendError(frames, ErrorMessage.VerificationFailed, $"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
                                 throw new VerificationException($"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
                             }
+                            report.Verified = true;
                         }
                         downtime.Mark("hash-combine");
                         // A state that could not be restored is refused here, after verification (which comes first).
                         if (restoreError is not null) throw new ProtocolException(restoreError);
                         if (vm is null)
                         {
-                            try { vm = BuiltInVm.Restore(memory!, vmState, _options.DirtyLog, vcpuThreads); }
+                            try { vm = factory.Restore(incoming, memory!, vmState, vcpuThreads); }
                             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
                             memory = null; // the VM owns it now
                             downtime.Mark("restore");
                         }
-                        var readyMsg = new ReadyMessage(hash, (long)(verifyMs * 1000));
+                        var readyMsg = new ReadyMessage(hash, (long)(report.VerifyMs * 1000));
                         frames.Send(FrameType.Ready, small[..readyMsg.Write(small)]);
                         downtime.Mark("send-ready");
                         state = State.Prepared;
@@ -242,41 +258,21 @@ public sealed class IncomingMigration
                         downtime.Mark("resume");
                         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
                         try { frames.Send(FrameType.Resumed, []); } catch (IOException) { }
-                        var report = new MigrationReport
-                        {
-                            MigrationId = hello.MigrationId.ToString(),
-                            Role = "destination",
-                            Security = _options.Security.Mode,
-                            VmName = hello.VmName,
-                            Workload = vm.Workload.Spec.ToString(),
-                            MemoryBytes = hello.MemoryBytes,
-                            Vcpus = vm.VcpuCount,
-                            DirtyLog = vm.DirtyLog.Name,
-                            StartedAt = started,
-                            TotalTimeMs = Stopwatch.GetElapsedTime(t0, resumedTs).TotalMilliseconds,
-                            DowntimeMs = Stopwatch.GetElapsedTime(pauseSeenTs, resumedTs).TotalMilliseconds,
-                            VerifyMs = verifyMs,
-                            DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs },
-                            BytesOnWire = bytesOfEarlierLinks + reader.BytesRead + (streams?.BytesRead ?? 0),
-                            Reconnects = reattaches,
-                            PagesByEncoding = WithStreams(placer!.Counters, streams).PagesByName(),
-                            Stages = streams is null ? decoder?.Report() ?? [] : streams.MergeStages(decoder?.Report() ?? []),
-                            Pipeline = CodecNames(accepted),
-                            Streams = streams?.Count ?? 1,
-                            PagesSent = placer.PagesPlaced + (streams?.PagesPlaced ?? 0),
-                            Verified = verify ? true : null,
-                            DestinationHash = verify ? $"{hash:x16}" : null,
-                            SourceHash = verify ? $"{hash:x16}" : null,
-                            Rounds = rounds,
-                        };
+                        (report.Vm, report.ResumedTs, report.EndTs) = (vm, resumedTs, resumedTs);
+                        report.DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs };
+                        RecordPages(report, placer!, decoder, streams, bytesOfEarlierLinks + reader.BytesRead);
                         decoder?.Dispose();
                         streams?.DisposeDecoders();
-                        return new ArrivedVm(vm, report);
+                        // A source that could have switched to post-copy (--on-stall postcopy) did not: its page-request connection goes.
+                        postCopy?.Abort();
+                        return new ArrivedVm(vm, report.Build(null));
+                    case (State.ReceivingState, _):
+                        throw stateChunks.Interrupted(type, frame);
                     default:
                         throw new ProtocolException($"unexpected {type} (frame {frame}) in state {state}");
                 }
               }
-              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.HaveState && LinkFailure.Is(e))
+              catch (Exception e) when (resumption is not null && state is State.Live or State.StopAndCopy or State.ReceivingState or State.HaveState && LinkFailure.Is(e))
               {
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
@@ -289,12 +285,13 @@ public sealed class IncomingMigration
                 stream = next.Stream;
                 state = State.Live;
                 vmState = null;
-                pauseSeenTs = 0;
+                stateChunks.Reset();
+                report.PausedTs = 0;
                 // A VM restored early (at VmState) never ran: undo it, its memory takes pages again.
-                if (vm is not null) { memory = vm.DetachMemory(); vm = null; }
+                if (vm is not null) { memory = factory.Unrestore(vm); vm = null; }
                 restoreError = null;
                 afterReattach = true;
-                reattaches++;
+                report.Reconnects++;
                 // What arrived of the round cut short: the source sends only the rest again.
                 if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
                 frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
@@ -307,7 +304,9 @@ public sealed class IncomingMigration
             vcpuThreads?.Dispose();
             // No data stream may touch the memory once it is discarded: stop them all first.
             try { streams?.Abort(e.Message); }
-            catch (ProtocolException) { memory = null; if (vm is not null) { vm.DetachMemory(); vm = null; } } // a stream thread did not stop: leak the memory rather than unmap it under it
+            catch (ProtocolException) { memory = null; if (vm is not null) { factory.Unrestore(vm); vm = null; } } // a stream thread did not stop: leak the memory rather than unmap it under it
+            if (placer is not null) RecordPages(report, placer, decoder, streams, bytesOfEarlierLinks + reader.BytesRead);
+            else report.BytesOnWire = reader.BytesRead;
             streams?.DisposeDecoders();
             decoder?.Dispose();
             decoder = null;
@@ -316,22 +315,8 @@ public sealed class IncomingMigration
             vm?.Dispose();
             memory?.Dispose();
             if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
-            var report = new MigrationReport
-            {
-                MigrationId = hello.MigrationId.ToString(),
-                Role = "destination",
-                Outcome = "failed",
-                Error = e.Message,
-                VmName = hello.VmName ?? "",
-                MemoryBytes = hello.MemoryBytes,
-                StartedAt = started,
-                TotalTimeMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds,
-                BytesOnWire = bytesOfEarlierLinks + reader.BytesRead,
-                Reconnects = reattaches,
-                Verified = e is VerificationException ? false : null,
-                Rounds = rounds,
-            };
-            throw new MigrationFailedException(e.Message, report, e);
+            if (e is VerificationException) report.Verified = false;
+            throw new MigrationFailedException(e.Message, report.Build(e.Message), e);
         }
         finally
         {
@@ -341,46 +326,48 @@ public sealed class IncomingMigration
     }
 
     /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>
-    private BuiltInVm? TryRestoreEarly(GuestMemory memory, byte[] state, ParkedThreads? threads, out string? error)
+    private static IVirtualMachine? TryRestoreEarly(IVmFactory factory, IncomingVm incoming, GuestMemory memory, byte[] state, ParkedThreads? threads, out string? error)
     {
         error = null;
-        try { return BuiltInVm.Restore(memory, state, _options.DirtyLog, threads); }
+        try { return factory.Restore(incoming, memory, state, threads); }
         catch (InvalidDataException e) { error = e.Message; return null; }
     }
 
-    /// <summary>Most vCPU threads made ahead at Hello (a larger VM gets its threads at restore).</summary>
-    private const int MaxParkedVcpus = 64;
+    /// <summary>This destination's factory for VMs of <paramref name="kind"/>, or null.</summary>
+    private IVmFactory? Factory(string kind) => _options.VmFactories.FirstOrDefault(f => f.Kind == kind);
+
+    private IncomingVm Incoming(HelloMessage h) => new()
+    {
+        MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus,
+        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool,
+    };
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
 
-    private static EncodingCounters WithStreams(EncodingCounters control, IncomingStreams? streams)
+    /// <summary>Pages placed on the control connection and on every data stream.</summary>
+    private static long Placed(PageBatchReader placer, IncomingStreams? streams) => placer.PagesPlaced + (streams?.PagesPlaced ?? 0);
+
+    /// <summary>What the page path did, for the report: counts by encoding, stages, pages placed, bytes read (all connections).</summary>
+    private static void RecordPages(DestinationReport report, PageBatchReader placer, PipelineDecoder? decoder, IncomingStreams? streams, long controlBytes)
     {
-        if (streams is null) return control;
-        var sum = new EncodingCounters();
-        sum.Merge(control);
-        streams.AddCountersTo(sum);
-        return sum;
+        report.Pages.Merge(placer.Counters);
+        streams?.AddCountersTo(report.Pages);
+        report.Stages = streams is null ? decoder?.Report() ?? [] : streams.MergeStages(decoder?.Report() ?? []);
+        report.PagesPlaced = Placed(placer, streams);
+        report.Streams = streams?.Count ?? 1;
+        report.BytesOnWire = controlBytes + (streams?.BytesRead ?? 0);
     }
+
     private const Capabilities CodecBits = Capabilities.Lz4 | Capabilities.Zstd | Capabilities.Xbzrle | Capabilities.Dedup;
 
     /// <summary>What this destination accepts: everything it implements less what its options disable.</summary>
     private Capabilities Supported => All & ~_options.Disabled & (_options.ResumeWindow > TimeSpan.Zero ? All : ~Capabilities.PreCopyResume);
 
-    /// <summary>The codecs a migration negotiated, for the report: <c>lz4 zstd xbzrle dedup</c>, or <c>none</c>.</summary>
-    private static string CodecNames(Capabilities c)
-    {
-        var names = new List<string>();
-        if ((c & Capabilities.Lz4) != 0) names.Add("lz4");
-        if ((c & Capabilities.Zstd) != 0) names.Add("zstd");
-        if ((c & Capabilities.Xbzrle) != 0) names.Add("xbzrle");
-        if ((c & Capabilities.Dedup) != 0) names.Add("dedup");
-        return names.Count == 0 ? "none" : string.Join(' ', names);
-    }
-
     private string? CheckHello(HelloMessage h)
     {
         if (h.MaxVersion < ProtocolVersion.MinSupported || h.MinVersion > ProtocolVersion.Version)
             return $"protocol version mismatch: source speaks {h.MinVersion}..{h.MaxVersion}, destination {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}";
+        if (Factory(h.VmKind) is null) return $"VM kind '{h.VmKind}' is not supported here (supported: {string.Join(", ", _options.VmFactories.Select(f => f.Kind))})";
         if (h.PageSize != GuestMemory.PageSize) return $"page size {h.PageSize} not supported (only {GuestMemory.PageSize})";
         if (h.MemoryBytes <= 0 || h.MemoryBytes % GuestMemory.PageSize != 0) return $"memory size {h.MemoryBytes} is not a positive multiple of the page size";
         if (h.MemoryBytes > _options.MaxMemoryBytes) return $"memory size {Units.Bytes(h.MemoryBytes)} exceeds this destination's limit of {Units.Bytes(_options.MaxMemoryBytes)}";

@@ -24,8 +24,6 @@ namespace LiveMig.Engine;
 /// </summary>
 public sealed class IncomingStreams
 {
-    private static readonly ConcurrentDictionary<Guid, IncomingStreams> Sessions = new();
-
     private sealed class Slot
     {
         public Stream? Stream;
@@ -38,6 +36,7 @@ public sealed class IncomingStreams
         public bool Attached, Exited;
     }
 
+    private readonly ConcurrentDictionary<Guid, IncomingStreams> _sessions;
     private readonly Guid _id;
     private readonly Slot[] _slots;
     private readonly object _lock = new();
@@ -47,9 +46,10 @@ public sealed class IncomingStreams
     private bool _closing;
     private long _progressTs = Stopwatch.GetTimestamp(); // last batch placed or round ended, by any stream
 
-    private IncomingStreams(Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
+    private IncomingStreams(ConcurrentDictionary<Guid, IncomingStreams> sessions, Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
         DedupStore? store, DestinationOptions options)
     {
+        _sessions = sessions;
         _id = id;
         _timeout = options.IoTimeout;
         _roundPlaced = options.StreamRoundPlaced;
@@ -72,11 +72,11 @@ public sealed class IncomingStreams
     public int Count => _slots.Length;
 
     /// <summary>Opens the session of migration <paramref name="id"/>; its data connections may attach from now on.</summary>
-    public static IncomingStreams Open(Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
+    public static IncomingStreams Open(DestinationSessions sessions, Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
         DedupStore? store, DestinationOptions options)
     {
-        var s = new IncomingStreams(id, count, memory, hashes, controlDecoder, accepted, store, options);
-        if (!Sessions.TryAdd(id, s)) throw new ProtocolException($"Streams: migration {id} already has data streams here");
+        var s = new IncomingStreams(sessions.Streams, id, count, memory, hashes, controlDecoder, accepted, store, options);
+        if (!sessions.Streams.TryAdd(id, s)) throw new ProtocolException($"Streams: migration {id} already has data streams here");
         return s;
     }
 
@@ -91,10 +91,10 @@ public sealed class IncomingStreams
     /// the pages it carries until the migration is done with it. Returns when the stream is
     /// closed by the session (normal end) or has failed (the session then fails).
     /// </summary>
-    public static void ServeAttach(ReadOnlySpan<byte> payload, Stream stream, FrameReader reader, FrameWriter frames)
+    public static void ServeAttach(DestinationSessions sessions, ReadOnlySpan<byte> payload, Stream stream, FrameReader reader, FrameWriter frames)
     {
         var m = StreamAttachMessage.Parse(payload);
-        if (!Sessions.TryGetValue(m.MigrationId, out var session))
+        if (!sessions.Streams.TryGetValue(m.MigrationId, out var session))
             throw new ProtocolException($"StreamAttach: no multi-stream migration {m.MigrationId} is in progress here");
         session.Serve(m, stream, reader, frames);
     }
@@ -274,7 +274,7 @@ public sealed class IncomingStreams
             _closing = true;
             streams = [.. _slots.Select(s => s.Stream)];
         }
-        Sessions.TryRemove(new KeyValuePair<Guid, IncomingStreams>(_id, this));
+        _sessions.TryRemove(new KeyValuePair<Guid, IncomingStreams>(_id, this));
         // Disposing a stream aborts a read blocked on it: its thread ends (quietly, as we are closing).
         foreach (var s in streams)
         {

@@ -14,8 +14,10 @@ public sealed class MigrationListener : IDisposable
 {
     private readonly TcpListener _listener;
     private readonly DestinationOptions _options;
-    private readonly ConcurrentDictionary<string, BuiltInVm> _vms = new();
+    private readonly ConcurrentDictionary<string, IVirtualMachine> _vms = new();
     private readonly CancellationTokenSource _stop = new();
+    /// <summary>This listener's migrations that later connections join (resume, post-copy, data streams): its own, shared with no other listener.</summary>
+    private readonly DestinationSessions _sessions = new();
     private Thread? _acceptThread;
 
     public MigrationListener(IPAddress address, int port, DestinationOptions options)
@@ -32,7 +34,10 @@ public sealed class MigrationListener : IDisposable
     /// <summary>Raised when an incoming migration fails (its partial VM is already discarded).</summary>
     public event Action<MigrationFailedException>? Failed;
 
-    public IReadOnlyCollection<BuiltInVm> Vms => (IReadOnlyCollection<BuiltInVm>)_vms.Values;
+    /// <summary>The migrations in progress here that other connections may join.</summary>
+    public DestinationSessions Sessions => _sessions;
+
+    public IReadOnlyCollection<IVirtualMachine> Vms => (IReadOnlyCollection<IVirtualMachine>)_vms.Values;
 
     public void Start()
     {
@@ -67,12 +72,11 @@ public sealed class MigrationListener : IDisposable
                 catch (AuthenticationFailedException e)
                 {
                     stream.Dispose();
-                    var refused = new Reporting.MigrationReport { Role = "destination", Outcome = "failed", Error = e.Message, Security = _options.Security.Mode };
-                    Failed?.Invoke(new MigrationFailedException(e.Message, refused, e));
+                    Failed?.Invoke(new MigrationFailedException(e.Message, new DestinationReport(_options).Build(e.Message), e));
                     return;
                 }
                 using var _ = stream;
-                var arrived = new IncomingMigration(_options).Receive(stream);
+                var arrived = new IncomingMigration(_options, _sessions).Receive(stream);
                 if (arrived is null) return; // a second connection of a post-copy migration
                 arrived = arrived with { Report = arrived.Report with { Peer = peer } };
                 _vms[arrived.Report.MigrationId] = arrived.Vm;

@@ -58,7 +58,14 @@ public sealed record DestinationOptions
     /// <summary>Also rehash all of memory from scratch before resuming and compare (slow: a full pass in the downtime; for tests and audits).</summary>
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>
-    public Action<BuiltInVm>? BeforeResume { get; init; }
+    public Action<IVirtualMachine>? BeforeResume { get; init; }
+    /// <summary>Largest VM state (vCPU and device state, sent in chunks) a source may announce; a larger claim fails the migration before anything is allocated.</summary>
+    public long MaxVmStateBytes { get; init; } = 256L << 20;
+    /// <summary>
+    /// The VM kinds this destination can run, one factory each (the Hello names the kind; any
+    /// other is refused). Default: the built-in VM.
+    /// </summary>
+    public IReadOnlyList<IVmFactory> VmFactories { get; init; } = IVmFactory.Defaults;
     /// <summary>Capabilities this destination pretends not to have (e.g. <c>Capabilities.Zstd</c>, for tests of the refusal).</summary>
     public Capabilities Disabled { get; init; }
     /// <summary>

@@ -14,7 +14,7 @@ namespace LiveMig.Engine;
 /// <summary>What <see cref="IncomingMigration"/> hands over at the switch to post-copy.</summary>
 internal sealed record PostCopyHandover(
     Stream Stream, FrameReader Reader, FrameWriter Frames, GuestMemory Memory, PageBatchReader Placer,
-    HelloMessage Hello, List<RoundReport> Rounds, long StartTimestamp, DateTimeOffset Started, int CurrentRound, long PreCopyBytes);
+    HelloMessage Hello, IVmFactory Factory, IncomingVm Vm, DestinationReport Report, int CurrentRound);
 
 /// <summary>
 /// The destination side of post-copy: from the switch (PostCopyStart) to the last page. Sets up
@@ -26,11 +26,11 @@ internal sealed record PostCopyHandover(
 /// </summary>
 internal sealed unsafe class PostCopyIncoming : IPageRequester
 {
-    private static readonly ConcurrentDictionary<Guid, PostCopyIncoming> Sessions = new();
     /// <summary>Diagnostics for tests: connection events of every session in this process.</summary>
     internal static Action<string>? Trace;
 
     private readonly DestinationOptions _options;
+    private readonly ConcurrentDictionary<Guid, PostCopyIncoming> _sessions;
     private readonly HelloMessage _hello;
     private readonly Lock _lock = new();
     private readonly Lock _sendLock = new();
@@ -44,10 +44,15 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private volatile bool _priorityBroken;
     private volatile bool _resumed, _finished;
     private long _placedFromPush, _placedFromRequests, _duplicates;
+    /// <summary>Pages placed by encoding: pushed (the main connection's reader) and requested (the page-request readers, added as each ends).</summary>
+    private readonly EncodingCounters _pushed = new(), _requested = new();
+    /// <summary>Every page-request connection so far, for the bytes they carried.</summary>
+    private readonly List<Channel> _priorityChannels = [];
     private int _networkFaults;
 
-    private PostCopyIncoming(HelloMessage hello, DestinationOptions options)
+    private PostCopyIncoming(ConcurrentDictionary<Guid, PostCopyIncoming> sessions, HelloMessage hello, DestinationOptions options)
     {
+        _sessions = sessions;
         _hello = hello;
         _options = options;
     }
@@ -72,16 +77,16 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     }
 
     /// <summary>Called when a Hello negotiated post-copy: the page-request connection may attach from now on.</summary>
-    public static PostCopyIncoming Register(HelloMessage hello, DestinationOptions options)
+    public static PostCopyIncoming Register(DestinationSessions sessions, HelloMessage hello, DestinationOptions options)
     {
-        var s = new PostCopyIncoming(hello, options);
-        Sessions[hello.MigrationId] = s;
+        var s = new PostCopyIncoming(sessions.PostCopy, hello, options);
+        sessions.PostCopy[hello.MigrationId] = s;
         return s;
     }
 
-    public void Unregister() => Sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
+    public void Unregister() => _sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
 
-    /// <summary>The migration failed before the switch: forget it and let its page-request connection go.</summary>
+    /// <summary>The migration failed before the switch, or ended in a stop-and-copy without one: forget it and let its page-request connection go.</summary>
     public void Abort()
     {
         Unregister();
@@ -95,10 +100,9 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     /// A connection whose first frame is Attach: joins the migration it names and blocks until
     /// the migration no longer needs it (the listener closes it when this returns).
     /// </summary>
-    public static void ServeAttach(ReadOnlySpan<byte> payload, Stream stream, FrameReader reader, FrameWriter frames)
+    public static void ServeAttach(DestinationSessions sessions, AttachMessage m, Stream stream, FrameReader reader, FrameWriter frames)
     {
-        var m = AttachMessage.Parse(payload);
-        if (!Sessions.TryGetValue(m.MigrationId, out var session))
+        if (!sessions.PostCopy.TryGetValue(m.MigrationId, out var session))
             throw new ProtocolException($"Attach: no migration {m.MigrationId} is waiting here (it completed, failed, or its resume window ran out)");
         session.Attach(new Channel(stream, reader, frames, m.Channel));
     }
@@ -119,6 +123,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 _priorityBroken = false;
             }
             _priorityArrived.Set();
+            lock (_priorityChannels) _priorityChannels.Add(ch);
             if (old is not null) Trace?.Invoke("priority attach replaces an open channel");
             lock (_lock) if (_pager is not null) StartPriorityService(ch); // (userfaultfd: the native thread moves to it)
             ClosePriority(old);
@@ -213,13 +218,14 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private void PriorityLoop(Channel ch)
     {
         byte* scratch = (byte*)NativeMemory.Alloc(GuestMemory.PageSize);
+        var placed = new EncodingCounters(); // this reader's: another may overlap it briefly after a re-attach
         try
         {
             while (!ch.Broken)
             {
                 var type = ch.Reader.Read(out var payload);
                 if (type != FrameType.PageBatch) throw new ProtocolException($"unexpected {type} on the page-request connection");
-                long n = PlaceBatch(payload, ch.Reader.FramesRead - 1, scratch, BasicPageDecoder.Instance);
+                long n = PlaceBatch(payload, ch.Reader.FramesRead - 1, scratch, BasicPageDecoder.Instance, placed);
                 Interlocked.Add(ref _placedFromRequests, n);
             }
         }
@@ -232,16 +238,17 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         finally
         {
             NativeMemory.Free(scratch);
+            lock (_requested) _requested.Merge(placed);
             ch.Released.Set();
         }
     }
 
-    /// <summary>Places every page of one PageBatch not yet present; returns how many it placed.</summary>
-    private long PlaceBatch(ReadOnlySpan<byte> payload, long frameIndex, byte* scratch, IPageDecoder decoder)
+    /// <summary>Places every page of one PageBatch not yet present, counting them by encoding in <paramref name="placed"/>; returns how many it placed.</summary>
+    private long PlaceBatch(ReadOnlySpan<byte> payload, long frameIndex, byte* scratch, IPageDecoder decoder, EncodingCounters placed)
     {
         var pager = _pager!;
         var entries = new PageBatchEntries(payload, frameIndex, pager.Memory.PageCount);
-        long placed = 0;
+        long n = 0;
         var target = new Span<byte>(scratch, GuestMemory.PageSize);
         while (entries.MoveNext(out var entry))
         {
@@ -255,9 +262,11 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 catch (ProtocolException bad) { throw entries.AtEntry(entry, bad); }
                 ok = pager.Place(page, target);
             }
-            if (ok) placed++; else Interlocked.Increment(ref _duplicates);
+            if (!ok) { Interlocked.Increment(ref _duplicates); continue; }
+            placed.Add(entry.Encoding, entry.Data.Length);
+            n++;
         }
-        return placed;
+        return n;
     }
 
     // ---- the session ----------------------------------------------------------------------------
@@ -266,10 +275,12 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     public ArrivedVm Run(PostCopyHandover h, ReadOnlySpan<byte> startPayload)
     {
         var memory = h.Memory;
-        BuiltInVm? vm = null;
+        IVirtualMachine? vm = null;
         var main = new Channel(h.Stream, h.Reader, h.Frames, ChannelKind.Main);
         lock (_lock) _currentMain = main;
-        long switchTs = Stopwatch.GetTimestamp(), resumedTs = 0;
+        long resumedTs = 0;
+        h.Report.Strategy = h.Report.Rounds.Count > 0 ? "hybrid" : "postcopy";
+        h.Report.PausedTs = Stopwatch.GetTimestamp();
         long bytesBefore = 0;
         bool readySent = false;
         string? error = null;
@@ -282,20 +293,23 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         {
             var start = PostCopyStartMessage.Parse(startPayload);
             if (start.Round != h.CurrentRound + 1) throw new ProtocolException($"PostCopyStart: round {start.Round} after round {h.CurrentRound}");
+            h.Report.StopReason = start.Reason;
             using var pending = new NativePageBitmap(memory.PageCount);
-            byte[] vmState;
+            var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
             while (true)
             {
                 var type = main.Reader.Read(out var payload);
                 long frame = main.Reader.FramesRead - 1;
                 if (type == FrameType.Error) throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
-                if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, pending); continue; }
-                if (type != FrameType.VmState) throw new ProtocolException($"unexpected {type} (frame {frame}) after PostCopyStart");
-                if (payload.Length == 0) throw new ProtocolException($"VmState (frame {frame}) is empty");
-                vmState = payload.ToArray();
-                break;
+                if (type == FrameType.VmState) { if (stateChunks.Add(payload, frame)) break; continue; }
+                if (stateChunks.Started) throw stateChunks.Interrupted(type, frame);
+                if (type != FrameType.PendingPages) throw new ProtocolException($"unexpected {type} (frame {frame}) after PostCopyStart");
+                PageBitmapChunks.Apply(payload, pending);
             }
+            byte[] vmState = stateChunks.State;
+            h.Report.VmStateBytes = stateChunks.WireBytes;
             if (pending.Count() != start.PendingPages) throw new ProtocolException($"PostCopyStart announced {start.PendingPages} pending pages, the bitmap lists {pending.Count()}");
+            if (!h.Report.FirstRoundCounted) h.Report.UnsentPages = memory.PageCount - start.PendingPages; // pure post-copy: the source pushes only what is pending
 
             // Demand paging: present = everything not still to come.
             var present = new NativePageBitmap(memory.PageCount);
@@ -307,7 +321,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 if (_priority is { } ch && !ch.Broken) StartPriorityService(ch);
             }
 
-            try { vm = BuiltInVm.Restore(memory, vmState, _options.DirtyLog); }
+            try { vm = h.Factory.Restore(h.Vm, memory, vmState, null); }
             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
             main.Frames.Send(FrameType.Ready, small[..new ReadyMessage(0, 0).Write(small)]);
             readySent = true;
@@ -341,7 +355,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     if (type == FrameType.Error) throw new SourceAbort($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                     if (type == FrameType.PageBatch)
                     {
-                        Interlocked.Add(ref _placedFromPush, PlaceBatch(payload, frame, scratch, pushDecoder));
+                        Interlocked.Add(ref _placedFromPush, PlaceBatch(payload, frame, scratch, pushDecoder, _pushed));
                         continue;
                     }
                     if (type != FrameType.PostCopyEnd) throw new ProtocolException($"unexpected {type} (frame {frame}) in post-copy");
@@ -387,48 +401,53 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         // Tear down demand paging: every page is here (or never will be).
         var pager = _pager;
         Finish(error);
-        string? mode = pager?.Mode;
-        var (fp50, fp99, fmax) = pager?.Latency.Summary() ?? (0, 0, 0);
-        var report = new MigrationReport
-        {
-            MigrationId = _hello.MigrationId.ToString(),
-            Role = "destination",
-            Strategy = h.Rounds.Count > 0 ? "hybrid" : "postcopy",
-            Outcome = error is null ? "completed" : "failed",
-            Error = error,
-            Security = _options.Security.Mode,
-            VmName = _hello.VmName,
-            Workload = vm?.Workload.Spec.ToString() ?? "",
-            MemoryBytes = _hello.MemoryBytes,
-            Vcpus = vm?.VcpuCount ?? _hello.Vcpus,
-            DirtyLog = vm is not null && error is null ? vm.DirtyLog.Name : "",
-            StartedAt = h.Started,
-            TotalTimeMs = Stopwatch.GetElapsedTime(h.StartTimestamp).TotalMilliseconds,
-            DowntimeMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(switchTs, resumedTs).TotalMilliseconds : 0,
-            TimeToResumeMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(h.StartTimestamp, resumedTs).TotalMilliseconds : 0,
-            PostCopyMs = resumedTs > 0 ? Stopwatch.GetElapsedTime(resumedTs).TotalMilliseconds : 0,
-            BytesOnWire = bytesBefore + main.Reader.BytesRead,
-            PagesByEncoding = h.Placer.Counters.PagesByName(),
-            PagesSent = h.Placer.PagesPlaced + Interlocked.Read(ref _placedFromPush) + Interlocked.Read(ref _placedFromRequests),
-            PagesPushed = Interlocked.Read(ref _placedFromPush),
-            PagesRequested = Interlocked.Read(ref _placedFromRequests),
-            Verified = verified,
-            DestinationHash = verified is null ? null : $"{hash:x16}",
-            SourceHash = verified is null ? null : $"{end.SourceHash:x16}",
-            NetworkFaults = _networkFaults,
-            Faults = pager?.Faults ?? 0,
-            FaultLatencyUs = new LatencySummary { P50 = fp50, P99 = fp99, Max = fmax },
-            DemandPaging = mode,
-            Rounds = h.Rounds,
-        };
+        var report = h.Report;
+        report.Vm = vm;
+        report.ResumedTs = resumedTs;
+        report.BytesOnWire += bytesBefore + main.Reader.BytesRead + PriorityBytes(pager);
+        RecordPages(report, h.Placer, pager);
+        if (verified is not null) (report.Verified, report.DestinationHash, report.SourceHash) = (verified, hash, end.SourceHash);
+        var built = report.Build(error);
         if (error is not null)
         {
             if (!_resumed) vm?.Dispose();
             else if (vm is not null) vm.Dispose(); // ran here with pages that can no longer come: its vCPUs stopped at the missing pages
             if (vm is null) memory.Dispose();
-            throw new MigrationFailedException(error, report);
+            throw new MigrationFailedException(error, built);
         }
-        return new ArrivedVm(vm!, report);
+        return new ArrivedVm(vm!, built);
+    }
+
+    /// <summary>What the pages did after the switch, for the report: by encoding (pushed, requested — by the native thread too), counts, faults.</summary>
+    private void RecordPages(DestinationReport report, PageBatchReader preCopy, DemandPager? pager)
+    {
+        report.Pages.Merge(preCopy.Counters);
+        report.Pages.Merge(_pushed);
+        lock (_requested) report.Pages.Merge(_requested);
+        long requested = Interlocked.Read(ref _placedFromRequests);
+        if (pager is UffdDemandPager u)
+        {
+            var (raw, zero, _) = u.NativePlaced; // the native thread decodes raw pages and zero markers only
+            report.Pages.Add(PageEncoding.Raw, raw, raw * GuestMemory.PageSize);
+            report.Pages.AddPages(PageEncoding.Zero, zero);
+            requested += raw + zero;
+        }
+        report.PagesPushed = Interlocked.Read(ref _placedFromPush);
+        report.PagesRequested = requested;
+        report.PagesPlaced = preCopy.PagesPlaced + report.PagesPushed + requested;
+        report.NetworkFaults = _networkFaults;
+        report.Faults = pager?.Faults ?? 0;
+        var (p50, p99, max) = pager?.Latency.Summary() ?? (0, 0, 0);
+        report.FaultLatencyUs = new LatencySummary { P50 = p50, P99 = p99, Max = max };
+        report.DemandPaging = pager?.Mode;
+    }
+
+    /// <summary>Bytes read off every page-request connection: by the managed readers, and by the native thread.</summary>
+    private long PriorityBytes(DemandPager? pager)
+    {
+        long n = pager is UffdDemandPager u ? u.NativePlaced.BytesRead : 0;
+        lock (_priorityChannels) foreach (var ch in _priorityChannels) n += ch.Reader.BytesRead;
+        return n;
     }
 
     /// <summary>A short queue of pushed pages in front of a page a vCPU waits for (PostCopyOptions.PushSocketBuffer).</summary>
@@ -438,7 +457,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         try { ns.Socket.ReceiveBufferSize = _options.PostCopy.PushSocketBuffer; } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
     }
 
-    private void Resume(BuiltInVm vm, Channel main, ref long resumedTs)
+    private void Resume(IVirtualMachine vm, Channel main, ref long resumedTs)
     {
         _options.BeforeResume?.Invoke(vm);
         vm.Resume();
@@ -472,7 +491,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     /// After a connection failure: close both connections, keep the faulting vCPUs waiting, wait
     /// for the source to reconnect, tell it which pages are here. Throws <see cref="RecoveryFailed"/> on timeout.
     /// </summary>
-    private Channel Recover(Channel broken, Exception cause, BuiltInVm? resumeOnAttach, ref long resumedTs)
+    private Channel Recover(Channel broken, Exception cause, IVirtualMachine? resumeOnAttach, ref long resumedTs)
     {
         _networkFaults++;
         Trace?.Invoke($"recover: {cause.GetType().Name}: {cause.Message}");

@@ -59,6 +59,7 @@ public sealed class PostCopyMigration
     {
         if (options.Strategy == MigrationStrategy.PostCopy && (options.Pipeline.XbzrleCacheBytes > 0 || options.Pipeline.Dedup))
             throw new ArgumentException("post-copy sends each page once while the VM runs at the destination: XBZRLE deltas and dedup references have nothing safe to lean on (use hybrid)", nameof(options));
+        if (options.Strategy != MigrationStrategy.PostCopy) BrakeCheck.Require(vm, options.PreCopy);
         _vm = vm;
         _options = options;
         _time = options.Time;
@@ -181,7 +182,7 @@ public sealed class PostCopyMigration
             _completedAt = _time.GetTimestamp();
             if (!_resumedSeen) _resumedAt = _completedAt;
             _observer.Phase("done");
-            if (_vm is BuiltInVm b) b.Stop();
+            _vm.Stop();
             bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
             var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the source's paused memory {_sourceHash:x16}", link);
             link.Dispose();
@@ -219,6 +220,7 @@ public sealed class PostCopyMigration
             Bandwidth = () => Limiter.BytesPerSecond > 0 ? Limiter.BytesPerSecond : _controller!.Rounds.Count > 0 ? _controller.Rounds[0].BandwidthBytesPerSecond : 0,
         };
         sender.Bind(link.MainFrames, link.MainReader);
+        sender.StateBytes = _vm.StateSizeHint;
         _controller = new RoundController(_rounds!, sender, _vm.DirtyLog, _vm, _time, _observer);
         var first = FirstRound.Choose(_vm, _pipeline, sender, _announceExtents);
         _controller.Begin(first);
@@ -256,12 +258,10 @@ public sealed class PostCopyMigration
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
         _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
-        var start = new PostCopyStartMessage(_postCopyRound, pendingCount);
+        var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
         PageBitmapChunks.Send(link.MainFrames, _pending);
-        byte[] state = _vm.SaveState();
-        link.MainFrames.Send(FrameType.VmState, state);
-        _stateBytes = state.Length + FrameFormat.HeaderSize;
+        _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
         StartServer(link); // the destination may fault while it restores the VM
 
         var type = link.MainReader.Read(out var payload);
@@ -369,12 +369,17 @@ public sealed class PostCopyMigration
         return why;
     }
 
+    /// <summary>Why the rounds ended (or none ran): the report's <c>stopReason</c>, also told to the destination at the switch.</summary>
+    private string StopReasonName => _controller is null
+        ? StopReasons.Name(_options.Strategy == MigrationStrategy.Hybrid ? StopReason.RoundBudget : StopReason.Immediate)
+        : StopReasons.Name(_controller.Decision.Reason);
+
     /// <summary>The report, for success (<paramref name="error"/> null) and failure alike.</summary>
     private MigrationReport Report(string? error, Link? link)
     {
         bool completed = _completedAt != 0;
         long bytes = _bytesOfClosedLinks + (link?.BytesWritten ?? 0);
-        var r = SourceReport.Common(_vm, _options, _id, StrategyName, Limiter, _controller, _pipeline, VcpuCount, Workload) with
+        var r = SourceReport.Common(_vm, _options, _id, StrategyName, Limiter, _controller, _pipeline) with
         {
             StartedAt = _started,
             Outcome = error is null ? "completed" : "failed",
@@ -387,7 +392,7 @@ public sealed class PostCopyMigration
             PagesPushed = Interlocked.Read(ref _pagesPushed),
             PagesRequested = Interlocked.Read(ref _pagesRequested),
             NetworkFaults = _networkFaults,
-            StopReason = _controller is null ? StopReasons.Name(_options.Strategy == MigrationStrategy.Hybrid ? StopReason.RoundBudget : StopReason.Immediate) : StopReasons.Name(_controller.Decision.Reason),
+            StopReason = StopReasonName,
         };
         if (_stopAndCopy is not null) return _stopAndCopy.AddTo(r with { Bytes = SourceReport.Wire(bytes, AllCounters(), ZeroMarkersSent(), _stopAndCopy.StateBytes) }, _options.PreCopy.DowntimeLimit);
         if (!completed) return r;
@@ -416,7 +421,7 @@ public sealed class PostCopyMigration
             | _options.Pipeline.Capabilities | (_rounds is not null ? Capabilities.RoundSync : 0);
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
-            _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
+            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
         link.MainFrames.Send(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
@@ -483,9 +488,10 @@ public sealed class PostCopyMigration
                         // it again here: the fault is then resolved by the page-request connection
                         // alone. The memory is paused, so both copies are the same; the
                         // destination places whichever comes first.
-                        if (_pending!.TryClear(p)) sent++;
+                        bool first = _pending!.TryClear(p);
+                        if (first) sent++;
                         else Interlocked.Increment(ref _requestsForSentPages);
-                        writer.Add(p, skipZero: false);
+                        writer.Add(p, skipZero: false, again: !first); // a page sent twice counts once
                     }
                     if (n > 0)
                     {
@@ -629,9 +635,6 @@ public sealed class PostCopyMigration
         return new LatencySummary { P50 = p50, P99 = p99, Max = max };
     }
 
-    private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
-
-    private string Workload => _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "";
 
     private sealed class RecoveryFailed(string message) : Exception(message);
 }

@@ -44,6 +44,7 @@ public sealed class PreCopyMigration
     {
         if (options.Streams < 1 || options.Streams > StreamLayout.MaxStreams)
             throw new ArgumentOutOfRangeException(nameof(options), $"Streams {options.Streams}: must be between 1 and {StreamLayout.MaxStreams}");
+        BrakeCheck.Require(vm, options.PreCopy);
         _vm = vm;
         _options = options;
         _time = options.Time;
@@ -105,6 +106,7 @@ public sealed class PreCopyMigration
         var frames = new FrameWriter(stream, Limiter, _time);
         _sender = new ConnectionRoundSender(new PageBatchWriter(frames, _vm.Memory), _vm.DirtyLog, _observer, _time) { Bandwidth = Bandwidth };
         _sender.Bind(frames, new FrameReader(stream));
+        _sender.StateBytes = _vm.StateSizeHint;
         _controller = new RoundController(_policy, _sender, _vm.DirtyLog, _vm, _time, _observer);
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), Math.Max(1, _options.Streams), _time);
         _switchover = new StopAndCopy(_vm, _controller, _sender, _pipeline, _options.Verify, _time, _observer);
@@ -172,7 +174,7 @@ public sealed class PreCopyMigration
         // Resume after a drop is for the single connection: with several data streams a drop fails the migration (docs/protocol.md).
         var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
-            _vm.Memory.Size, GuestMemory.PageSize, VcpuCount, _id, _vm.Name);
+            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
         _sender.Frames.Send(FrameType.Hello, small[..hello.Write(small)]);
         var type = _sender.Reader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
@@ -345,12 +347,10 @@ public sealed class PreCopyMigration
         }
     }
 
-    private int VcpuCount => _vm is BuiltInVm b ? b.VcpuCount : 1;
-
     /// <summary>The report, for success (<paramref name="error"/> null) and failure alike, from what this run measured.</summary>
     private MigrationReport Report(string? error)
     {
-        var r = SourceReport.Common(_vm, _options, _id, "precopy", Limiter, _controller, _pipeline, VcpuCount, Workload) with
+        var r = SourceReport.Common(_vm, _options, _id, "precopy", Limiter, _controller, _pipeline) with
         {
             StartedAt = _started,
             Outcome = error is null ? "completed" : "failed",
@@ -370,8 +370,6 @@ public sealed class PreCopyMigration
         };
         return _switchover.AddTo(r, _options.PreCopy.DowntimeLimit);
     }
-
-    private string Workload => _vm is BuiltInVm b ? b.Workload.Spec.ToString() : "";
 
     /// <summary>After a failed write, the destination may have said why before closing: read it briefly.</summary>
     private static string? DestinationError(FrameReader reader, Stream stream)

@@ -5,7 +5,8 @@ namespace LiveMig.Engine;
 
 /// <summary>
 /// Destination half of pre-copy resume (capability PreCopyResume, docs/protocol.md "Resume").
-/// An incoming pre-copy migration that negotiated it is registered here by id. When its
+/// An incoming pre-copy migration that negotiated it is registered by id in its destination's
+/// <see cref="DestinationSessions"/>. When its
 /// connection fails before Prepare, its receiving thread waits (up to the resume window) for the
 /// source to come back: a new connection whose first frame is Attach hands itself over, and the
 /// receiving thread carries on with the same partial VM on the new connection. The attaching
@@ -14,8 +15,7 @@ namespace LiveMig.Engine;
 /// </summary>
 internal sealed class PreCopyResumption
 {
-    private static readonly ConcurrentDictionary<Guid, PreCopyResumption> Sessions = new();
-
+    private readonly ConcurrentDictionary<Guid, PreCopyResumption> _sessions;
     private readonly Guid _id;
     private readonly object _lock = new(); // Monitor.Wait/PulseAll, so not a System.Threading.Lock
     private Lent? _offered;
@@ -23,7 +23,11 @@ internal sealed class PreCopyResumption
     private Stream? _currentStream;
     private bool _closed;
 
-    private PreCopyResumption(Guid id) => _id = id;
+    private PreCopyResumption(ConcurrentDictionary<Guid, PreCopyResumption> sessions, Guid id)
+    {
+        _sessions = sessions;
+        _id = id;
+    }
 
     /// <summary>A connection lent to the migration, with its frame reader and writer.</summary>
     internal sealed class Lent(Stream stream, FrameReader reader, FrameWriter frames)
@@ -34,14 +38,14 @@ internal sealed class PreCopyResumption
         public ManualResetEventSlim Returned { get; } = new();
     }
 
-    public static PreCopyResumption Register(Guid id, Stream current)
+    public static PreCopyResumption Register(DestinationSessions sessions, Guid id, Stream current)
     {
-        var s = new PreCopyResumption(id) { _currentStream = current };
-        if (!Sessions.TryAdd(id, s)) throw new ProtocolException($"migration {id} is already in progress here");
+        var s = new PreCopyResumption(sessions.Resumable, id) { _currentStream = current };
+        if (!sessions.Resumable.TryAdd(id, s)) throw new ProtocolException($"migration {id} is already in progress here");
         return s;
     }
 
-    public static bool IsKnown(Guid id) => Sessions.ContainsKey(id);
+    public static bool IsKnown(DestinationSessions sessions, Guid id) => sessions.Resumable.ContainsKey(id);
 
     /// <summary>
     /// Runs on the thread of a connection whose first frame was Attach for a registered pre-copy
@@ -49,9 +53,9 @@ internal sealed class PreCopyResumption
     /// saw it fail; a half-open connection must fail here too), and waits until the migration is
     /// done with this connection.
     /// </summary>
-    public static void ServeAttach(Guid id, Stream stream, FrameReader reader, FrameWriter frames)
+    public static void ServeAttach(DestinationSessions sessions, Guid id, Stream stream, FrameReader reader, FrameWriter frames)
     {
-        if (!Sessions.TryGetValue(id, out var session))
+        if (!sessions.Resumable.TryGetValue(id, out var session))
             throw new ProtocolException($"Attach: no pre-copy migration {id} is waiting here (it completed, failed, or its resume window ran out)");
         var lent = new Lent(stream, reader, frames);
         Stream? stale;
@@ -102,7 +106,7 @@ internal sealed class PreCopyResumption
             }
         }
         previous?.Returned.Set();
-        if (next is null) Sessions.TryRemove(_id, out _);
+        if (next is null) _sessions.TryRemove(new KeyValuePair<Guid, PreCopyResumption>(_id, this));
         return next;
     }
 
@@ -118,7 +122,7 @@ internal sealed class PreCopyResumption
             _current = _offered = null;
             _currentStream = null;
         }
-        Sessions.TryRemove(_id, out _);
+        _sessions.TryRemove(new KeyValuePair<Guid, PreCopyResumption>(_id, this));
         current?.Returned.Set();
         offered?.Returned.Set();
     }

@@ -16,7 +16,7 @@ namespace LiveMig.Engine;
 internal static class SourceReport
 {
     public static MigrationReport Common(IVirtualMachine vm, MigrationOptions options, Guid id, string strategy, RateLimiter limiter,
-        RoundController? rounds, SourcePipeline? pipeline, int vcpus, string workload)
+        RoundController? rounds, SourcePipeline? pipeline)
     {
         var r = new MigrationReport
         {
@@ -25,9 +25,9 @@ internal static class SourceReport
             Strategy = strategy,
             StartedAt = options.Time.GetUtcNow(),
             VmName = vm.Name,
-            Workload = workload,
+            Workload = vm.Description,
             MemoryBytes = vm.Memory.Size,
-            Vcpus = vcpus,
+            Vcpus = vm.VcpuCount,
             DirtyLog = strategy == "postcopy" ? "none" : vm.DirtyLog.Name,
             BandwidthLimitBytesPerSecond = limiter.BytesPerSecond,
             DowntimeLimitMs = options.PreCopy.DowntimeLimit.TotalMilliseconds,

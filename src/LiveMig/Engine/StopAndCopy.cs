@@ -1,5 +1,6 @@
 using LiveMig.Core;
 using LiveMig.Pipeline;
+using LiveMig.Policies;
 using LiveMig.Protocol;
 using LiveMig.Reporting;
 using LiveMig.Vm;
@@ -57,8 +58,7 @@ internal sealed class StopAndCopy(IVirtualMachine vm, RoundController controller
     {
         byte[] state = vm.SaveState();
         _downtime.Mark("save-state");
-        sender.Frames.Send(FrameType.VmState, state);
-        StateBytes = state.Length + FrameFormat.HeaderSize;
+        StateBytes = VmStateChunks.Send(sender.Frames, state);
         sender.StateBytes = StateBytes;
         _downtime.Mark("send-vm-state");
         if (sender.Batches.Hashes is { } hashes)
@@ -75,7 +75,8 @@ internal sealed class StopAndCopy(IVirtualMachine vm, RoundController controller
     private void Prepare()
     {
         Span<byte> small = stackalloc byte[64];
-        var prepare = new PrepareMessage(verify, SourceHash, controller.PagesSent);
+        // The stop reason and the free pages never sent travel too: the destination's report shows what the source's does.
+        var prepare = new PrepareMessage(verify, SourceHash, controller.PagesSent, StopReasons.Name(controller.Decision.Reason), sender.Counters().Skipped);
         sender.Frames.Send(FrameType.Prepare, small[..prepare.Write(small)]);
         var type = sender.Reader.Read(out var payload);
         if (type == FrameType.Error)
@@ -105,7 +106,7 @@ internal sealed class StopAndCopy(IVirtualMachine vm, RoundController controller
         _downtime.Mark("commit-to-resumed");
         observer.Phase("resumed");
         vm.DirtyLog.Stop();
-        if (vm is BuiltInVm b) b.Stop();
+        vm.Stop();
     }
 
     /// <summary>The link dropped during the pause: the VM runs on here while the engine reconnects (before Commit only).</summary>

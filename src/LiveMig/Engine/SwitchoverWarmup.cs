@@ -4,7 +4,6 @@ using System.Runtime.CompilerServices;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
 using LiveMig.Protocol;
-using LiveMig.Workloads;
 using LiveMig.Reporting;
 using LiveMig.Vm;
 
@@ -23,20 +22,12 @@ internal static class SwitchoverWarmup
     private static readonly ConcurrentDictionary<Type, bool> Prepared = new();
 
     /// <summary>
-    /// Types of the switch-over path: the VM and every workload (the destination learns which from
-    /// the state), the page pipeline, the kv endpoint's hand-over, the switch-over messages, the
-    /// hashes, the report.
+    /// Types of the switch-over path: <paramref name="extra"/> (the VM's own: its kind's factory
+    /// names them on the destination), the switch-over messages, the hashes, the report, the page pipeline.
     /// </summary>
-    private static IEnumerable<Type> SwitchoverTypes(params Type[] extra)
+    private static IEnumerable<Type> SwitchoverTypes(IEnumerable<Type> extra)
     {
         foreach (var t in extra) yield return t;
-        yield return typeof(BuiltInVm);
-        yield return typeof(VcpuProgram);
-        yield return typeof(WorkloadSpec);
-        foreach (var t in typeof(Workload).Assembly.GetTypes())
-            if (t.IsSubclassOf(typeof(Workload)) || t == typeof(Workload)) yield return t;
-        yield return typeof(KvEndpoint);
-        yield return typeof(KvRequest);
         yield return typeof(RoundStartMessage);
         yield return typeof(RoundEndMessage);
         yield return typeof(PrepareMessage);
@@ -60,11 +51,12 @@ internal static class SwitchoverWarmup
     /// <summary>Compiler-generated members of records that the switch-over never calls (and that are large).</summary>
     private static readonly string[] Skipped = ["ToString", "PrintMembers", "Equals", "GetHashCode", "<Clone>$", "Deconstruct", "op_Equality", "op_Inequality", "get_EqualityContract"];
 
-    /// <summary>For the destination: the restore, resume and report code.</summary>
-    public static Task ForDestination() => Start(null, typeof(IncomingMigration), typeof(DestinationOptions));
+    /// <summary>For the destination: the restore (the types of the arriving VM's kind), resume and report code.</summary>
+    public static Task ForDestination(IVmFactory factory) =>
+        Start(null, [typeof(IncomingMigration), typeof(DestinationOptions), typeof(DestinationReport), typeof(VmStateAssembler), factory.GetType(), .. factory.SwitchoverTypes]);
 
     /// <summary>Starts compiling the switch-over code (plus <paramref name="extra"/> types) after running <paramref name="more"/>; the task ends when done.</summary>
-    private static Task Start(Action? more, params Type[] extra) =>
+    private static Task Start(Action? more, IEnumerable<Type> extra) =>
         Task.Factory.StartNew(() =>
         {
             // Framework code used through generic instantiations (the memory hash of the Prepare message).
@@ -74,12 +66,13 @@ internal static class SwitchoverWarmup
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     /// <summary>
-    /// For the source: the VM's own types (its workload, its dirty log) too, and the state-saving
-    /// path run once into nowhere. Interface calls the migration thread makes at the pause (the
+    /// For the source: the VM's own types (the VM, its dirty log) too, and the VM's own warm-up
+    /// (<see cref="IVirtualMachine.WarmSwitchover"/>: the built-in VM saves its state once into
+    /// nowhere). Interface calls the migration thread makes at the pause (the
     /// brakes' release) are warmed by <see cref="WarmBrakes"/> on that thread.
     /// </summary>
     public static Task ForSource(IVirtualMachine vm) =>
-        Start(() => (vm as BuiltInVm)?.WarmStatePath(), typeof(PreCopyMigration), typeof(Core.ThrottleMeter), typeof(Core.RoundController), typeof(ConnectionRoundSender), typeof(SourceReport), vm.GetType(), vm.DirtyLog.GetType(), (vm as BuiltInVm)?.Workload.GetType() ?? typeof(object));
+        Start(vm.WarmSwitchover, [typeof(PreCopyMigration), typeof(Core.ThrottleMeter), typeof(Core.RoundController), typeof(ConnectionRoundSender), typeof(SourceReport), typeof(StopAndCopy), vm.GetType(), vm.DirtyLog.GetType()]);
 
     /// <summary>
     /// Calls the brakes with the values in force (no change, so no effect), and SaveState (which a

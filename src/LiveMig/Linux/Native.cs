@@ -10,8 +10,8 @@ internal static unsafe partial class Native
 {
     private const string Libc = "libc";
 
-    public const int PROT_READ = 0x1, PROT_WRITE = 0x2;
-    public const int MAP_SHARED = 0x01, MAP_NORESERVE = 0x4000;
+    public const int PROT_NONE = 0x0, PROT_READ = 0x1, PROT_WRITE = 0x2;
+    public const int MAP_SHARED = 0x01, MAP_PRIVATE = 0x02, MAP_FIXED = 0x10, MAP_ANONYMOUS = 0x20, MAP_NORESERVE = 0x4000;
     public const int MFD_CLOEXEC = 0x1;
     public const int MADV_DONTNEED = 4, MADV_REMOVE = 9, MADV_POPULATE_WRITE = 23;
     public const int SEEK_DATA = 3, SEEK_HOLE = 4;

@@ -55,6 +55,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
         public long Stop, Abandon;
         public long Sock;
         public ulong LatCount, Faults, ZeroFaults, Requests, Placed, Eexist, FramesIn, Dropped, Errors;
+        public ulong PlacedZero, BytesIn;
         public ulong Thread;
         public fixed byte Error[256];
         public fixed byte Why[256];
@@ -105,6 +106,18 @@ public sealed unsafe class UffdDemandPager : DemandPager
 
     public override long Remaining => base.Remaining - (long)Volatile.Read(ref _ctx->Placed);
 
+    /// <summary>Requested pages the native thread placed (raw pages and zero markers), and the bytes it read off page-request connections.</summary>
+    public (long Raw, long Zero, long BytesRead) NativePlaced
+    {
+        get
+        {
+            Ctx* c = _ctx;
+            if (c == null) return (0, 0, 0); // disposed
+            long zero = (long)Volatile.Read(ref c->PlacedZero);
+            return ((long)Volatile.Read(ref c->Placed) - zero, zero, (long)Volatile.Read(ref c->BytesIn));
+        }
+    }
+
     /// <summary>Why the native thread last dropped its connection.</summary>
     public string? DropReason => Marshal.PtrToStringUTF8((nint)_ctx->Why);
 
@@ -147,8 +160,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
                 {
                     long end = p;
                     while (end + 1 < first + count && pending.IsSet(end + 1)) end++;
-                    if (Native.fallocate(memory.FileDescriptor, Native.FALLOC_FL_PUNCH_HOLE | Native.FALLOC_FL_KEEP_SIZE, p << GuestMemory.PageShift, (end - p + 1) << GuestMemory.PageShift) != 0)
-                    { why = $"fallocate(PUNCH_HOLE): {Native.ErrorText(Native.Errno)}"; return false; }
+                    if (memory.PunchHole(p, end - p + 1) is { } failed) { why = failed; return false; }
                     p = pending.NextSet(end + 1);
                 }
             }

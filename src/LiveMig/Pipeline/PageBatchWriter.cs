@@ -62,9 +62,11 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
     /// <summary>
     /// Encodes one page and queues it. <paramref name="skipZero"/> drops zero pages entirely
     /// (round 0: the destination's memory starts zero); they are still counted as zero pages.
-    /// Returns false when the page was skipped.
+    /// Returns false when the page was skipped. <paramref name="again"/>: a page sent before that
+    /// the destination places only once (post-copy's answer to a request for a pushed page) — its
+    /// bytes count, the page does not count twice.
     /// </summary>
-    public bool Add(long page, bool skipZero)
+    public bool Add(long page, bool skipZero, bool again = false)
     {
         ReadOnlySpan<byte> data = memory.Page(page);
         if (skipZero && PageCodec.IsZero(data)) { Counters.Add(PageEncoding.Zero, 0); return false; }
@@ -84,7 +86,8 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
             else h.Set(page, encoding == PageEncoding.Raw ? payload[..written] : data);
         }
         _used += EntryHeaderSize + written;
-        Counters.Add(encoding, written);
+        if (again) Counters.AddBytes(encoding, written);
+        else Counters.Add(encoding, written);
         _count++;
         EntriesWritten++;
         if (_used >= TargetBatchBytes) Flush();

@@ -30,6 +30,12 @@ public sealed class EncodingCounters
 
     public void Add(PageEncoding e, int payloadBytes) { _pages[(int)e]++; _bytes[(int)e] += payloadBytes; }
 
+    /// <summary>Payload bytes of a page counted already (sent again).</summary>
+    public void AddBytes(PageEncoding e, int payloadBytes) => _bytes[(int)e] += payloadBytes;
+
+    /// <summary><paramref name="pages"/> pages whose payloads came to <paramref name="payloadBytes"/> together (counted elsewhere, e.g. by native code).</summary>
+    public void Add(PageEncoding e, long pages, long payloadBytes) { _pages[(int)e] += pages; _bytes[(int)e] += payloadBytes; }
+
     /// <summary>Pages handled without going through the encoder (holes in round 0 are zero pages nobody sends; gang-deduplicated pages).</summary>
     public void AddPages(PageEncoding e, long pages) => _pages[(int)e] += pages;
 

@@ -75,13 +75,12 @@ public static class FrameFormat
     public static int MaxPayload(FrameType type) => type switch
     {
         FrameType.PageBatch => 2 << 20,
-        FrameType.VmState => 16 << 20,
+        FrameType.VmState => VmStateChunks.MaxPayload,
         FrameType.Extents => 2 << 20,
         FrameType.DedupQuery => 1 << 20,
         _ => 64 << 10,
     };
 
-    public const int LargestPayload = 16 << 20;
 
     public static bool IsKnown(byte type) =>
         (type >= (byte)FrameType.Hello && type <= (byte)FrameType.StreamRoundEnd) || type == (byte)FrameType.Delivered

@@ -11,8 +11,9 @@ namespace LiveMig.Protocol;
 /// </summary>
 public static class ProtocolVersion
 {
-    public const ushort Version = 1;
-    public const ushort MinSupported = 1;
+    // 2: the Hello names the VM kind (appended); VM state travels as a sequence of VmState chunks.
+    public const ushort Version = 2;
+    public const ushort MinSupported = 2;
 }
 
 [Flags]
@@ -49,21 +50,28 @@ public enum Capabilities : ulong
     PostCopy = 1UL << 24,
 }
 
-/// <summary>Source → destination, first frame.</summary>
+/// <summary>
+/// Source → destination, first frame. <see cref="VmKind"/> (version 2) comes last, so that a
+/// version-1 Hello, which ends after the name, still parses (with an empty kind) as far as the
+/// version check that refuses it.
+/// </summary>
 public readonly record struct HelloMessage(
     ushort MaxVersion, ushort MinVersion, Capabilities Requested, Capabilities Required,
-    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName)
+    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName, string VmKind)
 {
     public const int MaxNameBytes = 255;
+    public const int MaxKindBytes = WireName.MaxBytes;
 
     public int Write(Span<byte> into)
     {
+        if (KindError(VmKind) is { } bad) throw new ArgumentException(bad, nameof(VmKind));
         var w = new SpanWriter(into);
         w.U16(MaxVersion); w.U16(MinVersion);
         w.U64((ulong)Requested); w.U64((ulong)Required);
         w.I64(MemoryBytes); w.U32((uint)PageSize); w.U32((uint)Vcpus);
         MigrationId.TryWriteBytes(w.Remaining); w.Advance(16);
         w.String(VmName, MaxNameBytes);
+        WireName.Write(ref w, VmKind, "VM kind");
         return w.Position;
     }
 
@@ -71,10 +79,50 @@ public readonly record struct HelloMessage(
     {
         var r = new SpanReader(payload, "Hello");
         var m = new HelloMessage(r.U16("maxVersion"), r.U16("minVersion"), (Capabilities)r.U64("requested"), (Capabilities)r.U64("required"),
-            r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes));
+            r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes), "");
+        if (r.Remaining == 0) return m; // a version-1 Hello: the version check refuses it
+        string kind = WireName.Read(ref r, "Hello", "vmKind", allowEmpty: false);
         r.End();
-        return m;
+        return m with { VmKind = kind };
     }
+
+    /// <summary>Why <paramref name="kind"/> cannot name a VM kind, or null.</summary>
+    public static string? KindError(string? kind) => WireName.Error(kind, allowEmpty: false) is { } why ? $"VM kind '{kind}' is not valid: {why}" : null;
+}
+
+/// <summary>
+/// A short ASCII name on the wire (a VM kind, a stop reason): u16 length | 0..32 bytes of ASCII
+/// letters, digits, '.', '_' or '-'. A bad name is refused naming the offending byte's position
+/// and value, never echoing it (it comes from the peer).
+/// </summary>
+public static class WireName
+{
+    public const int MaxBytes = 32;
+    private const string Rule = "1..32 ASCII letters, digits, '.', '_' or '-'";
+
+    private static bool IsNameChar(int c) => c is (>= 'a' and <= 'z') or (>= 'A' and <= 'Z') or (>= '0' and <= '9') or '.' or '_' or '-';
+
+    /// <summary>Why <paramref name="name"/> cannot go on the wire, or null.</summary>
+    public static string? Error(string? name, bool allowEmpty) =>
+        name is null || name.Length > MaxBytes || (name.Length == 0 && !allowEmpty) || !name.All(c => IsNameChar(c)) ? $"a name is {(allowEmpty ? "0" : "1")}..32 ASCII letters, digits, '.', '_' or '-'" : null;
+
+    public static void Write(ref SpanWriter w, string name, string field)
+    {
+        if (Error(name, allowEmpty: true) is { } why) throw new ArgumentException($"{field} '{name}': {why}", nameof(name));
+        w.String(name, MaxBytes);
+    }
+
+    public static string Read(ref SpanReader r, string message, string field, bool allowEmpty)
+    {
+        int n = r.U16(field + ".length");
+        if (n > MaxBytes || (n == 0 && !allowEmpty)) throw new ProtocolException($"{message}: {field} is {n} bytes; {Explain(field)}");
+        var bytes = r.Bytes(n, field);
+        for (int i = 0; i < bytes.Length; i++)
+            if (!IsNameChar(bytes[i])) throw new ProtocolException($"{message}: {field} byte {i} is 0x{bytes[i]:x2}; {Explain(field)}");
+        return System.Text.Encoding.ASCII.GetString(bytes);
+    }
+
+    private static string Explain(string field) => field == "vmKind" ? "a VM kind is " + Rule : $"a {field} is 0..32 ASCII letters, digits, '.', '_' or '-'";
 }
 
 /// <summary>Destination → source: the version it will speak and the capabilities it accepts.</summary>
@@ -125,16 +173,29 @@ public readonly record struct RoundEndMessage(int Round, long PagesSent, long Pa
     }
 }
 
-/// <summary>Source → destination after the last pages and the VM state: switch-over step 1.</summary>
-public readonly record struct PrepareMessage(bool Verify, ulong SourceHash, long TotalPagesSent)
+/// <summary>
+/// Source → destination after the last pages and the VM state: switch-over step 1. Version 2
+/// adds what only the source knows but the destination reports too: why it stopped
+/// (<see cref="StopReason"/>, e.g. <c>downtime-target</c>) and the pages it did not send because
+/// the guest reported them free.
+/// </summary>
+public readonly record struct PrepareMessage(bool Verify, ulong SourceHash, long TotalPagesSent, string StopReason = "", long FreePagesSkipped = 0)
 {
-    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U8(Verify ? (byte)1 : (byte)0); w.U64(SourceHash); w.I64(TotalPagesSent); return w.Position; }
+    public int Write(Span<byte> into)
+    {
+        var w = new SpanWriter(into);
+        w.U8(Verify ? (byte)1 : (byte)0); w.U64(SourceHash); w.I64(TotalPagesSent); w.I64(FreePagesSkipped);
+        WireName.Write(ref w, StopReason, "stop reason");
+        return w.Position;
+    }
 
     public static PrepareMessage Parse(ReadOnlySpan<byte> payload)
     {
         var r = new SpanReader(payload, "Prepare");
         var m = new PrepareMessage(r.U8("verify") != 0, r.U64("sourceHash"), r.I64("totalPagesSent"));
+        m = m with { FreePagesSkipped = r.I64("freePagesSkipped"), StopReason = WireName.Read(ref r, "Prepare", "stopReason", allowEmpty: true) };
         r.End();
+        if (m.FreePagesSkipped < 0) throw new ProtocolException($"Prepare: negative free-page count {m.FreePagesSkipped}");
         return m;
     }
 }

@@ -12,15 +12,24 @@ public enum ChannelKind : byte
     Priority = 2,
 }
 
-/// <summary>S→D on main: the source VM is paused; <see cref="PendingPages"/> pages are still to come (listed next).</summary>
-public readonly record struct PostCopyStartMessage(int Round, long PendingPages)
+/// <summary>
+/// S→D on main: the source VM is paused; <see cref="PendingPages"/> pages are still to come
+/// (listed next). Version 2 adds why the source switched (<see cref="Reason"/>, e.g. <c>round-budget</c>).
+/// </summary>
+public readonly record struct PostCopyStartMessage(int Round, long PendingPages, string Reason = "")
 {
-    public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U32((uint)Round); w.I64(PendingPages); return w.Position; }
+    public int Write(Span<byte> into)
+    {
+        var w = new SpanWriter(into);
+        w.U32((uint)Round); w.I64(PendingPages);
+        WireName.Write(ref w, Reason, "switch reason");
+        return w.Position;
+    }
 
     public static PostCopyStartMessage Parse(ReadOnlySpan<byte> payload)
     {
         var r = new SpanReader(payload, "PostCopyStart");
-        var m = new PostCopyStartMessage((int)r.U32("round"), r.I64("pendingPages"));
+        var m = new PostCopyStartMessage((int)r.U32("round"), r.I64("pendingPages"), WireName.Read(ref r, "PostCopyStart", "reason", allowEmpty: true));
         r.End();
         if (m.PendingPages < 0) throw new ProtocolException("PostCopyStart: negative page count");
         return m;

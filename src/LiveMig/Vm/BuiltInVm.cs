@@ -67,12 +67,18 @@ public sealed class BuiltInVm : IVirtualMachine
         _threads = new Thread[programs.Length];
     }
 
+    /// <summary>The kind a built-in VM names in the Hello.</summary>
+    public const string KindName = "builtin";
+
     public string Name { get; }
+    public string Kind => KindName;
     public GuestMemory Memory { get; }
     public IDirtyLog DirtyLog => _dirtyLog.Value;
     public Workload Workload { get; }
     public ulong Seed { get; }
     public int VcpuCount => _programs.Length;
+    public string Description => Workload.Spec.ToString();
+    public VmBrakes Brakes => VmBrakes.Throttle | VmBrakes.DirtyLimit;
     public IReadOnlyList<VcpuProgram> Programs => _programs;
     public VmRunState State { get; private set; } = VmRunState.Created;
     public double ThrottleFraction => Volatile.Read(ref _throttle);
@@ -173,7 +179,7 @@ public sealed class BuiltInVm : IVirtualMachine
     /// Runs the state-saving code once into nowhere (JIT, type loads), so that the first real save,
     /// inside a switch-over, does not pay for it. Only reads the vCPU state: safe while running.
     /// </summary>
-    internal void WarmStatePath()
+    public void WarmSwitchover()
     {
         using var w = new BinaryWriter(Stream.Null);
         WriteState(w);

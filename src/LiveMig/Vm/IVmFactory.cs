@@ -1,0 +1,66 @@
+using LiveMig.DirtyTracking;
+using LiveMig.Memory;
+
+namespace LiveMig.Vm;
+
+/// <summary>
+/// A VM arriving at a destination, as its Hello announced it, with the destination's settings
+/// its factory may use.
+/// </summary>
+public sealed record IncomingVm
+{
+    public required Guid MigrationId { get; init; }
+    public required string Name { get; init; }
+    /// <summary>The VM kind from the Hello (the factory's <see cref="IVmFactory.Kind"/>).</summary>
+    public required string Kind { get; init; }
+    public required long MemoryBytes { get; init; }
+    public required int Vcpus { get; init; }
+    /// <summary>How the VM's writes are tracked once it runs here (should it leave again).</summary>
+    public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
+    /// <summary>Memory this destination prepared ahead, if any (a factory may take a region of the right size).</summary>
+    public MemoryPool? MemoryPool { get; init; }
+}
+
+/// <summary>The destination's guest memory for an arriving VM; <see cref="Populated"/>: faulted in ahead already (prefaulting would only repeat it).</summary>
+public readonly record struct VmMemory(GuestMemory Memory, bool Populated);
+
+/// <summary>
+/// Makes the destination's VM of one kind (the kind travels in the Hello): its guest memory
+/// when the Hello arrives, then the VM itself from that memory, once it holds every page, and
+/// the state the source sent. The destination keeps one factory per kind it supports
+/// (<c>DestinationOptions.VmFactories</c>); the built-in VM's is <see cref="BuiltInVmFactory"/>,
+/// a QEMU guest's will map QEMU's RAM file (<see cref="GuestMemory.Open(string, long?, long)"/>) and start QEMU.
+/// </summary>
+public interface IVmFactory
+{
+    /// <summary>The VM kinds a destination runs unless told otherwise: the built-in VM.</summary>
+    static IReadOnlyList<IVmFactory> Defaults => [BuiltInVmFactory.Instance];
+
+    /// <summary>The VM kind this factory makes, as named in the Hello.</summary>
+    string Kind { get; }
+
+    /// <summary>Zeroed guest memory for the VM; an <see cref="IOException"/> when it cannot be had (the Hello is then refused with its message).</summary>
+    VmMemory CreateMemory(IncomingVm vm);
+
+    /// <summary>
+    /// vCPU threads to start now, at Hello, so that the restore in the switch-over creates none;
+    /// null when this kind does not need them (e.g. its vCPUs are another process's). Default: null.
+    /// </summary>
+    ParkedThreads? PrepareThreads(IncomingVm vm) => null;
+
+    /// <summary>
+    /// Rebuilds the VM, paused, over <paramref name="memory"/> (which it then owns) from the
+    /// state the source saved, running its vCPUs on <paramref name="threads"/> when given.
+    /// Hostile state bytes get an <see cref="InvalidDataException"/> whose message says what is wrong.
+    /// </summary>
+    IVirtualMachine Restore(IncomingVm vm, GuestMemory memory, ReadOnlySpan<byte> state, ParkedThreads? threads);
+
+    /// <summary>
+    /// Undoes a restore the migration went back on (the VM never ran: its source came back after
+    /// a dropped connection): ends the VM and hands its memory back, undisposed, to take pages again.
+    /// </summary>
+    GuestMemory Unrestore(IVirtualMachine vm);
+
+    /// <summary>Types whose code the restore and the resume run, compiled ahead at Hello (see <c>SwitchoverWarmup</c>). Default: none.</summary>
+    IEnumerable<Type> SwitchoverTypes => [];
+}
