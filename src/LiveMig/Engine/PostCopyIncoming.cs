@@ -293,7 +293,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         {
             var start = PostCopyStartMessage.Parse(startPayload);
             if (start.Round != h.CurrentRound + 1) throw new ProtocolException($"PostCopyStart: round {start.Round} after round {h.CurrentRound}");
-            h.Report.StopReason = start.Reason;
+            (h.Report.StopReason, h.Report.FreePagesSkipped) = (start.Reason, start.FreePagesSkipped);
             using var pending = new NativePageBitmap(memory.PageCount);
             var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
             while (true)

@@ -258,7 +258,7 @@ public sealed class PostCopyMigration
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
         _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
-        var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName);
+        var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
         PageBitmapChunks.Send(link.MainFrames, _pending);
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());

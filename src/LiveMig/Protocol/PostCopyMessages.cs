@@ -14,14 +14,15 @@ public enum ChannelKind : byte
 
 /// <summary>
 /// S→D on main: the source VM is paused; <see cref="PendingPages"/> pages are still to come
-/// (listed next). Version 2 adds why the source switched (<see cref="Reason"/>, e.g. <c>round-budget</c>).
+/// (listed next). Version 2 adds why the source switched (<see cref="Reason"/>, e.g. <c>round-budget</c>)
+/// and how many pages the guest reported free and the source never sent (<see cref="FreePagesSkipped"/>; they stay zero).
 /// </summary>
-public readonly record struct PostCopyStartMessage(int Round, long PendingPages, string Reason = "")
+public readonly record struct PostCopyStartMessage(int Round, long PendingPages, string Reason = "", long FreePagesSkipped = 0)
 {
     public int Write(Span<byte> into)
     {
         var w = new SpanWriter(into);
-        w.U32((uint)Round); w.I64(PendingPages);
+        w.U32((uint)Round); w.I64(PendingPages); w.I64(FreePagesSkipped);
         WireName.Write(ref w, Reason, "switch reason");
         return w.Position;
     }
@@ -29,9 +30,11 @@ public readonly record struct PostCopyStartMessage(int Round, long PendingPages,
     public static PostCopyStartMessage Parse(ReadOnlySpan<byte> payload)
     {
         var r = new SpanReader(payload, "PostCopyStart");
-        var m = new PostCopyStartMessage((int)r.U32("round"), r.I64("pendingPages"), WireName.Read(ref r, "PostCopyStart", "reason", allowEmpty: true));
+        var m = new PostCopyStartMessage((int)r.U32("round"), r.I64("pendingPages"));
+        m = m with { FreePagesSkipped = r.I64("freePagesSkipped"), Reason = WireName.Read(ref r, "PostCopyStart", "reason", allowEmpty: true) };
         r.End();
         if (m.PendingPages < 0) throw new ProtocolException("PostCopyStart: negative page count");
+        if (m.FreePagesSkipped < 0) throw new ProtocolException($"PostCopyStart: negative free-page count {m.FreePagesSkipped}");
         return m;
     }
 }
