@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using LiveMig.Pipeline;
 using LiveMig.Protocol;
 using LiveMig.Reporting;
@@ -14,8 +13,8 @@ namespace LiveMig.Engine;
 /// </summary>
 internal sealed class DestinationReport(DestinationOptions options)
 {
-    public DateTimeOffset Started { get; } = DateTimeOffset.UtcNow;
-    public long StartTimestamp { get; } = Stopwatch.GetTimestamp();
+    public DateTimeOffset Started { get; } = options.Time.GetUtcNow();
+    public long StartTimestamp { get; } = options.Time.GetTimestamp();
 
     /// <summary>The accepted Hello (default until then) and the capabilities agreed.</summary>
     public HelloMessage Hello { get; set; }
@@ -51,7 +50,7 @@ internal sealed class DestinationReport(DestinationOptions options)
     public long BytesOnWire { get; set; }
     public long VmStateBytes { get; set; }
 
-    // ---- times (Stopwatch timestamps, 0 = not reached) ----
+    // ---- times (timestamps of DestinationOptions.Time, 0 = not reached) ----
     /// <summary>The pause as the destination saw it: the final RoundStart (pre-copy) or PostCopyStart.</summary>
     public long PausedTs { get; set; }
     public long ResumedTs { get; set; }
@@ -83,7 +82,7 @@ internal sealed class DestinationReport(DestinationOptions options)
     /// <summary>The report: completed when <paramref name="error"/> is null, else failed with it.</summary>
     public MigrationReport Build(string? error)
     {
-        long end = EndTs != 0 ? EndTs : Stopwatch.GetTimestamp();
+        long end = EndTs != 0 ? EndTs : options.Time.GetTimestamp();
         bool postCopy = Strategy != "precopy";
         bool hashes = Verified is not null;
         return new MigrationReport
@@ -100,7 +99,7 @@ internal sealed class DestinationReport(DestinationOptions options)
             Vcpus = Vm?.VcpuCount ?? Hello.Vcpus,
             DirtyLog = Vm is not null && error is null ? Vm.DirtyLog.Name : "", // a failed VM is discarded: no log to name
             StartedAt = Started,
-            TotalTimeMs = Stopwatch.GetElapsedTime(StartTimestamp, end).TotalMilliseconds,
+            TotalTimeMs = options.Time.GetElapsedTime(StartTimestamp, end).TotalMilliseconds,
             DowntimeMs = Ms(PausedTs, ResumedTs),
             VerifyMs = VerifyMs,
             DowntimeBreakdown = DowntimeBreakdown,
@@ -124,11 +123,11 @@ internal sealed class DestinationReport(DestinationOptions options)
             FaultLatencyUs = FaultLatencyUs,
             DemandPaging = DemandPaging,
             TimeToResumeMs = postCopy ? Ms(StartTimestamp, ResumedTs) : 0,
-            PostCopyMs = postCopy && ResumedTs != 0 ? Stopwatch.GetElapsedTime(ResumedTs, end).TotalMilliseconds : 0,
+            PostCopyMs = postCopy && ResumedTs != 0 ? options.Time.GetElapsedTime(ResumedTs, end).TotalMilliseconds : 0,
         };
     }
 
-    private static double Ms(long from, long to) => from != 0 && to != 0 ? Stopwatch.GetElapsedTime(from, to).TotalMilliseconds : 0;
+    private double Ms(long from, long to) => from != 0 && to != 0 ? options.Time.GetElapsedTime(from, to).TotalMilliseconds : 0;
 
     /// <summary>As the source counts them: every entry's payload; zero markers as their entry headers; the VM state's frames; the rest is protocol.</summary>
     private WireBytes WireBreakdown()

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Net.Sockets;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
@@ -70,7 +69,7 @@ public sealed class IncomingMigration
         HelloMessage hello = default;
         int currentRound = -1;
         PostCopyIncoming? postCopy = null;
-        var downtime = new PhaseClock();
+        var downtime = new PhaseClock(_options.Time);
         string? restoreError = null;
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
@@ -157,7 +156,7 @@ public sealed class IncomingMigration
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
-                        if (rs.Final) { state = State.StopAndCopy; report.PausedTs = Stopwatch.GetTimestamp(); downtime.Start(report.PausedTs); }
+                        if (rs.Final) { state = State.StopAndCopy; report.PausedTs = _options.Time.GetTimestamp(); downtime.Start(report.PausedTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
@@ -218,14 +217,14 @@ public sealed class IncomingMigration
                         if (prep.Verify)
                         {
                             if (placer!.Hashes is null) throw new ProtocolException($"Prepare (frame {frame}) asks for verification that the Hello did not negotiate");
-                            long h0 = Stopwatch.GetTimestamp();
+                            long h0 = _options.Time.GetTimestamp();
                             // Each page was hashed from this memory right after it was placed, and
                             // nothing else writes here before resume: this is the memory's hash.
                             hash = placer.Hashes.Combine();
                             (report.DestinationHash, report.SourceHash) = (hash, prep.SourceHash);
                             if (_options.VerifyFromScratch && (vm?.Memory ?? memory)!.ComputeHash() != hash)
                                 throw new VerificationException($"verification failed: destination memory rehashed from scratch differs from its per-page hashes {hash:x16}");
-                            report.VerifyMs = Stopwatch.GetElapsedTime(h0).TotalMilliseconds;
+                            report.VerifyMs = _options.Time.GetElapsedTime(h0).TotalMilliseconds;
                             if (hash != prep.SourceHash)
                             {
                                 SendError(frames, ErrorMessage.VerificationFailed, $"verification failed: destination memory hash {hash:x16} differs from the source's {prep.SourceHash:x16}");
@@ -254,7 +253,7 @@ public sealed class IncomingMigration
                         _options.BeforeResume?.Invoke(vm!);
                         downtime.Mark("before-resume");
                         vm!.Resume();
-                        long resumedTs = Stopwatch.GetTimestamp();
+                        long resumedTs = _options.Time.GetTimestamp();
                         downtime.Mark("resume");
                         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
                         try { frames.Send(FrameType.Resumed, []); } catch (IOException) { }

@@ -1,6 +1,5 @@
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
-using System.Diagnostics;
 using System.Net.Sockets;
 using LiveMig.Memory;
 using LiveMig.Pipeline;
@@ -41,10 +40,11 @@ public sealed class IncomingStreams
     private readonly Slot[] _slots;
     private readonly object _lock = new();
     private readonly TimeSpan _timeout;
+    private readonly TimeProvider _time;
     private readonly Action<int, int>? _roundPlaced;
     private string? _failure;
     private bool _closing;
-    private long _progressTs = Stopwatch.GetTimestamp(); // last batch placed or round ended, by any stream
+    private long _progressTs; // last batch placed or round ended, by any stream (set when made)
 
     private IncomingStreams(ConcurrentDictionary<Guid, IncomingStreams> sessions, Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
         DedupStore? store, DestinationOptions options)
@@ -52,6 +52,8 @@ public sealed class IncomingStreams
         _sessions = sessions;
         _id = id;
         _timeout = options.IoTimeout;
+        _time = options.Time;
+        _progressTs = _time.GetTimestamp();
         _roundPlaced = options.StreamRoundPlaced;
         _slots = new Slot[count];
         for (int i = 0; i < count; i++)
@@ -170,7 +172,7 @@ public sealed class IncomingStreams
                     long before = slot.Placer.PagesPlaced;
                     slot.Placer.Apply(payload, frame);
                     slot.PagesInRound += slot.Placer.PagesPlaced - before;
-                    Volatile.Write(ref _progressTs, Stopwatch.GetTimestamp());
+                    Volatile.Write(ref _progressTs, _time.GetTimestamp());
                     break;
                 }
                 case FrameType.StreamRoundEnd:
@@ -204,7 +206,7 @@ public sealed class IncomingStreams
     /// </summary>
     public void WaitRound(int round)
     {
-        long start = Stopwatch.GetTimestamp(), timeout = (long)(_timeout.TotalSeconds * Stopwatch.Frequency);
+        long start = _time.GetTimestamp(), timeout = (long)(_timeout.TotalSeconds * _time.TimestampFrequency);
         lock (_lock)
         {
             while (true)
@@ -212,7 +214,7 @@ public sealed class IncomingStreams
                 if (_failure is not null) throw new ProtocolException(_failure);
                 int behind = Array.FindIndex(_slots, s => s.Ended < round);
                 if (behind < 0) return;
-                long left = Math.Max(start, Volatile.Read(ref _progressTs)) + timeout - Stopwatch.GetTimestamp();
+                long left = Math.Max(start, Volatile.Read(ref _progressTs)) + timeout - _time.GetTimestamp();
                 if (left <= 0)
                 {
                     string why = _slots[behind].Attached
@@ -221,7 +223,7 @@ public sealed class IncomingStreams
                     FailLocked(why);
                     throw new ProtocolException(why);
                 }
-                Monitor.Wait(_lock, TimeSpan.FromSeconds(Math.Min(1.0, (double)left / Stopwatch.Frequency)));
+                Monitor.Wait(_lock, TimeSpan.FromSeconds(Math.Min(1.0, (double)left / _time.TimestampFrequency)));
             }
         }
     }
@@ -281,14 +283,14 @@ public sealed class IncomingStreams
             try { s?.Dispose(); }
             catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException or NotSupportedException) { }
         }
-        var deadline = Stopwatch.GetTimestamp() + (long)(_timeout.TotalSeconds * Stopwatch.Frequency);
+        var deadline = _time.GetTimestamp() + (long)(_timeout.TotalSeconds * _time.TimestampFrequency);
         lock (_lock)
         {
             while (_slots.Any(s => s.Attached && !s.Exited))
             {
-                long left = deadline - Stopwatch.GetTimestamp();
+                long left = deadline - _time.GetTimestamp();
                 if (left <= 0) throw new ProtocolException($"a data stream thread did not stop within {_timeout.TotalSeconds:0} s");
-                Monitor.Wait(_lock, TimeSpan.FromSeconds(Math.Min(1.0, (double)left / Stopwatch.Frequency)));
+                Monitor.Wait(_lock, TimeSpan.FromSeconds(Math.Min(1.0, (double)left / _time.TimestampFrequency)));
             }
         }
     }

@@ -45,6 +45,8 @@ public sealed record MigrationOptions
 /// <summary>Destination-side settings.</summary>
 public sealed record DestinationOptions
 {
+    /// <summary>The clock every timestamp and duration of the destination's engine is read from.</summary>
+    public TimeProvider Time { get; init; } = TimeProvider.System;
     /// <summary>Largest VM memory the destination accepts (default: the machine's memory).</summary>
     public long MaxMemoryBytes { get; init; } = MachineMemory.TotalBytes;
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;

@@ -1,5 +1,4 @@
 using System.Collections.Concurrent;
-using System.Diagnostics;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using LiveMig.Memory;
@@ -280,7 +279,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         lock (_lock) _currentMain = main;
         long resumedTs = 0;
         h.Report.Strategy = h.Report.Rounds.Count > 0 ? "hybrid" : "postcopy";
-        h.Report.PausedTs = Stopwatch.GetTimestamp();
+        h.Report.PausedTs = _options.Time.GetTimestamp();
         long bytesBefore = 0;
         bool readySent = false;
         string? error = null;
@@ -461,7 +460,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     {
         _options.BeforeResume?.Invoke(vm);
         vm.Resume();
-        resumedTs = Stopwatch.GetTimestamp();
+        resumedTs = _options.Time.GetTimestamp();
         _resumed = true;
         // The VM runs here now. A lost Resumed only costs the source its acknowledgement.
         try { main.Frames.Send(FrameType.Resumed, []); } catch (Exception e) when (LinkFailure.Is(e)) { }
@@ -502,7 +501,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         ClosePriority(priority);
         _priorityThread?.Join();
         priority?.Released.Set();
-        long deadline = Stopwatch.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * Stopwatch.Frequency);
+        long deadline = _options.Time.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * _options.Time.TimestampFrequency);
         while (true)
         {
             Channel? next = null;
@@ -528,10 +527,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     continue;
                 }
             }
-            long left = deadline - Stopwatch.GetTimestamp();
+            long left = deadline - _options.Time.GetTimestamp();
             if (left <= 0)
                 throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s");
-            _mainArrived.Wait(TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / Stopwatch.Frequency)));
+            _mainArrived.Wait(TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency)));
         }
     }
 
