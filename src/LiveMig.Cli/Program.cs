@@ -118,7 +118,7 @@ public static class Program
         catch (MigrationFailedException e)
         {
             if (r.GetValue(o.Json)) Console.WriteLine(e.Report.ToJson());
-            Console.Error.WriteLine($"livemig: migration failed: {e.Message}");
+            Console.Error.WriteLine(PeerLog.MigrationFailed(e));
             return 1;
         }
     }
@@ -315,14 +315,14 @@ public static class Program
         });
         listener.Arrived += a =>
         {
-            Console.Error.WriteLine($"VM {a.Vm.Name} arrived ({Units.Bytes(a.Report.MemoryBytes)}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here");
+            Console.Error.WriteLine(PeerLog.Arrived(a));
             if (!once) return;
             if (json) Console.WriteLine(a.Report.ToJson()); else ReportView.Render(a.Report, AnsiConsole.Console);
             done.TrySetResult(0);
         };
         listener.Failed += f =>
         {
-            Console.Error.WriteLine($"livemig: incoming migration failed: {f.Message}");
+            Console.Error.WriteLine(PeerLog.IncomingFailed(f));
             if (!once) return;
             if (json) Console.WriteLine(f.Report.ToJson());
             done.TrySetResult(1);

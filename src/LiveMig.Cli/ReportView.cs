@@ -10,9 +10,9 @@ internal static class ReportView
 {
     public static void Render(MigrationReport r, IAnsiConsole console)
     {
-        var summary = new Table().Border(TableBorder.Rounded).Title($"[bold]{Markup.Escape(r.Strategy)} migration of {Markup.Escape(r.VmName)} ({Markup.Escape(r.Role)} report)[/]");
+        var summary = new Table().Border(TableBorder.Rounded).Title($"[bold]{Markup.Escape(r.Strategy)} migration of {Shown(r.VmName)} ({Markup.Escape(r.Role)} report)[/]");
         summary.AddColumn("what").AddColumn(new TableColumn("value"));
-        void Row(string k, string v) => summary.AddRow(Markup.Escape(k), Markup.Escape(v));
+        void Row(string k, string v) => summary.AddRow(Markup.Escape(k), Shown(v));
         Row("outcome", r.Outcome + (r.Error is null ? "" : ": " + r.Error));
         Row("guest", $"{Units.Bytes(r.MemoryBytes)}, {r.Vcpus} vCPUs, workload {r.Workload}, dirty log {r.DirtyLog}");
         Row("total migration time", $"{r.TotalTimeMs:0.0} ms");
@@ -74,6 +74,9 @@ internal static class ReportView
         }
         console.Write(rounds);
     }
+
+    /// <summary>A value for a table cell: peer text escaped (a destination's report shows the source's names and errors), then markup.</summary>
+    private static string Shown(string value) => Markup.Escape(Protocol.PeerText.Escape(value));
 
     /// <summary>"50%" (throttle), "1,000/s" (dirty limit per vCPU), both, or "-".</summary>
     internal static string Slowed(RoundReport x) =>

@@ -91,10 +91,10 @@ internal sealed class DestinationReport(DestinationOptions options)
             Role = "destination",
             Strategy = Strategy,
             Outcome = error is null ? "completed" : "failed",
-            Error = error,
+            Error = PeerText.Escape(error), // may quote the source
             Security = options.Security.Mode,
-            VmName = Hello.VmName ?? "",
-            Workload = Vm?.Description ?? "",
+            VmName = PeerText.Escape(Hello.VmName),
+            Workload = PeerText.Escape(Vm?.Description), // from the VM state: the peer's
             MemoryBytes = Hello.MemoryBytes,
             Vcpus = Vm?.VcpuCount ?? Hello.Vcpus,
             DirtyLog = Vm is not null && error is null ? Vm.DirtyLog.Name : "", // a failed VM is discarded: no log to name

@@ -224,7 +224,8 @@ public readonly record struct ErrorMessage(ushort Code, string Text)
     public static ErrorMessage Parse(ReadOnlySpan<byte> payload)
     {
         var r = new SpanReader(payload, "Error");
-        var m = new ErrorMessage(r.U16("code"), r.String("text", 4000));
+        // The text is the peer's: it is only ever shown, so it is escaped here, once, for every place it goes.
+        var m = new ErrorMessage(r.U16("code"), PeerText.Escape(r.String("text", 4000)));
         r.End();
         return m;
     }
