@@ -41,7 +41,7 @@ internal static class FirstRound
             if (runs.Count <= ExtentsMessage.MaxExtents)
             {
                 var buf = sender.Frames.Begin(FrameType.Extents, runs.Count * 8);
-                sender.Frames.Commit(ExtentsMessage.Write(buf, runs));
+                sender.Frames.CommitNow(ExtentsMessage.Write(buf, runs)); // metadata, not memory: not held back by the cap
             }
         }
         return pages;

@@ -177,6 +177,7 @@ public sealed class IncomingMigration
                         if (state == State.StopAndCopy) downtime.Mark("final-round");
                         break;
                     case (State.Live, FrameType.Extents):
+                        if ((accepted & Capabilities.Extents) == 0) throw new ProtocolException($"Extents (frame {frame}) without the Extents capability");
                         if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
                         extentsSeen = true;
                         var announced = ExtentsMessage.Parse(payload, memory!.PageCount);
@@ -372,6 +373,7 @@ public sealed class IncomingMigration
         if (h.MemoryBytes > _options.MaxMemoryBytes) return $"memory size {Units.Bytes(h.MemoryBytes)} exceeds this destination's limit of {Units.Bytes(_options.MaxMemoryBytes)}";
         if (h.MemoryBytes / GuestMemory.PageSize > uint.MaxValue) return "memory larger than 16 TiB is not supported";
         if (h.Vcpus < 1 || h.Vcpus > 1024) return $"{h.Vcpus} vCPUs is out of range (1..1024)";
+        if ((h.Required & ~h.Requested) != 0) return $"the Hello requires capabilities it does not request: {h.Required & ~h.Requested}";
         var missing = h.Required & ~Supported;
         if (missing != 0) return $"destination lacks required capabilities: {missing}";
         return null;

@@ -422,13 +422,12 @@ public sealed class PostCopyMigration
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
-        link.MainFrames.Send(FrameType.Hello, small[..hello.Write(small)]);
+        link.MainFrames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
         var ack = HelloAckMessage.Parse(payload);
-        if (ack.Version < ProtocolVersion.MinSupported || ack.Version > ProtocolVersion.Version)
-            throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
+        if (ack.Overreach(hello) is { } overreach) throw new ProtocolException(overreach);
         if ((caps & ~ack.Accepted) != 0)
             throw new MigrationAbort($"destination does not support {StrategyName} migration (missing capabilities: {caps & ~ack.Accepted})");
         _announceExtents = (ack.Accepted & Capabilities.Extents) != 0;
@@ -578,7 +577,7 @@ public sealed class PostCopyMigration
             {
                 link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
                 _currentLink = link;
-                link.MainFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
+                link.MainFrames.SendNow(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
                 using var present = new NativePageBitmap(memory.PageCount);
                 while (true)
                 {

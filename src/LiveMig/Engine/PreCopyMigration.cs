@@ -175,13 +175,12 @@ public sealed class PreCopyMigration
         var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
-        _sender.Frames.Send(FrameType.Hello, small[..hello.Write(small)]);
+        _sender.Frames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
         var type = _sender.Reader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.HelloAck) throw new ProtocolException($"expected HelloAck, got {type}");
         var ack = HelloAckMessage.Parse(payload);
-        if (ack.Version < ProtocolVersion.MinSupported || ack.Version > ProtocolVersion.Version)
-            throw new ProtocolException($"destination chose protocol version {ack.Version}, this source speaks {ProtocolVersion.MinSupported}..{ProtocolVersion.Version}");
+        if (ack.Overreach(hello) is { } overreach) throw new ProtocolException(overreach);
         if ((hello.Required & ~ack.Accepted) != 0)
             throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
         _canResume = (ack.Accepted & Capabilities.PreCopyResume) != 0;
@@ -320,7 +319,7 @@ public sealed class PreCopyMigration
             SetTimeouts(s);
             w = new FrameWriter(s, Limiter, _time);
             r = new FrameReader(s);
-            w.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
+            w.SendNow(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
             var type = r.Read(out var payload);
             var chunk = new PageBitmap(delivered.PageCount);
             delivered.ClearAll();

@@ -99,7 +99,7 @@ internal sealed class SourceStreams : IDisposable
                 }
                 var w = new Worker(i, s, frames, reader, batches);
                 workers.Add(w);
-                frames.Send(FrameType.StreamAttach, small[..new StreamAttachMessage(id, i, count).Write(small)]);
+                frames.SendNow(FrameType.StreamAttach, small[..new StreamAttachMessage(id, i, count).Write(small)]);
                 type = reader.Read(out payload);
                 if (type == FrameType.Error) throw new ProtocolException($"destination refused data stream {i}: {ErrorMessage.Parse(payload).Text}");
                 if (type != FrameType.StreamAttached || StreamAttachedMessage.Parse(payload).Index != i)

@@ -172,6 +172,36 @@ public sealed class FrameWriter : IDisposable
         Commit(payload.Length);
     }
 
+    /// <summary>
+    /// Sends a frame of the handshake (Hello, Attach) or the announcement of extents at once:
+    /// the bandwidth cap is for the migration's traffic, and the destination gives a handshake a
+    /// deadline that a low cap must not make it miss. Its bytes are charged to the bucket all
+    /// the same, so the frames after it pay them off and the cap holds on average.
+    /// </summary>
+    public void SendNow(FrameType type, ReadOnlySpan<byte> payload)
+    {
+        payload.CopyTo(Begin(type, payload.Length));
+        CommitNow(payload.Length);
+    }
+
+    /// <summary><see cref="Commit"/> without waiting for the bandwidth cap (see <see cref="SendNow"/>).</summary>
+    public void CommitNow(int payloadLength)
+    {
+        var limiter = Limiter;
+        Limiter = null;
+        try { Commit(payloadLength); }
+        finally { Limiter = limiter; }
+        limiter?.Charge(FrameFormat.HeaderSize + payloadLength);
+    }
+
+    /// <summary>A whole frame as bytes, for the few frames sent without a writer of their own (the listener's refusals during a handshake).</summary>
+    public static byte[] Encode(FrameType type, ReadOnlySpan<byte> payload)
+    {
+        using var bytes = new MemoryStream(FrameFormat.HeaderSize + payload.Length);
+        using (var w = new FrameWriter(bytes)) w.Send(type, payload);
+        return bytes.ToArray();
+    }
+
     public void Flush() => _stream.Flush();
 
     public void Dispose()

@@ -137,6 +137,19 @@ public readonly record struct HelloAckMessage(ushort Version, Capabilities Accep
         r.End();
         return m;
     }
+
+    /// <summary>
+    /// Why a source must refuse this answer to <paramref name="offered"/>, or null: a destination
+    /// may only choose among what the Hello offered — a version in its range, capabilities it
+    /// requested. Anything else is a peer that does not follow the negotiation.
+    /// </summary>
+    public string? Overreach(HelloMessage offered)
+    {
+        if (Version < offered.MinVersion || Version > offered.MaxVersion)
+            return $"destination chose protocol version {Version}, this source offered {offered.MinVersion}..{offered.MaxVersion}";
+        var extra = Accepted & ~offered.Requested;
+        return extra != 0 ? $"destination's HelloAck grants capabilities this source never offered: {extra}" : null;
+    }
 }
 
 /// <summary>Source → destination: a round begins; <see cref="Final"/> means the source VM is now paused (stop-and-copy).</summary>
