@@ -48,6 +48,7 @@ internal sealed class CliOptions
     public readonly Option<string?> Cert = new("--cert") { Description = "This host's certificate (PEM), signed by the CA given with --ca ('livemig certs' makes a test set).", HelpName = "FILE" };
     public readonly Option<string?> Key = new("--key") { Description = "The private key (PEM) of --cert.", HelpName = "FILE" };
     public readonly Option<string?> Ca = new("--ca") { Description = "The CA certificate (PEM) the peer's certificate must be signed by.", HelpName = "FILE" };
+    public readonly Option<string?> TlsHostname = new("--tls-hostname") { Description = "With --tls and certificates: the name the destination's certificate must carry (like QEMU's tls-hostname), when --to gives an IP address or another name. Default: the host in --to.", HelpName = "NAME" };
     public readonly Option<string?> PskFile = new("--psk-file") { Description = "Authenticate with a pre-shared key instead of certificates: the file's bytes (at least 16) are the key; both sides use the same file.", HelpName = "FILE" };
 
     public void AddSecurityOptions(Command c)
@@ -81,6 +82,16 @@ internal sealed class CliOptions
         catch (Transport.AuthenticationFailedException e) { throw new UsageException("--tls: " + e.Message); }
     }
 
+    /// <summary>--tls-hostname: a name only a certificate can carry, so only with --tls and certificates.</summary>
+    private string? ParseTlsHostname(ParseResult r)
+    {
+        string? name = r.GetValue(TlsHostname);
+        if (name is null) return null;
+        if (!r.GetValue(Tls) || r.GetValue(PskFile) is not null) throw new UsageException("--tls-hostname: only with --tls and certificates (--cert, --key, --ca): it names the destination's certificate");
+        if (name.Length == 0 || name.Length > 253 || name.Any(c => char.IsWhiteSpace(c) || char.IsControl(c))) throw new UsageException($"--tls-hostname '{name}': expected a host name or IP address");
+        return name;
+    }
+
     public void AddVmOptions(Command c)
     {
         c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
@@ -91,6 +102,7 @@ internal sealed class CliOptions
         c.Add(Strategy); c.Add(HybridBudget); c.Add(Streams); c.Add(Bandwidth); c.Add(DowntimeLimit); c.Add(MaxRounds); c.Add(Verify); c.Add(Json);
         c.Add(DeferHotPages); c.Add(PredictiveStop); c.Add(AutoConverge); c.Add(DirtyLimit); c.Add(OnStall); c.Add(MaxDowntime); c.Add(Timeout); c.Add(Reconnect);
         AddSecurityOptions(c);
+        c.Add(TlsHostname);
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
 
@@ -153,6 +165,7 @@ internal sealed class CliOptions
             Streams = streams,
             ReconnectWindow = reconnect,
             Security = Security(r),
+            TlsHostname = ParseTlsHostname(r),
             BandwidthLimit = rate,
             Verify = r.GetValue(Verify),
             PreCopy = new PreCopyOptions

@@ -35,9 +35,10 @@ public static class Program
         var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var resumeWindow = new Option<string>("--resume-window") { Description = "When a pre-copy source that can resume loses its connection before the switch-over, keep its partial VM this long for it to reconnect; 0 discards at once.", DefaultValueFactory = _ => "60s", HelpName = "TIME" };
+        var listener = new ListenerOptions();
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
         {
-            port, bind, once, maxMemory, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow,
+            port, bind, once, maxMemory, listener.MemoryBudget, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow, listener.HandshakeTimeout, listener.MaxHandshakes,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
@@ -47,7 +48,7 @@ public static class Program
             string rw = r.GetValue(resumeWindow)!;
             if (!Units.TryParseDuration(rw, out var window) || window > TimeSpan.FromDays(1))
                 throw new UsageException($"--resume-window '{rw}': expected a duration such as 60s (0 = no resume, at most 1 day)");
-            return Listen(r, o, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window);
+            return Listen(r, o, listener, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window);
         }));
         root.Add(listen);
 
@@ -76,7 +77,7 @@ public static class Program
         var setBw = new Command("set-bandwidth", "Changes the bandwidth cap of the running 'livemig migrate'; the new cap takes effect within a frame.") { rateArg, control };
         setBw.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "bandwidth " + r.GetValue(rateArg)))));
         root.Add(setBw);
-        root.Add(CertsCommand());
+        root.Add(CertsCommand(o));
 
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
@@ -88,22 +89,21 @@ public static class Program
         return parsed.Invoke();
     }
 
-    private static Command CertsCommand()
+    private static Command CertsCommand(CliOptions o)
     {
-        var outDir = new Option<string>("--out") { Description = "Directory to write ca.pem, ca.key and HOST.pem/HOST.key into.", Required = true, HelpName = "DIR" };
-        var hosts = new Option<string>("--hosts") { Description = "Comma-separated host names or IP addresses to make certificates for (each is both a source and a destination identity).", Required = true, HelpName = "A,B" };
-        var certs = new Command("certs", "Makes a small CA and host certificates (ECDSA P-256) for trying --tls out. Not for production: keep ca.key away from the hosts.") { outDir, hosts };
-        certs.SetAction(r =>
+        var outDir = new Option<string>("--out") { Description = "Directory to write ca.pem, ca.key and NAME.pem/NAME.key into.", Required = true, HelpName = "DIR" };
+        var hosts = new Option<string?>("--hosts") { Description = "Comma-separated host names or IP addresses to make one certificate each for, carrying that one name (each is both a source and a destination identity).", HelpName = "A,B" };
+        var host = new Option<string[]>("--host") { Description = "One certificate per use, for a host known by several names: NAME (its common name, which --trust checks, and its files' name) and more DNS names or IP addresses a source may reach it by, e.g. --host dst=dst.lan,10.0.0.2. Repeatable; with --hosts, one CA signs them all.", HelpName = "NAME[=ALIAS,...]" };
+        var certs = new Command("certs", "Makes a small CA and host certificates (ECDSA P-256) for trying --tls out. A source checks that the destination's certificate carries the name it connects by (or --tls-hostname). Not for production: keep ca.key away from the hosts.") { outDir, hosts, host };
+        certs.SetAction(r => Guard(r, o, () =>
         {
-            var names = r.GetValue(hosts)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-            if (names.Length == 0 || names.Any(n => n.IndexOfAny(Path.GetInvalidFileNameChars()) >= 0 || n.StartsWith('.')))
-            {
-                Console.Error.WriteLine($"livemig: --hosts '{r.GetValue(hosts)}': expected host names such as src,dst");
-                return 2;
-            }
-            foreach (string f in Transport.Certificates.WriteCaAndHosts(r.GetValue(outDir)!, names)) Console.WriteLine(f);
+            var identities = CertificateHosts.Parse(r.GetValue(hosts), r.GetValue(host) ?? []);
+            IReadOnlyList<string> written;
+            try { written = Transport.Certificates.WriteCaAndHosts(r.GetValue(outDir)!, identities); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new UsageException($"--out '{r.GetValue(outDir)}': {e.Message}"); }
+            foreach (string f in written) Console.WriteLine(f);
             return 0;
-        });
+        }));
         return certs;
     }
 
@@ -288,7 +288,7 @@ public static class Program
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow)
+    private static int Listen(ParseResult r, CliOptions o, ListenerOptions lo, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow)
     {
         Memory.MemoryPool? pool = null;
         if (prealloc is not null)
@@ -304,15 +304,15 @@ public static class Program
         using var _pool = pool;
         if (port is < 0 or > 65535) throw new UsageException($"--port {port}: must be 0..65535");
         if (!IPAddress.TryParse(bind, out var address)) throw new UsageException($"--bind '{bind}': not an IP address");
-        long max = MachineMemory.TotalBytes;
-        if (maxMemory is not null && (!Units.TryParseBytes(maxMemory, out max) || max <= 0)) throw new UsageException($"--max-memory '{maxMemory}': expected a size such as 8GiB");
+        var (budget, max) = lo.Memory(r, maxMemory);
         bool json = r.GetValue(o.Json);
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(address, port, new DestinationOptions
+        using var listener = new MigrationListener(address, port, lo.Apply(r, new DestinationOptions
         {
-            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow,
+            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, MemoryBudget = budget, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow,
             PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
-        });
+        }));
+        listener.Dropped += line => Console.Error.WriteLine($"livemig: {line}");
         listener.Arrived += a =>
         {
             Console.Error.WriteLine(PeerLog.Arrived(a));

@@ -9,7 +9,11 @@ using LiveMig.Vm;
 namespace LiveMig.Engine;
 
 /// <summary>A VM that arrived and runs here, with the destination's report of its migration.</summary>
-public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report);
+public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report)
+{
+    /// <summary>The VM's share of the destination's memory budget: whoever keeps the VM gives it back (disposes it) when the VM leaves.</summary>
+    public MemoryBudget.Reservation? Budget { get; init; }
+}
 
 /// <summary>
 /// The destination side of one migration: a state machine over the frames (docs/protocol.md).
@@ -73,6 +77,7 @@ public sealed class IncomingMigration
         string? restoreError = null;
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
+        MemoryBudget.Reservation? budget = null; // the VM's share of the destination's memory, from Hello on
 
         try
         {
@@ -89,6 +94,9 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
+                        // Nothing is allocated for a VM (memory, hashes, threads) before its size is reserved.
+                        budget = _options.MemoryBudget.TryReserve(hello.MemoryBytes, out string? overBudget);
+                        Refuse(overBudget);
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
                         SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
@@ -148,7 +156,7 @@ public sealed class IncomingMigration
                         report.BytesOnWire = bytesOfEarlierLinks;
                         var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
                         memory = null; // post-copy owns it now
-                        return postCopy.Run(handover, payload);
+                        return Arrive(postCopy.Run(handover, payload), ref budget);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
                         // After a reattach the source goes on with its own round numbers: the round cut short is not repeated.
@@ -265,7 +273,7 @@ public sealed class IncomingMigration
                         streams?.DisposeDecoders();
                         // A source that could have switched to post-copy (--on-stall postcopy) did not: its page-request connection goes.
                         postCopy?.Abort();
-                        return new ArrivedVm(vm, report.Build(null));
+                        return Arrive(new ArrivedVm(vm, report.Build(null)), ref budget);
                     case (State.ReceivingState, _):
                         throw stateChunks.Interrupted(type, frame);
                     default:
@@ -322,7 +330,16 @@ public sealed class IncomingMigration
         {
             // Gives back a connection lent by a reattach (its own thread closes it).
             resumption?.Close();
+            budget?.Dispose(); // the migration failed: its VM is gone
         }
+    }
+
+    /// <summary>The VM arrived: its share of the memory budget goes with it.</summary>
+    private static ArrivedVm Arrive(ArrivedVm arrived, ref MemoryBudget.Reservation? budget)
+    {
+        var held = budget;
+        budget = null;
+        return arrived with { Budget = held };
     }
 
     /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>

@@ -20,6 +20,12 @@ public sealed record MigrationOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     /// <summary>TLS and authentication of the connection (default: plain TCP).</summary>
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
+    /// <summary>
+    /// With certificates: the name the destination's certificate must carry (QEMU's
+    /// tls-hostname), when the address connected to is an IP or another name than its
+    /// certificate's; null: the host connected to.
+    /// </summary>
+    public string? TlsHostname { get; init; }
     /// <summary>Page-pipeline stages: compression, XBZRLE, dedup, free-page skipping (all off by default).</summary>
     public PipelineOptions Pipeline { get; init; } = new();
     public MigrationStrategy Strategy { get; init; } = MigrationStrategy.PreCopy;
@@ -49,8 +55,22 @@ public sealed record DestinationOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     /// <summary>Largest VM memory the destination accepts (default: the machine's memory).</summary>
     public long MaxMemoryBytes { get; init; } = MachineMemory.TotalBytes;
+    /// <summary>
+    /// The memory all incoming VMs together may claim (a <see cref="MigrationListener"/> uses one
+    /// options object, so its migrations share it): each Hello reserves its VM's size before
+    /// anything is allocated for it. Default: the machine's memory less a margin (<see cref="MemoryBudget.DefaultBytes"/>).
+    /// </summary>
+    public MemoryBudget MemoryBudget { get; init; } = new(MemoryBudget.DefaultBytes);
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
     public TimeSpan IoTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// A listener drops a connection whose whole handshake — TLS and its first frame (Hello,
+    /// Attach or StreamAttach) — is not done within this, however it trickles in. Sources send
+    /// those frames without waiting for their bandwidth cap.
+    /// </summary>
+    public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
+    /// <summary>Most connections a listener takes through their handshake at once; more are closed at once and counted.</summary>
+    public int MaxHandshakes { get; init; } = 128;
     /// <summary>TLS and authentication required of sources (default: plain TCP).</summary>
     public Transport.ChannelSecurity Security { get; init; } = Transport.ChannelSecurity.None;
     /// <summary>Memory prepared before migrations arrive; an incoming VM of a matching size takes a region from it.</summary>

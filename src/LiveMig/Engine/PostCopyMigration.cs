@@ -97,7 +97,7 @@ public sealed class PostCopyMigration
         var connect = Connector ?? ((kind, attempt) =>
         {
             var (h, p) = target.Current;
-            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+            return SourceConnection.Open(h, p, _options);
         });
         return Run(connect, cancel);
     }

@@ -80,7 +80,7 @@ public sealed class PreCopyMigration
         Stream Open(int _)
         {
             var (h, p) = target.Current;
-            return SourceConnection.Open(h, p, _options.Security, _options.IoTimeout);
+            return SourceConnection.Open(h, p, _options);
         }
         var connect = Connector ?? Open;
         Stream stream;
@@ -388,7 +388,7 @@ public sealed class PreCopyMigration
         {
             if (frames.IsOpen) frames.Abandon();
             Span<byte> buf = stackalloc byte[4100];
-            frames.Send(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]);
+            frames.SendNow(FrameType.Error, buf[..new ErrorMessage(code, text).Write(buf)]); // why it ends is not held back by the cap
         }
         catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException or InvalidOperationException) { }
     }

@@ -1,12 +1,18 @@
+using System.Buffers.Binary;
 using System.Net.Security;
 using System.Security.Authentication;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using LiveMig.Protocol;
 
 namespace LiveMig.Transport;
 
 /// <summary>Raised when a peer cannot be authenticated or the secure channel cannot be set up. The message says who and why.</summary>
-public sealed class AuthenticationFailedException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class AuthenticationFailedException(string message, Exception? inner = null) : Exception(message, inner)
+{
+    /// <summary>What the peer is told of it (the local message may say more, e.g. the trust list).</summary>
+    public string ToPeer { get; init; } = message;
+}
 
 /// <summary>
 /// How a migration connection is protected. <see cref="None"/> is plain TCP (the CLI warns);
@@ -73,11 +79,15 @@ public sealed class ChannelSecurity
         return new ChannelSecurity { Certificate = Certificates.SelfSigned("livemig-psk"), PreSharedKey = key };
     }
 
-    /// <summary>Source side: secures a connected stream to <paramref name="targetHost"/>; returns the stream to use.</summary>
+    /// <summary>
+    /// Source side: secures a connected stream to a destination whose certificate must name
+    /// <paramref name="targetHost"/> (the host connected to, or <c>--tls-hostname</c>); returns the stream to use.
+    /// </summary>
     public Stream SecureClient(Stream inner, string targetHost, TimeSpan timeout)
     {
         if (!Enabled) return inner;
-        var ssl = new SslStream(inner, leaveInnerStreamOpen: false);
+        var watched = new FirstBytes(inner);
+        var ssl = new SslStream(watched, leaveInnerStreamOpen: false);
         string? problem = null;
         var options = new SslClientAuthenticationOptions
         {
@@ -92,18 +102,28 @@ public sealed class ChannelSecurity
                 return problem is null;
             },
         };
-        Authenticate(ssl, () => ssl.AuthenticateAsClientAsync(options), timeout, () => problem, $"destination {targetHost}");
-        if (PreSharedKey is not null) ProvePsk(ssl, client: true);
+        // A destination without TLS answers a ClientHello with a plain Error frame: say that, not what TLS made of it.
+        string? Why() => problem ?? (watched.StartsWithFrameMagic ? $"the destination does not use TLS: it answered in plain LiveMig frames (--tls on this side only; start listen with --tls too, or migrate without it)" : null);
+        using (var deadline = new CancellationTokenSource(timeout))
+            Authenticate(ssl, () => ssl.AuthenticateAsClientAsync(options, deadline.Token), deadline.Token, timeout, Why, $"destination {targetHost}").GetAwaiter().GetResult();
+        if (PreSharedKey is not null) ProvePsk(ssl, client: true, CancellationToken.None).GetAwaiter().GetResult();
         return ssl;
     }
 
-    /// <summary>Destination side: secures an accepted stream; returns it and the authenticated peer's name.</summary>
-    public Stream SecureServer(Stream inner, TimeSpan timeout, out string? peer)
+    /// <summary>
+    /// What a destination's TLS handshake gave: the secured stream, the authenticated source's
+    /// name, or — the source completed TLS but is not accepted (no certificate, not signed by the
+    /// CA, not in the trust list) — why, which the listener tells the source over the secured
+    /// connection before closing it, rather than leaving it to guess from a closed connection.
+    /// </summary>
+    public readonly record struct ServerChannel(Stream Stream, string? Peer, AuthenticationFailedException? Refusal);
+
+    /// <summary>Destination side, on no thread of its own: secures an accepted stream within <paramref name="cancel"/>'s deadline.</summary>
+    public async Task<ServerChannel> SecureServerAsync(Stream inner, TimeSpan timeout, CancellationToken cancel)
     {
-        peer = null;
-        if (!Enabled) return inner;
+        if (!Enabled) return new ServerChannel(inner, null, null);
         var ssl = new SslStream(inner, leaveInnerStreamOpen: false);
-        string? problem = null;
+        AuthenticationFailedException? refusal = null;
         string? name = null;
         var options = new SslServerAuthenticationOptions
         {
@@ -114,34 +134,39 @@ public sealed class ChannelSecurity
             RemoteCertificateValidationCallback = (_, cert, _, errors) =>
             {
                 if (PreSharedKey is not null) return cert is not null;
-                problem = CheckChain(cert, errors, requireName: null, role: "source");
-                if (problem is not null) return false;
-                name = (cert as X509Certificate2 ?? new X509Certificate2(cert!)).GetNameInfo(X509NameType.SimpleName, false);
-                if (TrustedPeers is not null && !TrustedPeers.Contains(name, StringComparer.OrdinalIgnoreCase))
-                {
-                    problem = $"source '{name}' is not in this destination's trust list ({string.Join(", ", TrustedPeers)})";
-                    return false;
-                }
+                // The channel is completed either way, so that a refused source can be told why; it is never read from.
+                refusal = Refuse(cert, errors, out name);
                 return true;
             },
         };
-        Authenticate(ssl, () => ssl.AuthenticateAsServerAsync(options), timeout, () => problem, "source");
-        if (PreSharedKey is not null) { ProvePsk(ssl, client: false); name = "psk"; }
-        peer = name;
-        return ssl;
+        await Authenticate(ssl, () => ssl.AuthenticateAsServerAsync(options, cancel), cancel, timeout, () => null, "source");
+        if (PreSharedKey is not null) { await ProvePsk(ssl, client: false, cancel); name = "psk"; }
+        return new ServerChannel(ssl, refusal is null ? name : null, refusal);
     }
 
-    private static void Authenticate(SslStream ssl, Func<Task> handshake, TimeSpan timeout, Func<string?> problem, string who)
+    /// <summary>Why a source's certificate is not accepted (the peer is told the first part; the local log also gets the trust list), or null; its name when it is.</summary>
+    private AuthenticationFailedException? Refuse(X509Certificate? cert, SslPolicyErrors errors, out string? name)
     {
-        try
-        {
-            if (!handshake().Wait(timeout)) throw new AuthenticationFailedException($"TLS handshake with the {who} timed out after {timeout.TotalSeconds:0.#} s");
-        }
-        catch (AggregateException e) when (e.InnerException is AuthenticationException or IOException)
+        name = null;
+        if (CheckChain(cert, errors, requireName: null, role: "source") is { } problem) return new AuthenticationFailedException(problem);
+        name = PeerText.Escape((cert as X509Certificate2 ?? new X509Certificate2(cert!)).GetNameInfo(X509NameType.SimpleName, false));
+        if (TrustedPeers is null || TrustedPeers.Contains(name, StringComparer.OrdinalIgnoreCase)) return null;
+        string told = $"source '{name}' is not in this destination's trust list";
+        return new AuthenticationFailedException($"{told} ({string.Join(", ", TrustedPeers)})") { ToPeer = told };
+    }
+
+    private static async Task Authenticate(SslStream ssl, Func<Task> handshake, CancellationToken cancel, TimeSpan timeout, Func<string?> problem, string who)
+    {
+        try { await handshake(); }
+        catch (OperationCanceledException e) when (cancel.IsCancellationRequested)
         {
             ssl.Dispose();
-            string why = problem() ?? e.InnerException!.Message;
-            throw new AuthenticationFailedException($"TLS with the {who} failed: {why}", e.InnerException);
+            throw new AuthenticationFailedException($"TLS handshake with the {who} timed out after {timeout.TotalSeconds:0.#} s", e);
+        }
+        catch (Exception e) when (e is AuthenticationException or IOException)
+        {
+            ssl.Dispose();
+            throw new AuthenticationFailedException($"TLS with the {who} failed: {problem() ?? e.Message}", e);
         }
     }
 
@@ -153,34 +178,51 @@ public sealed class ChannelSecurity
         chain.ChainPolicy.CustomTrustStore.AddRange(TrustedRoots!);
         chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
         var c2 = cert as X509Certificate2 ?? new X509Certificate2(cert);
+        string subject = PeerText.Escape(c2.Subject); // the peer's words until the chain is checked
         if (!chain.Build(c2))
-            return $"the {role}'s certificate '{c2.Subject}' is not signed by the trusted CA ({string.Join("; ", chain.ChainStatus.Select(s => s.StatusInformation.Trim()))})";
+            return $"the {role}'s certificate '{subject}' is not signed by the trusted CA ({string.Join("; ", chain.ChainStatus.Select(s => s.StatusInformation.Trim()))})";
         if (requireName is not null && !c2.MatchesHostname(requireName))
-            return $"the {role}'s certificate '{c2.Subject}' does not name '{requireName}'";
+            return $"the {role}'s certificate '{subject}' does not name '{requireName}' (it names {string.Join(", ", Certificates.Names(c2).Select(PeerText.Escape))}): connect by one of those names, or give one with --tls-hostname";
         _ = errors; // chain and name are checked above against our own CA, not the system store
         return null;
+    }
+
+    /// <summary>Records the first bytes the destination sends, to tell a plain LiveMig answer from a broken TLS one.</summary>
+    private sealed class FirstBytes(Stream inner) : DelegatingStream(inner)
+    {
+        private readonly byte[] _first = new byte[4];
+        private int _seen;
+
+        public bool StartsWithFrameMagic => _seen == 4 && BinaryPrimitives.ReadUInt32LittleEndian(_first) == FrameFormat.Magic;
+
+        public override int Read(Span<byte> buffer)
+        {
+            int n = Inner.Read(buffer);
+            int take = Math.Min(n, _first.Length - _seen);
+            if (take > 0) { buffer[..take].CopyTo(_first.AsSpan(_seen)); _seen += take; }
+            return n;
+        }
     }
 
     private const int NonceSize = 32;
 
     /// <summary>Both sides send a nonce, then HMAC(psk, label | role | server-cert hash | client nonce | server nonce); each checks the other's.</summary>
-    private void ProvePsk(SslStream ssl, bool client)
+    private async Task ProvePsk(SslStream ssl, bool client, CancellationToken cancel)
     {
         // The server's certificate as each side sees it: its own on the server, the one received on the client.
         byte[] binding = SHA256.HashData(client ? ssl.RemoteCertificate!.GetRawCertData() : Certificate!.RawData);
-        Span<byte> mine = stackalloc byte[NonceSize];
-        RandomNumberGenerator.Fill(mine);
-        Span<byte> theirs = stackalloc byte[NonceSize];
-        ssl.Write(mine);
-        ssl.Flush();
-        ssl.ReadExactly(theirs);
-        ReadOnlySpan<byte> cNonce = client ? mine : theirs, sNonce = client ? theirs : mine;
+        byte[] mine = RandomNumberGenerator.GetBytes(NonceSize);
+        byte[] theirs = new byte[NonceSize];
+        await ssl.WriteAsync(mine, cancel);
+        await ssl.FlushAsync(cancel);
+        await ssl.ReadExactlyAsync(theirs, cancel);
+        byte[] cNonce = client ? mine : theirs, sNonce = client ? theirs : mine;
         byte[] myProof = Proof(client ? "client" : "server", binding, cNonce, sNonce);
         byte[] expected = Proof(client ? "server" : "client", binding, cNonce, sNonce);
-        ssl.Write(myProof);
-        ssl.Flush();
+        await ssl.WriteAsync(myProof, cancel);
+        await ssl.FlushAsync(cancel);
         byte[] got = new byte[expected.Length];
-        try { ssl.ReadExactly(got); }
+        try { await ssl.ReadExactlyAsync(got, cancel); }
         catch (EndOfStreamException) { throw new AuthenticationFailedException($"the {(client ? "destination" : "source")} closed the connection during the pre-shared-key check (different key?)"); }
         if (!CryptographicOperations.FixedTimeEquals(got, expected))
             throw new AuthenticationFailedException($"the {(client ? "destination" : "source")} does not know the pre-shared key");
