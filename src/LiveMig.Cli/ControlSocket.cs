@@ -13,12 +13,13 @@ internal sealed class ControlSocket : IDisposable
 {
     private readonly Socket _listener;
     private readonly string _path;
-    private readonly CancellationTokenSource _cancel;
+    private readonly Func<string> _cancel;
     private readonly RateLimiter _limiter;
     private readonly Func<string, string> _resume;
     private readonly Thread _thread;
 
-    public ControlSocket(string path, CancellationTokenSource cancel, RateLimiter limiter, Func<string, string> resume)
+    /// <param name="cancel">Cancels the migration unless its switch-over has begun; returns the answer to print.</param>
+    public ControlSocket(string path, Func<string> cancel, RateLimiter limiter, Func<string, string> resume)
     {
         _path = path;
         _cancel = cancel;
@@ -62,8 +63,7 @@ internal sealed class ControlSocket : IDisposable
         switch (parts.FirstOrDefault())
         {
             case "cancel":
-                _cancel.Cancel();
-                return "ok: cancelling; the VM keeps running on the source";
+                return _cancel();
             case "bandwidth" when parts.Length == 2:
                 if (!Units.TryParseRate(parts[1], out long rate)) return $"error: bandwidth '{parts[1]}': expected a rate such as 100MiB/s or unlimited";
                 _limiter.BytesPerSecond = rate;

@@ -271,19 +271,20 @@ public static class Program
         Transport.RateLimiter limiter;
         Func<MigrationReport> run;
         Func<string, string> resume;
+        Func<CancelOutcome> tryCancel;
         Guid id;
         if (!Migrations.NeedsPostCopyEngine(options))
         {
             var pre = new PreCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a));
+            (limiter, id, run, resume, tryCancel) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a), pre.TryCancel);
         }
         else
         {
             var post = new PostCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a));
+            (limiter, id, run, resume, tryCancel) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a), post.TryCancel);
         }
         Console.Error.WriteLine($"migration {id} to {host}:{port}"); // the ID 'livemig migrate --resume' names
-        using var controlSocket = new ControlSocket(controlPath, cancel, limiter, resume);
+        using var controlSocket = new ControlSocket(controlPath, () => SwitchGate.Describe(tryCancel()), limiter, resume);
         var report = RunWithProgress(r, o, obs => { late.Target = obs; return run(); });
         return Finish(r, o, report);
     }

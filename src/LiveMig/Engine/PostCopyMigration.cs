@@ -147,8 +147,15 @@ public sealed class PostCopyMigration
     /// <summary>The request server stopped on a peer that broke the protocol: a failure, not a reason to reconnect.</summary>
     private static bool ServerSawProtocolError(Link link) => link.ServerError is { } e && !LinkFailure.Is(e) && e is not InvalidOperationException;
 
-    public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken cancel = default)
+    private readonly SwitchGate _gate = new();
+
+    /// <summary>Cancels unless the switch (or the stop-and-copy's Commit) has begun; the answer says which, decided atomically with it.</summary>
+    public CancelOutcome TryCancel() => _gate.TryCancel();
+
+    public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken outside = default)
     {
+        _gate.Follow(outside);
+        var cancel = _gate.Token;
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
         Link? link = null;
@@ -169,6 +176,7 @@ public sealed class PostCopyMigration
             {
                 // The rounds met the target: pre-copy's switch-over, no post-copy phase at all.
                 converged.PauseAndPrepare();
+                if (!_gate.TryCommit()) throw new OperationCanceledException(cancel);
                 converged.Commit();
                 _completedAt = _resumedAt = converged.ResumedTimestamp;
                 _observer.Phase("done");
@@ -199,6 +207,7 @@ public sealed class PostCopyMigration
         }
         finally
         {
+            _gate.End();
             _pipeline?.Dispose();
         }
     }
@@ -268,6 +277,7 @@ public sealed class PostCopyMigration
         if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
         // From here on the destination may run the VM: the source never resumes it.
+        if (!_gate.TryCommit()) throw new OperationCanceledException(_gate.Token);
         link.MainFrames.Send(FrameType.Commit, []);
         _committed = true;
         return pending;

@@ -39,6 +39,10 @@ public sealed class PreCopyMigration
     private long _bytesOfClosedLinks, _t0;
     private DateTimeOffset _started;
     private readonly List<string> _interruptions = [];
+    private readonly SwitchGate _gate = new();
+
+    /// <summary>Cancels unless the switch-over has begun; the answer says which, decided atomically with the Commit.</summary>
+    public CancelOutcome TryCancel() => _gate.TryCancel();
 
     public PreCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? policy = null)
     {
@@ -97,8 +101,11 @@ public sealed class PreCopyMigration
     /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one); no reconnecting.</summary>
     public MigrationReport Run(Stream stream, CancellationToken cancel = default) => Run(stream, Connector, cancel);
 
-    private MigrationReport Run(Stream stream, Func<int, Stream>? reconnect, CancellationToken cancel)
+    private MigrationReport Run(Stream stream, Func<int, Stream>? reconnect, CancellationToken outside)
     {
+        // Every cancellation, from the caller's token or TryCancel, goes through the gate.
+        _gate.Follow(outside);
+        var cancel = _gate.Token;
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
         _stream = stream;
@@ -133,6 +140,7 @@ public sealed class PreCopyMigration
                     Reattach(reconnect!, e, cancel);
                 }
             }
+            if (!_gate.TryCommit()) throw new OperationCanceledException(cancel);
             _switchover.Commit();
             return Report(null);
         }
@@ -143,6 +151,7 @@ public sealed class PreCopyMigration
         }
         finally
         {
+            _gate.End();
             // Every data connection closed and every stream thread joined: none outlives the migration.
             _sender.Streams?.Dispose();
             _sender.Streams = null;
