@@ -13,7 +13,7 @@ internal static class Warmup
     {
         for (int i = 0; i < 2; i++)
         {
-            LoopbackMigration.Run(new VmConfig { Name = "warmup", MemoryBytes = 64L << 20, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed }, new MigrationOptions());
+            LoopbackMigration.Run(new VmConfig { Name = "warmup", MemoryBytes = 64L << 20, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed }, new MigrationOptions { PreCopy = new Policies.PreCopyOptions().PauseOnStall() });
             LoopbackMigration.Run(new VmConfig { Name = "warmup", MemoryBytes = 64L << 20, Workload = "idle", Fill = MemoryFill.Random }, new MigrationOptions { Verify = false });
             PlainCopy.Run(64L << 20, intoFreshGuestMemory: true);
             PlainCopy.Run(64L << 20, intoFreshGuestMemory: false);
