@@ -6,8 +6,8 @@ namespace LiveMig.Cli;
 
 /// <summary>
 /// A running `livemig migrate` listens on a unix socket for one-line commands from
-/// `livemig cancel`, `livemig set-bandwidth` and `livemig migrate --resume`: <c>cancel</c>,
-/// <c>bandwidth RATE</c>, <c>resume ID [HOST:PORT]</c>. Each gets a one-line answer. Local only (file permissions guard it), so no authentication on top.
+/// `livemig cancel`, `livemig set-bandwidth`, `livemig migrate --resume` and `livemig destroy`: <c>cancel</c>,
+/// <c>bandwidth RATE</c>, <c>resume ID [HOST:PORT [restart]]</c>, <c>destroy ID</c>. Each gets a one-line answer. Local only (file permissions guard it), so no authentication on top.
 /// </summary>
 internal sealed class ControlSocket : IDisposable
 {
@@ -16,11 +16,13 @@ internal sealed class ControlSocket : IDisposable
     private readonly Func<string> _cancel;
     private readonly RateLimiter _limiter;
     private readonly Func<string, string> _resume;
+    private readonly Func<string, string> _destroy;
     private readonly Thread _thread;
 
     /// <param name="cancel">Cancels the migration unless its switch-over has begun; returns the answer to print.</param>
-    public ControlSocket(string path, Func<string> cancel, RateLimiter limiter, Func<string, string> resume)
+    public ControlSocket(string path, Func<string> cancel, RateLimiter limiter, Func<string, string> resume, Func<string, string> destroy)
     {
+        _destroy = destroy;
         _path = path;
         _cancel = cancel;
         _limiter = limiter;
@@ -70,8 +72,10 @@ internal sealed class ControlSocket : IDisposable
                 return $"ok: bandwidth {(rate == 0 ? "unlimited" : Units.Rate(rate))}";
             case "resume" when parts.Length == 2:
                 return _resume(parts[1]);
+            case "destroy" when parts.Length == 2:
+                return _destroy(parts[1]);
             default:
-                return $"error: unknown command '{line}' (cancel, bandwidth RATE, resume ID [HOST:PORT])";
+                return $"error: unknown command '{line}' (cancel, bandwidth RATE, resume ID [HOST:PORT [restart]], destroy ID)";
         }
     }
 

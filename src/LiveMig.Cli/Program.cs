@@ -54,7 +54,8 @@ public static class Program
         var control = new Option<string>("--control") { Description = "Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel' and 'livemig set-bandwidth'.", DefaultValueFactory = _ => ControlSocket.DefaultPath, HelpName = "PATH" };
         var to = new Option<string?>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen'). With --resume: where the running migration reconnects from now on.", HelpName = "HOST:PORT" };
         var resume = new Option<string?>("--resume") { Description = "Do not start a migration: tell the running 'livemig migrate' whose migration ID this is (printed at its start) to reconnect now instead of waiting out its back-off, to --to if given.", HelpName = "ID" };
-        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; Ctrl-C or 'livemig cancel' cancels cleanly; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume };
+        var restart = new Option<bool>("--restart") { Description = "With --resume and --to, after a post-copy switch whose destination is lost for good: start the migration over from this source's paused VM (its state at the switch) to --to. What the VM did on the lost destination since the switch is lost; use it only when that host is gone (or fenced)." };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; after a post-copy switch it never gives up on its own (post-copy paused: 'migrate --resume', '--restart', or 'livemig destroy ID'); Ctrl-C or 'livemig cancel' cancels cleanly before the switch-over; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume, restart };
         o.AddVmOptions(migrate);
         o.AddMigrationOptions(migrate);
         migrate.SetAction(r => Guard(r, o, () =>
@@ -63,12 +64,17 @@ public static class Program
             {
                 if (!Guid.TryParse(id, out _)) throw new UsageException($"--resume '{id}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
                 if (r.GetValue(to) is { } t) ParseTarget(t);
-                return Answer(ControlSocket.Send(r.GetValue(control)!, $"resume {id} {r.GetValue(to)}".TrimEnd()));
+                if (r.GetValue(restart) && r.GetValue(to) is null) throw new UsageException("--restart: give the new destination with --to HOST:PORT");
+                return Answer(ControlSocket.Send(r.GetValue(control)!, $"resume {id} {r.GetValue(to)}{(r.GetValue(restart) ? " restart" : "")}".TrimEnd()));
             }
             return Migrate(r, o, r.GetValue(to) ?? throw new UsageException("--to HOST:PORT is required (or --resume ID)"), r.GetValue(control)!);
         }));
         root.Add(migrate);
 
+        var destroyId = new Argument<string>("ID") { Description = "The migration ID 'livemig migrate' printed at its start." };
+        var destroyCmd = new Command("destroy", "After a post-copy switch whose destination cannot be recovered: discard the running 'livemig migrate''s paused VM and the pages the destination lacks, and end it (an operator's explicit decision; before the switch use 'livemig cancel').") { destroyId, control };
+        destroyCmd.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "destroy " + r.GetValue(destroyId)))));
+        root.Add(destroyCmd);
         var cancelCmd = new Command("cancel", "Cancels the running 'livemig migrate' (any phase before the switch-over): the VM keeps running on the source, unthrottled.") { control };
         cancelCmd.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "cancel"))));
         root.Add(cancelCmd);
@@ -251,6 +257,11 @@ public static class Program
             try { next = ParseTarget(a[1]); }
             catch (UsageException e) { return "error: " + e.Message; }
         }
+        if (a.Length > 2 && a[2] == "restart")
+        {
+            target.Restart(next!.Value.Host, next.Value.Port);
+            return $"ok: starting over from the paused VM to {next.Value.Host}:{next.Value.Port} (if the migration is post-copy paused)";
+        }
         bool waiting = target.Reconnecting;
         target.RetryNow(next?.Host, next?.Port);
         var (h, p) = target.Current;
@@ -272,19 +283,30 @@ public static class Program
         Func<MigrationReport> run;
         Func<string, string> resume;
         Func<CancelOutcome> tryCancel;
+        Func<ReconnectTarget?> currentTarget;
         Guid id;
         if (!Migrations.NeedsPostCopyEngine(options))
         {
             var pre = new PreCopyMigration(vm, options, late);
             (limiter, id, run, resume, tryCancel) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a), pre.TryCancel);
+            currentTarget = () => pre.Target;
         }
         else
         {
             var post = new PostCopyMigration(vm, options, late);
             (limiter, id, run, resume, tryCancel) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a), post.TryCancel);
+            currentTarget = () => post.Target;
         }
         Console.Error.WriteLine($"migration {id} to {host}:{port}"); // the ID 'livemig migrate --resume' names
-        using var controlSocket = new ControlSocket(controlPath, () => SwitchGate.Describe(tryCancel()), limiter, resume);
+        string Destroy(string arg)
+        {
+            if (!Guid.TryParse(arg, out var d) || d != id) return $"error: this process migrates {id}, not '{arg}'";
+            var target = currentTarget();
+            if (target is null) return "error: the migration has not connected yet";
+            target.Abandon();
+            return "ok: discarding the paused VM if the migration is post-copy paused (before the switch-over use 'livemig cancel')";
+        }
+        using var controlSocket = new ControlSocket(controlPath, () => SwitchGate.Describe(tryCancel()), limiter, resume, Destroy);
         var report = RunWithProgress(r, o, obs => { late.Target = obs; return run(); });
         return Finish(r, o, report);
     }

@@ -501,9 +501,41 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         ClosePriority(priority);
         _priorityThread?.Join();
         priority?.Released.Set();
-        long deadline = _options.Time.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * _options.Time.TimestampFrequency);
+        var window = _options.PostCopy.RecoveryTimeout;
+        long deadline = window == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.Time.GetTimestamp() + (long)(window.TotalSeconds * _options.Time.TimestampFrequency);
+        _waitingForSource = true;
+        try
+        {
+            return AwaitSource(deadline, cause, resumeOnAttach, ref resumedTs);
+        }
+        finally { _waitingForSource = false; }
+    }
+
+    private volatile bool _waitingForSource;
+    private volatile string? _discard;
+
+    /// <summary>The source is gone and this session waits for it (its VM runs with pages missing).</summary>
+    public bool WaitingForSource => _waitingForSource;
+
+    /// <summary>An operator's decision to stop waiting for the source and discard the VM; false when the session is not waiting.</summary>
+    public bool Discard(string why)
+    {
+        if (!_waitingForSource) return false;
+        _discard = why;
+        _mainArrived.Set();
+        return true;
+    }
+
+    /// <summary>What discarding the VM now loses, in one line.</summary>
+    private string Lost() => _pager is { } p
+        ? $"the VM ran here with {p.Memory.PageCount - p.Remaining} of its {p.Memory.PageCount} pages; the {p.Remaining} pages that never arrived are lost with it"
+        : "the VM had not started here";
+
+    private Channel AwaitSource(long deadline, Exception cause, IVirtualMachine? resumeOnAttach, ref long resumedTs)
+    {
         while (true)
         {
+            if (_discard is { } why) throw new RecoveryFailed($"post-copy: discarded by the operator while waiting for the source ({why}); {Lost()}");
             Channel? next = null;
             lock (_lock)
             {
@@ -527,10 +559,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     continue;
                 }
             }
-            long left = deadline - _options.Time.GetTimestamp();
+            long left = deadline == long.MaxValue ? long.MaxValue : deadline - _options.Time.GetTimestamp();
             if (left <= 0)
-                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s");
-            _mainArrived.Wait(TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency)));
+                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s; the VM is discarded: {Lost()}");
+            _mainArrived.Wait(left == long.MaxValue ? TimeSpan.FromSeconds(1) : TimeSpan.FromTicks(Math.Clamp(left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency, 1, TimeSpan.TicksPerSecond)));
         }
     }
 

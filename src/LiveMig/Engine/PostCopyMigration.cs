@@ -186,7 +186,8 @@ public sealed class PostCopyMigration
             }
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
-            link = PostCopy(link, connect, pendingAtSwitch, cancel);
+            try { link = PostCopy(link, connect, pendingAtSwitch, cancel); }
+            catch (RestartRequested) { return StartOver(cancel); }
             _completedAt = _time.GetTimestamp();
             if (!_resumedSeen) _resumedAt = _completedAt;
             _observer.Phase("done");
@@ -194,7 +195,8 @@ public sealed class PostCopyMigration
             bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
             var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the source's paused memory {_sourceHash:x16}", link);
             link.Dispose();
-            if (!verified) throw new MigrationFailedException(report.Error!, report);
+            // The destination's copy differs from this paused one: the VM is kept here, for the operator.
+            if (!verified) return Paused(new MigrationAbort(report.Error!), null);
             return report;
         }
         catch (Exception e) when (e is not MigrationFailedException)
@@ -202,6 +204,12 @@ public sealed class PostCopyMigration
             // Anything at all: no thread of this migration may outlive it (they read guest memory).
             // A request server that met a protocol violation closed the link: its error is the cause.
             if (LinkFailure.Is(e) && _currentLink is { } cl && ServerSawProtocolError(cl)) e = cl.ServerError!;
+            // After the switch the VM exists whole only here: whatever failed, keep it and wait for the operator.
+            if (_committed && e is not RecoveryFailed)
+            {
+                try { return Paused(e, link); }
+                catch (RecoveryFailed abandoned) { e = abandoned; }
+            }
             string why = Fail(e, link);
             throw new MigrationFailedException(why, Report(why, link), e);
         }
@@ -351,6 +359,21 @@ public sealed class PostCopyMigration
         }
     }
 
+    /// <summary>
+    /// A failure after the switch that reconnecting cannot mend (the destination aborted, broke
+    /// the protocol, or verification failed): the source keeps the paused VM, says so, and waits
+    /// for the operator — start over elsewhere (the new migration's report) or discard
+    /// (<see cref="RecoveryFailed"/>, which says what is lost).
+    /// </summary>
+    private MigrationReport Paused(Exception e, Link? link)
+    {
+        link?.Dispose();
+        _currentLink?.Dispose();
+        var target = Target ??= new ReconnectTarget("", 0);
+        EnterPaused(target, $"the post-copy phase failed ({OneLine(e)})");
+        return StartOver(default);
+    }
+
     /// <summary>What a failure leaves: before Commit the VM runs on here; after it this source keeps the paused VM. Returns the reason.</summary>
     private string Fail(Exception e, Link? link)
     {
@@ -364,6 +387,7 @@ public sealed class PostCopyMigration
         {
             link?.Dispose();
             _currentLink?.Dispose();
+            if (e is RecoveryFailed) return why; // the operator's decision, which says what is lost
             return why + " — after the switch to post-copy: the destination runs the VM with part of its memory; this source keeps the paused VM and every page it has not sent";
         }
         // The destination never got Commit: it discards its copy, the VM carries on here.
@@ -573,49 +597,147 @@ public sealed class PostCopyMigration
         _observer.Progress(_postCopyRound, done, total, frames.BytesWritten);
     }
 
-    /// <summary>Reconnects after a failure in post-copy, with bounded exponential back-off; learns what the destination has.</summary>
+    /// <summary>
+    /// After the switch neither side alone has the whole VM, so this source never gives up on
+    /// its own: it reconnects with bounded back-off for <see cref="PostCopyOptions.RecoveryTimeout"/>,
+    /// then stays post-copy paused — keeping the paused VM and every page the destination lacks,
+    /// still trying every <see cref="PostCopyOptions.MaxRetryDelay"/> — until it is back, or an
+    /// operator decides (<see cref="ReconnectTarget.Abandon"/>, <see cref="ReconnectTarget.Restart"/>).
+    /// A destination that answers it no longer holds the migration is not retried until told to.
+    /// </summary>
     private Link Reconnect(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, Exception cause, ref bool resumedSeen)
     {
-        var memory = _vm.Memory;
+        var target = Target ??= new ReconnectTarget("", 0);
         var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.PostCopy.RecoveryTimeout, _time);
         string last = OneLine(cause);
-        Span<byte> buf = stackalloc byte[32];
+        bool paused = false, lost = false;
+        var address = target.Current;
         while (true)
         {
-            int attempt = ++_attempt;
-            Link? link = null;
-            try
+            CheckDecision(target);
+            if (!lost)
             {
-                link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
-                _currentLink = link;
-                link.MainFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
-                using var present = new NativePageBitmap(memory.PageCount);
-                while (true)
+                try { return TryReattach(connect, pendingAtSwitch, ref resumedSeen); }
+                catch (Exception e) when (LinkFailure.Is(e)) { last = OneLine(e); }
+                catch (MigrationAbort e)
                 {
-                    var type = link.MainReader.Read(out var payload);
-                    if (type == FrameType.Error) throw new MigrationAbort($"destination refused to resume the migration: {ErrorMessage.Parse(payload).Text}");
-                    if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, present); continue; }
-                    if (type != FrameType.Attached) throw new ProtocolException($"expected the destination's page bitmap and Attached, got {type}");
-                    if (AttachedMessage.Parse(payload).Resumed) resumedSeen = true;
-                    break;
+                    // The destination answered but no longer holds the migration (restarted, or it gave up).
+                    (lost, last) = (true, e.Message);
+                    EnterPaused(target, $"the destination no longer holds the VM ({e.Message})");
                 }
-                // Still to send: what was to come at the switch and the destination does not have.
-                for (long w = 0; w < _pending!.WordCount; w++) _pending.SetWord(w, pendingAtSwitch.Words[w] & ~present.Word(w));
-                _order!.Rewind();
-                OpenPriority(link, connect, attempt);
-                StartServer(link);
-                _observer.Phase($"reconnected (attempt {attempt}): {_pending.Count()} pages still to send");
-                _currentLink = link;
-                return link;
             }
-            catch (Exception e) when (LinkFailure.Is(e))
+            if (!paused && !lost && !ReconnectTarget.WaitToRetry(backoff, target, default))
             {
-                last = OneLine(e);
-                if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
-                if (!ReconnectTarget.WaitToRetry(backoff, Target, default))
-                    throw new RecoveryFailed($"post-copy recovery gave up after {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s and {attempt} attempts: {last}");
+                paused = true;
+                EnterPaused(target, $"the destination has not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s (last: {last})");
+            }
+            if (paused || lost)
+            {
+                target.Reconnecting = true;
+                target.Wake.WaitOne(_options.PostCopy.MaxRetryDelay);
+                target.Reconnecting = false;
+                // Told to try again (perhaps elsewhere): a destination that was lost gets another chance.
+                if (target.Current != address) (lost, address) = (false, target.Current);
             }
         }
+    }
+
+    /// <summary>One reattach: connect, Attach, learn which pages the destination has (PendingPages…, Attached), reopen the page-request connection.</summary>
+    private Link TryReattach(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, ref bool resumedSeen)
+    {
+        var memory = _vm.Memory;
+        Span<byte> buf = stackalloc byte[32];
+        int attempt = ++_attempt;
+        Link? link = null;
+        try
+        {
+            link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
+            _currentLink = link;
+            link.MainFrames.Send(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
+            using var present = new NativePageBitmap(memory.PageCount);
+            while (true)
+            {
+                var type = link.MainReader.Read(out var payload);
+                if (type == FrameType.Error) throw new MigrationAbort($"destination refused to resume the migration: {ErrorMessage.Parse(payload).Text}");
+                if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, present); continue; }
+                if (type != FrameType.Attached) throw new ProtocolException($"expected the destination's page bitmap and Attached, got {type}");
+                if (AttachedMessage.Parse(payload).Resumed) resumedSeen = true;
+                break;
+            }
+            // Still to send: what was to come at the switch and the destination does not have.
+            for (long w = 0; w < _pending!.WordCount; w++) _pending.SetWord(w, pendingAtSwitch.Words[w] & ~present.Word(w));
+            _order!.Rewind();
+            OpenPriority(link, connect, attempt);
+            StartServer(link);
+            _observer.Phase($"reconnected (attempt {attempt}): {_pending.Count()} pages still to send");
+            _currentLink = link;
+            var ok = link;
+            link = null;
+            return ok;
+        }
+        finally
+        {
+            if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
+        }
+    }
+
+    /// <summary>Post-copy paused: said once, in the progress and the report, with what the operator can do.</summary>
+    private void EnterPaused(ReconnectTarget target, string why)
+    {
+        string line = $"post-copy paused: {why}; this source keeps the paused VM and the {_pending!.Count()} pages the destination lacks. " +
+                      $"Recover with 'livemig migrate --resume {_id} [--to HOST:PORT]'; start over from the paused VM elsewhere with 'livemig migrate --resume {_id} --to HOST:PORT --restart' " +
+                      $"(only if that destination is gone for good: what the VM did there since the switch is lost); or discard it with 'livemig destroy {_id}'";
+        _pausedNotes.Add(line);
+        _observer.Phase(line);
+    }
+
+    private readonly List<string> _pausedNotes = [];
+
+    /// <summary>An operator's decision, while post-copy is paused: discard (fails the migration, saying what is lost) or start over elsewhere.</summary>
+    private void CheckDecision(ReconnectTarget target)
+    {
+        if (target.Abandoned)
+            throw new RecoveryFailed($"post-copy abandoned by the operator after the switch: the destination lacked {_pending!.Count()} of the VM's pages, which this source held; they are discarded with it");
+        if (target.RestartRequested is { } to) throw new RestartRequested(to.Host, to.Port);
+    }
+
+    /// <summary>
+    /// The operator declared the destination lost and named another: a fresh pre-copy migration
+    /// of the paused VM (its state at the switch) to it. A failed attempt leaves the VM paused
+    /// here — never resumed: only the operator may decide where it runs — and waits for the next
+    /// decision. Abandoning fails the migration, saying what is lost.
+    /// </summary>
+    private MigrationReport StartOver(CancellationToken cancel)
+    {
+        var target = Target!;
+        var options = _options with { Strategy = MigrationStrategy.PreCopy, Streams = 1, PreCopy = _options.PreCopy with { OnStall = StallAction.Abort } };
+        while (true)
+        {
+            if (target.TakeRestart() is { } to)
+            {
+                _observer.Phase($"starting over from the paused VM to {to.Host}:{to.Port}");
+                var again = new PreCopyMigration(_vm, options, _observer) { KeepPausedOnFailure = true };
+                try
+                {
+                    var report = again.MigrateTo(to.Host, to.Port, cancel);
+                    return report with
+                    {
+                        Escalations = [.. _pausedNotes, .. report.Escalations,
+                            $"started over from the paused VM (its state at the switch) to {to.Host}:{to.Port} as migration {again.MigrationId}: what the VM did on the first destination since the switch is lost"],
+                    };
+                }
+                catch (MigrationFailedException e) { EnterPaused(target, $"starting over at {to.Host}:{to.Port} failed ({OneLine(e)})"); }
+            }
+            CheckDecision(target);
+            target.Wake.WaitOne(_options.PostCopy.MaxRetryDelay);
+        }
+    }
+
+    /// <summary>Starting over from the paused VM, to another destination (<see cref="ReconnectTarget.Restart"/>).</summary>
+    private sealed class RestartRequested(string host, int port) : Exception($"restart to {host}:{port}")
+    {
+        public string Host { get; } = host;
+        public int Port { get; } = port;
     }
 
     private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");

@@ -77,6 +77,12 @@ public sealed class PreCopyMigration
     /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
     public ReconnectTarget? Target { get; private set; }
 
+    /// <summary>
+    /// On failure, leave a VM that this migration found paused, paused (a post-copy source
+    /// starting over elsewhere: only the operator decides where the VM runs after a switch).
+    /// </summary>
+    internal bool KeepPausedOnFailure { get; init; }
+
     /// <summary>Connects to a destination agent and migrates.</summary>
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
@@ -254,7 +260,7 @@ public sealed class PreCopyMigration
         TrySendError(_sender.Frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
         _vm.DirtyLog.Stop();
         _controller.ReleaseBrakes();
-        _switchover.ResumeAfterDrop();
+        if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
         return why;
     }
 
@@ -268,7 +274,7 @@ public sealed class PreCopyMigration
         long cut = _time.GetTimestamp();
         string phase = _switchover.Paused ? "stop-and-copy" : $"round {_controller.Round}";
         _observer.Phase("reconnecting");
-        _switchover.ResumeAfterDrop();
+        if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
         _bytesOfClosedLinks += _sender.Frames.BytesWritten;
         _sender.Frames.Dispose();
         _sender.Reader.Dispose();
