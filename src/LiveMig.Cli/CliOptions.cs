@@ -42,6 +42,7 @@ internal sealed class CliOptions
     public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
     public readonly Option<int> Streams = new("--streams") { Description = "Pre-copy: send pages on N parallel TCP connections (like QEMU's multifd; 1..16), each with its own encoder thread, besides the control connection; 1 = everything on one connection. Post-copy and hybrid use one.", DefaultValueFactory = _ => 1, HelpName = "N" };
     public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
+    public readonly Option<string?> MemoryFile = new("--memory-file") { Description = "Keep the guest's memory in this new file (e.g. /dev/shm/vm0.mem) instead of anonymous memory: it outlives this process, so if the source dies after a post-copy switch, 'livemig migrate --recover ID --memory-file PATH --to HOST:PORT' can still serve the destination the pages it lacks. Removed when the migration ends here.", HelpName = "PATH" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -83,7 +84,7 @@ internal sealed class CliOptions
 
     public void AddVmOptions(Command c)
     {
-        c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
+        c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(MemoryFile); c.Add(Warmup);
     }
 
     public void AddMigrationOptions(Command c)
@@ -114,7 +115,9 @@ internal sealed class CliOptions
             "zero" => MemoryFill.Zero, "random" => MemoryFill.Random, "mixed" => MemoryFill.Mixed,
             _ => throw new UsageException($"--fill '{fill}': expected zero, random or mixed"),
         };
-        return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!) };
+        string? file = r.GetValue(MemoryFile);
+        if (file is not null && File.Exists(file)) throw new UsageException($"--memory-file {file}: exists already (it may hold a paused VM: recover it with --recover, or remove it)");
+        return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!), MemoryFile = file };
     }
 
     public static DirtyLogKind ParseDirtyLog(string text) => text.ToLowerInvariant() switch

@@ -54,8 +54,9 @@ public static class Program
         var control = new Option<string>("--control") { Description = "Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel' and 'livemig set-bandwidth'.", DefaultValueFactory = _ => ControlSocket.DefaultPath, HelpName = "PATH" };
         var to = new Option<string?>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen'). With --resume: where the running migration reconnects from now on.", HelpName = "HOST:PORT" };
         var resume = new Option<string?>("--resume") { Description = "Do not start a migration: tell the running 'livemig migrate' whose migration ID this is (printed at its start) to reconnect now instead of waiting out its back-off, to --to if given.", HelpName = "ID" };
+        var recover = new Option<string?>("--recover") { Description = "Do not start a migration: after the source of post-copy migration ID died past the switch, serve the destination (--to), which waits for it, the pages it lacks from the source's --memory-file, and verify.", HelpName = "ID" };
         var restart = new Option<bool>("--restart") { Description = "With --resume and --to, after a post-copy switch whose destination is lost for good: start the migration over from this source's paused VM (its state at the switch) to --to. What the VM did on the lost destination since the switch is lost; use it only when that host is gone (or fenced)." };
-        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; after a post-copy switch it never gives up on its own (post-copy paused: 'migrate --resume', '--restart', or 'livemig destroy ID'); Ctrl-C or 'livemig cancel' cancels cleanly before the switch-over; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume, restart };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; after a post-copy switch it never gives up on its own (post-copy paused: 'migrate --resume', '--restart', or 'livemig destroy ID'); Ctrl-C or 'livemig cancel' cancels cleanly before the switch-over; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume, restart, recover };
         o.AddVmOptions(migrate);
         o.AddMigrationOptions(migrate);
         migrate.SetAction(r => Guard(r, o, () =>
@@ -67,6 +68,7 @@ public static class Program
                 if (r.GetValue(restart) && r.GetValue(to) is null) throw new UsageException("--restart: give the new destination with --to HOST:PORT");
                 return Answer(ControlSocket.Send(r.GetValue(control)!, $"resume {id} {r.GetValue(to)}{(r.GetValue(restart) ? " restart" : "")}".TrimEnd()));
             }
+            if (r.GetValue(recover) is { } lost) return Recover(r, o, lost, r.GetValue(to) ?? throw new UsageException("--recover: give the destination with --to HOST:PORT"));
             return Migrate(r, o, r.GetValue(to) ?? throw new UsageException("--to HOST:PORT is required (or --resume ID)"), r.GetValue(control)!);
         }));
         root.Add(migrate);
@@ -266,6 +268,27 @@ public static class Program
         target.RetryNow(next?.Host, next?.Port);
         var (h, p) = target.Current;
         return waiting ? $"ok: reconnecting now to {h}:{p}" : $"ok: the migration is connected; a drop will reconnect to {h}:{p}";
+    }
+
+    /// <summary>A restarted source: serves a post-copy destination that waits for its dead source the pages it lacks, from the memory file.</summary>
+    private static int Recover(ParseResult r, CliOptions o, string idText, string target)
+    {
+        if (!Guid.TryParse(idText, out var id)) throw new UsageException($"--recover '{idText}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
+        string file = r.GetValue(o.MemoryFile) ?? throw new UsageException("--recover: give the first source's memory with --memory-file PATH");
+        if (!File.Exists(file)) throw new UsageException($"--memory-file {file}: no such file");
+        var (host, port) = ParseTarget(target);
+        var options = o.MigrationOptions(r);
+        MigrationReport report;
+        using (var vm = new PausedMemoryVm("recovered", Memory.GuestMemory.Open(file)))
+        {
+            PostCopyMigration engine;
+            try { engine = PostCopyMigration.Recover(id, vm, options); }
+            catch (ArgumentException e) { throw new UsageException("--recover: " + e.Message); }
+            Console.Error.WriteLine($"recovering migration {id} to {host}:{port} from {file}");
+            report = RunWithProgress(r, o, obs => { engine.Observer = obs; return engine.MigrateTo(host, port); });
+        }
+        if (report.Outcome == "completed") File.Delete(file); // the VM is whole at the destination
+        return Finish(r, o, report);
     }
 
     private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)

@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using LiveMig.Engine;
+using LiveMig.Memory;
 using LiveMig.Protocol;
 using LiveMig.Reporting;
 using LiveMig.Transport;
@@ -153,6 +154,42 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
         Assert.Contains("pages", e.Message);
         Assert.Equal("failed", e.Report.Outcome);
         Assert.Single(first.Listener.Sessions.WaitingForSource);
+    }
+
+    [Fact]
+    public void Source_lost_after_the_switch_the_destination_keeps_the_vm_and_a_restarted_source_serves_the_rest_from_the_memory_file_verified()
+    {
+        string file = Path.Combine(Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath(), $"livemig-test-{Guid.NewGuid():N}.mem");
+        try
+        {
+            using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable } });
+            using var vm = BuiltInVm.Create(new VmConfig { Name = "f" + Guid.NewGuid().ToString("N")[..8], MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=20000,range=50%", Fill = MemoryFill.Mixed, Seed = 8, MemoryFile = file });
+            vm.Start();
+            var link = new Link(loop);
+            var phases = new Phases(output);
+            var first = new PostCopyMigration(vm, Options(), phases) { Connector = link.Connect };
+            phases.OnPhase = p => { if (p == "post-copy") link.Fail(); }; // the first source is gone for good: it never gets through again
+            var dying = Run(() => first.MigrateTo("127.0.0.1", loop.Port));
+            Assert.True(SpinWait.SpinUntil(() => loop.Listener.Sessions.WaitingForSource.Count == 1, Bound), "the destination does not wait for its source");
+
+            // A new source process: only the memory file and the migration ID.
+            using var recovered = new PausedMemoryVm("recovered", GuestMemory.Open(file));
+            ulong paused = recovered.Memory.ComputeHash();
+            var report = PostCopyMigration.Recover(first.MigrationId, recovered, Options(), new Phases(output)).MigrateTo("127.0.0.1", loop.Port);
+            output.WriteLine(report.ToJson(indented: true));
+            Assert.Equal("completed", report.Outcome);
+            Assert.True(report.Verified);
+            Assert.Equal(paused.ToString("x16"), report.SourceHash);
+            Assert.Contains(report.Escalations, l => l.Contains("recovered migration"));
+            var arrived = loop.WaitArrived();
+            Assert.True(arrived.Report.Verified);
+            arrived.Vm.Pause();
+            Assert.Null(arrived.Vm.CheckInvariant());
+
+            first.Target!.Abandon(); // the first source's stand-in ends
+            Assert.True(dying.Wait(Bound));
+        }
+        finally { File.Delete(file); }
     }
 
     [Fact]

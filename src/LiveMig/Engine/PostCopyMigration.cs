@@ -27,9 +27,10 @@ public sealed class PostCopyMigration
 {
     private readonly IVirtualMachine _vm;
     private readonly MigrationOptions _options;
-    private readonly IMigrationObserver _observer;
+    private IMigrationObserver _observer;
     private readonly IPreCopyPolicy? _rounds; // hybrid's round policy; null for pure post-copy
-    private readonly Guid _id = Guid.NewGuid();
+    private Guid _id = Guid.NewGuid();
+    private bool _recovering; // a restarted source: the switch happened in an earlier process
     private readonly TimeProvider _time;
     private readonly Lock _serveLock = new();
     private readonly List<EncodingCounters> _counters = [];
@@ -82,6 +83,9 @@ public sealed class PostCopyMigration
     private sealed class NullObserver : IMigrationObserver;
 
     public Guid MigrationId => _id;
+
+    /// <summary>Who is told about progress; set before <see cref="Run"/>.</summary>
+    public IMigrationObserver Observer { get => _observer; set => _observer = value ?? new NullObserver(); }
     public RateLimiter Limiter { get; }
     /// <summary>Makes each connection (kind, attempt number from 0); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address.</summary>
     public Func<ChannelKind, int, Stream>? Connector { get; init; }
@@ -163,6 +167,7 @@ public sealed class PostCopyMigration
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), 1, _time);
         try
         {
+            if (_recovering) return RecoverFromMemory(connect, cancel);
             _observer.Phase("handshake");
             try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout, _time); }
             catch (Exception e) when (e is SocketException or IOException or AuthenticationFailedException)
@@ -218,6 +223,51 @@ public sealed class PostCopyMigration
             _gate.End();
             _pipeline?.Dispose();
         }
+    }
+
+    /// <summary>
+    /// A source restarted after the first one stopped past the switch (its process died): it has
+    /// the paused memory (a file that outlived that process) and the migration's ID, and serves
+    /// what the destination, which waited for it, still lacks — every page it does not hold —
+    /// then verifies as post-copy always does.
+    /// </summary>
+    /// <param name="vm">The paused memory (e.g. <c>GuestMemory.Open</c> of the first source's memory file).</param>
+    public static PostCopyMigration Recover(Guid migrationId, PausedMemoryVm vm, MigrationOptions options, IMigrationObserver? observer = null)
+    {
+        if (options.Pipeline.SkipFreePages)
+            throw new ArgumentException("a recovered source cannot tell which free pages the destination holds as zero: recover without free-page skipping", nameof(options));
+        var o = options with { Strategy = MigrationStrategy.PostCopy, Pipeline = options.Pipeline with { XbzrleCacheBytes = 0, Dedup = false } };
+        return new PostCopyMigration(vm, o, observer) { _id = migrationId, _recovering = true };
+    }
+
+    private MigrationReport RecoverFromMemory(Func<ChannelKind, int, Stream> connect, CancellationToken cancel)
+    {
+        var memory = _vm.Memory;
+        if (_hashes is not null) HashAll(memory, _hashes);
+        _pending = new NativePageBitmap(memory.PageCount);
+        _order = new PrepagingOrder(memory.PageCount, _options.PostCopy.Prepaging);
+        _committed = true; // long ago, by the source that stopped
+        var everything = new PageBitmap(memory.PageCount);
+        everything.SetAll();
+        _observer.Phase($"recovering migration {_id}: reattaching to the destination");
+        var link = Reconnect(connect, everything, new IOException("the first source of this migration stopped after the switch"), ref _resumedSeen);
+        _observer.Phase("post-copy");
+        link = PostCopy(link, connect, everything, cancel);
+        _completedAt = _time.GetTimestamp();
+        if (!_resumedSeen) _resumedAt = _completedAt;
+        _pausedNotes.Add($"recovered migration {_id} from the paused memory after its first source stopped past the switch");
+        bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
+        var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the recovered memory {_sourceHash:x16}", link);
+        link.Dispose();
+        if (!verified) return Paused(new MigrationAbort(report.Error!), null);
+        return report with { Escalations = [.. report.Escalations, .. _pausedNotes] };
+    }
+
+    /// <summary>Every page's verification hash, from memory that nothing writes (holes hash as zero pages).</summary>
+    private static void HashAll(GuestMemory memory, PageHashes hashes)
+    {
+        foreach (var (first, count) in memory.DataExtents())
+            for (long p = first; p < first + count; p++) hashes.Set(p, memory.Page(p));
     }
 
     /// <summary>

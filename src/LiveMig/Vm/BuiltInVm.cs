@@ -15,6 +15,12 @@ public sealed record VmConfig
     public ulong Seed { get; init; } = 1;
     public MemoryFill Fill { get; init; } = MemoryFill.Zero;
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
+    /// <summary>
+    /// Guest memory in this file (made here, sparse; e.g. under /dev/shm) instead of an anonymous
+    /// memfd: it outlives the process, so after a post-copy switch a restarted source can still
+    /// serve the pages the destination lacks (<c>livemig migrate --recover</c>). Null: a memfd.
+    /// </summary>
+    public string? MemoryFile { get; init; }
 }
 
 /// <summary>
@@ -104,7 +110,7 @@ public sealed class BuiltInVm : IVirtualMachine
     {
         if (config.Vcpus < 1 || config.Vcpus > MaxVcpus) throw new ArgumentOutOfRangeException(nameof(config), $"vcpus must be 1..{MaxVcpus}");
         var spec = WorkloadSpec.Parse(config.Workload);
-        var memory = GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
+        var memory = config.MemoryFile is { } file ? CreateFileMemory(file, config.MemoryBytes) : GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
         try
         {
             var workload = Workloads.Workload.Create(spec, memory.PageCount);
@@ -121,6 +127,20 @@ public sealed class BuiltInVm : IVirtualMachine
             memory.Dispose();
             throw;
         }
+    }
+
+    /// <summary>A new sparse file of <paramref name="size"/> bytes, mapped shared; refused if the file exists (it may hold a paused VM).</summary>
+    private static GuestMemory CreateFileMemory(string path, long size)
+    {
+        try
+        {
+            using (var f = new FileStream(path, FileMode.CreateNew, FileAccess.ReadWrite)) f.SetLength(size);
+        }
+        catch (IOException e) when (File.Exists(path))
+        {
+            throw new IOException($"memory file {path} exists already (it may hold a paused VM: recover it, or remove it first)", e);
+        }
+        return GuestMemory.Open(path, size);
     }
 
     /// <summary>
