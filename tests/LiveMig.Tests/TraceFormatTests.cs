@@ -28,7 +28,7 @@ public class TraceFormatTests
     [Fact]
     public void Round_trip_keeps_every_field()
     {
-        var t = Trace.Read(Sample());
+        var t = TraceFile.Read(Sample());
         Assert.Equal("test \"prog\"", t.Header.Source);
         Assert.Equal(TimeSpan.FromMilliseconds(100), t.Header.NominalInterval);
         Assert.Equal(3, t.Intervals.Count);
@@ -49,7 +49,7 @@ public class TraceFormatTests
         byte[] full = Sample();
         for (int len = 0; len < full.Length; len++)
         {
-            var e = Assert.Throws<InvalidDataException>(() => Trace.Read(full.AsSpan(0, len).ToArray()));
+            var e = Assert.Throws<InvalidDataException>(() => TraceFile.Read(full.AsSpan(0, len).ToArray()));
             Assert.StartsWith("trace: ", e.Message);
             Assert.DoesNotContain('\n', e.Message);
         }
@@ -58,7 +58,7 @@ public class TraceFormatTests
     [Fact]
     public void Unsealed_trace_is_refused()
     {
-        var e = Assert.Throws<InvalidDataException>(() => Trace.Read(Sample(seal: false)));
+        var e = Assert.Throws<InvalidDataException>(() => TraceFile.Read(Sample(seal: false)));
         Assert.Contains("without its end record", e.Message);
     }
 
@@ -71,7 +71,7 @@ public class TraceFormatTests
         {
             byte[] bad = (byte[])full.Clone();
             bad[i] ^= (byte)(1 << rng.Next(8));
-            Assert.Throws<InvalidDataException>(() => Trace.Read(bad));
+            Assert.Throws<InvalidDataException>(() => TraceFile.Read(bad));
         }
     }
 
@@ -80,7 +80,7 @@ public class TraceFormatTests
     {
         byte[] bad = Sample();
         bad[4] = 9;
-        var e = Assert.Throws<InvalidDataException>(() => Trace.Read(bad));
+        var e = Assert.Throws<InvalidDataException>(() => TraceFile.Read(bad));
         Assert.Equal("trace: format version 9 is not supported (this build reads 1)", e.Message);
     }
 
@@ -113,7 +113,7 @@ public class TraceFormatTests
             }
             Assert.True(File.Exists(path));
             Assert.False(File.Exists(path + TraceWriter.PartialSuffix));
-            Assert.Single(Trace.Load(path).Intervals);
+            Assert.Single(TraceFile.Load(path).Intervals);
         }
         finally { Directory.Delete(dir, true); }
     }

@@ -120,19 +120,19 @@ public sealed class TraceReader : IDisposable
 }
 
 /// <summary>A whole trace in memory.</summary>
-public sealed record Trace(TraceHeader Header, IReadOnlyList<TraceInterval> Intervals, TraceEnd End)
+public sealed record TraceFile(TraceHeader Header, IReadOnlyList<TraceInterval> Intervals, TraceEnd End)
 {
-    public static Trace Read(Stream stream)
+    public static TraceFile Read(Stream stream)
     {
         using var r = new TraceReader(stream, leaveOpen: true);
         var list = r.Intervals().ToList();
-        return new Trace(r.Header, list, r.End!);
+        return new TraceFile(r.Header, list, r.End!);
     }
 
-    public static Trace Read(byte[] bytes) => Read(new MemoryStream(bytes, writable: false));
+    public static TraceFile Read(byte[] bytes) => Read(new MemoryStream(bytes, writable: false));
 
     /// <summary>Reads a file; errors name it.</summary>
-    public static Trace Load(string path)
+    public static TraceFile Load(string path)
     {
         using var f = File.OpenRead(path);
         try { return Read(f); }
