@@ -18,6 +18,14 @@ internal sealed class PageSpace
     private readonly List<ulong> _hash = [];
     private readonly List<byte[]?> _bytes = []; // null while zero
     private readonly Dictionary<ulong, int> _byHash = [];
+    private readonly List<int> _seenInScan = [];
+    private int _scan;
+
+    /// <summary>Starts a new scan: pages are read at most once per scan (a shared page mapped by several processes, once).</summary>
+    public void NextScan() => _scan++;
+
+    /// <summary>Whether this page was already observed in the current scan.</summary>
+    public bool SeenInScan(Key key) => _index.TryGetValue(key, out int i) && _seenInScan[i] == _scan;
 
     public int Count => _hash.Count;
 
@@ -41,7 +49,9 @@ internal sealed class PageSpace
             _index.Add(key, index);
             _hash.Add(ZeroHash);
             _bytes.Add(null);
+            _seenInScan.Add(0);
         }
+        _seenInScan[index] = _scan;
         content = PageContent.Zero;
         duplicateOf = -1;
         bytesChanged = 0;

@@ -106,6 +106,7 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
     {
         long began = Stopwatch.GetTimestamp();
         var changes = new List<(int Page, PageContent Content, int Dup, ushort Changed)>();
+        _space.NextScan();
         ScanProcess(pid, initial, changes);
         if (options.Children)
             foreach (int child in ProcessMemory.Descendants(pid))
@@ -140,6 +141,10 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
             foreach (var m in maps) ScanMapping(target, pagemap, m, initial, changes);
     }
 
+    private static PageSpace.Key KeyOf(int target, Mapping m, long pageInMapping) => m.Shared
+        ? new PageSpace.Key(true, m.Device, m.Inode, m.Offset / PageClasses.PageSize + (ulong)pageInMapping)
+        : new PageSpace.Key(false, (ulong)target, 0, m.Start / PageClasses.PageSize + (ulong)pageInMapping);
+
     private void ScanMapping(int target, SafeFileHandle pagemap, Mapping m, bool initial, List<(int, PageContent, int, ushort)> changes)
     {
         for (long w = 0; w < m.Pages; w += WindowPages)
@@ -148,6 +153,9 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
             ulong windowStart = m.Start + (ulong)w * PageClasses.PageSize;
             try { ProcessMemory.ResidentPages(pagemap, windowStart, n, _resident, _pagemapScratch); }
             catch (IOException) { return; } // the mapping went away
+            if (m.Shared)
+                for (int i = 0; i < n; i++)
+                    _resident[i] &= !_space.SeenInScan(KeyOf(target, m, w + i));
             for (int i = 0; i < n;)
             {
                 if (!_resident[i]) { i++; continue; }
@@ -157,10 +165,7 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
                 long got = ProcessMemory.Read(target, windowStart + (ulong)i * PageClasses.PageSize, span) / PageClasses.PageSize;
                 for (int p = 0; p < got; p++)
                 {
-                    long pageInMapping = w + i + p;
-                    var key = m.Shared
-                        ? new PageSpace.Key(true, m.Device, m.Inode, m.Offset / PageClasses.PageSize + (ulong)pageInMapping)
-                        : new PageSpace.Key(false, (ulong)target, 0, m.Start / PageClasses.PageSize + (ulong)pageInMapping);
+                    var key = KeyOf(target, m, w + i + p);
                     if (_space.Observe(key, span.Slice(p * PageClasses.PageSize, PageClasses.PageSize), initial, out int index, out var content, out int dup, out int changed))
                         changes.Add((index, content, dup, (ushort)changed));
                 }
