@@ -65,8 +65,10 @@ internal static partial class TraceCommands
         else if (!Directory.Exists($"/proc/{pid}")) throw new UsageException($"--pid {pid}: no such process");
         string source = started is null ? $"pid {pid} ({Comm(pid.Value)})" : string.Join(' ', argv);
         using var stop = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCtrlC = (_, e) => { e.Cancel = true; stop.Cancel(); };
-        Console.CancelKeyPress += onCtrlC;
+        // Ctrl-C or a plain kill ends the recording with the intervals so far, sealed.
+        Action<PosixSignalContext> onSignal = c => { c.Cancel = true; stop.Cancel(); };
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, onSignal);
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, onSignal);
         try
         {
             RecordingResult result;
@@ -78,11 +80,7 @@ internal static partial class TraceCommands
             Summarise(path, result, pid.Value);
             return 0;
         }
-        finally
-        {
-            Console.CancelKeyPress -= onCtrlC;
-            StopStarted(started);
-        }
+        finally { StopStarted(started); }
     }
 
     private static void Summarise(string path, RecordingResult r, int pid)

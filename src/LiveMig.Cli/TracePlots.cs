@@ -44,8 +44,9 @@ internal static class TracePlots
             // The interval covers the columns of its time span (a long interval, several).
             int c0 = Math.Min(cols - 1, (int)(iv.Start.TotalSeconds / duration * cols));
             int c1 = Math.Clamp((int)Math.Ceiling((iv.Start + iv.Duration).TotalSeconds / duration * cols) - 1, c0, cols - 1);
+            int inUse = Math.Min(rows, (int)Math.Ceiling(iv.PageSpace / pagesPerRow)); // rows above: not in use yet (left blank)
             for (int c = c0; c <= c1; c++)
-                for (int r = 0; r < rows; r++)
+                for (int r = 0; r < inUse; r++)
                     cells[rows - 1 - r, c] = Math.Max(double.IsNaN(cells[rows - 1 - r, c]) ? 0 : cells[rows - 1 - r, c], perRow[r] / pagesPerRow);
         }
         var plot = new Plot();
@@ -54,9 +55,9 @@ internal static class TracePlots
         double mib = space * 4096.0 / (1 << 20);
         hm.Extent = new CoordinateRect(0, duration, 0, mib);
         var bar = plot.Add.ColorBar(hm);
-        bar.Label = "share of the row's pages written in the interval";
+        bar.Label = "share of pages written";
         plot.Axes.SetLimits(0, duration, 0, mib);
-        plot.Title($"Pages written over time: {Title(s)}");
+        plot.Title($"Pages written per interval (blank: not in use yet): {Title(s)}");
         plot.XLabel("time (s)");
         plot.YLabel("page space (MiB, in order of first use)");
         return plot;

@@ -118,3 +118,41 @@ public class TraceFormatTests
         finally { Directory.Delete(dir, true); }
     }
 }
+
+public class PageSpaceTests
+{
+    private static PageSpace.Key Private(int pid, ulong page) => new(false, (ulong)pid, 0, page);
+
+    [Fact]
+    public void Pages_of_an_exited_process_are_reused_and_their_first_write_is_a_change()
+    {
+        var s = new PageSpace();
+        var page = new byte[4096];
+        page[10] = 1;
+        s.NextScan();
+        Assert.True(s.Observe(Private(5, 100), page, initial: true, out int a, out _, out _, out int changed));
+        Assert.Equal(4096, changed);
+        Assert.False(s.Observe(Private(5, 100), page, initial: false, out _, out _, out _, out _)); // unchanged
+        s.ForgetProcessesExcept(new HashSet<int> { 1 });
+        Assert.Equal(-1, s.IndexOf(Private(5, 100)));
+        page[11] = 2;
+        Assert.True(s.Observe(Private(6, 7), page, initial: false, out int b, out var content, out _, out changed));
+        Assert.Equal(a, b);
+        Assert.Equal(1, changed); // against the exited page's last bytes
+        Assert.Equal(PageContent.VeryCompressible, content);
+        Assert.Equal(1, s.Count);
+    }
+
+    [Fact]
+    public void A_page_with_the_bytes_of_another_is_a_duplicate_of_it()
+    {
+        var s = new PageSpace();
+        var page = new byte[4096];
+        page[0] = 7;
+        s.NextScan();
+        s.Observe(Private(1, 1), page, initial: true, out int first, out _, out _, out _);
+        s.Observe(Private(1, 2), page, initial: true, out _, out var content, out int dup, out _);
+        Assert.Equal(PageContent.Duplicate, content);
+        Assert.Equal(first, dup);
+    }
+}

@@ -19,6 +19,8 @@ internal sealed class PageSpace
     private readonly List<byte[]?> _bytes = []; // null while zero
     private readonly Dictionary<ulong, int> _byHash = [];
     private readonly List<int> _seenInScan = [];
+    private readonly Dictionary<ulong, List<Key>> _keysByProcess = [];
+    private readonly Stack<int> _free = new();
     private int _scan;
 
     /// <summary>Starts a new scan: pages are read at most once per scan (a shared page mapped by several processes, once).</summary>
@@ -28,6 +30,34 @@ internal sealed class PageSpace
     public bool SeenInScan(Key key) => _index.TryGetValue(key, out int i) && _seenInScan[i] == _scan;
 
     public int Count => _hash.Count;
+
+    /// <summary>
+    /// A new page takes the index of a page whose process has exited, if any (its last content
+    /// stays, so the first write counts as a change, as a guest reusing a freed frame would
+    /// write it); else a new index, growing the page space.
+    /// </summary>
+    private int Allocate()
+    {
+        if (_free.TryPop(out int reused)) return reused;
+        _hash.Add(ZeroHash);
+        _bytes.Add(null);
+        _seenInScan.Add(0);
+        return _hash.Count - 1;
+    }
+
+    /// <summary>Frees the indices of the private pages of processes not in <paramref name="alive"/> (they exited).</summary>
+    public void ForgetProcessesExcept(IReadOnlySet<int> alive)
+    {
+        foreach (ulong pid in _keysByProcess.Keys.Where(p => !alive.Contains((int)p)).ToList())
+        {
+            foreach (var key in _keysByProcess[pid])
+            {
+                _free.Push(_index[key]);
+                _index.Remove(key);
+            }
+            _keysByProcess.Remove(pid);
+        }
+    }
 
     public int IndexOf(Key key) => _index.TryGetValue(key, out int i) ? i : -1;
 
@@ -45,11 +75,9 @@ internal sealed class PageSpace
         bool fresh = !_index.TryGetValue(key, out index);
         if (fresh)
         {
-            index = _hash.Count;
+            index = Allocate();
             _index.Add(key, index);
-            _hash.Add(ZeroHash);
-            _bytes.Add(null);
-            _seenInScan.Add(0);
+            if (!key.Shared) (_keysByProcess.TryGetValue(key.A, out var keys) ? keys : _keysByProcess[key.A] = []).Add(key);
         }
         _seenInScan[index] = _scan;
         content = PageContent.Zero;

@@ -108,13 +108,16 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
         var changes = new List<(int Page, PageContent Content, int Dup, ushort Changed)>();
         _space.NextScan();
         ScanProcess(pid, initial, changes);
+        var alive = new HashSet<int> { pid };
         if (options.Children)
             foreach (int child in ProcessMemory.Descendants(pid))
             {
-                try { ScanProcess(child, initial, changes); }
+                try { ScanProcess(child, initial, changes); alive.Add(child); }
                 catch (TargetExitedException) { } // a child that ends is the program's business
                 catch (UnauthorizedAccessException) { } // e.g. a setuid helper: not ours to read
             }
+        // Pages of exited children are reused by the next new ones, as a guest kernel reuses freed frames.
+        _space.ForgetProcessesExcept(alive);
         // Stable order, and one entry a page: a shared page seen changing in two processes keeps its last content.
         changes = changes.Select((c, i) => (c, i)).OrderBy(x => x.c.Page).ThenBy(x => x.i).Select(x => x.c).ToList();
         changes = changes.Where((c, i) => i + 1 == changes.Count || changes[i + 1].Page != c.Page).ToList();
