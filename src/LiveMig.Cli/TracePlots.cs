@@ -54,10 +54,9 @@ internal static class TracePlots
         hm.Colormap = new ScottPlot.Colormaps.Turbo();
         double mib = space * 4096.0 / (1 << 20);
         hm.Extent = new CoordinateRect(0, duration, 0, mib);
-        var bar = plot.Add.ColorBar(hm);
-        bar.Label = "share of pages written";
+        plot.Add.ColorBar(hm); // its label would overlap the tick labels: the title says what the colour is
         plot.Axes.SetLimits(0, duration, 0, mib);
-        plot.Title($"Pages written per interval (blank: not in use yet): {Title(s)}");
+        plot.Title($"Share of pages written per interval (blank: not in use yet): {Title(s)}");
         plot.XLabel("time (s)");
         plot.YLabel("page space (MiB, in order of first use)");
         return plot;
@@ -95,7 +94,7 @@ internal static class TracePlots
             line.Color = palette.GetColor(i);
             line.LegendText = $"{TraceShow.Window(w.Window)} window (mean {w.MeanPages * 4096 / (1 << 20):0.0} MiB)";
         }
-        plot.ShowLegend(Alignment.UpperRight);
+        plot.ShowLegend(Alignment.UpperLeft); // the long windows run high on the right
         plot.Title($"Writable working set: {Title(s)}");
         plot.XLabel("window start (s)");
         plot.YLabel("distinct pages written in the window (MiB)");

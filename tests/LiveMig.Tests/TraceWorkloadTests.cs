@@ -118,6 +118,31 @@ public class TraceWorkloadTests
     }
 
     [Fact]
+    public void Throttling_stretches_the_replay_instead_of_being_caught_up()
+    {
+        // ~4000 writes a second are due; at 90% throttle a vCPU runs a tenth of the time and its clock with it.
+        string path = WriteTemp(Synthetic(pages: 4096, intervals: 50, perInterval: 420, seed: 5));
+        try
+        {
+            using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Vcpus = 2, Workload = $"trace:{path}", DirtyLog = DirtyLogKind.Software });
+            vm.Start();
+            Assert.True(WaitFor(() => vm.Operations >= 4096), "initial image not written");
+            vm.Throttle(0.9);
+            long start = vm.Operations;
+            Thread.Sleep(1000);
+            long throttled = vm.Operations - start;
+            vm.Throttle(0);
+            Thread.Sleep(300); // no catching up on the time it was held back: the rate goes back to the recorded one
+            long after = vm.Operations - start - throttled;
+            vm.Pause();
+            Assert.InRange(throttled, 1, 2000);
+            Assert.InRange(after, 1, 0.3 * 4000 + 2 * 256 + 420);
+            Assert.Null(vm.CheckInvariant());
+        }
+        finally { File.Delete(path); }
+    }
+
+    [Fact]
     public void Restored_vm_continues_the_replay_from_its_state_without_the_file()
     {
         string path = WriteTemp(Synthetic(pages: 1024, intervals: 5, perInterval: 300, seed: 3, intervalMs: 20));

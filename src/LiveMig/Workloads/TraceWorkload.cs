@@ -129,8 +129,8 @@ internal sealed class TraceReplayProgram(TraceWorkload w, int vcpu, int vcpuCoun
     private const int RecentWrites = 64;
     /// <summary>Most replay time one step may add after a step that worked: a vCPU kept from running (throttle, dirty limit, a busy host) falls behind, as the application would.</summary>
     private static readonly long BusyCatchUp = Stopwatch.Frequency / 1000;
-    /// <summary>After an idle nap the clock may catch up this much (naps are coarse).</summary>
-    private static readonly long IdleCatchUp = Stopwatch.Frequency / 20;
+    /// <summary>After an idle step the clock may catch up this much: idle naps are about 1 ms, a throttle's sleep is longer, and stretches the replay.</summary>
+    private static readonly long IdleCatchUp = Stopwatch.Frequency / 200;
 
     private Xoshiro256 _rng = new(seed);
     private int _interval, _pos, _loops;
