@@ -98,6 +98,89 @@ public class TraceRecorderTests(ITestOutputHelper output)
         Assert.All(a.Trace.Intervals.Skip(1).SelectMany(iv => iv.BytesChanged), b => Assert.InRange(b, 1, 4096));
     }
 
+    [SkippableFact]
+    public void A_command_that_exits_mid_recording_leaves_a_trace_sealed_with_its_full_intervals()
+    {
+        Skip.If(!OperatingSystem.IsLinux() || !File.Exists("/bin/sh"), "needs Linux and /bin/sh");
+        string path = Path.Combine(Path.GetTempPath(), $"lmtrace-{Guid.NewGuid():N}.lmtrace");
+        try
+        {
+            Assert.Equal(0, LiveMig.Cli.Program.Main(["trace", "record", "--interval", "50ms", "--out", path, "--", "/bin/sh", "-c", "sleep 0.6; exit 3"]));
+            var t = TraceFile.Load(path);
+            Assert.Equal(TraceEndReason.TargetExited, t.End.Reason);
+            Assert.Contains("status 3", t.End.Note);
+            Assert.InRange(t.End.Intervals, 2, 20);
+            Assert.False(File.Exists(path + TraceWriter.PartialSuffix));
+        }
+        finally { File.Delete(path); }
+    }
+
+    [SkippableFact]
+    public void No_permission_to_read_the_target_is_one_clear_line_and_no_file()
+    {
+        Skip.If(!OperatingSystem.IsLinux() || Environment.UserName != "root" || !File.Exists("/usr/bin/setpriv"), "needs root and setpriv (util-linux) to run the recorder as another user");
+        string cli = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
+        string path = Path.Combine(Path.GetTempPath(), $"lmtrace-{Guid.NewGuid():N}.lmtrace");
+        var psi = new ProcessStartInfo("/usr/bin/setpriv") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (string a in new[] { "--reuid=65534", "--regid=65534", "--clear-groups", "dotnet", cli, "trace", "record", "--pid", Environment.ProcessId.ToString(), "--out", path }) psi.ArgumentList.Add(a);
+        psi.Environment["HOME"] = Path.GetTempPath();
+        psi.Environment["DOTNET_CLI_HOME"] = Path.GetTempPath();
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        string err = p.StandardError.ReadToEnd();
+        Assert.True(p.WaitForExit(60_000), "recorder did not finish");
+        Skip.If(err.Contains("Permission denied") && !err.Contains("livemig:"), $"dotnet cannot run as nobody here: {err.Trim()}");
+        Assert.Equal(1, p.ExitCode);
+        string line = err.Split('\n', StringSplitOptions.RemoveEmptyEntries).Last();
+        Assert.StartsWith($"livemig: no permission to read the memory of process {Environment.ProcessId}", line);
+        Assert.False(File.Exists(path));
+        Assert.False(File.Exists(path + TraceWriter.PartialSuffix));
+    }
+
+    private static string? Which(string tool) =>
+        new[] { "/usr/bin", "/usr/local/bin", "/bin" }.Select(d => Path.Combine(d, tool)).FirstOrDefault(File.Exists);
+
+    [SkippableFact]
+    [Trait("Category", "Heavy")]
+    public void Redis_under_redis_benchmark_records_a_trace_that_replays_and_migrates()
+    {
+        string? server = Which("redis-server"), bench = Which("redis-benchmark");
+        Skip.If(server is null || bench is null, "redis-server or redis-benchmark is not installed (scripts/record-traces.sh installs them)");
+        using var redis = Process.Start(new ProcessStartInfo(server!, ["--port", "6394", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]) { RedirectStandardOutput = true })!;
+        string path = Path.Combine(Path.GetTempPath(), $"lmtrace-{Guid.NewGuid():N}.lmtrace");
+        try
+        {
+            Thread.Sleep(500);
+            using var load = Process.Start(new ProcessStartInfo(bench!, ["-p", "6394", "-q", "-n", "2000000", "-r", "100000", "-d", "128", "-t", "set,get", "-c", "20"]) { RedirectStandardOutput = true, RedirectStandardError = true })!;
+            try
+            {
+                using (var w = TraceWriter.Create(path, new TraceHeader { Source = "redis-server under redis-benchmark" }))
+                {
+                    var r = new TraceRecorder(redis.Id, new RecorderOptions { Duration = TimeSpan.FromSeconds(4) }).Run(w, CancellationToken.None);
+                    Assert.Equal(TraceEndReason.Completed, r.Reason);
+                    Assert.True(r.PagesWritten > 100, $"only {r.PagesWritten} page writes recorded from redis under load");
+                }
+            }
+            finally { if (!load.HasExited) load.Kill(); }
+            var stats = TraceStats.Of(TraceFile.Load(path));
+            Assert.True(stats.Writes.Compressible > 0.5, "redis's pages should mostly compress");
+            long memory = ((stats.Trace.End.PageSpace * 4096L >> 26) + 1) << 26;
+            using var loop = new Loopback(new LiveMig.Engine.DestinationOptions { DirtyLog = LiveMig.DirtyTracking.DirtyLogKind.Software });
+            using var vm = LiveMig.Vm.BuiltInVm.Create(new LiveMig.Vm.VmConfig { MemoryBytes = Math.Max(memory, 64L << 20), Workload = $"trace:{path}", DirtyLog = LiveMig.DirtyTracking.DirtyLogKind.Software });
+            vm.Start();
+            Assert.True(SpinWait.SpinUntil(() => vm.Operations > stats.InitialImage.Pages, TimeSpan.FromSeconds(30)), "replay did not write the initial image");
+            var (report, arrived) = loop.Migrate(vm);
+            Assert.Equal("completed", report.Outcome);
+            arrived.Vm.Pause();
+            Assert.Null(arrived.Vm.CheckInvariant());
+        }
+        finally
+        {
+            if (!redis.HasExited) redis.Kill();
+            File.Delete(path);
+        }
+    }
+
     [SkippableTheory]
     [Trait("Category", "Heavy")]
     [InlineData("burst", 100)]
