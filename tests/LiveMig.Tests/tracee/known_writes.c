@@ -1,10 +1,10 @@
 /* A process whose writes are known, for measuring `livemig trace record`'s accuracy.
- * usage: known_writes PAGES PHASES PHASE_MS PER_PHASE burst|spread SEED
+ * usage: known_writes PAGES PHASES PHASE_MS PER_PHASE burst|spread SEED [TAIL_MS]
  * Maps PAGES anonymous pages and touches them all, prints "base ADDR", waits for a line on
  * stdin (the recorder has taken its initial image), then for each phase writes PER_PHASE pages
  * not written before (one byte changed each): all at the phase's start (burst) or evenly over
  * the phase (spread). Prints "phase K T_NS P1 P2 ..." (CLOCK_MONOTONIC, page numbers) per phase.
- * Then it stays quiet for a second before exiting, so the recorder's last full interval has
+ * Then it stays quiet for TAIL_MS (default 1000) before exiting, so the recorder's last full interval has
  * seen every write (the interval an exit cuts short is not part of a trace). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,7 +24,8 @@ static void sleep_until(long long t) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) { fprintf(stderr, "usage: known_writes PAGES PHASES PHASE_MS PER_PHASE burst|spread SEED\n"); return 2; }
+    if (argc != 7 && argc != 8) { fprintf(stderr, "usage: known_writes PAGES PHASES PHASE_MS PER_PHASE burst|spread SEED [TAIL_MS]\n"); return 2; }
+    long long tail_ms = argc == 8 ? atoll(argv[7]) : 1000;
     long pages = atol(argv[1]), phases = atol(argv[2]), phase_ms = atol(argv[3]), per = atol(argv[4]);
     int spread = strcmp(argv[5], "spread") == 0;
     unsigned long long s = strtoull(argv[6], NULL, 10) | 1;
@@ -56,6 +57,6 @@ int main(int argc, char **argv) {
             buf[order[k * per + i] * 4096 + (i * 37) % 4096] += 1;
         }
     }
-    sleep_until(start + phases * phase_ms * 1000000LL + 1000000000LL);
+    sleep_until(start + phases * phase_ms * 1000000LL + tail_ms * 1000000LL);
     return 0;
 }
