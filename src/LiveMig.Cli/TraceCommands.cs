@@ -43,7 +43,7 @@ internal static partial class TraceCommands
             }
             string[] argv = r.GetValue(command) ?? [];
             int? target = r.GetValue(pid);
-            if (target is not null == argv.Length > 0) throw new UsageException("give either --pid PID or -- COMMAND..., not both or neither");
+            if ((target is not null) == (argv.Length > 0)) throw new UsageException("give either --pid PID or -- COMMAND..., not both or neither");
             if (target is <= 0) throw new UsageException($"--pid {target}: expected a process ID");
             var options = new RecorderOptions { Interval = every, Duration = length, Children = r.GetValue(children) };
             return Record(target, argv, options, r.GetValue(output)!);

@@ -46,6 +46,9 @@ public class TraceShowTests
             Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "show", Path.Combine(dir, "missing.lmtrace")]));
             Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "record", "--interval", "5ms", "--pid", "1"]));
             Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "record", "--pid", "1", "--", "true"]));
+            Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "record"]));
+            Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "record", "--pid", "999999999"]));
+            Assert.Equal(2, LiveMig.Cli.Program.Main(["trace", "record", "--pid", "1", "--duration", "50ms"]));
         }
         finally { Directory.Delete(dir, true); }
     }
