@@ -116,6 +116,23 @@ public class TraceRecorderTests(ITestOutputHelper output)
     }
 
     [SkippableFact]
+    public void With_children_the_memory_of_a_child_process_is_recorded_too()
+    {
+        Skip.If(!OperatingSystem.IsLinux() || Tracee.Value is null || !File.Exists("/bin/sh"), "needs /bin/sh and gcc for the known-writes program");
+        string path = Path.Combine(Path.GetTempPath(), $"lmtrace-{Guid.NewGuid():N}.lmtrace");
+        try
+        {
+            // sh waits for its child, which maps and fills 8 MiB, writes 200 pages and exits.
+            string script = $"sleep 0.3; echo go | {Tracee.Value} 2048 2 100 100 burst 1 300 > /dev/null; true";
+            Assert.Equal(0, LiveMig.Cli.Program.Main(["trace", "record", "--children", "--interval", "50ms", "--out", path, "--", "/bin/sh", "-c", script]));
+            var t = TraceFile.Load(path);
+            Assert.True(t.End.PageSpace >= 2048, $"page space {t.End.PageSpace}: the child's 2048 pages were not read");
+            Assert.True(t.Intervals.Skip(1).Sum(i => i.Count) >= 2048, "the child's pages did not show up as written");
+        }
+        finally { File.Delete(path); }
+    }
+
+    [SkippableFact]
     public void No_permission_to_read_the_target_is_one_clear_line_and_no_file()
     {
         Skip.If(!OperatingSystem.IsLinux() || Environment.UserName != "root" || !File.Exists("/usr/bin/setpriv"), "needs root and setpriv (util-linux) to run the recorder as another user");
