@@ -46,6 +46,15 @@ public class TraceWorkloadTests
 
     private static bool WaitFor(Func<bool> condition) => SpinWait.SpinUntil(condition, TimeSpan.FromSeconds(20));
 
+    /// <summary>A running VM replaying <paramref name="path"/>, its initial image written.</summary>
+    private static BuiltInVm Replaying(string path, long memoryBytes, int imagePages)
+    {
+        var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = memoryBytes, Vcpus = 2, Workload = $"trace:{path}", DirtyLog = DirtyLogKind.Software });
+        vm.Start();
+        Assert.True(WaitFor(() => vm.Operations >= imagePages), "initial image not written");
+        return vm;
+    }
+
     [Theory]
     [InlineData(PageContent.VeryCompressible)]
     [InlineData(PageContent.Compressible)]
@@ -101,9 +110,7 @@ public class TraceWorkloadTests
         string path = WriteTemp(Synthetic(pages: 1024, intervals: 10, perInterval: 200, seed: 2));
         try
         {
-            using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 2, Workload = $"trace:{path}", DirtyLog = DirtyLogKind.Software });
-            vm.Start();
-            Assert.True(WaitFor(() => vm.Operations >= 1024), "initial image not written");
+            using var vm = Replaying(path, 8L << 20, 1024);
             var since = System.Diagnostics.Stopwatch.StartNew();
             long start = vm.Operations;
             Thread.Sleep(300);
@@ -124,9 +131,7 @@ public class TraceWorkloadTests
         string path = WriteTemp(Synthetic(pages: 4096, intervals: 50, perInterval: 420, seed: 5));
         try
         {
-            using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Vcpus = 2, Workload = $"trace:{path}", DirtyLog = DirtyLogKind.Software });
-            vm.Start();
-            Assert.True(WaitFor(() => vm.Operations >= 4096), "initial image not written");
+            using var vm = Replaying(path, 16L << 20, 4096);
             vm.Throttle(0.9);
             long start = vm.Operations;
             Thread.Sleep(1000);
