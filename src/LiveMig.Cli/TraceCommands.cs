@@ -75,7 +75,8 @@ internal static partial class TraceCommands
             using (var writer = TraceWriter.Create(path, new TraceHeader { NominalInterval = options.Interval, Started = DateTimeOffset.UtcNow, Source = source }))
             {
                 Console.Error.WriteLine($"recording process {pid} ({Printable(source)}) every {options.Interval.TotalMilliseconds:0} ms into {Printable(path)}");
-                result = new TraceRecorder(pid.Value, options).Run(writer, stop.Token, () => started is { HasExited: true } ? $" with status {started.ExitCode}" : "");
+                // The recorder can see the exit (its /proc entry gone) before the runtime has reaped it: wait for that a little.
+                result = new TraceRecorder(pid.Value, options).Run(writer, stop.Token, () => started?.WaitForExit(2000) == true ? $" with status {started.ExitCode}" : "");
             }
             Summarise(path, result, pid.Value);
             return 0;

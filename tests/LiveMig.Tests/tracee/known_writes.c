@@ -4,7 +4,7 @@
  * stdin (the recorder has taken its initial image), then for each phase writes PER_PHASE pages
  * not written before (one byte changed each): all at the phase's start (burst) or evenly over
  * the phase (spread). Prints "phase K T_NS P1 P2 ..." (CLOCK_MONOTONIC, page numbers) per phase.
- * Then it stays quiet for TAIL_MS (default 1000) before exiting, so the recorder's last full interval has
+ * Then it stays quiet for TAIL_MS (default 1000; -1: until a second line on stdin) before exiting, so the recorder's last full interval has
  * seen every write (the interval an exit cuts short is not part of a trace). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +57,7 @@ int main(int argc, char **argv) {
             buf[order[k * per + i] * 4096 + (i * 37) % 4096] += 1;
         }
     }
-    sleep_until(start + phases * phase_ms * 1000000LL + tail_ms * 1000000LL);
+    sleep_until(start + phases * phase_ms * 1000000LL + (tail_ms < 0 ? 0 : tail_ms * 1000000LL));
+    if (tail_ms < 0 && !fgets(line, sizeof line, stdin)) return 1;
     return 0;
 }
