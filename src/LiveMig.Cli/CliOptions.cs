@@ -16,7 +16,7 @@ internal sealed class CliOptions
 {
     public readonly Option<string> Memory = new("--memory") { Description = "Guest memory size, e.g. 512MiB, 4GiB (64MiB to the machine's memory).", DefaultValueFactory = _ => "1GiB", HelpName = "SIZE" };
     public readonly Option<int> Vcpus = new("--vcpus") { Description = "Number of vCPU threads running the workload.", DefaultValueFactory = _ => 2, HelpName = "N" };
-    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle[:used=]; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]. Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
+    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle[:used=]; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]; trace:FILE[,speed=] (replays a recorded trace). Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
     public readonly Option<ulong> Seed = new("--seed") { Description = "Seed for the memory fill and the workload: the same seed gives the same guest.", DefaultValueFactory = _ => 1UL };
     public readonly Option<string> Fill = new("--fill") { Description = "Initial memory content: zero (sparse), random (incompressible), mixed (35% zero, 25% random, 40% text).", DefaultValueFactory = _ => "mixed", HelpName = "KIND" };
     public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };

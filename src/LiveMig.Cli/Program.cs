@@ -85,6 +85,7 @@ public static class Program
         setBw.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "bandwidth " + r.GetValue(rateArg)))));
         root.Add(setBw);
         root.Add(CertsCommand());
+        root.Add(TraceCommands.Create());
 
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)

@@ -31,7 +31,8 @@ public sealed record VmConfig
 public sealed class BuiltInVm : IVirtualMachine
 {
     private const uint StateMagic = 0x53564D4C; // "LMVS"
-    private const ushort StateFormat = 1;
+    /// <summary>2: the workload's blob (e.g. a replayed trace) follows its spec. Format 1 (no blob) is still read.</summary>
+    private const ushort StateFormat = 2;
     private const int MaxVcpus = 1024;
 
     private readonly object _gate = new();
@@ -160,13 +161,14 @@ public sealed class BuiltInVm : IVirtualMachine
             using var r = new BinaryReader(ms);
             if (r.ReadUInt32() != StateMagic) throw new InvalidDataException("VM state: bad magic");
             ushort format = r.ReadUInt16();
-            if (format != StateFormat) throw new InvalidDataException($"VM state: format {format} not supported (this build reads {StateFormat})");
+            if (format is not (1 or StateFormat)) throw new InvalidDataException($"VM state: format {format} not supported (this build reads 1 and {StateFormat})");
             string name = r.ReadString();
             string workloadText = r.ReadString();
+            byte[]? blob = format >= 2 ? ReadBlob(r, ms) : null;
             ulong seed = r.ReadUInt64();
             int vcpus = r.ReadInt32();
             if (vcpus < 1 || vcpus > MaxVcpus) throw new InvalidDataException($"VM state: {vcpus} vCPUs is out of range");
-            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount);
+            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount, blob);
             var programs = new VcpuProgram[vcpus];
             ulong s = seed;
             for (int i = 0; i < vcpus; i++)
@@ -184,6 +186,15 @@ public sealed class BuiltInVm : IVirtualMachine
         }
         catch (EndOfStreamException) { throw new InvalidDataException("VM state: truncated"); }
         catch (FormatException e) { throw new InvalidDataException("VM state: " + e.Message); }
+    }
+
+    /// <summary>Length (-1: none) and bytes.</summary>
+    private static byte[]? ReadBlob(BinaryReader r, MemoryStream ms)
+    {
+        int length = r.ReadInt32();
+        if (length == -1) return null;
+        if (length < 0 || length > ms.Length - ms.Position) throw new InvalidDataException($"VM state: workload blob of {length} bytes does not fit in the state");
+        return r.ReadBytes(length);
     }
 
     public byte[] SaveState()
@@ -211,6 +222,9 @@ public sealed class BuiltInVm : IVirtualMachine
         w.Write(StateFormat);
         w.Write(Name);
         w.Write(Workload.Spec.ToString());
+        byte[]? blob = Workload.StateBlob;
+        w.Write(blob?.Length ?? -1);
+        if (blob is not null) w.Write(blob);
         w.Write(Seed);
         w.Write(_programs.Length);
         foreach (var p in _programs) p.Save(w);

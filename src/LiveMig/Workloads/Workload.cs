@@ -35,15 +35,20 @@ public abstract class Workload
         return free;
     }
 
-    public static readonly string[] Names = ["idle", "sweep", "random", "hotcold", "kv"];
+    /// <summary>Bytes the workload needs besides its spec (e.g. a replayed trace), carried in the VM state; null for none.</summary>
+    public virtual byte[]? StateBlob => null;
 
-    public static Workload Create(WorkloadSpec spec, long memoryPages) => spec.Name switch
+    public static readonly string[] Names = ["idle", "sweep", "random", "hotcold", "kv", "trace"];
+
+    /// <summary>Makes a workload; <paramref name="blob"/> is its <see cref="StateBlob"/> when rebuilt from a VM state.</summary>
+    public static Workload Create(WorkloadSpec spec, long memoryPages, byte[]? blob = null) => spec.Name switch
     {
         "idle" => new IdleWorkload(spec, memoryPages),
         "sweep" => new SweepWorkload(spec, memoryPages),
         "random" => new RandomWorkload(spec, memoryPages),
         "hotcold" => new HotColdWorkload(spec, memoryPages),
         "kv" => new KvWorkload(spec, memoryPages),
+        "trace" => new TraceWorkload(spec, memoryPages, blob),
         _ => throw new FormatException($"unknown workload '{spec.Name}' (known: {string.Join(", ", Names)})"),
     };
 }
