@@ -338,7 +338,7 @@ public sealed class IncomingMigration
     private IncomingVm Incoming(HelloMessage h) => new()
     {
         MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus,
-        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool,
+        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
     };
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;

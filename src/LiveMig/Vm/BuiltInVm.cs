@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using LiveMig.DirtyTracking;
 using LiveMig.Memory;
 using LiveMig.Workloads;
@@ -21,6 +20,8 @@ public sealed record VmConfig
     /// serve the pages the destination lacks (<c>livemig migrate --recover</c>). Null: a memfd.
     /// </summary>
     public string? MemoryFile { get; init; }
+    /// <summary>The clock the vCPUs' throttle, dirty limit and workload pacing run by.</summary>
+    public TimeProvider Time { get; init; } = TimeProvider.System;
 }
 
 /// <summary>
@@ -46,7 +47,7 @@ public sealed class BuiltInVm : IVirtualMachine
     private double _dirtyLimit;
     /// <summary>Bumped whenever the throttle or the dirty limit changes, so a dozing vCPU re-reads them.</summary>
     private int _controlVersion;
-    // Stopwatch timestamps of the last Resume and of the first vCPU back at work after it (0: not yet).
+    // Timestamps (of _time) of the last Resume and of the first vCPU back at work after it (0: not yet).
     private long _resumedTs, _firstRunTs;
 
     /// <summary>Wall time a throttled vCPU runs between sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).</summary>
@@ -56,8 +57,11 @@ public sealed class BuiltInVm : IVirtualMachine
 
     private readonly Lazy<IDirtyLog> _dirtyLog;
 
+    private readonly TimeProvider _time;
+
     private BuiltInVm(string name, GuestMemory memory, DirtyLogKind dirtyLogKind, Workload workload, ulong seed, VcpuProgram[] programs)
     {
+        _time = workload.Time;
         Name = name;
         Memory = memory;
         // Made on first use: a VM that arrives by migration needs no tracking until it leaves
@@ -98,7 +102,7 @@ public sealed class BuiltInVm : IVirtualMachine
     /// <summary>From the last <see cref="Resume"/> until the first vCPU left the barrier to run; null before that happened.</summary>
     public TimeSpan? ResumeToFirstRun
     {
-        get { lock (_gate) return _firstRunTs == 0 || _resumedTs == 0 ? null : Stopwatch.GetElapsedTime(_resumedTs, _firstRunTs); }
+        get { lock (_gate) return _firstRunTs == 0 || _resumedTs == 0 ? null : _time.GetElapsedTime(_resumedTs, _firstRunTs); }
     }
 
     public long Operations
@@ -114,7 +118,7 @@ public sealed class BuiltInVm : IVirtualMachine
         var memory = config.MemoryFile is { } file ? CreateFileMemory(file, config.MemoryBytes) : GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
         try
         {
-            var workload = Workloads.Workload.Create(spec, memory.PageCount);
+            var workload = Workloads.Workload.Create(spec, memory.PageCount, time: config.Time);
             MemoryFiller.Fill(memory, config.Fill, config.Seed);
             var programs = new VcpuProgram[config.Vcpus];
             ulong s = config.Seed;
@@ -153,7 +157,7 @@ public sealed class BuiltInVm : IVirtualMachine
     public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind = DirtyLogKind.Auto) => Restore(memory, state, dirtyLogKind, null);
 
     /// <summary>As <see cref="Restore(GuestMemory, ReadOnlySpan{byte}, DirtyLogKind)"/>, running the vCPUs on <paramref name="threads"/> when they fit (else on new threads).</summary>
-    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind, ParkedThreads? threads)
+    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind, ParkedThreads? threads, TimeProvider? time = null)
     {
         try
         {
@@ -168,7 +172,7 @@ public sealed class BuiltInVm : IVirtualMachine
             ulong seed = r.ReadUInt64();
             int vcpus = r.ReadInt32();
             if (vcpus < 1 || vcpus > MaxVcpus) throw new InvalidDataException($"VM state: {vcpus} vCPUs is out of range");
-            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount, blob);
+            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount, blob, time);
             var programs = new VcpuProgram[vcpus];
             ulong s = seed;
             for (int i = 0; i < vcpus; i++)
@@ -290,7 +294,7 @@ public sealed class BuiltInVm : IVirtualMachine
             foreach (var p in _programs) p.OnResume();
             _pauseRequested = false;
             State = VmRunState.Running;
-            _resumedTs = Stopwatch.GetTimestamp();
+            _resumedTs = _time.GetTimestamp();
             _firstRunTs = 0;
             Monitor.PulseAll(_gate);
         }
@@ -329,10 +333,10 @@ public sealed class BuiltInVm : IVirtualMachine
     private void RunVcpu(int index)
     {
         VcpuProgram program = _programs[index];
-        long sliceStart = Stopwatch.GetTimestamp();
+        long sliceStart = _time.GetTimestamp();
         long budgetTs = sliceStart;
         double budget = 0; // dirty-limit credit, in page writes
-        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * Stopwatch.Frequency);
+        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * _time.TimestampFrequency);
         try
         {
             while (true)
@@ -340,7 +344,7 @@ public sealed class BuiltInVm : IVirtualMachine
                 if (Volatile.Read(ref _pauseRequested) || Volatile.Read(ref _stopping))
                 {
                     if (!Park()) return;
-                    sliceStart = budgetTs = Stopwatch.GetTimestamp();
+                    sliceStart = budgetTs = _time.GetTimestamp();
                     budget = 0;
                     continue;
                 }
@@ -350,11 +354,11 @@ public sealed class BuiltInVm : IVirtualMachine
                     // Idle: nap on the gate, so that Pause wakes us at once instead of after a sleep.
                     lock (_gate) { if (!_pauseRequested && !_stopping) Monitor.Wait(_gate, 1); }
                 }
-                long now = Stopwatch.GetTimestamp();
+                long now = _time.GetTimestamp();
                 double limit = Volatile.Read(ref _dirtyLimit);
                 if (limit > 0)
                 {
-                    budget = Math.Min(budget + (now - budgetTs) * limit / Stopwatch.Frequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
+                    budget = Math.Min(budget + (now - budgetTs) * limit / _time.TimestampFrequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
                     budgetTs = now;
                     // In debt: sleep until the budget has grown back (only debts of a millisecond or more, as sleeps are that coarse).
                     double debtMs = -budget / limit * 1000;
@@ -370,7 +374,7 @@ public sealed class BuiltInVm : IVirtualMachine
                 else if (now - sliceStart >= timeslice)
                 {
                     Doze(ThrottleTimeslice.TotalMilliseconds * throttle / (1 - throttle));
-                    sliceStart = Stopwatch.GetTimestamp();
+                    sliceStart = _time.GetTimestamp();
                 }
             }
         }
@@ -388,15 +392,15 @@ public sealed class BuiltInVm : IVirtualMachine
     /// <summary>Sleeps up to <paramref name="ms"/>, waking early on pause, stop, or a throttle/limit change.</summary>
     private void Doze(double ms)
     {
-        long until = Stopwatch.GetTimestamp() + (long)(ms / 1000 * Stopwatch.Frequency);
+        long until = _time.GetTimestamp() + (long)(ms / 1000 * _time.TimestampFrequency);
         lock (_gate)
         {
             int version = _controlVersion;
             while (!_pauseRequested && !_stopping && _controlVersion == version)
             {
-                long left = until - Stopwatch.GetTimestamp();
+                long left = until - _time.GetTimestamp();
                 if (left <= 0) return;
-                Monitor.Wait(_gate, (int)Math.Min(int.MaxValue, Math.Ceiling(left * 1000.0 / Stopwatch.Frequency)));
+                Monitor.Wait(_gate, (int)Math.Min(int.MaxValue, Math.Ceiling(left * 1000.0 / _time.TimestampFrequency)));
             }
         }
     }
@@ -410,7 +414,7 @@ public sealed class BuiltInVm : IVirtualMachine
             Monitor.PulseAll(_gate);
             while (_pauseRequested && !_stopping) Monitor.Wait(_gate);
             _parked--;
-            if (_firstRunTs == 0 && _resumedTs != 0 && !_stopping) _firstRunTs = Stopwatch.GetTimestamp();
+            if (_firstRunTs == 0 && _resumedTs != 0 && !_stopping) _firstRunTs = _time.GetTimestamp();
             return !_stopping;
         }
     }

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.IO.Hashing;
 using LiveMig.Memory;
 using LiveMig.Traces;
@@ -128,14 +127,14 @@ internal sealed class TraceReplayProgram(TraceWorkload w, int vcpu, int vcpuCoun
     private const int Burst = 256;
     private const int RecentWrites = 64;
     /// <summary>Most replay time one step may add after a step that worked: a vCPU kept from running (throttle, dirty limit, a busy host) falls behind, as the application would.</summary>
-    private static readonly long BusyCatchUp = Stopwatch.Frequency / 1000;
+    private readonly long BusyCatchUp = w.Time.TimestampFrequency / 1000;
     /// <summary>After an idle step the clock may catch up this much: idle naps are about 1 ms, a throttle's sleep is longer, and stretches the replay.</summary>
-    private static readonly long IdleCatchUp = Stopwatch.Frequency / 200;
+    private readonly long IdleCatchUp = w.Time.TimestampFrequency / 200;
 
     private Xoshiro256 _rng = new(seed);
     private int _interval, _pos, _loops;
     private double _clockUs; // replay time within the current pass over the trace
-    private long _last = Stopwatch.GetTimestamp();
+    private long _last = w.Time.GetTimestamp();
     private bool _lastIdle = true;
     private readonly long[] _recentPage = new long[RecentWrites];
     private readonly ulong[] _recentHash = new ulong[RecentWrites];
@@ -143,10 +142,10 @@ internal sealed class TraceReplayProgram(TraceWorkload w, int vcpu, int vcpuCoun
 
     public override int Step(GuestMemory memory)
     {
-        long now = Stopwatch.GetTimestamp();
+        long now = w.Time.GetTimestamp();
         long delta = Math.Min(now - _last, _lastIdle ? IdleCatchUp : BusyCatchUp);
         _last = now;
-        if (_interval > 0) _clockUs += delta * 1e6 / Stopwatch.Frequency * w.Speed;
+        if (_interval > 0) _clockUs += delta * 1e6 / w.Time.TimestampFrequency * w.Speed;
         int done = 0;
         while (done < Burst)
         {
@@ -246,7 +245,7 @@ internal sealed class TraceReplayProgram(TraceWorkload w, int vcpu, int vcpuCoun
 
     public override void OnResume()
     {
-        _last = Stopwatch.GetTimestamp();
+        _last = w.Time.GetTimestamp();
         _lastIdle = false;
     }
 }
