@@ -42,6 +42,7 @@ internal sealed class CliOptions
     public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
     public readonly Option<int> Streams = new("--streams") { Description = "Pre-copy: send pages on N parallel TCP connections (like QEMU's multifd; 1..16), each with its own encoder thread, besides the control connection; 1 = everything on one connection. Post-copy and hybrid use one.", DefaultValueFactory = _ => 1, HelpName = "N" };
     public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
+    public readonly Option<string?> Name = new("--name") { Description = "The VM's name, unique on the destination agent (which refuses a name it already runs): letters, digits, '.', '_', '-', at most 63. Default: vm- and 8 random hex digits.", HelpName = "NAME" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -83,8 +84,11 @@ internal sealed class CliOptions
 
     public void AddVmOptions(Command c)
     {
-        c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
+        c.Add(Name); c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
     }
+
+    /// <summary>The options that make a VM here (none of them applies to a VM an agent already holds).</summary>
+    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, Warmup];
 
     public void AddMigrationOptions(Command c)
     {
@@ -94,8 +98,9 @@ internal sealed class CliOptions
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
 
-    public VmConfig VmConfig(ParseResult r, string name, long? maxMemory = null)
+    public VmConfig VmConfig(ParseResult r, long? maxMemory = null)
     {
+        string name = ParseName(r.GetValue(Name));
         string memText = r.GetValue(Memory)!;
         if (!Units.TryParseBytes(memText, out long memory) || memory <= 0)
             throw new UsageException($"--memory '{memText}': expected a size such as 512MiB or 4GiB");
@@ -117,6 +122,27 @@ internal sealed class CliOptions
         return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!) };
     }
 
+    /// <summary>What a rate must look like (zero is refused in every unit: <c>unlimited</c> says "no cap").</summary>
+    public const string RateExpected = "expected a rate above 0 such as 100MiB/s, 1Gbit or 500Mbit/s, or unlimited";
+
+    /// <summary>A VM name as --name takes it (the default: vm- and 8 random hex digits, so two VMs started without one do not collide).</summary>
+    public static string ParseName(string? text)
+    {
+        if (text is null) return $"vm-{Guid.NewGuid().ToString("N")[..8]}";
+        if (!System.Text.RegularExpressions.Regex.IsMatch(text, "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"))
+            throw new UsageException($"--name '{Printable.Escape(text)}': expected letters, digits, '.', '_' or '-' (starting with a letter or digit, at most 63)");
+        return text;
+    }
+
+    /// <summary>HOST:PORT (an IPv6 host in brackets).</summary>
+    public static (string Host, int Port) ParseTarget(string target)
+    {
+        int colon = target.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
+            throw new UsageException($"--to '{Printable.Escape(target)}': expected HOST:PORT");
+        return (target[..colon].Trim('[', ']'), port);
+    }
+
     public static DirtyLogKind ParseDirtyLog(string text) => text.ToLowerInvariant() switch
     {
         "auto" => DirtyLogKind.Auto, "kernel" => DirtyLogKind.Kernel, "software" => DirtyLogKind.Software,
@@ -133,7 +159,7 @@ internal sealed class CliOptions
         };
         StrategyRules.Check(this, r, kind, strategy.ToLowerInvariant());
         string bw = r.GetValue(Bandwidth)!;
-        if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': expected a rate such as 100MiB/s or 1Gbit, or unlimited");
+        if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': {RateExpected}");
         string dl = r.GetValue(DowntimeLimit)!;
         if (!Units.TryParseDuration(dl, out var downtime) || downtime <= TimeSpan.Zero) throw new UsageException($"--downtime-limit '{dl}': expected a positive duration such as 300ms");
         int rounds = r.GetValue(MaxRounds);

@@ -131,22 +131,3 @@ internal sealed class LineProgress(TextWriter output) : IMigrationObserver
               + (r.PagesSkipped > 0 || r.PagesDeferred > 0 ? $"; {r.PagesSkipped:N0} skipped, {r.PagesDeferred:N0} deferred" : "")
               + (r.Throttle > 0 || r.DirtyLimit > 0 ? $"; guest slowed: {ReportView.Slowed(r)}{(r.DirtyLimit > 0 ? " per vCPU" : "")}" : ""));
 }
-
-/// <summary>Forwards to several observers.</summary>
-internal sealed class Observers(params IMigrationObserver[] all) : IMigrationObserver
-{
-    public void RoundStarted(int round, long pagesToSend, bool final) { foreach (var o in all) o.RoundStarted(round, pagesToSend, final); }
-    public void Progress(int round, long sent, long total, long bytes) { foreach (var o in all) o.Progress(round, sent, total, bytes); }
-    public void RoundCompleted(RoundReport r) { foreach (var o in all) o.RoundCompleted(r); }
-    public void Phase(string phase) { foreach (var o in all) o.Phase(phase); }
-}
-
-/// <summary>Forwards to an observer chosen after the migration object was made.</summary>
-internal sealed class LateObserver : IMigrationObserver
-{
-    public IMigrationObserver? Target { get; set; }
-    public void RoundStarted(int round, long pagesToSend, bool final) => Target?.RoundStarted(round, pagesToSend, final);
-    public void Progress(int round, long sent, long total, long bytes) => Target?.Progress(round, sent, total, bytes);
-    public void RoundCompleted(RoundReport r) => Target?.RoundCompleted(r);
-    public void Phase(string phase) => Target?.Phase(phase);
-}
