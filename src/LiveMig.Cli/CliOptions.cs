@@ -56,7 +56,19 @@ internal sealed class CliOptions
         c.Add(Tls); c.Add(Cert); c.Add(Key); c.Add(Ca); c.Add(PskFile);
     }
 
-    /// <summary>The connection's protection from --tls and friends; warns on stderr when there is none.</summary>
+    private readonly List<string> _warnings = [];
+
+    /// <summary>
+    /// Prints the warnings the checks found (e.g. no --tls), once every option has been checked:
+    /// a command refused for a bad option prints its one line and nothing else.
+    /// </summary>
+    public void PrintWarnings(TextWriter to)
+    {
+        foreach (string w in _warnings) to.WriteLine($"livemig: warning: {w}");
+        _warnings.Clear();
+    }
+
+    /// <summary>The connection's protection from --tls and friends; without it, a warning for <see cref="PrintWarnings"/>.</summary>
     public Transport.ChannelSecurity Security(ParseResult r, IReadOnlyCollection<string>? trust = null)
     {
         string? cert = r.GetValue(Cert), key = r.GetValue(Key), ca = r.GetValue(Ca), psk = r.GetValue(PskFile);
@@ -65,7 +77,7 @@ internal sealed class CliOptions
             if (cert is not null || key is not null || ca is not null || psk is not null) throw new UsageException("--cert/--key/--ca/--psk-file need --tls");
             if (trust is not null) throw new UsageException("--trust needs --tls with certificates");
             if (r.CommandResult.Command.Name != "demo") // loopback inside one process: nothing to protect
-                Console.Error.WriteLine("livemig: warning: no --tls: guest memory crosses the network unencrypted and the peer is not authenticated");
+                _warnings.Add("no --tls: guest memory crosses the network unencrypted and the peer is not authenticated");
             return Transport.ChannelSecurity.None;
         }
         try

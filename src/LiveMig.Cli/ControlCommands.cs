@@ -140,7 +140,7 @@ internal sealed class AgentControl(VmRegistry registry, TextWriter log)
     private void MigrateOnward(string json, TextWriter w)
     {
         var request = OnwardRequest.Parse(json);
-        var options = request.Options();
+        var options = request.Options(log);
         var (host, port) = CliOptions.ParseTarget(request.To);
         var peer = new LinesToPeer(w);
         string name = Printable.Escape(request.Vm);
@@ -201,13 +201,15 @@ internal sealed record OnwardRequest(string Vm, string To, string[] Args)
     }
 
     /// <summary>The migration options the words ask for, checked as <c>livemig migrate</c> checks them.</summary>
-    public MigrationOptions Options()
+    public MigrationOptions Options(TextWriter log)
     {
         var o = new CliOptions();
         var cmd = new Command("migrate");
         o.AddMigrationOptions(cmd);
         var r = cmd.Parse(Args);
         if (r.Errors.Count > 0) throw new UsageException(r.Errors[0].Message);
-        return o.MigrationOptions(r);
+        var options = o.MigrationOptions(r);
+        o.PrintWarnings(log);
+        return options;
     }
 }

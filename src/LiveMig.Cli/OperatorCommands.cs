@@ -137,7 +137,8 @@ internal static class OperatorCommands
             if (line.StartsWith("ok: migration ", StringComparison.Ordinal))
             {
                 id = line.Split(' ')[2];
-                Console.Error.WriteLine($"migration {id} of VM {Printable.Escape(vm)} from the agent to {to}"); // the ID 'livemig cancel' and 'status' name
+                o.PrintWarnings(Console.Error); // e.g. no --tls: once the agent took the request
+                Console.Error.WriteLine($"migration {id} to {to} (VM {Printable.Escape(vm)}, from the agent)"); // the ID 'livemig cancel' and 'status' name
             }
             else if (!json) Console.WriteLine(Printable.Escape(line));
         }

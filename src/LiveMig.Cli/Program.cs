@@ -100,8 +100,8 @@ public static class Program
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
         {
-            // One line per problem, naming the option, and exit code 2 like the other usage errors.
-            foreach (var e in parsed.Errors) Console.Error.WriteLine($"livemig: {e.Message}");
+            // One line naming the option (all the problems found, in that line), and exit code 2 like the other usage errors.
+            Console.Error.WriteLine($"livemig: {string.Join("; ", parsed.Errors.Select(e => e.Message.TrimEnd('.')))}");
             return 2;
         }
         return parsed.Invoke();
@@ -264,6 +264,7 @@ public static class Program
         using var cancel = CancelOnCtrlC();
         // Taken before the VM starts: a path another process answers on is refused at once.
         using var controlSocket = ControlSocket.Open(controlPath);
+        o.PrintWarnings(Console.Error);
         var registry = new VmRegistry(); // what 'livemig list' and 'status' see here: this VM and its migration
         var control = new MigrateControl(registry, cancel);
         controlSocket.Handler = control.Handle;
@@ -281,7 +282,7 @@ public static class Program
         observers.Add(progress);
         registry.Track(progress);
         control.Migration = migration;
-        Console.Error.WriteLine($"migration {migration.MigrationId} of VM {vm.Name} to {host}:{port}"); // the ID 'livemig migrate --resume' and 'status' name
+        Console.Error.WriteLine($"migration {migration.MigrationId} to {host}:{port} (VM {vm.Name})"); // the ID 'livemig migrate --resume' and 'status' name
         var report = RunWithProgress(r, o, obs => { observers.Add(obs); return migration.MigrateTo(host, port, cancel.Token); });
         return Finish(r, o, report);
     }
@@ -328,6 +329,7 @@ public static class Program
         try { listener.Start(); }
         catch (System.Net.Sockets.SocketException e) { throw new UsageException($"--port {port}: cannot listen on {bind}:{port}: {e.Message}"); }
         using var controlSocket = ControlSocket.Open(controlPath ?? ControlSocket.AgentPath(listener.Port));
+        o.PrintWarnings(Console.Error);
         controlSocket.Handler = new AgentControl(listener.Registry, Console.Error).Handle;
         Console.Error.WriteLine($"listening on {bind}:{listener.Port} (control socket {controlSocket.Path})");
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.TrySetResult(130); };

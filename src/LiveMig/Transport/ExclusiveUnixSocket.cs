@@ -9,7 +9,8 @@ namespace LiveMig.Transport;
 /// stale socket file that nobody answers on, and <see cref="Dispose"/> deletes the file only
 /// while it is still the one this bound (same device and inode). Both checks run under an
 /// flock on the directory, so two processes starting at once cannot both find the path stale
-/// and the second delete the first's fresh socket. Errors are one-line <see cref="IOException"/>s.
+/// and the second replace the first's fresh socket (processes that bind the path without this
+/// class take no part in the lock). Errors are one-line <see cref="IOException"/>s.
 /// </summary>
 public sealed class ExclusiveUnixSocket : IDisposable
 {
@@ -32,26 +33,32 @@ public sealed class ExclusiveUnixSocket : IDisposable
     public static ExclusiveUnixSocket Bind(string path, int backlog = 16)
     {
         path = System.IO.Path.GetFullPath(path);
+        string dir = System.IO.Path.GetDirectoryName(path)!;
+        // Bound under a name of its own, then renamed into place: .NET deletes the file a socket
+        // was bound to when it is disposed, whoever's it is by then, and this way that name is
+        // one nobody else uses. The rename also replaces a stale file in one step.
+        string scratch = System.IO.Path.Combine(dir, $".{System.IO.Path.GetFileName(path)}.{Guid.NewGuid().ToString("N")[..8]}");
         UnixDomainSocketEndPoint endpoint;
-        try { endpoint = new UnixDomainSocketEndPoint(path); }
-        catch (ArgumentException) { throw new IOException($"{path}: too long for a unix socket path (at most 107 bytes)"); }
-        using var dirLock = DirectoryLock.Take(System.IO.Path.GetDirectoryName(path)!);
+        try { (endpoint, _) = (new UnixDomainSocketEndPoint(scratch), new UnixDomainSocketEndPoint(path)); }
+        catch (ArgumentException) { throw new IOException($"{path}: too long for a unix socket path (at most 107 bytes, less for the name it is bound under first)"); }
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
-            if (!TryBind(socket, endpoint))
-            {
-                RemoveStale(path);
-                if (!TryBind(socket, endpoint)) throw new IOException($"{path}: taken by another process while it was checked");
-            }
-            if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            try { socket.Bind(endpoint); }
+            catch (SocketException e) { throw new IOException($"{path}: cannot bind a unix socket in {dir}: {e.Message}"); }
+            if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(scratch, UnixFileMode.UserRead | UnixFileMode.UserWrite);
             socket.Listen(backlog);
-            var id = Identity(path) ?? throw new IOException($"{path}: vanished right after it was bound");
-            return new ExclusiveUnixSocket(socket, path, (id.Dev, id.Ino));
+            using (DirectoryLock.Take(dir))
+            {
+                RefuseTaken(path);
+                File.Move(scratch, path, overwrite: true);
+                var id = Identity(path) ?? throw new IOException($"{path}: vanished right after it was bound");
+                return new ExclusiveUnixSocket(socket, path, (id.Dev, id.Ino));
+            }
         }
         catch
         {
-            socket.Dispose();
+            socket.Dispose(); // deletes the scratch name, if it is still there
             throw;
         }
     }
@@ -75,31 +82,12 @@ public sealed class ExclusiveUnixSocket : IDisposable
         }
     }
 
-    private static bool TryBind(Socket socket, UnixDomainSocketEndPoint endpoint)
+    /// <summary>A path in use is refused: a live socket, or anything that is not a socket. A socket nobody answers on is stale: it may be replaced.</summary>
+    private static void RefuseTaken(string path)
     {
-        try
-        {
-            socket.Bind(endpoint);
-            return true;
-        }
-        catch (SocketException e) when (e.SocketErrorCode == SocketError.AddressAlreadyInUse)
-        {
-            return false;
-        }
-        catch (SocketException e)
-        {
-            throw new IOException($"{endpoint}: cannot bind a unix socket there: {e.Message}");
-        }
-    }
-
-    /// <summary>The path exists: a live socket is refused; a socket nobody answers on is removed; anything else is refused.</summary>
-    private static void RemoveStale(string path)
-    {
+        if (Identity(path) is not { } id) return;
+        if ((id.Mode & Native.S_IFMT) != Native.S_IFSOCK) throw new IOException($"{path}: exists and is not a socket; refusing to replace it");
         if (IsLive(path)) throw new IOException($"{path}: in use by another running process (a connection to it succeeded); give this one its own path");
-        var id = Identity(path);
-        if (id is null) return; // gone meanwhile
-        if ((id.Value.Mode & Native.S_IFMT) != Native.S_IFSOCK) throw new IOException($"{path}: exists and is not a socket; refusing to replace it");
-        File.Delete(path);
     }
 
     /// <summary>The file's type bits, device and inode (not following a symlink); null when it does not exist.</summary>
