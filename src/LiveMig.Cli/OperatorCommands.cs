@@ -17,32 +17,35 @@ internal static class OperatorCommands
         DefaultValueFactory = _ => ControlSocket.DefaultAgentPath, HelpName = "PATH",
     };
 
-    public static IEnumerable<Command> All(CliOptions o, Func<ParseResult, Func<int>, int> guard)
+    private static Option<bool> Json() => new("--json") { Description = "Print the answer as one JSON object on stdout (a stable contract: docs/report.md, \"Status and list\")." };
+
+    public static IEnumerable<Command> All(Func<ParseResult, Func<int>, int> guard)
     {
-        yield return List(o, guard);
-        yield return Status(o, guard);
+        yield return List(guard);
+        yield return Status(guard);
         yield return VmCommand("stop", "Stops (pauses) the vCPUs of a VM on the agent; its memory stays. 'livemig start' resumes it.", guard);
         yield return VmCommand("start", "Resumes the vCPUs of a VM stopped with 'livemig stop'.", guard);
         yield return VmCommand("destroy", "Ends a VM on the agent and frees its memory and vCPU threads. Not while it is migrating (cancel that first).", guard);
     }
 
-    private static Command List(CliOptions o, Func<ParseResult, Func<int>, int> guard)
+    private static Command List(Func<ParseResult, Func<int>, int> guard)
     {
         var control = AgentControl();
         control.Description += " Also answers for a running 'livemig migrate' given its --control.";
-        var list = new Command("list", "Lists the VMs on an agent (name, kind, size, state, since when, the migration that brought each) and its migrations in progress (ID, role, strategy, phase, since when).") { control, o.Json };
+        var json = Json();
+        var list = new Command("list", "Lists the VMs on an agent (name, kind, size, state, since when, the migration that brought each) and its migrations in progress (ID, role, strategy, phase, since when).") { control, json };
         list.SetAction(r => guard(r, () =>
         {
             string answer = ControlSocket.Send(r.GetValue(control)!, "list");
             if (!answer.StartsWith('{')) return Failed(answer);
-            if (r.GetValue(o.Json)) Console.WriteLine(answer);
+            if (r.GetValue(json)) Console.WriteLine(answer);
             else StatusView.RenderList(AgentListing.FromJson(answer), AnsiConsole.Console, DateTimeOffset.Now);
             return 0;
         }));
         return list;
     }
 
-    private static Command Status(CliOptions o, Func<ParseResult, Func<int>, int> guard)
+    private static Command Status(Func<ParseResult, Func<int>, int> guard)
     {
         var id = new Argument<string>("ID") { Description = "The migration ID ('livemig list' shows them; 'livemig migrate' prints its own)." };
         var control = new Option<string?>("--control")
@@ -50,14 +53,15 @@ internal static class OperatorCommands
             Description = $"Where to ask: an agent's control socket or a running 'livemig migrate''s. Default: the agent on port 7480 ({ControlSocket.DefaultAgentPath}), then {ControlSocket.DefaultMigratePath}.",
             HelpName = "PATH",
         };
-        var status = new Command("status", "Shows the live figures of a migration in progress, as QEMU's query-migrate does: phase, round, pages remaining, dirty rate, bandwidth, expected downtime, bytes so far, elapsed.") { id, control, o.Json };
+        var json = Json();
+        var status = new Command("status", "Shows the live figures of a migration in progress, as QEMU's query-migrate does: phase, round, pages remaining, dirty rate, bandwidth, expected downtime, bytes so far, elapsed.") { id, control, json };
         status.SetAction(r => guard(r, () =>
         {
             string text = r.GetValue(id)!;
             if (!Guid.TryParse(text, out var guid)) throw new UsageException($"status '{Printable.Escape(text)}': expected a migration ID such as 3f2b...-... ('livemig list' shows them)");
             string answer = AskStatus(r.GetValue(control), guid);
             if (!answer.StartsWith('{')) return Failed(answer);
-            if (r.GetValue(o.Json)) Console.WriteLine(answer);
+            if (r.GetValue(json)) Console.WriteLine(answer);
             else StatusView.RenderStatus(MigrationStatus.FromJson(answer), AnsiConsole.Console);
             return 0;
         }));

@@ -95,7 +95,7 @@ public static class Program
         }));
         root.Add(setBw);
         root.Add(CertsCommand());
-        foreach (var c in OperatorCommands.All(o, (r, body) => Guard(r, o, body))) root.Add(c);
+        foreach (var c in OperatorCommands.All((r, body) => Guard(r, o, body))) root.Add(c);
 
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
