@@ -91,7 +91,7 @@ public sealed partial class CliStrategyMatrixTests
         try
         {
             var options = o.MigrationOptions(r);
-            return (new Parsed(options, o.VmConfig(r, "vm0"), r, o), null);
+            return (new Parsed(options, o.VmConfig(r), r, o), null);
         }
         catch (UsageException e) { return (null, e); }
     }

@@ -22,21 +22,42 @@ public sealed class IncomingMigration
 
     private readonly DestinationOptions _options;
     private readonly DestinationSessions _sessions;
+    private readonly VmRegistry? _vms;
+    /// <summary>The arriving VM's name, reserved at Hello, and the migration's live figures (with a registry only).</summary>
+    private MigrationProgress? _arrival;
 
     /// <summary>
     /// One incoming connection of a destination with <paramref name="options"/>. Migrations that
     /// later connections may join (resume, post-copy, data streams) are registered in
     /// <paramref name="sessions"/>: give every connection of one destination the same (a
     /// <see cref="MigrationListener"/> does); default: a registry of this connection's own.
+    /// With <paramref name="vms"/> the VM's name is reserved there at Hello (a name taken is
+    /// refused), the migration's live figures are listed there while it runs, and the VM that
+    /// arrives is added to it.
     /// </summary>
-    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null)
+    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null, VmRegistry? vms = null)
     {
         _options = options;
         _sessions = sessions ?? new DestinationSessions();
+        _vms = vms;
     }
 
     /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
     public ArrivedVm? Receive(Stream stream)
+    {
+        try
+        {
+            var arrived = ReceiveMigration(stream);
+            if (arrived is not null && _arrival is not null) _vms!.Arrived(_arrival, arrived.Vm);
+            return arrived;
+        }
+        finally
+        {
+            if (_arrival is not null) _vms!.EndArrival(_arrival);
+        }
+    }
+
+    private ArrivedVm? ReceiveMigration(Stream stream)
     {
         if (stream.CanTimeout)
         {
@@ -68,6 +89,7 @@ public sealed class IncomingMigration
         bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
         int currentRound = -1;
+        long placedBeforeRound = 0; // pages placed before the round in progress began (live figures)
         PostCopyIncoming? postCopy = null;
         var downtime = new PhaseClock(_options.Time);
         string? restoreError = null;
@@ -89,6 +111,7 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
+                        Refuse(Reserve(hello));
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
                         SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
@@ -114,6 +137,7 @@ public sealed class IncomingMigration
                         }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
+                        _arrival?.Phase("live");
                         break;
                     case (State.Live, FrameType.DedupQuery):
                         if ((accepted & Capabilities.Dedup) == 0) throw new ProtocolException($"DedupQuery (frame {frame}) without the Dedup capability");
@@ -146,6 +170,8 @@ public sealed class IncomingMigration
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
                         report.BytesOnWire = bytesOfEarlierLinks;
+                        _arrival?.SetStrategy(report.Rounds.Count > 0 ? "hybrid" : "postcopy");
+                        _arrival?.Phase("post-copy");
                         var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
                         memory = null; // post-copy owns it now
                         return postCopy.Run(handover, payload);
@@ -156,6 +182,8 @@ public sealed class IncomingMigration
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
+                        placedBeforeRound = Placed(placer, streams);
+                        _arrival?.DestinationRoundStarted(rs.Round, rs.Final);
                         if (rs.Final) { state = State.StopAndCopy; report.PausedTs = _options.Time.GetTimestamp(); downtime.Start(report.PausedTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
@@ -163,6 +191,7 @@ public sealed class IncomingMigration
                         if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
                         int round = placer!.Apply(payload, frame);
                         if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        _arrival?.Received(bytesOfEarlierLinks + reader.BytesRead, Placed(placer, streams) - placedBeforeRound);
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
@@ -175,11 +204,13 @@ public sealed class IncomingMigration
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
                         });
                         if (state == State.StopAndCopy) downtime.Mark("final-round");
+                        _arrival?.DestinationRoundEnded(re.PagesSent, re.PagesDirtied, re.BytesSent, re.DurationUs / 1000.0);
                         break;
                     case (State.Live, FrameType.Extents):
                         if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
                         extentsSeen = true;
                         var announced = ExtentsMessage.Parse(payload, memory!.PageCount);
+                        _arrival?.Announced(announced.Sum(e => e.Count));
                         if (_options.Prefault && !preparedMemory) // prepared memory is populated already
                         {
                             prefaulter = new Prefaulter(memory, announced);
@@ -276,6 +307,7 @@ public sealed class IncomingMigration
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
                 // cannot know arrived, and a paused-then-resumed VM is live again: back to Live.
+                _arrival?.Phase("reconnecting");
                 var next = resumption.AwaitReattach(_options.ResumeWindow)
                     ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
                 bytesOfEarlierLinks += reader.BytesRead;
@@ -291,6 +323,7 @@ public sealed class IncomingMigration
                 restoreError = null;
                 afterReattach = true;
                 report.Reconnects++;
+                _arrival?.Phase("live");
                 // What arrived of the round cut short: the source sends only the rest again.
                 if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
                 frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
@@ -374,6 +407,16 @@ public sealed class IncomingMigration
         if (h.Vcpus < 1 || h.Vcpus > 1024) return $"{h.Vcpus} vCPUs is out of range (1..1024)";
         var missing = h.Required & ~Supported;
         if (missing != 0) return $"destination lacks required capabilities: {missing}";
+        return null;
+    }
+
+    /// <summary>Takes the VM's name in the registry for this migration; why not, when a VM of that name runs or arrives here.</summary>
+    private string? Reserve(HelloMessage h)
+    {
+        if (_vms is null) return null;
+        var arriving = new MigrationProgress(h.MigrationId, "destination", "precopy", h.VmName, h.MemoryBytes, "", _options.Time);
+        if (_vms.TryReserve(arriving) is { } why) return why;
+        _arrival = arriving;
         return null;
     }
 

@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
 using LiveMig.Transport;
@@ -8,13 +7,13 @@ namespace LiveMig.Engine;
 
 /// <summary>
 /// A destination agent: accepts migrations on a TCP port, each on its own thread, and keeps
-/// every VM that arrives running (so it can be migrated onward).
+/// every VM that arrives running in its <see cref="Registry"/>, by unique name, until it is
+/// destroyed or migrated onward.
 /// </summary>
 public sealed class MigrationListener : IDisposable
 {
     private readonly TcpListener _listener;
     private readonly DestinationOptions _options;
-    private readonly ConcurrentDictionary<string, IVirtualMachine> _vms = new();
     private readonly CancellationTokenSource _stop = new();
     /// <summary>This listener's migrations that later connections join (resume, post-copy, data streams): its own, shared with no other listener.</summary>
     private readonly DestinationSessions _sessions = new();
@@ -24,6 +23,7 @@ public sealed class MigrationListener : IDisposable
     {
         _listener = new TcpListener(address, port);
         _options = options;
+        Registry = new VmRegistry(options.Time);
     }
 
     public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
@@ -37,7 +37,10 @@ public sealed class MigrationListener : IDisposable
     /// <summary>The migrations in progress here that other connections may join.</summary>
     public DestinationSessions Sessions => _sessions;
 
-    public IReadOnlyCollection<IVirtualMachine> Vms => (IReadOnlyCollection<IVirtualMachine>)_vms.Values;
+    /// <summary>The VMs that arrived and run here, and the migrations in progress (list, stop, destroy, migrate onward).</summary>
+    public VmRegistry Registry { get; }
+
+    public IReadOnlyCollection<IVirtualMachine> Vms => Registry.Vms;
 
     public void Start()
     {
@@ -76,10 +79,9 @@ public sealed class MigrationListener : IDisposable
                     return;
                 }
                 using var _ = stream;
-                var arrived = new IncomingMigration(_options, _sessions).Receive(stream);
+                var arrived = new IncomingMigration(_options, _sessions, Registry).Receive(stream);
                 if (arrived is null) return; // a second connection of a post-copy migration
                 arrived = arrived with { Report = arrived.Report with { Peer = peer } };
-                _vms[arrived.Report.MigrationId] = arrived.Vm;
                 Arrived?.Invoke(arrived);
             }
             catch (MigrationFailedException e)
@@ -94,7 +96,6 @@ public sealed class MigrationListener : IDisposable
         _stop.Cancel();
         _listener.Stop();
         _acceptThread?.Join(TimeSpan.FromSeconds(5));
-        foreach (var vm in _vms.Values) vm.Dispose();
-        _vms.Clear();
+        Registry.Dispose();
     }
 }

@@ -123,16 +123,24 @@ public sealed class BuiltInVm : IVirtualMachine
             var programs = new VcpuProgram[config.Vcpus];
             ulong s = config.Seed;
             for (int i = 0; i < programs.Length; i++) programs[i] = workload.CreateProgram(memory, i, programs.Length, Xoshiro256.SplitMix(ref s));
-            var vm = new BuiltInVm(config.Name, memory, config.DirtyLog, workload, config.Seed, programs);
+            var vm = new BuiltInVm(config.Name, memory, config.DirtyLog, workload, config.Seed, programs) { _memoryFile = config.MemoryFile };
             _ = vm.DirtyLog; // the source side tracks soon: make it now, so a fallback note is known up front
             return vm;
         }
         catch
         {
             memory.Dispose();
+            if (config.MemoryFile is { } made) File.Delete(made);
             throw;
         }
     }
+
+    /// <summary>
+    /// The memory file this VM made (<see cref="VmConfig.MemoryFile"/>), removed when the VM ends
+    /// here (disposed: the migration completed, or failed and the process ends). Only a process
+    /// that dies without disposing leaves it, which is what it is for.
+    /// </summary>
+    private string? _memoryFile;
 
     /// <summary>A new sparse file of <paramref name="size"/> bytes, mapped shared; refused if the file exists (it may hold a paused VM).</summary>
     private static GuestMemory CreateFileMemory(string path, long size)
@@ -453,5 +461,6 @@ public sealed class BuiltInVm : IVirtualMachine
         (Workload as IDisposable)?.Dispose();
         if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
         Memory.Dispose();
+        if (_memoryFile is { } file) File.Delete(file);
     }
 }
