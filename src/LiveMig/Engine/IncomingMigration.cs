@@ -96,7 +96,9 @@ public sealed class IncomingMigration
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
-                        accepted = hello.Requested & Supported;
+                        // Unchecked frames only where TLS authenticates every byte.
+                        accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
+                        reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                         (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
@@ -161,7 +163,7 @@ public sealed class IncomingMigration
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
                         if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
-                        int round = placer!.Apply(payload, frame);
+                        int round = placer!.Apply(payload, frame, reader.EntryHashes);
                         if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
@@ -279,7 +281,9 @@ public sealed class IncomingMigration
                 var next = resumption.AwaitReattach(_options.ResumeWindow)
                     ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
                 bytesOfEarlierLinks += reader.BytesRead;
+                if ((accepted & Capabilities.TlsUnchecked) != 0 && !IsSecured(next.Stream)) throw new IOException($"{e.Message}; the source came back on a connection without TLS, but the migration negotiated unchecked frames under TLS", e);
                 reader = next.Reader;
+                reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                 frames = next.Frames;
                 stream = next.Stream;
                 state = State.Live;
@@ -341,7 +345,10 @@ public sealed class IncomingMigration
         DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool,
     };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream
+        | Capabilities.PageHashCheck | Capabilities.TlsUnchecked | CodecBits;
+
+    internal static bool IsSecured(Stream stream) => ChannelSecurity.IsSecured(stream);
 
     /// <summary>Pages placed on the control connection and on every data stream.</summary>
     private static long Placed(PageBatchReader placer, IncomingStreams? streams) => placer.PagesPlaced + (streams?.PagesPlaced ?? 0);
