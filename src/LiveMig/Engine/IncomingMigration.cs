@@ -91,7 +91,9 @@ public sealed class IncomingMigration
                         Refuse(CheckHello(hello));
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
-                        SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
+                        // The restore and resume code (and post-copy's switch, if it may come) compiles while the pages arrive.
+                        if ((hello.Requested & Capabilities.PostCopy) != 0) SwitchoverWarmup.ForPostCopyDestination(factory);
+                        else SwitchoverWarmup.ForDestination(factory);
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
@@ -107,8 +109,8 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
-                        // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
-                        else vcpuThreads = factory.PrepareThreads(incoming);
+                        // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
+                        vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
                             resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);
@@ -148,8 +150,9 @@ public sealed class IncomingMigration
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
                         report.BytesOnWire = bytesOfEarlierLinks;
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound, vcpuThreads);
                         memory = null; // post-copy owns it now
+                        vcpuThreads = null; // and the parked threads
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);

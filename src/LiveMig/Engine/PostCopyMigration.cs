@@ -151,6 +151,7 @@ public sealed class PostCopyMigration
     {
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
+        _switchClock = new PhaseClock(_time);
         Link? link = null;
         if (_options.Verify) _hashes = new PageHashes(_vm.Memory.PageCount);
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), 1, _time);
@@ -163,6 +164,8 @@ public sealed class PostCopyMigration
                 string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
                 throw new MigrationFailedException(why, Report(why, null), e);
             }
+            // The switch's code compiles while the handshake (and hybrid's rounds) run, not in the downtime.
+            var warmup = SwitchoverWarmup.ForPostCopySource(_vm);
             Handshake(link);
             OpenPriority(link, connect, 0);
             if (_rounds is not null && PreCopyRounds(link, cancel) is { } converged)
@@ -176,6 +179,7 @@ public sealed class PostCopyMigration
                 link.Dispose();
                 return done;
             }
+            ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
             link = PostCopy(link, connect, pendingAtSwitch, cancel);
@@ -244,32 +248,45 @@ public sealed class PostCopyMigration
 
     private StopAndCopy? _stopAndCopy;
 
+    // The post-copy switch's steps, from the pause to the Resumed acknowledgement (the report's downtimeBreakdown).
+    private PhaseClock _switchClock = null!;
+    private double _pauseBarrierMs;
+
     /// <summary>The switch: pause, say which pages are still to come, send the VM state, and commit once the destination is ready.</summary>
     private PageBitmap Switch(Link link)
     {
         Span<byte> small = stackalloc byte[64];
         _observer.Phase("paused");
+        long asked = _time.GetTimestamp();
         _vm.Pause();
         _paused = true;
         _pausedAt = _time.GetTimestamp();
+        _pauseBarrierMs = _time.GetElapsedTime(asked, _pausedAt).TotalMilliseconds;
+        _switchClock.Start(_pausedAt);
         var pending = PendingAtSwitch();
         _pending = new NativePageBitmap(_vm.Memory.PageCount);
         _pending.CopyFrom(pending);
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
         _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
+        _switchClock.Mark("pending-set");
         var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
         PageBitmapChunks.Send(link.MainFrames, _pending);
+        _switchClock.Mark("send-pending-pages");
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
+        _switchClock.Mark("save-vm-state");
         StartServer(link); // the destination may fault while it restores the VM
+        _switchClock.Mark("start-request-server");
 
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+        _switchClock.Mark("await-ready");
         // From here on the destination may run the VM: the source never resumes it.
         link.MainFrames.Send(FrameType.Commit, []);
         _committed = true;
+        _switchClock.Mark("send-commit");
         return pending;
     }
 
@@ -309,6 +326,7 @@ public sealed class PostCopyMigration
                     if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
                     _resumedSeen = true;
                     _resumedAt = _time.GetTimestamp();
+                    _switchClock.Mark("await-resumed");
                 }
                 PushAll(link, cancel);
                 // Every page is claimed; the server may still be sending its last answer.
@@ -400,6 +418,7 @@ public sealed class PostCopyMigration
         return r with
         {
             DowntimeMs = _time.GetElapsedTime(_pausedAt, _resumedAt).TotalMilliseconds,
+            DowntimeBreakdown = new DowntimeBreakdown { PauseBarrierMs = _pauseBarrierMs, Source = _switchClock.Phases, SourceJitMs = _switchClock.JitMs },
             TimeToResumeMs = _time.GetElapsedTime(_t0, _resumedAt).TotalMilliseconds,
             PostCopyMs = _time.GetElapsedTime(_resumedAt, _completedAt).TotalMilliseconds,
             PagesResent = Interlocked.Read(ref _requestsForSentPages),
