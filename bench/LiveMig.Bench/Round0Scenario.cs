@@ -7,7 +7,8 @@ namespace LiveMig.Bench;
 /// Round 0 against its like-for-like plain copy, the issue-11 targets: each repetition runs, in
 /// this order, a plain TCP copy into populated memfd memory, LiveMig into prepared destination
 /// memory (verify on), a plain copy into fresh memfd memory while a source-sized memfd is held
-/// (as in a migration), LiveMig into fresh memory with verification on, then off. Ratios are
+/// (as in a migration), LiveMig into fresh memory with verification on, then off; then both
+/// again with the destination reading and placing on one thread (<c>PlacingThread</c> off). Ratios are
 /// taken inside each repetition (same run), then the median; the CPU of the sending and
 /// receiving threads per GB of payload, against the plain copy's.
 /// </summary>
@@ -23,6 +24,8 @@ internal static class Round0Scenario
     private const string PlainFresh = "Plain TCP copy → fresh memfd memory (source-sized memfd held)";
     private const string FreshOn = "LiveMig round 0 → fresh memory, verify on";
     private const string FreshOff = "LiveMig round 0 → fresh memory, verify off";
+    private const string PreparedOneThread = "LiveMig round 0 → prepared memory, verify on, receive and place on one thread";
+    private const string FreshOneThread = "LiveMig round 0 → fresh memory, verify on, receive and place on one thread";
 
     public static void Run(long memoryBytes, int reps, TextWriter output)
     {
@@ -55,9 +58,15 @@ internal static class Round0Scenario
                 rep[PlainPopulated] = Plain(PlainPopulated, fresh: false);
                 rep[Prepared] = prepared;
             }
+            using (var pool = new LiveMig.Memory.MemoryPool(memoryBytes, 1))
+            {
+                pool.WaitReady();
+                rep[PreparedOneThread] = Migrate(PreparedOneThread, new MigrationOptions { Verify = true }, new DestinationOptions { MemoryPool = pool, PlacingThread = false });
+            }
             rep[PlainFresh] = Plain(PlainFresh, fresh: true);
             rep[FreshOn] = Migrate(FreshOn, new MigrationOptions { Verify = true });
             rep[FreshOff] = Migrate(FreshOff, new MigrationOptions { Verify = false });
+            rep[FreshOneThread] = Migrate(FreshOneThread, new MigrationOptions { Verify = true }, new DestinationOptions { PlacingThread = false });
             results.Add(rep);
         }
 
@@ -67,7 +76,7 @@ internal static class Round0Scenario
         output.WriteLine();
         output.WriteLine("| Transfer | Seconds | GB/s | Ratio to its plain copy | Sender CPU s/GB | Receiver CPU s/GB |");
         output.WriteLine("|---|---:|---:|---:|---:|---:|");
-        foreach (var (name, baseline) in new[] { (PlainPopulated, PlainPopulated), (Prepared, PlainPopulated), (PlainFresh, PlainFresh), (FreshOn, PlainFresh), (FreshOff, PlainFresh) })
+        foreach (var (name, baseline) in new[] { (PlainPopulated, PlainPopulated), (Prepared, PlainPopulated), (PlainFresh, PlainFresh), (FreshOn, PlainFresh), (FreshOff, PlainFresh), (PreparedOneThread, PlainPopulated), (FreshOneThread, PlainFresh) })
         {
             double Med(Func<Dictionary<string, Sample>, double> f) => Stats.Median(results.Select(f));
             output.WriteLine($"| {name} | {Med(x => x[name].Seconds):0.000} | {Med(x => x[name].GBps):0.00} | {Med(x => x[name].GBps / x[baseline].GBps):0.00} | " +

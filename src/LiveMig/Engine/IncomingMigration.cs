@@ -73,6 +73,7 @@ public sealed class IncomingMigration
         string? restoreError = null;
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
+        PlacingThread? placing = null; // places this connection's pages while it reads on (DestinationOptions.PlacingThread)
 
         try
         {
@@ -80,8 +81,12 @@ public sealed class IncomingMigration
             {
               try
               {
-                var type = reader.Read(out var payload);
+                FrameType type;
+                ReadOnlySpan<byte> payload;
+                try { type = reader.Read(out payload); }
+                catch (Exception) when (placing is not null) { placing.Drain(); throw; } // a bad page placed earlier is the cause, not what followed it
                 long frame = reader.FramesRead - 1;
+                if (type != FrameType.PageBatch) placing?.Drain(); // every page before this frame is placed before it is acted on
                 if (type == FrameType.Error)
                     throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                 switch (state, type)
@@ -97,6 +102,9 @@ public sealed class IncomingMigration
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
+                        // Placing on its own thread overlaps the socket with the memory; with post-copy
+                        // possible the hand-over below needs the single-threaded placer.
+                        if (_options.PlacingThread && (hello.Requested & Capabilities.PostCopy) == 0) placing = new PlacingThread(placer);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         // Unchecked frames only where TLS authenticates every byte.
                         accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
@@ -166,8 +174,10 @@ public sealed class IncomingMigration
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
                         if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
-                        int round = placer!.Apply(payload, frame, reader.EntryHashes);
-                        if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        int round = payload.Length >= 4 ? (int)System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(payload) : -1;
+                        if (payload.Length >= PageBatchWriter.BatchHeaderSize && round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        if (placing is not null) placing.Enqueue(reader, frame, payload.Length);
+                        else placer!.Apply(payload, frame, reader.EntryHashes);
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
@@ -281,6 +291,7 @@ public sealed class IncomingMigration
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
                 // cannot know arrived, and a paused-then-resumed VM is live again: back to Live.
+                placing?.Drain(); // what arrived intact is placed (and marked delivered) before the source is told
                 var next = resumption.AwaitReattach(_options.ResumeWindow)
                     ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
                 bytesOfEarlierLinks += reader.BytesRead;
@@ -306,6 +317,8 @@ public sealed class IncomingMigration
         }
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
+            placing?.Dispose(); // no page is placed once the memory may be discarded
+            placing = null;
             prefaulter?.Dispose();
             vcpuThreads?.Dispose();
             // No data stream may touch the memory once it is discarded: stop them all first.
@@ -326,6 +339,7 @@ public sealed class IncomingMigration
         }
         finally
         {
+            placing?.Dispose();
             // Gives back a connection lent by a reattach (its own thread closes it).
             resumption?.Close();
         }

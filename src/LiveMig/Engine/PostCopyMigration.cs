@@ -180,6 +180,7 @@ public sealed class PostCopyMigration
                 return done;
             }
             ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
+            if (_controller is null) ScanPopulated();
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
             link = PostCopy(link, connect, pendingAtSwitch, cancel);
@@ -296,19 +297,37 @@ public sealed class PostCopyMigration
     /// </summary>
     private PageBitmap PendingAtSwitch()
     {
+        // The dirty log stops after the destination resumed (PostCopy): unregistering it is not downtime.
         if (_controller is not null)
         {
             _controller.ReleaseBrakes();
             _controller.HarvestFinal();
-            _vm.DirtyLog.Stop();
             return _controller.Pending;
         }
-        var pending = new PageBitmap(_vm.Memory.PageCount);
-        long populated = _vm.Memory.MarkPopulated(pending);
+        // Populated before the pause (ScanPopulated), or written since.
+        var pending = _populated!;
+        _populated = null;
+        _vm.DirtyLog.Harvest(pending);
+        long populated = pending.Count();
         _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
         // Free pages are not to come: the destination keeps them zero (and both sides hash them as zero pages).
         if (_pipeline is { Options.SkipFreePages: true } p) p.SkipFreePages(free => _vm.ReportFreePages(free), pending, populated, _holes);
         return pending;
+    }
+
+    private PageBitmap? _populated;
+
+    /// <summary>
+    /// Pure post-copy, before the pause: the populated pages (one SEEK_DATA/SEEK_HOLE pair per
+    /// extent: tens of milliseconds for a guest of scattered zero pages, which used to be
+    /// downtime), with the dirty log tracking from before the scan, so a page the guest populates
+    /// after it is in the last harvest at the pause.
+    /// </summary>
+    private void ScanPopulated()
+    {
+        if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+        _populated = new PageBitmap(_vm.Memory.PageCount);
+        _vm.Memory.MarkPopulated(_populated);
     }
 
     /// <summary>After the switch: push every page still to come while the request server answers faults, end with PostCopyEnd; reconnect after any link failure.</summary>
@@ -328,6 +347,7 @@ public sealed class PostCopyMigration
                     _resumedAt = _time.GetTimestamp();
                     _switchClock.Mark("await-resumed");
                 }
+                if (_vm.DirtyLog.IsTracking) _vm.DirtyLog.Stop(); // the paused VM writes nothing more: its log goes, after the downtime
                 PushAll(link, cancel);
                 // Every page is claimed; the server may still be sending its last answer.
                 lock (_serveLock) _sourceHash = _hashes?.Combine() ?? 0;

@@ -310,6 +310,25 @@ public sealed class FrameReader : IDisposable
         return (FrameType)type;
     }
 
+    /// <summary>
+    /// Hands over the buffers that hold the frame just read (its payload from offset 0, and its
+    /// <see cref="EntryHashes"/>) in exchange for <paramref name="payload"/> and
+    /// <paramref name="entryHashes"/> (pooled buffers too, or empty), so that frame can be placed on
+    /// another thread while this reader reads the next into the replacements. The span the last
+    /// <see cref="Read"/> returned now lies in the buffer handed out: the reader no longer touches it.
+    /// </summary>
+    public void Exchange(ref byte[] payload, ref ulong[] entryHashes)
+    {
+        (payload, _buffer) = (_buffer, payload);
+        (entryHashes, _entryHashes) = (_entryHashes, entryHashes);
+        _entryCount = 0;
+        if (_buffer.Length < FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch))
+        {
+            if (_buffer.Length > 0) ArrayPool<byte>.Shared.Return(_buffer);
+            _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
+        }
+    }
+
     /// <summary>Checks a PageBatch by its entries' payload hashes, keeping them for the placer (<see cref="EntryHashes"/>).</summary>
     private void CheckPageHashes(ReadOnlySpan<byte> payload, uint sum, long index, long at)
     {
