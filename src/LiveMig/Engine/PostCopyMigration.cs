@@ -181,6 +181,7 @@ public sealed class PostCopyMigration
             }
             ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
             if (_controller is null) ScanPopulated();
+            StartServer(link); // before the pause: a thread start is not downtime (it serves requests only after PostCopyStart)
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
             link = PostCopy(link, connect, pendingAtSwitch, cancel);
@@ -269,7 +270,7 @@ public sealed class PostCopyMigration
         _pending.CopyFrom(pending);
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
-        _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
+        Volatile.Write(ref _order, new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging)); // last: the request server (already running) reads it first
         _switchClock.Mark("pending-set");
         var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
@@ -277,8 +278,6 @@ public sealed class PostCopyMigration
         _switchClock.Mark("send-pending-pages");
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
         _switchClock.Mark("save-vm-state");
-        StartServer(link); // the destination may fault while it restores the VM
-        _switchClock.Mark("start-request-server");
 
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
@@ -512,6 +511,7 @@ public sealed class PostCopyMigration
                 if (type != FrameType.PageRequest) throw new ProtocolException($"unexpected {type} on the page-request connection");
                 long t0 = _time.GetTimestamp();
                 int n = PageRequestMessage.Parse(payload, pageCount, pages);
+                if (Volatile.Read(ref _order) is null) throw new ProtocolException("PageRequest before the switch to post-copy");
                 lock (_serveLock)
                 {
                     writer.BeginRound(_postCopyRound);
