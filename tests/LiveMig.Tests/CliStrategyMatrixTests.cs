@@ -27,7 +27,9 @@ public sealed partial class CliStrategyMatrixTests
     /// <summary>Per option: the arguments that set it, and how its effect shows.</summary>
     private static readonly Dictionary<string, (string[] Args, Func<Parsed, bool> Effect)> Samples = new()
     {
+        ["--name"] = (["--name", "web-1"], p => p.Vm.Name == "web-1"),
         ["--memory"] = (["--memory", "128MiB"], p => p.Vm.MemoryBytes == 128L << 20),
+        ["--memory-file"] = (["--memory-file", "/nonexistent-dir/vm.mem"], p => p.Vm.MemoryFile == "/nonexistent-dir/vm.mem"),
         ["--vcpus"] = (["--vcpus", "3"], p => p.Vm.Vcpus == 3),
         ["--workload"] = (["--workload", "random:rate=100"], p => p.Vm.Workload == "random:rate=100"),
         ["--seed"] = (["--seed", "9"], p => p.Vm.Seed == 9),

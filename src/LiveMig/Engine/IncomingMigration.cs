@@ -95,6 +95,7 @@ public sealed class IncomingMigration
         string? restoreError = null;
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
+        PlacingThread? placing = null; // places this connection's pages while it reads on (DestinationOptions.PlacingThread)
 
         try
         {
@@ -102,8 +103,12 @@ public sealed class IncomingMigration
             {
               try
               {
-                var type = reader.Read(out var payload);
+                FrameType type;
+                ReadOnlySpan<byte> payload;
+                try { type = reader.Read(out payload); }
+                catch (Exception) when (placing is not null) { placing.Drain(); throw; } // a bad page placed earlier is the cause, not what followed it
                 long frame = reader.FramesRead - 1;
+                if (type != FrameType.PageBatch) placing?.Drain(); // every page before this frame is placed before it is acted on
                 if (type == FrameType.Error)
                     throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                 switch (state, type)
@@ -114,12 +119,19 @@ public sealed class IncomingMigration
                         Refuse(Reserve(hello));
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
-                        SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
+                        // The restore and resume code (and post-copy's switch, if it may come) compiles while the pages arrive.
+                        if ((hello.Requested & Capabilities.PostCopy) != 0) SwitchoverWarmup.ForPostCopyDestination(factory);
+                        else SwitchoverWarmup.ForDestination(factory);
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
+                        // Placing on its own thread overlaps the socket with the memory; with post-copy
+                        // possible the hand-over below needs the single-threaded placer.
+                        if (_options.PlacingThread && (hello.Requested & Capabilities.PostCopy) == 0) placing = new PlacingThread(placer);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
-                        accepted = hello.Requested & Supported;
+                        // Unchecked frames only where TLS authenticates every byte.
+                        accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
+                        reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                         (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
@@ -128,8 +140,8 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
-                        // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
-                        else vcpuThreads = factory.PrepareThreads(incoming);
+                        // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
+                        vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
                             resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);
@@ -172,8 +184,9 @@ public sealed class IncomingMigration
                         report.BytesOnWire = bytesOfEarlierLinks;
                         _arrival?.SetStrategy(report.Rounds.Count > 0 ? "hybrid" : "postcopy");
                         _arrival?.Phase("post-copy");
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound, vcpuThreads);
                         memory = null; // post-copy owns it now
+                        vcpuThreads = null; // and the parked threads
                         return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
@@ -189,9 +202,11 @@ public sealed class IncomingMigration
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
                         if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
-                        int round = placer!.Apply(payload, frame);
-                        if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
-                        _arrival?.Received(bytesOfEarlierLinks + reader.BytesRead, Placed(placer, streams) - placedBeforeRound);
+                        int round = payload.Length >= 4 ? (int)System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(payload) : -1;
+                        if (payload.Length >= PageBatchWriter.BatchHeaderSize && round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        if (placing is not null) placing.Enqueue(reader, frame, payload.Length);
+                        else placer!.Apply(payload, frame, reader.EntryHashes);
+                        _arrival?.Received(bytesOfEarlierLinks + reader.BytesRead, Placed(placer!, streams) - placedBeforeRound);
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
@@ -307,11 +322,14 @@ public sealed class IncomingMigration
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
                 // cannot know arrived, and a paused-then-resumed VM is live again: back to Live.
+                placing?.Drain(); // what arrived intact is placed (and marked delivered) before the source is told
                 _arrival?.Phase("reconnecting");
                 var next = resumption.AwaitReattach(_options.ResumeWindow)
                     ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
                 bytesOfEarlierLinks += reader.BytesRead;
+                if ((accepted & Capabilities.TlsUnchecked) != 0 && !IsSecured(next.Stream)) throw new IOException($"{e.Message}; the source came back on a connection without TLS, but the migration negotiated unchecked frames under TLS", e);
                 reader = next.Reader;
+                reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                 frames = next.Frames;
                 stream = next.Stream;
                 state = State.Live;
@@ -332,6 +350,8 @@ public sealed class IncomingMigration
         }
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
+            placing?.Dispose(); // no page is placed once the memory may be discarded
+            placing = null;
             prefaulter?.Dispose();
             vcpuThreads?.Dispose();
             // No data stream may touch the memory once it is discarded: stop them all first.
@@ -352,6 +372,7 @@ public sealed class IncomingMigration
         }
         finally
         {
+            placing?.Dispose();
             // Gives back a connection lent by a reattach (its own thread closes it).
             resumption?.Close();
         }
@@ -374,7 +395,10 @@ public sealed class IncomingMigration
         DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
     };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream
+        | Capabilities.PageHashCheck | Capabilities.TlsUnchecked | CodecBits;
+
+    internal static bool IsSecured(Stream stream) => ChannelSecurity.IsSecured(stream);
 
     /// <summary>Pages placed on the control connection and on every data stream.</summary>
     private static long Placed(PageBatchReader placer, IncomingStreams? streams) => placer.PagesPlaced + (streams?.PagesPlaced ?? 0);

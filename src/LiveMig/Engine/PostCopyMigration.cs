@@ -162,6 +162,7 @@ public sealed class PostCopyMigration
         var cancel = _gate.Token;
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
+        _switchClock = new PhaseClock(_time);
         Link? link = null;
         if (_options.Verify) _hashes = new PageHashes(_vm.Memory.PageCount);
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), 1, _time);
@@ -175,6 +176,8 @@ public sealed class PostCopyMigration
                 string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
                 throw new MigrationFailedException(why, Report(why, null), e);
             }
+            // The switch's code compiles while the handshake (and hybrid's rounds) run, not in the downtime.
+            var warmup = SwitchoverWarmup.ForPostCopySource(_vm);
             Handshake(link);
             OpenPriority(link, connect, 0);
             if (_rounds is not null && PreCopyRounds(link, cancel) is { } converged)
@@ -189,6 +192,9 @@ public sealed class PostCopyMigration
                 link.Dispose();
                 return done;
             }
+            ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
+            if (_controller is null) ScanPopulated();
+            StartServer(link); // before the pause: a thread start is not downtime (it serves requests only after PostCopyStart)
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
             try { link = PostCopy(link, connect, pendingAtSwitch, cancel); }
@@ -311,33 +317,44 @@ public sealed class PostCopyMigration
 
     private StopAndCopy? _stopAndCopy;
 
+    // The post-copy switch's steps, from the pause to the Resumed acknowledgement (the report's downtimeBreakdown).
+    private PhaseClock _switchClock = null!;
+    private double _pauseBarrierMs;
+
     /// <summary>The switch: pause, say which pages are still to come, send the VM state, and commit once the destination is ready.</summary>
     private PageBitmap Switch(Link link)
     {
         Span<byte> small = stackalloc byte[64];
         _observer.Phase("paused");
+        long asked = _time.GetTimestamp();
         _vm.Pause();
         _paused = true;
         _pausedAt = _time.GetTimestamp();
+        _pauseBarrierMs = _time.GetElapsedTime(asked, _pausedAt).TotalMilliseconds;
+        _switchClock.Start(_pausedAt);
         var pending = PendingAtSwitch();
         _pending = new NativePageBitmap(_vm.Memory.PageCount);
         _pending.CopyFrom(pending);
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
-        _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
+        Volatile.Write(ref _order, new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging)); // last: the request server (already running) reads it first
+        _switchClock.Mark("pending-set");
         var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
         PageBitmapChunks.Send(link.MainFrames, _pending);
+        _switchClock.Mark("send-pending-pages");
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
-        StartServer(link); // the destination may fault while it restores the VM
+        _switchClock.Mark("save-vm-state");
 
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+        _switchClock.Mark("await-ready");
         // From here on the destination may run the VM: the source never resumes it.
         if (!_gate.TryCommit()) throw new OperationCanceledException(_gate.Token);
         link.MainFrames.Send(FrameType.Commit, []);
         _committed = true;
+        _switchClock.Mark("send-commit");
         return pending;
     }
 
@@ -347,19 +364,37 @@ public sealed class PostCopyMigration
     /// </summary>
     private PageBitmap PendingAtSwitch()
     {
+        // The dirty log stops after the destination resumed (PostCopy): unregistering it is not downtime.
         if (_controller is not null)
         {
             _controller.ReleaseBrakes();
             _controller.HarvestFinal();
-            _vm.DirtyLog.Stop();
             return _controller.Pending;
         }
-        var pending = new PageBitmap(_vm.Memory.PageCount);
-        long populated = _vm.Memory.MarkPopulated(pending);
+        // Populated before the pause (ScanPopulated), or written since.
+        var pending = _populated!;
+        _populated = null;
+        _vm.DirtyLog.Harvest(pending);
+        long populated = pending.Count();
         _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
         // Free pages are not to come: the destination keeps them zero (and both sides hash them as zero pages).
         if (_pipeline is { Options.SkipFreePages: true } p) p.SkipFreePages(free => _vm.ReportFreePages(free), pending, populated, _holes);
         return pending;
+    }
+
+    private PageBitmap? _populated;
+
+    /// <summary>
+    /// Pure post-copy, before the pause: the populated pages (one SEEK_DATA/SEEK_HOLE pair per
+    /// extent: tens of milliseconds for a guest of scattered zero pages, which used to be
+    /// downtime), with the dirty log tracking from before the scan, so a page the guest populates
+    /// after it is in the last harvest at the pause.
+    /// </summary>
+    private void ScanPopulated()
+    {
+        if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+        _populated = new PageBitmap(_vm.Memory.PageCount);
+        _vm.Memory.MarkPopulated(_populated);
     }
 
     /// <summary>After the switch: push every page still to come while the request server answers faults, end with PostCopyEnd; reconnect after any link failure.</summary>
@@ -377,7 +412,9 @@ public sealed class PostCopyMigration
                     if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
                     _resumedSeen = true;
                     _resumedAt = _time.GetTimestamp();
+                    _switchClock.Mark("await-resumed");
                 }
+                if (_vm.DirtyLog.IsTracking) _vm.DirtyLog.Stop(); // the paused VM writes nothing more: its log goes, after the downtime
                 PushAll(link, cancel);
                 // Every page is claimed; the server may still be sending its last answer.
                 lock (_serveLock) _sourceHash = _hashes?.Combine() ?? 0;
@@ -484,6 +521,7 @@ public sealed class PostCopyMigration
         return r with
         {
             DowntimeMs = _time.GetElapsedTime(_pausedAt, _resumedAt).TotalMilliseconds,
+            DowntimeBreakdown = new DowntimeBreakdown { PauseBarrierMs = _pauseBarrierMs, Source = _switchClock.Phases, SourceJitMs = _switchClock.JitMs },
             TimeToResumeMs = _time.GetElapsedTime(_t0, _resumedAt).TotalMilliseconds,
             PostCopyMs = _time.GetElapsedTime(_resumedAt, _completedAt).TotalMilliseconds,
             PagesResent = Interlocked.Read(ref _requestsForSentPages),
@@ -557,6 +595,7 @@ public sealed class PostCopyMigration
                 if (type != FrameType.PageRequest) throw new ProtocolException($"unexpected {type} on the page-request connection");
                 long t0 = _time.GetTimestamp();
                 int n = PageRequestMessage.Parse(payload, pageCount, pages);
+                if (Volatile.Read(ref _order) is null) throw new ProtocolException("PageRequest before the switch to post-copy");
                 lock (_serveLock)
                 {
                     writer.BeginRound(_postCopyRound);

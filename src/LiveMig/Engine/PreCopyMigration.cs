@@ -187,7 +187,8 @@ public sealed class PreCopyMigration
         var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities
             | (_options.Streams > 1 ? Capabilities.MultiStream : 0);
         // Resume after a drop is for the single connection: with several data streams a drop fails the migration (docs/protocol.md).
-        var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
+        var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0)
+            | Capabilities.PageHashCheck | (ChannelSecurity.IsSecured(_stream) ? Capabilities.TlsUnchecked : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
         _sender.Frames.Send(FrameType.Hello, small[..hello.Write(small)]);
@@ -201,7 +202,10 @@ public sealed class PreCopyMigration
             throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
         _canResume = (ack.Accepted & Capabilities.PreCopyResume) != 0;
         _announceExtents = (ack.Accepted & Capabilities.Extents) != 0;
+        _sender.Batches.Check = _check = PageBatchChecks.Of(ack.Accepted);
     }
+
+    private PageBatchCheck _check;
 
     private bool _announceExtents;
 
@@ -217,7 +221,7 @@ public sealed class PreCopyMigration
         if (_options.Streams > 1)
         {
             var connectData = _options.StreamConnector ?? _dataConnector ?? throw new InvalidOperationException("several data streams need MigrateTo or MigrationOptions.StreamConnector");
-            _sender.Streams = SourceStreams.Open(_options.Streams, _id, _sender.Frames, _sender.Reader, connectData, _vm.Memory, Limiter, _sender.Batches.Hashes, _pipeline, _options.IoTimeout);
+            _sender.Streams = SourceStreams.Open(_options.Streams, _id, _sender.Frames, _sender.Reader, connectData, _vm.Memory, Limiter, _sender.Batches.Hashes, _pipeline, _options.IoTimeout, _check);
         }
         _controller.Begin(first);
         _setupDone = true;
@@ -382,6 +386,7 @@ public sealed class PreCopyMigration
             Interruptions = [.. _interruptions],
             PagesByEncoding = _sender.Counters().PagesByName(),
             Streams = Math.Max(1, _options.Streams),
+            FrameCheck = PageBatchChecks.Name(_check),
         };
         return _switchover.AddTo(r, _options.PreCopy.DowntimeLimit);
     }
