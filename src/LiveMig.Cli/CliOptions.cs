@@ -3,6 +3,7 @@ using LiveMig.DirtyTracking;
 using LiveMig.Engine;
 using LiveMig.Pipeline;
 using LiveMig.Policies;
+using LiveMig.Protocol;
 using LiveMig.Vm;
 using LiveMig.Workloads;
 
@@ -16,7 +17,7 @@ internal sealed class CliOptions
 {
     public readonly Option<string> Memory = new("--memory") { Description = "Guest memory size, e.g. 512MiB, 4GiB (64MiB to the machine's memory).", DefaultValueFactory = _ => "1GiB", HelpName = "SIZE" };
     public readonly Option<int> Vcpus = new("--vcpus") { Description = "Number of vCPU threads running the workload.", DefaultValueFactory = _ => 2, HelpName = "N" };
-    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle[:used=]; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]. Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
+    public readonly Option<string> Workload = new("--workload") { Description = "What the guest runs: NAME[:key=value,...]. idle[:used=]; sweep[:rate=,range=]; random[:rate=,range=]; hotcold[:wss=,skew=,rate=]; kv[:keys=,value=]; trace:FILE[,speed=] (replays a recorded trace). Rates are page writes/s.", DefaultValueFactory = _ => "hotcold", HelpName = "SPEC" };
     public readonly Option<ulong> Seed = new("--seed") { Description = "Seed for the memory fill and the workload: the same seed gives the same guest.", DefaultValueFactory = _ => 1UL };
     public readonly Option<string> Fill = new("--fill") { Description = "Initial memory content: zero (sparse), random (incompressible), mixed (35% zero, 25% random, 40% text).", DefaultValueFactory = _ => "mixed", HelpName = "KIND" };
     public readonly Option<string> DirtyLog = new("--dirty-log") { Description = "Dirty tracking: auto (kernel userfaultfd write-protect if available), kernel, software.", DefaultValueFactory = _ => "auto", HelpName = "KIND" };
@@ -42,6 +43,8 @@ internal sealed class CliOptions
     public readonly Option<string> Optimize = new("--optimize") { Description = $"Turn on optimisations by name: all, none, or a comma-separated list of {Optimizations.Names}. Explicit options override.", DefaultValueFactory = _ => "none", HelpName = "LIST" };
     public readonly Option<int> Streams = new("--streams") { Description = "Pre-copy: send pages on N parallel TCP connections (like QEMU's multifd; 1..16), each with its own encoder thread, besides the control connection; 1 = everything on one connection. Post-copy and hybrid use one.", DefaultValueFactory = _ => 1, HelpName = "N" };
     public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
+    public readonly Option<string?> MemoryFile = new("--memory-file") { Description = "Keep the guest's memory in this new file (e.g. /dev/shm/vm0.mem) instead of anonymous memory: it outlives this process, so if the source dies after a post-copy switch, 'livemig migrate --recover ID --memory-file PATH --to HOST:PORT' can still serve the destination the pages it lacks. Removed when the migration ends here.", HelpName = "PATH" };
+    public readonly Option<string?> Name = new("--name") { Description = "The VM's name, unique on the destination agent (which refuses a name it already runs): letters, digits, '.', '_', '-', at most 63. Default: vm- and 8 random hex digits.", HelpName = "NAME" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -56,7 +59,19 @@ internal sealed class CliOptions
         c.Add(Tls); c.Add(Cert); c.Add(Key); c.Add(Ca); c.Add(PskFile);
     }
 
-    /// <summary>The connection's protection from --tls and friends; warns on stderr when there is none.</summary>
+    private readonly List<string> _warnings = [];
+
+    /// <summary>
+    /// Prints the warnings the checks found (e.g. no --tls), once every option has been checked:
+    /// a command refused for a bad option prints its one line and nothing else.
+    /// </summary>
+    public void PrintWarnings(TextWriter to)
+    {
+        foreach (string w in _warnings) to.WriteLine($"livemig: warning: {w}");
+        _warnings.Clear();
+    }
+
+    /// <summary>The connection's protection from --tls and friends; without it, a warning for <see cref="PrintWarnings"/>.</summary>
     public Transport.ChannelSecurity Security(ParseResult r, IReadOnlyCollection<string>? trust = null)
     {
         string? cert = r.GetValue(Cert), key = r.GetValue(Key), ca = r.GetValue(Ca), psk = r.GetValue(PskFile);
@@ -65,7 +80,7 @@ internal sealed class CliOptions
             if (cert is not null || key is not null || ca is not null || psk is not null) throw new UsageException("--cert/--key/--ca/--psk-file need --tls");
             if (trust is not null) throw new UsageException("--trust needs --tls with certificates");
             if (r.CommandResult.Command.Name != "demo") // loopback inside one process: nothing to protect
-                Console.Error.WriteLine("livemig: warning: no --tls: guest memory crosses the network unencrypted and the peer is not authenticated");
+                _warnings.Add("no --tls: guest memory crosses the network unencrypted and the peer is not authenticated");
             return Transport.ChannelSecurity.None;
         }
         try
@@ -94,8 +109,11 @@ internal sealed class CliOptions
 
     public void AddVmOptions(Command c)
     {
-        c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(Warmup);
+        c.Add(Name); c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(MemoryFile); c.Add(Warmup);
     }
+
+    /// <summary>The options that make a VM here (none of them applies to a VM an agent already holds).</summary>
+    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, DirtyLog, MemoryFile, Warmup];
 
     public void AddMigrationOptions(Command c)
     {
@@ -106,8 +124,9 @@ internal sealed class CliOptions
         c.Add(Optimize); c.Add(Compress); c.Add(XbzrleCache); c.Add(Dedup); c.Add(SkipFreePages);
     }
 
-    public VmConfig VmConfig(ParseResult r, string name, long? maxMemory = null)
+    public VmConfig VmConfig(ParseResult r, long? maxMemory = null)
     {
+        string name = ParseName(r.GetValue(Name));
         string memText = r.GetValue(Memory)!;
         if (!Units.TryParseBytes(memText, out long memory) || memory <= 0)
             throw new UsageException($"--memory '{memText}': expected a size such as 512MiB or 4GiB");
@@ -126,7 +145,30 @@ internal sealed class CliOptions
             "zero" => MemoryFill.Zero, "random" => MemoryFill.Random, "mixed" => MemoryFill.Mixed,
             _ => throw new UsageException($"--fill '{fill}': expected zero, random or mixed"),
         };
-        return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!) };
+        string? file = r.GetValue(MemoryFile);
+        if (file is not null && File.Exists(file)) throw new UsageException($"--memory-file {file}: exists already (it may hold a paused VM: recover it with --recover, or remove it)");
+        return new VmConfig { Name = name, MemoryBytes = memory, Vcpus = vcpus, Workload = workload, Seed = r.GetValue(Seed), Fill = fillKind, DirtyLog = ParseDirtyLog(r.GetValue(DirtyLog)!), MemoryFile = file };
+    }
+
+    /// <summary>What a rate must look like (zero is refused in every unit: <c>unlimited</c> says "no cap").</summary>
+    public const string RateExpected = "expected a rate above 0 such as 100MiB/s, 1Gbit or 500Mbit/s, or unlimited";
+
+    /// <summary>A VM name as --name takes it (the default: vm- and 8 random hex digits, so two VMs started without one do not collide).</summary>
+    public static string ParseName(string? text)
+    {
+        if (text is null) return $"vm-{Guid.NewGuid().ToString("N")[..8]}";
+        if (!System.Text.RegularExpressions.Regex.IsMatch(text, "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"))
+            throw new UsageException($"--name '{PeerText.Escape(text)}': expected letters, digits, '.', '_' or '-' (starting with a letter or digit, at most 63)");
+        return text;
+    }
+
+    /// <summary>HOST:PORT (an IPv6 host in brackets).</summary>
+    public static (string Host, int Port) ParseTarget(string target)
+    {
+        int colon = target.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
+            throw new UsageException($"--to '{PeerText.Escape(target)}': expected HOST:PORT");
+        return (target[..colon].Trim('[', ']'), port);
     }
 
     public static DirtyLogKind ParseDirtyLog(string text) => text.ToLowerInvariant() switch
@@ -145,7 +187,7 @@ internal sealed class CliOptions
         };
         StrategyRules.Check(this, r, kind, strategy.ToLowerInvariant());
         string bw = r.GetValue(Bandwidth)!;
-        if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': expected a rate such as 100MiB/s or 1Gbit, or unlimited");
+        if (!Units.TryParseRate(bw, out long rate)) throw new UsageException($"--bandwidth '{bw}': {RateExpected}");
         string dl = r.GetValue(DowntimeLimit)!;
         if (!Units.TryParseDuration(dl, out var downtime) || downtime <= TimeSpan.Zero) throw new UsageException($"--downtime-limit '{dl}': expected a positive duration such as 300ms");
         int rounds = r.GetValue(MaxRounds);

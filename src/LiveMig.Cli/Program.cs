@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Net;
 using LiveMig.Engine;
+using LiveMig.Protocol;
 using LiveMig.Reporting;
 using LiveMig.Vm;
 using LiveMig.Workloads;
@@ -36,9 +37,10 @@ public static class Program
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var resumeWindow = new Option<string>("--resume-window") { Description = "When a pre-copy source that can resume loses its connection before the switch-over, keep its partial VM this long for it to reconnect; 0 discards at once.", DefaultValueFactory = _ => "60s", HelpName = "TIME" };
         var listener = new ListenerOptions();
-        var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running, so it can be migrated onward.")
+        var agentControl = new Option<string?>("--control") { Description = $"Unix socket for 'livemig list', 'status', 'stop', 'start', 'destroy' and 'migrate --vm'. Default: {ControlSocket.AgentPath(0).Replace("-0.sock", "-PORT.sock")} (PORT: the port listened on).", HelpName = "PATH" };
+        var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running under its unique name, until 'livemig destroy' drops it or 'livemig migrate --vm' moves it on; 'livemig list' shows them.")
         {
-            port, bind, once, maxMemory, listener.MemoryBudget, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow, listener.HandshakeTimeout, listener.MaxHandshakes,
+            port, bind, once, maxMemory, listener.MemoryBudget, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow, listener.HandshakeTimeout, listener.MaxHandshakes, agentControl,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
@@ -48,42 +50,70 @@ public static class Program
             string rw = r.GetValue(resumeWindow)!;
             if (!Units.TryParseDuration(rw, out var window) || window > TimeSpan.FromDays(1))
                 throw new UsageException($"--resume-window '{rw}': expected a duration such as 60s (0 = no resume, at most 1 day)");
-            return Listen(r, o, listener, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window);
+            return Listen(r, o, listener, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window, r.GetValue(agentControl));
         }));
         root.Add(listen);
 
-        var control = new Option<string>("--control") { Description = "Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel' and 'livemig set-bandwidth'.", DefaultValueFactory = _ => ControlSocket.DefaultPath, HelpName = "PATH" };
+        var control = new Option<string>("--control") { Description = $"Unix socket on which a running 'livemig migrate' takes commands from 'livemig cancel', 'set-bandwidth', 'status', 'list' and 'migrate --resume'; refused when another process answers there. With --vm: the agent's control socket (default {ControlSocket.DefaultAgentPath}).", DefaultValueFactory = _ => ControlSocket.DefaultMigratePath, HelpName = "PATH" };
         var to = new Option<string?>("--to") { Description = "Destination agent as HOST:PORT (see 'livemig listen'). With --resume: where the running migration reconnects from now on.", HelpName = "HOST:PORT" };
         var resume = new Option<string?>("--resume") { Description = "Do not start a migration: tell the running 'livemig migrate' whose migration ID this is (printed at its start) to reconnect now instead of waiting out its back-off, to --to if given.", HelpName = "ID" };
-        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent. On failure the VM keeps running here; a dropped connection is resumed for --reconnect; Ctrl-C or 'livemig cancel' cancels cleanly; 'livemig set-bandwidth' changes the cap while it runs.") { to, control, resume };
+        var recover = new Option<string?>("--recover") { Description = "Do not start a migration: after the source of post-copy migration ID died past the switch, serve the destination (--to), which waits for it, the pages it lacks from the source's --memory-file, and verify.", HelpName = "ID" };
+        var restart = new Option<bool>("--restart") { Description = "With --resume and --to, after a post-copy switch whose destination is lost for good: start the migration over from this source's paused VM (its state at the switch) to --to. What the VM did on the lost destination since the switch is lost; use it only when that host is gone (or fenced)." };
+        var vmName = new Option<string?>("--vm") { Description = "Do not start a VM here: ask the agent at --control that holds VM NAME to migrate it to --to with these options (it leaves that agent only once the migration completed; on failure it keeps running there).", HelpName = "NAME" };
+        var migrate = new Command("migrate", "Starts a VM here, lets its workload run for --warmup, then live-migrates it to a destination agent (or, with --vm, has an agent migrate a VM it holds onward). On failure the VM keeps running where it was; a dropped connection is resumed for --reconnect; after a post-copy switch it never gives up on its own (post-copy paused: 'migrate --resume', '--restart', or 'livemig destroy ID'); Ctrl-C or 'livemig cancel' cancels cleanly before the switch-over; 'livemig set-bandwidth' changes the cap and 'livemig status ID' shows the live figures while it runs.") { to, control, resume, restart, recover, vmName };
         o.AddVmOptions(migrate);
         o.AddMigrationOptions(migrate);
         migrate.SetAction(r => Guard(r, o, () =>
         {
+            string controlPath = r.GetValue(control)!;
             if (r.GetValue(resume) is { } id)
             {
-                if (!Guid.TryParse(id, out _)) throw new UsageException($"--resume '{id}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
-                if (r.GetValue(to) is { } t) ParseTarget(t);
-                return Answer(ControlSocket.Send(r.GetValue(control)!, $"resume {id} {r.GetValue(to)}".TrimEnd()));
+                if (!Guid.TryParse(id, out _)) throw new UsageException($"--resume '{PeerText.Escape(id)}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
+                if (r.GetValue(vmName) is not null) throw new UsageException("--resume: not with --vm (resume talks to a running 'livemig migrate')");
+                if (r.GetValue(to) is { } t) CliOptions.ParseTarget(t);
+                if (r.GetValue(restart) && r.GetValue(to) is null) throw new UsageException("--restart: give the new destination with --to HOST:PORT");
+                return OperatorCommands.Answer(ControlSocket.Send(controlPath, $"resume {id} {r.GetValue(to)}{(r.GetValue(restart) ? " restart" : "")}".TrimEnd()));
             }
-            return Migrate(r, o, r.GetValue(to) ?? throw new UsageException("--to HOST:PORT is required (or --resume ID)"), r.GetValue(control)!);
+            if (r.GetValue(restart)) throw new UsageException("--restart: only with --resume ID and --to HOST:PORT");
+            if (r.GetValue(recover) is { } lost)
+            {
+                if (r.GetValue(vmName) is not null) throw new UsageException("--recover: not with --vm (it serves a memory file here)");
+                return Recover(r, o, lost, r.GetValue(to) ?? throw new UsageException("--recover: give the destination with --to HOST:PORT"), controlPath);
+            }
+            string target = r.GetValue(to) ?? throw new UsageException("--to HOST:PORT is required (or --resume ID)");
+            if (r.GetValue(vmName) is { } vm)
+                return OperatorCommands.MigrateVm(r, o, vm, target, r.GetResult(control) is { Implicit: false } ? controlPath : ControlSocket.DefaultAgentPath, args);
+            return Migrate(r, o, target, controlPath);
         }));
         root.Add(migrate);
 
-        var cancelCmd = new Command("cancel", "Cancels the running 'livemig migrate' (any phase before the switch-over): the VM keeps running on the source, unthrottled.") { control };
-        cancelCmd.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "cancel"))));
+        var cancelId = new Argument<string?>("ID") { Description = "The migration to cancel: optional for a 'livemig migrate' (it runs one); required for a migration leaving an agent ('livemig migrate --vm').", Arity = ArgumentArity.ZeroOrOne };
+        var cancelCmd = new Command("cancel", "Cancels the running 'livemig migrate', or with ID and an agent's --control a migration leaving that agent (any phase before the switch-over): the VM keeps running on the source, unthrottled.") { cancelId, control };
+        cancelCmd.SetAction(r => Guard(r, o, () =>
+        {
+            string? id = r.GetValue(cancelId);
+            if (id is not null && !Guid.TryParse(id, out _)) throw new UsageException($"cancel '{PeerText.Escape(id)}': expected a migration ID such as 3f2b...-...");
+            return OperatorCommands.Answer(ControlSocket.Send(r.GetValue(control)!, $"cancel {id}".TrimEnd()));
+        }));
         root.Add(cancelCmd);
         var rateArg = new Argument<string>("RATE") { Description = "New cap, e.g. 200MiB/s, 1Gbit, unlimited." };
         var setBw = new Command("set-bandwidth", "Changes the bandwidth cap of the running 'livemig migrate'; the new cap takes effect within a frame.") { rateArg, control };
-        setBw.SetAction(r => Guard(r, o, () => Answer(ControlSocket.Send(r.GetValue(control)!, "bandwidth " + r.GetValue(rateArg)))));
+        setBw.SetAction(r => Guard(r, o, () =>
+        {
+            string rate = r.GetValue(rateArg)!;
+            if (!Units.TryParseRate(rate, out _)) throw new UsageException($"set-bandwidth '{PeerText.Escape(rate)}': {CliOptions.RateExpected}");
+            return OperatorCommands.Answer(ControlSocket.Send(r.GetValue(control)!, "bandwidth " + rate));
+        }));
         root.Add(setBw);
         root.Add(CertsCommand(o));
+        root.Add(TraceCommands.Create());
+        foreach (var c in OperatorCommands.All((r, body) => Guard(r, o, body))) root.Add(c);
 
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
         {
-            // One line per problem, naming the option, and exit code 2 like the other usage errors.
-            foreach (var e in parsed.Errors) Console.Error.WriteLine($"livemig: {e.Message}");
+            // One line naming the option (all the problems found, in that line), and exit code 2 like the other usage errors.
+            Console.Error.WriteLine($"livemig: {string.Join("; ", parsed.Errors.Select(e => e.Message.TrimEnd('.')))}");
             return 2;
         }
         return parsed.Invoke();
@@ -142,7 +172,7 @@ public static class Program
 
     private static MigrationReport RunWithProgress(ParseResult r, CliOptions o, Func<IMigrationObserver, MigrationReport> run)
     {
-        if (r.GetValue(o.Json)) return run(new Observers());
+        if (r.GetValue(o.Json)) return run(new ObserverFanOut()); // nobody watches: the report says it all
         if (!Interactive(r, o)) return run(new LineProgress(Console.Out));
         MigrationReport? report = null;
         AnsiConsole.Progress().AutoClear(false).HideCompleted(false)
@@ -151,16 +181,20 @@ public static class Program
         return report!;
     }
 
-    private static int Finish(ParseResult r, CliOptions o, MigrationReport report)
+    private static int Finish(ParseResult r, CliOptions o, MigrationReport report) => Finish(r.GetValue(o.Json), report);
+
+    /// <summary>Prints the report (JSON or tables) and returns the exit code: 0 only for a completed migration that was not found unverified; a failure's reason goes to stderr.</summary>
+    internal static int Finish(bool json, MigrationReport report)
     {
-        if (r.GetValue(o.Json)) Console.WriteLine(report.ToJson());
+        if (json) Console.WriteLine(report.ToJson());
         else ReportView.Render(report, AnsiConsole.Console);
+        if (report.Outcome != "completed") Console.Error.WriteLine($"livemig: migration failed: {PeerText.Escape(report.Error)}");
         return report.Outcome == "completed" && report.Verified != false ? 0 : 1;
     }
 
     private static int Demo(ParseResult r, CliOptions o)
     {
-        var config = o.VmConfig(r, "vm0", MachineMemory.TotalBytes / 2);
+        var config = o.VmConfig(r, MachineMemory.TotalBytes / 2);
         var options = o.MigrationOptions(r);
         bool json = r.GetValue(o.Json);
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -225,70 +259,72 @@ public static class Program
         return report.Client is { Errors: > 0 } or { Mismatches: > 0 } ? 1 : rc;
     }
 
-    private static int Answer(string reply)
+    /// <summary>A restarted source: serves a post-copy destination that waits for its dead source the pages it lacks, from the memory file.</summary>
+    private static int Recover(ParseResult r, CliOptions o, string idText, string target, string controlPath)
     {
-        Console.WriteLine(reply);
-        return reply.StartsWith("ok", StringComparison.Ordinal) ? 0 : 1;
-    }
-
-    private static (string Host, int Port) ParseTarget(string target)
-    {
-        int colon = target.LastIndexOf(':');
-        if (colon <= 0 || !int.TryParse(target[(colon + 1)..], out int port) || port is < 1 or > 65535)
-            throw new UsageException($"--to '{target}': expected HOST:PORT");
-        return (target[..colon].Trim('[', ']'), port);
-    }
-
-    /// <summary>The control socket's <c>resume ID [HOST:PORT]</c>.</summary>
-    private static string ResumeCommand(Guid migrationId, ReconnectTarget? target, string args)
-    {
-        string[] a = args.Split(' ', StringSplitOptions.RemoveEmptyEntries);
-        if (!Guid.TryParse(a[0], out var id) || id != migrationId) return $"error: this process migrates {migrationId}, not '{a[0]}'";
-        if (target is null) return "error: the migration has not connected yet";
-        (string Host, int Port)? next = null;
-        if (a.Length > 1)
+        if (!Guid.TryParse(idText, out var id)) throw new UsageException($"--recover '{PeerText.Escape(idText)}': expected a migration ID such as 3f2b...-... (printed by 'livemig migrate')");
+        string file = r.GetValue(o.MemoryFile) ?? throw new UsageException("--recover: give the first source's memory with --memory-file PATH");
+        foreach (var opt in o.VmOptions)
+            if (opt != o.MemoryFile && r.GetResult(opt) is { Implicit: false }) throw new UsageException($"{opt.Name}: not with --recover: the VM is the one in the memory file");
+        if (!File.Exists(file)) throw new UsageException($"--memory-file {file}: no such file");
+        var (host, port) = CliOptions.ParseTarget(target);
+        var options = o.MigrationOptions(r);
+        using var cancel = CancelOnCtrlC();
+        using var controlSocket = ControlSocket.Open(controlPath); // resume, destroy, status: as for the first source
+        o.PrintWarnings(Console.Error);
+        var registry = new VmRegistry();
+        var control = new MigrateControl(registry, cancel);
+        controlSocket.Handler = control.Handle;
+        MigrationReport report;
+        using (var vm = new PausedMemoryVm("recovered", Memory.GuestMemory.Open(file)))
         {
-            try { next = ParseTarget(a[1]); }
-            catch (UsageException e) { return "error: " + e.Message; }
+            var observers = new ObserverFanOut();
+            OutgoingMigration migration;
+            try { migration = OutgoingMigration.Recover(id, vm, options, observers); }
+            catch (ArgumentException e) { throw new UsageException("--recover: " + e.Message); }
+            var progress = new MigrationProgress(id, "source", "postcopy", vm.Name, vm.Memory.Size, $"{host}:{port}") { BandwidthLimit = () => migration.Limiter.BytesPerSecond };
+            observers.Add(progress);
+            registry.Track(progress);
+            control.Migration = migration;
+            Console.Error.WriteLine($"recovering migration {id} to {host}:{port} from {file}");
+            report = RunWithProgress(r, o, obs => { observers.Add(obs); return migration.MigrateTo(host, port, cancel.Token); });
         }
-        bool waiting = target.Reconnecting;
-        target.RetryNow(next?.Host, next?.Port);
-        var (h, p) = target.Current;
-        return waiting ? $"ok: reconnecting now to {h}:{p}" : $"ok: the migration is connected; a drop will reconnect to {h}:{p}";
+        if (report.Outcome == "completed") File.Delete(file); // the VM is whole at the destination
+        return Finish(r, o, report);
     }
 
     private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)
     {
-        var (host, port) = ParseTarget(target);
-        var config = o.VmConfig(r, "vm0");
+        var (host, port) = CliOptions.ParseTarget(target);
+        var config = o.VmConfig(r);
         var options = o.MigrationOptions(r);
-        using var vm = BuiltInVm.Create(config);
-        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         using var cancel = CancelOnCtrlC();
-        // The control socket needs the migration's rate limiter, so the migration exists before its
-        // observer (the progress display) does: a forwarder bridges the two.
-        var late = new LateObserver();
-        Transport.RateLimiter limiter;
-        Func<MigrationReport> run;
-        Func<string, string> resume;
-        Guid id;
-        if (!Migrations.NeedsPostCopyEngine(options))
+        // Taken before the VM starts: a path another process answers on is refused at once.
+        using var controlSocket = ControlSocket.Open(controlPath);
+        o.PrintWarnings(Console.Error);
+        var registry = new VmRegistry(); // what 'livemig list' and 'status' see here: this VM and its migration
+        var control = new MigrateControl(registry, cancel);
+        controlSocket.Handler = control.Handle;
+        using var vm = BuiltInVm.Create(config);
+        registry.Add(vm);
+        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
+        // The control socket needs the migration (its rate limiter, its reconnect target), so the
+        // migration exists before its observer (the progress display) does: a fan-out bridges the two.
+        var observers = new ObserverFanOut();
+        var migration = new OutgoingMigration(vm, options, observers);
+        var progress = new MigrationProgress(migration.MigrationId, "source", Migrations.Name(options.Strategy), vm.Name, vm.Memory.Size, $"{host}:{port}")
         {
-            var pre = new PreCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (pre.Limiter, pre.MigrationId, () => pre.MigrateTo(host, port, cancel.Token), a => ResumeCommand(pre.MigrationId, pre.Target, a));
-        }
-        else
-        {
-            var post = new PostCopyMigration(vm, options, late);
-            (limiter, id, run, resume) = (post.Limiter, post.MigrationId, () => post.MigrateTo(host, port, cancel.Token), a => ResumeCommand(post.MigrationId, post.Target, a));
-        }
-        Console.Error.WriteLine($"migration {id} to {host}:{port}"); // the ID 'livemig migrate --resume' names
-        using var controlSocket = new ControlSocket(controlPath, cancel, limiter, resume);
-        var report = RunWithProgress(r, o, obs => { late.Target = obs; return run(); });
+            BandwidthLimit = () => migration.Limiter.BytesPerSecond,
+        };
+        observers.Add(progress);
+        registry.Track(progress);
+        control.Migration = migration;
+        Console.Error.WriteLine($"migration {migration.MigrationId} to {host}:{port} (VM {vm.Name})"); // the ID 'livemig migrate --resume' and 'status' name
+        var report = RunWithProgress(r, o, obs => { observers.Add(obs); return migration.MigrateTo(host, port, cancel.Token); });
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, ListenerOptions lo, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow)
+    private static int Listen(ParseResult r, CliOptions o, ListenerOptions lo, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow, string? controlPath)
     {
         Memory.MemoryPool? pool = null;
         if (prealloc is not null)
@@ -329,8 +365,13 @@ public static class Program
         };
         try { listener.Start(); }
         catch (System.Net.Sockets.SocketException e) { throw new UsageException($"--port {port}: cannot listen on {bind}:{port}: {e.Message}"); }
-        Console.Error.WriteLine($"listening on {bind}:{listener.Port}");
+        using var controlSocket = ControlSocket.Open(controlPath ?? ControlSocket.AgentPath(listener.Port));
+        o.PrintWarnings(Console.Error);
+        controlSocket.Handler = new AgentControl(listener.Registry, Console.Error).Handle;
+        Console.Error.WriteLine($"listening on {bind}:{listener.Port} (control socket {controlSocket.Path})");
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.TrySetResult(130); };
+        // A service manager's stop (SIGTERM) ends the agent as Ctrl-C does: its VMs and its control socket go cleanly.
+        using var term = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; done.TrySetResult(143); });
         return done.Task.GetAwaiter().GetResult();
     }
 

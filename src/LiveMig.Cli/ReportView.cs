@@ -12,11 +12,14 @@ internal static class ReportView
     {
         var summary = new Table().Border(TableBorder.Rounded).Title($"[bold]{Markup.Escape(r.Strategy)} migration of {Shown(r.VmName)} ({Markup.Escape(r.Role)} report)[/]");
         summary.AddColumn("what").AddColumn(new TableColumn("value"));
-        void Row(string k, string v) => summary.AddRow(Markup.Escape(k), Shown(v));
+        void Row(string k, string v) => summary.AddRow(Markup.Escape(k), Shown(v)); // every value: some come from the peer
+        // The destination cannot know the source's settings and estimates (docs/report.md): its table leaves them out rather than show zeros.
+        bool source = r.Role == "source";
         Row("outcome", r.Outcome + (r.Error is null ? "" : ": " + r.Error));
+        if (!source && r.Peer is not null) Row("source", $"{r.Peer} ({r.Security})");
         Row("guest", $"{Units.Bytes(r.MemoryBytes)}, {r.Vcpus} vCPUs, workload {r.Workload}, dirty log {r.DirtyLog}");
         Row("total migration time", $"{r.TotalTimeMs:0.0} ms");
-        Row("downtime", $"{r.DowntimeMs:0.0} ms (of which verification {r.VerifyMs:0.0} ms; limit {r.DowntimeLimitMs:0} ms)");
+        Row("downtime", $"{r.DowntimeMs:0.0} ms (of which verification {r.VerifyMs:0.0} ms{(source ? $"; limit {r.DowntimeLimitMs:0} ms" : "")})");
         if (r.Client is { } c)
             Row("downtime seen by the kv client", $"{c.ObservedDowntimeMs:0.0} ms (requests {c.Requests}, errors {c.Errors}, wrong answers {c.Mismatches}, p50 {c.P50Us:0} µs, p99 {c.P99Us:0} µs, max {c.MaxUs / 1000:0.0} ms)");
         Row("bytes on the wire", $"{Units.Bytes(r.BytesOnWire)} (page data {Units.Bytes(r.Bytes.PageData)}, zero markers {Units.Bytes(r.Bytes.ZeroMarkers)}, VM state {Units.Bytes(r.Bytes.VmState)}, protocol {Units.Bytes(r.Bytes.Protocol)})");
@@ -28,7 +31,7 @@ internal static class ReportView
             string extra = string.Join(", ", st.Counters.Where(kv => kv.Value != 0).Select(kv => $"{kv.Key} {kv.Value}"));
             Row($"stage {name}", $"{st.PagesEncoded:N0} of {st.PagesOffered:N0} pages, saved {Units.Bytes(st.BytesSaved)} ({Units.Bytes(st.BytesIn)} → {Units.Bytes(st.BytesOut)}), {st.CpuMs:0.0} ms" + (extra.Length > 0 ? $"; {extra}" : ""));
         }
-        if (r.Strategy == "precopy" && r.PagesPushed + r.PagesRequested == 0) Row("stop condition", $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)");
+        if (r.Strategy == "precopy" && r.PagesPushed + r.PagesRequested == 0) Row("stop condition", source ? $"{r.StopReason} (estimated downtime {r.EstimatedDowntimeMs:0.0} ms)" : $"{r.StopReason} (as the source said)");
         else
         {
             Row("switch to post-copy", $"{r.StopReason}; VM running on the destination after {r.TimeToResumeMs:0.0} ms, last page {r.PostCopyMs:0.0} ms later");
@@ -37,7 +40,7 @@ internal static class ReportView
             if (r.ClientPhases is { } cp)
                 Row("kv client before / during / after", string.Join(" / ", new[] { cp.Before, cp.During, cp.After }.Select(c => c is null ? "-" : $"p99 {c.P99Us:0} µs max {c.MaxUs / 1000:0.0} ms ({c.Requests} req)")));
         }
-        Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
+        if (source) Row("bandwidth limit", r.BandwidthLimitBytesPerSecond > 0 ? Units.Rate(r.BandwidthLimitBytesPerSecond) : "unlimited");
         if (r.ConvergenceAids.Count > 0) Row("convergence aids", string.Join(", ", r.ConvergenceAids));
         if (r.PagesSkipped > 0 || r.PagesDeferred > 0) Row("pages not re-sent", $"{r.PagesSkipped:N0} skipped (written again since harvest); {r.PagesDeferred:N0} hot pages kept for the stop-and-copy");
         if (r.Throttle > 0 || r.DirtyLimit > 0)
@@ -66,7 +69,7 @@ internal static class ReportView
             {
                 x.Final ? $"{x.Round} (stop-and-copy)" : x.Round.ToString(CultureInfo.InvariantCulture), x.PagesSent.ToString("N0", CultureInfo.InvariantCulture),
                 x.Final ? "-" : x.PagesDirtied.ToString("N0", CultureInfo.InvariantCulture), Units.Bytes(x.BytesSent), $"{x.DurationMs:0.0} ms",
-                Units.Rate(x.BandwidthBytesPerSecond), x.Final ? "-" : $"{x.DirtyRatePagesPerSecond:N0} pages/s",
+                Units.Rate(x.BandwidthBytesPerSecond), x.Final || !source ? "-" : $"{x.DirtyRatePagesPerSecond:N0} pages/s",
             };
             if (held) { cells.Add(x.PagesSkipped.ToString("N0", CultureInfo.InvariantCulture)); cells.Add(x.PagesDeferred.ToString("N0", CultureInfo.InvariantCulture)); }
             if (slowed) cells.Add(Slowed(x));
@@ -133,23 +136,4 @@ internal sealed class LineProgress(TextWriter output) : IMigrationObserver
             : $"  round {r.Round}: {r.PagesSent:N0} pages, {Units.Bytes(r.BytesSent)} in {r.DurationMs:0.0} ms at {Units.Rate(r.BandwidthBytesPerSecond)}; {r.PagesDirtied:N0} dirtied ({r.DirtyRatePagesPerSecond:N0} pages/s)"
               + (r.PagesSkipped > 0 || r.PagesDeferred > 0 ? $"; {r.PagesSkipped:N0} skipped, {r.PagesDeferred:N0} deferred" : "")
               + (r.Throttle > 0 || r.DirtyLimit > 0 ? $"; guest slowed: {ReportView.Slowed(r)}{(r.DirtyLimit > 0 ? " per vCPU" : "")}" : ""));
-}
-
-/// <summary>Forwards to several observers.</summary>
-internal sealed class Observers(params IMigrationObserver[] all) : IMigrationObserver
-{
-    public void RoundStarted(int round, long pagesToSend, bool final) { foreach (var o in all) o.RoundStarted(round, pagesToSend, final); }
-    public void Progress(int round, long sent, long total, long bytes) { foreach (var o in all) o.Progress(round, sent, total, bytes); }
-    public void RoundCompleted(RoundReport r) { foreach (var o in all) o.RoundCompleted(r); }
-    public void Phase(string phase) { foreach (var o in all) o.Phase(phase); }
-}
-
-/// <summary>Forwards to an observer chosen after the migration object was made.</summary>
-internal sealed class LateObserver : IMigrationObserver
-{
-    public IMigrationObserver? Target { get; set; }
-    public void RoundStarted(int round, long pagesToSend, bool final) => Target?.RoundStarted(round, pagesToSend, final);
-    public void Progress(int round, long sent, long total, long bytes) => Target?.Progress(round, sent, total, bytes);
-    public void RoundCompleted(RoundReport r) => Target?.RoundCompleted(r);
-    public void Phase(string phase) => Target?.Phase(phase);
 }

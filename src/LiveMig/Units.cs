@@ -43,7 +43,8 @@ public static class Units
     {
         bytesPerSecond = 0;
         string s = text.Trim().ToLowerInvariant().Replace(" ", "");
-        if (s is "0" or "unlimited" or "none") return true;
+        // Zero is refused in every unit rather than read as "unlimited": a cap computed as 0 must not lift the cap.
+        if (s is "unlimited" or "none") return true;
         if (s.EndsWith("/s")) s = s[..^2];
         if (s.EndsWith("ps")) s = s[..^2];
         double bitFactor = 0;

@@ -152,7 +152,7 @@ public class CliProcessTests
         using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
             "--bandwidth", "4MiB/s", "--warmup", "0s", "--control", sock, "--json");
         Assert.StartsWith("ok: bandwidth unlimited", Control(sock, "set-bandwidth", "unlimited"));
-        Assert.StartsWith("error", Control(sock, "set-bandwidth", "fast") + " ");
+        Assert.Contains("set-bandwidth 'fast': expected a rate above 0", Control(sock, "set-bandwidth", "fast")); // refused before it is sent
         string srcOut = migrate.StandardOutput.ReadToEnd();
         migrate.StandardError.ReadToEnd();
         Assert.True(migrate.WaitForExit(60_000));
@@ -265,7 +265,7 @@ public class CliProcessTests
         first.Dispose();
         using var second = new Relay(port);
         Assert.StartsWith("ok", Control(sock, "migrate", "--resume", id, "--to", $"127.0.0.1:{second.Port}"));
-        Assert.StartsWith("error", Control(sock, "migrate", "--resume", Guid.NewGuid().ToString()));
+        Assert.Contains("this process migrates", Control(sock, "migrate", "--resume", Guid.NewGuid().ToString()));
         string srcOut = migrate.StandardOutput.ReadToEnd();
         string srcErr = migrate.StandardError.ReadToEnd();
         Assert.True(migrate.WaitForExit(60_000));

@@ -27,7 +27,9 @@ public sealed partial class CliStrategyMatrixTests
     /// <summary>Per option: the arguments that set it, and how its effect shows.</summary>
     private static readonly Dictionary<string, (string[] Args, Func<Parsed, bool> Effect)> Samples = new()
     {
+        ["--name"] = (["--name", "web-1"], p => p.Vm.Name == "web-1"),
         ["--memory"] = (["--memory", "128MiB"], p => p.Vm.MemoryBytes == 128L << 20),
+        ["--memory-file"] = (["--memory-file", "/nonexistent-dir/vm.mem"], p => p.Vm.MemoryFile == "/nonexistent-dir/vm.mem"),
         ["--vcpus"] = (["--vcpus", "3"], p => p.Vm.Vcpus == 3),
         ["--workload"] = (["--workload", "random:rate=100"], p => p.Vm.Workload == "random:rate=100"),
         ["--seed"] = (["--seed", "9"], p => p.Vm.Seed == 9),
@@ -91,7 +93,7 @@ public sealed partial class CliStrategyMatrixTests
         try
         {
             var options = o.MigrationOptions(r);
-            return (new Parsed(options, o.VmConfig(r, "vm0"), r, o), null);
+            return (new Parsed(options, o.VmConfig(r), r, o), null);
         }
         catch (UsageException e) { return (null, e); }
     }

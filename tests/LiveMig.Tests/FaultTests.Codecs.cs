@@ -139,7 +139,7 @@ public partial class FaultTests
                 at += PageBatchWriter.EntryHeaderSize + length;
             }
             if (TamperedPage >= 0)
-                BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(12), FrameFormat.Checksum(frame.AsSpan(0, 8), payload));
+                BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(12), FrameFormat.PageHashChecksum(payload)!.Value); // a pre-copy source checks its pages by their hashes (capability PageHashCheck)
             Inner.Write(frame);
         }
     }

@@ -911,7 +911,7 @@ public partial class FaultTests(ITestOutputHelper output)
                 at += PageBatchWriter.EntryHeaderSize + length;
             }
             if (changed)
-                BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(12), FrameFormat.Checksum(frame.AsSpan(0, 8), payload));
+                BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(12), FrameFormat.PageHashChecksum(payload)!.Value); // a pre-copy source checks its pages by their hashes (capability PageHashCheck)
             Inner.Write(frame);
         }
     }

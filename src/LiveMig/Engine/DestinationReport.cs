@@ -108,6 +108,7 @@ internal sealed class DestinationReport(DestinationOptions options)
             PagesByEncoding = PagesByEncoding(),
             Stages = Stages,
             Pipeline = CodecNames(Accepted),
+            FrameCheck = PageBatchChecks.Name(PageBatchChecks.Of(Accepted)),
             Streams = Streams,
             PagesSent = PagesPlaced,
             StopReason = StopReason,

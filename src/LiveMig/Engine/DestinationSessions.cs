@@ -19,4 +19,14 @@ public sealed class DestinationSessions
 
     /// <summary>Migrations registered here now, of every kind (for tests and diagnostics).</summary>
     public int Count => Resumable.Count + PostCopy.Count + Streams.Count;
+
+    /// <summary>Post-copy migrations here whose source is gone and that wait for it to recover (their VMs run with pages missing).</summary>
+    public IReadOnlyList<Guid> WaitingForSource => [.. PostCopy.Where(kv => kv.Value.WaitingForSource).Select(kv => kv.Key)];
+
+    /// <summary>
+    /// An operator's decision: stop waiting for the source of post-copy migration
+    /// <paramref name="migrationId"/> and discard its VM; the report says what was lost. False
+    /// when no such migration is here.
+    /// </summary>
+    public bool DiscardPostCopy(Guid migrationId, string why) => PostCopy.TryGetValue(migrationId, out var s) && s.Discard(why);
 }

@@ -11,7 +11,10 @@ namespace LiveMig.Engine;
 /// <summary>A VM that arrived and runs here, with the destination's report of its migration.</summary>
 public sealed record ArrivedVm(IVirtualMachine Vm, MigrationReport Report)
 {
-    /// <summary>The VM's share of the destination's memory budget: whoever keeps the VM gives it back (disposes it) when the VM leaves.</summary>
+    /// <summary>
+    /// The VM's share of the destination's memory budget, when no <see cref="VmRegistry"/> holds
+    /// it (the registry gives it back when the VM leaves): whoever keeps the VM disposes it then.
+    /// </summary>
     public MemoryBudget.Reservation? Budget { get; init; }
 }
 
@@ -26,21 +29,55 @@ public sealed class IncomingMigration
 
     private readonly DestinationOptions _options;
     private readonly DestinationSessions _sessions;
+    private readonly VmRegistry? _vms;
+    /// <summary>The arriving VM's name, reserved at Hello, and the migration's live figures (with a registry only).</summary>
+    private MigrationProgress? _arrival;
 
     /// <summary>
     /// One incoming connection of a destination with <paramref name="options"/>. Migrations that
     /// later connections may join (resume, post-copy, data streams) are registered in
     /// <paramref name="sessions"/>: give every connection of one destination the same (a
     /// <see cref="MigrationListener"/> does); default: a registry of this connection's own.
+    /// With <paramref name="vms"/> the VM's name is reserved there at Hello (a name taken is
+    /// refused), the migration's live figures are listed there while it runs, and the VM that
+    /// arrives is added to it.
     /// </summary>
-    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null)
+    public IncomingMigration(DestinationOptions options, DestinationSessions? sessions = null, VmRegistry? vms = null)
     {
         _options = options;
         _sessions = sessions ?? new DestinationSessions();
+        _vms = vms;
     }
 
-    /// <summary>Receives one migration; null when the connection was a second channel of another migration (post-copy) and has ended.</summary>
+    /// <summary>The VM's share of the destination's memory budget, reserved at Hello; given back unless the VM arrives.</summary>
+    private MemoryBudget.Reservation? _budget;
+
+    /// <summary>
+    /// Receives one migration; null when the connection was a second channel of another migration
+    /// (post-copy) and has ended. The VM's share of the memory budget goes with the VM that
+    /// arrives: to the registry, which gives it back when the VM leaves; without one, in
+    /// <see cref="ArrivedVm.Budget"/> for the caller to dispose. A failed migration gives it back here.
+    /// </summary>
     public ArrivedVm? Receive(Stream stream)
+    {
+        try
+        {
+            var arrived = ReceiveMigration(stream);
+            if (arrived is null) return null;
+            var budget = _budget;
+            _budget = null;
+            if (_arrival is null) return arrived with { Budget = budget };
+            _vms!.Arrived(_arrival, arrived.Vm, budget);
+            return arrived;
+        }
+        finally
+        {
+            if (_arrival is not null) _vms!.EndArrival(_arrival);
+            _budget?.Dispose(); // the migration failed: its VM is gone
+        }
+    }
+
+    private ArrivedVm? ReceiveMigration(Stream stream)
     {
         if (stream.CanTimeout)
         {
@@ -72,12 +109,13 @@ public sealed class IncomingMigration
         bool extentsSeen = false, preparedMemory = false;
         HelloMessage hello = default;
         int currentRound = -1;
+        long placedBeforeRound = 0; // pages placed before the round in progress began (live figures)
         PostCopyIncoming? postCopy = null;
         var downtime = new PhaseClock(_options.Time);
         string? restoreError = null;
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
-        MemoryBudget.Reservation? budget = null; // the VM's share of the destination's memory, from Hello on
+        PlacingThread? placing = null; // places this connection's pages while it reads on (DestinationOptions.PlacingThread)
 
         try
         {
@@ -85,8 +123,12 @@ public sealed class IncomingMigration
             {
               try
               {
-                var type = reader.Read(out var payload);
+                FrameType type;
+                ReadOnlySpan<byte> payload;
+                try { type = reader.Read(out payload); }
+                catch (Exception) when (placing is not null) { placing.Drain(); throw; } // a bad page placed earlier is the cause, not what followed it
                 long frame = reader.FramesRead - 1;
+                if (type != FrameType.PageBatch) placing?.Drain(); // every page before this frame is placed before it is acted on
                 if (type == FrameType.Error)
                     throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                 switch (state, type)
@@ -94,17 +136,23 @@ public sealed class IncomingMigration
                     case (State.AwaitHello, FrameType.Hello):
                         hello = HelloMessage.Parse(payload);
                         Refuse(CheckHello(hello));
-                        // Nothing is allocated for a VM (memory, hashes, threads) before its size is reserved.
-                        budget = _options.MemoryBudget.TryReserve(hello.MemoryBytes, out string? overBudget);
-                        Refuse(overBudget);
+                        // Nothing is allocated for a VM (memory, hashes, threads) before its size and name are reserved.
+                        Refuse(Reserve(hello));
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
-                        SwitchoverWarmup.ForDestination(factory); // the restore and resume code compiles while the pages arrive
+                        // The restore and resume code (and post-copy's switch, if it may come) compiles while the pages arrive.
+                        if ((hello.Requested & Capabilities.PostCopy) != 0) SwitchoverWarmup.ForPostCopyDestination(factory);
+                        else SwitchoverWarmup.ForDestination(factory);
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
+                        // Placing on its own thread overlaps the socket with the memory; with post-copy
+                        // possible the hand-over below needs the single-threaded placer.
+                        if (_options.PlacingThread && (hello.Requested & Capabilities.PostCopy) == 0) placing = new PlacingThread(placer);
                         if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
-                        accepted = hello.Requested & Supported;
+                        // Unchecked frames only where TLS authenticates every byte.
+                        accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
+                        reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                         (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
@@ -113,8 +161,8 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
-                        // The vCPU threads wait from now on, so restoring the VM in the downtime creates none.
-                        else vcpuThreads = factory.PrepareThreads(incoming);
+                        // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
+                        vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
                             resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);
@@ -122,6 +170,7 @@ public sealed class IncomingMigration
                         }
                         frames.Send(FrameType.HelloAck, small[..ack.Write(small)]);
                         state = State.Live;
+                        _arrival?.Phase("live");
                         break;
                     case (State.Live, FrameType.DedupQuery):
                         if ((accepted & Capabilities.Dedup) == 0) throw new ProtocolException($"DedupQuery (frame {frame}) without the Dedup capability");
@@ -154,9 +203,12 @@ public sealed class IncomingMigration
                         return null;
                     case (State.Live, FrameType.PostCopyStart) when postCopy is not null:
                         report.BytesOnWire = bytesOfEarlierLinks;
-                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound);
+                        _arrival?.SetStrategy(report.Rounds.Count > 0 ? "hybrid" : "postcopy");
+                        _arrival?.Phase("post-copy");
+                        var handover = new PostCopyHandover(stream, reader, frames, memory!, placer!, hello, factory, incoming, report, currentRound, vcpuThreads);
                         memory = null; // post-copy owns it now
-                        return Arrive(postCopy.Run(handover, payload), ref budget);
+                        vcpuThreads = null; // and the parked threads
+                        return postCopy.Run(handover, payload);
                     case (State.Live, FrameType.RoundStart):
                         var rs = RoundStartMessage.Parse(payload);
                         // After a reattach the source goes on with its own round numbers: the round cut short is not repeated.
@@ -164,13 +216,18 @@ public sealed class IncomingMigration
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
+                        placedBeforeRound = Placed(placer, streams);
+                        _arrival?.DestinationRoundStarted(rs.Round, rs.Final);
                         if (rs.Final) { state = State.StopAndCopy; report.PausedTs = _options.Time.GetTimestamp(); downtime.Start(report.PausedTs); }
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.PageBatch):
                         if (currentRound < 0) throw new ProtocolException($"PageBatch (frame {frame}) before any RoundStart");
                         if (streams is not null) throw new ProtocolException($"PageBatch (frame {frame}) on the control connection of a multi-stream migration");
-                        int round = placer!.Apply(payload, frame);
-                        if (round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        int round = payload.Length >= 4 ? (int)System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(payload) : -1;
+                        if (payload.Length >= PageBatchWriter.BatchHeaderSize && round != currentRound) throw new ProtocolException($"PageBatch (frame {frame}) of round {round} inside round {currentRound}");
+                        if (placing is not null) placing.Enqueue(reader, frame, payload.Length);
+                        else placer!.Apply(payload, frame, reader.EntryHashes);
+                        _arrival?.Received(bytesOfEarlierLinks + reader.BytesRead, Placed(placer!, streams) - placedBeforeRound);
                         break;
                     case (State.Live or State.StopAndCopy, FrameType.RoundEnd):
                         var re = RoundEndMessage.Parse(payload);
@@ -183,12 +240,14 @@ public sealed class IncomingMigration
                             DurationMs = re.DurationUs / 1000.0, BandwidthBytesPerSecond = re.BytesSent / Math.Max(re.DurationUs / 1e6, 1e-6),
                         });
                         if (state == State.StopAndCopy) downtime.Mark("final-round");
+                        _arrival?.DestinationRoundEnded(re.PagesSent, re.PagesDirtied, re.BytesSent, re.DurationUs / 1000.0);
                         break;
                     case (State.Live, FrameType.Extents):
                         if ((accepted & Capabilities.Extents) == 0) throw new ProtocolException($"Extents (frame {frame}) without the Extents capability");
                         if (currentRound >= 0 || extentsSeen) throw new ProtocolException($"Extents (frame {frame}) after round 0 began, or twice");
                         extentsSeen = true;
                         var announced = ExtentsMessage.Parse(payload, memory!.PageCount);
+                        _arrival?.Announced(announced.Sum(e => e.Count));
                         if (_options.Prefault && !preparedMemory) // prepared memory is populated already
                         {
                             prefaulter = new Prefaulter(memory, announced);
@@ -273,7 +332,7 @@ public sealed class IncomingMigration
                         streams?.DisposeDecoders();
                         // A source that could have switched to post-copy (--on-stall postcopy) did not: its page-request connection goes.
                         postCopy?.Abort();
-                        return Arrive(new ArrivedVm(vm, report.Build(null)), ref budget);
+                        return new ArrivedVm(vm, report.Build(null));
                     case (State.ReceivingState, _):
                         throw stateChunks.Interrupted(type, frame);
                     default:
@@ -285,10 +344,14 @@ public sealed class IncomingMigration
                 // The source may come back (it keeps its VM running meanwhile): keep the partial VM
                 // for the resume window. What was placed stays; the source re-sends everything it
                 // cannot know arrived, and a paused-then-resumed VM is live again: back to Live.
+                placing?.Drain(); // what arrived intact is placed (and marked delivered) before the source is told
+                _arrival?.Phase("reconnecting");
                 var next = resumption.AwaitReattach(_options.ResumeWindow)
                     ?? throw new IOException($"{e.Message}; the source did not come back within the resume window of {_options.ResumeWindow.TotalSeconds:0.#} s", e);
                 bytesOfEarlierLinks += reader.BytesRead;
+                if ((accepted & Capabilities.TlsUnchecked) != 0 && !IsSecured(next.Stream)) throw new IOException($"{e.Message}; the source came back on a connection without TLS, but the migration negotiated unchecked frames under TLS", e);
                 reader = next.Reader;
+                reader.PageBatchCheck = PageBatchChecks.Of(accepted);
                 frames = next.Frames;
                 stream = next.Stream;
                 state = State.Live;
@@ -300,6 +363,7 @@ public sealed class IncomingMigration
                 restoreError = null;
                 afterReattach = true;
                 report.Reconnects++;
+                _arrival?.Phase("live");
                 // What arrived of the round cut short: the source sends only the rest again.
                 if (currentRound >= 0) DeliveredMessage.Send(frames, currentRound, placer!.Delivered!);
                 frames.Send(FrameType.Attached, small[..new AttachedMessage(ChannelKind.Main, false).Write(small)]);
@@ -308,6 +372,8 @@ public sealed class IncomingMigration
         }
         catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
         {
+            placing?.Dispose(); // no page is placed once the memory may be discarded
+            placing = null;
             prefaulter?.Dispose();
             vcpuThreads?.Dispose();
             // No data stream may touch the memory once it is discarded: stop them all first.
@@ -328,18 +394,10 @@ public sealed class IncomingMigration
         }
         finally
         {
+            placing?.Dispose();
             // Gives back a connection lent by a reattach (its own thread closes it).
             resumption?.Close();
-            budget?.Dispose(); // the migration failed: its VM is gone
         }
-    }
-
-    /// <summary>The VM arrived: its share of the memory budget goes with it.</summary>
-    private static ArrivedVm Arrive(ArrivedVm arrived, ref MemoryBudget.Reservation? budget)
-    {
-        var held = budget;
-        budget = null;
-        return arrived with { Budget = held };
     }
 
     /// <summary>Restores the VM from its state as soon as it arrives; on hostile state bytes, null and why (refused at Prepare, after verification).</summary>
@@ -356,10 +414,13 @@ public sealed class IncomingMigration
     private IncomingVm Incoming(HelloMessage h) => new()
     {
         MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus,
-        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool,
+        DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
     };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream | CodecBits;
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream
+        | Capabilities.PageHashCheck | Capabilities.TlsUnchecked | CodecBits;
+
+    internal static bool IsSecured(Stream stream) => ChannelSecurity.IsSecured(stream);
 
     /// <summary>Pages placed on the control connection and on every data stream.</summary>
     private static long Placed(PageBatchReader placer, IncomingStreams? streams) => placer.PagesPlaced + (streams?.PagesPlaced ?? 0);
@@ -393,6 +454,18 @@ public sealed class IncomingMigration
         if ((h.Required & ~h.Requested) != 0) return $"the Hello requires capabilities it does not request: {h.Required & ~h.Requested}";
         var missing = h.Required & ~Supported;
         if (missing != 0) return $"destination lacks required capabilities: {missing}";
+        return null;
+    }
+
+    /// <summary>Reserves the VM's size in the memory budget and takes its name in the registry for this migration; why not, when it does not fit or a VM of that name runs or arrives here.</summary>
+    private string? Reserve(HelloMessage h)
+    {
+        _budget = _options.MemoryBudget.TryReserve(h.MemoryBytes, out string? overBudget);
+        if (overBudget is not null) return overBudget;
+        if (_vms is null) return null;
+        var arriving = new MigrationProgress(h.MigrationId, "destination", "precopy", h.VmName, h.MemoryBytes, "", _options.Time);
+        if (_vms.TryReserve(arriving) is { } why) return why;
+        _arrival = arriving;
         return null;
     }
 

@@ -45,6 +45,7 @@ public sealed class IncomingStreams
     private string? _failure;
     private bool _closing;
     private long _progressTs; // last batch placed or round ended, by any stream (set when made)
+    private readonly PageBatchCheck _check; // of every data connection's PageBatch frames, as negotiated on the control one
 
     private IncomingStreams(ConcurrentDictionary<Guid, IncomingStreams> sessions, Guid id, int count, GuestMemory memory, PageHashes? hashes, PipelineDecoder? controlDecoder, Capabilities accepted,
         DedupStore? store, DestinationOptions options)
@@ -55,6 +56,7 @@ public sealed class IncomingStreams
         _time = options.Time;
         _progressTs = _time.GetTimestamp();
         _roundPlaced = options.StreamRoundPlaced;
+        _check = PageBatchChecks.Of(accepted);
         _slots = new Slot[count];
         for (int i = 0; i < count; i++)
         {
@@ -123,6 +125,9 @@ public sealed class IncomingStreams
         try
         {
             Span<byte> small = stackalloc byte[16];
+            // Frames go unchecked only where TLS authenticates them: on every connection, or on none.
+            if (_check == PageBatchCheck.None && !IncomingMigration.IsSecured(stream)) throw new ProtocolException($"data stream {m.Index} is not TLS, but the migration negotiated unchecked frames under TLS");
+            reader.PageBatchCheck = _check;
             frames.Send(FrameType.StreamAttached, small[..new StreamAttachedMessage(m.Index).Write(small)]);
             Receive(m.Index, slot, reader);
         }
@@ -170,7 +175,7 @@ public sealed class IncomingStreams
                     if (payload.Length >= 4 && (int)BinaryPrimitives.ReadUInt32LittleEndian(payload) != open)
                         throw new ProtocolException($"PageBatch (frame {frame}) of round {BinaryPrimitives.ReadUInt32LittleEndian(payload)} while this stream's round {open} is open");
                     long before = slot.Placer.PagesPlaced;
-                    slot.Placer.Apply(payload, frame);
+                    slot.Placer.Apply(payload, frame, reader.EntryHashes);
                     slot.PagesInRound += slot.Placer.PagesPlaced - before;
                     Volatile.Write(ref _progressTs, _time.GetTimestamp());
                     break;

@@ -1,24 +1,21 @@
-using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
-using LiveMig.Transport;
 using LiveMig.Vm;
 
 namespace LiveMig.Engine;
 
 /// <summary>
 /// A destination agent: accepts migrations on a TCP port and keeps every VM that arrives
-/// running (so it can be migrated onward). Connections are accepted and taken through their
-/// handshake asynchronously (<see cref="HandshakeGate"/>: bounded in number and in time, no
-/// thread per connection); each established connection then runs on a thread of its own.
+/// running in its <see cref="Registry"/>, by unique name, until it is destroyed or migrated
+/// onward. Connections are accepted and taken through their handshake asynchronously
+/// (<see cref="HandshakeGate"/>: bounded in number and in time, no thread per connection);
+/// each established connection then runs on a thread of its own. All its migrations share the
+/// options' <see cref="DestinationOptions.MemoryBudget"/>.
 /// </summary>
 public sealed class MigrationListener : IDisposable
 {
     private readonly TcpListener _listener;
     private readonly DestinationOptions _options;
-    private readonly ConcurrentDictionary<string, IVirtualMachine> _vms = new();
-    /// <summary>Each arrived VM's share of the memory budget, by migration id, given back when the VM goes.</summary>
-    private readonly ConcurrentDictionary<string, MemoryBudget.Reservation> _budgets = new();
     private readonly CancellationTokenSource _stop = new();
     /// <summary>This listener's migrations that later connections join (resume, post-copy, data streams): its own, shared with no other listener.</summary>
     private readonly DestinationSessions _sessions = new();
@@ -29,6 +26,7 @@ public sealed class MigrationListener : IDisposable
     {
         _listener = new TcpListener(address, port);
         _options = options;
+        Registry = new VmRegistry(options.Time);
         _gate = new HandshakeGate(options, why => Dropped?.Invoke(why), why => Failed?.Invoke(new MigrationFailedException(why, new DestinationReport(options).Build(why))));
     }
 
@@ -49,7 +47,13 @@ public sealed class MigrationListener : IDisposable
     /// <summary>The migrations in progress here that other connections may join.</summary>
     public DestinationSessions Sessions => _sessions;
 
-    public IReadOnlyCollection<IVirtualMachine> Vms => (IReadOnlyCollection<IVirtualMachine>)_vms.Values;
+    /// <summary>The VMs that arrived and run here, and the migrations in progress (list, stop, destroy, migrate onward).</summary>
+    public VmRegistry Registry { get; }
+
+    public IReadOnlyCollection<IVirtualMachine> Vms => Registry.Vms;
+
+    /// <summary>The memory all incoming VMs share (reserved at Hello, given back when a migration fails or its VM leaves).</summary>
+    public MemoryBudget MemoryBudget => _options.MemoryBudget;
 
     /// <summary>Connections in their handshake now; refused because too many were; dropped at the deadline.</summary>
     public (int InProgress, long Refused, long Expired) Handshakes => (_gate.InProgress, _gate.Refused, _gate.Expired);
@@ -85,12 +89,9 @@ public sealed class MigrationListener : IDisposable
         using var stream = opened.Stream;
         try
         {
-            var arrived = new IncomingMigration(_options, _sessions).Receive(stream);
+            var arrived = new IncomingMigration(_options, _sessions, Registry).Receive(stream);
             if (arrived is null) return; // a second connection of a post-copy migration
             arrived = arrived with { Report = arrived.Report with { Peer = opened.Peer } };
-            string id = arrived.Report.MigrationId;
-            _vms[id] = arrived.Vm;
-            if (arrived.Budget is not null) _budgets[id] = arrived.Budget;
             Arrived?.Invoke(arrived);
         }
         catch (MigrationFailedException e)
@@ -99,20 +100,11 @@ public sealed class MigrationListener : IDisposable
         }
     }
 
-    /// <summary>Drops the VM that arrived by migration <paramref name="migrationId"/>: stops it, frees its memory and gives its share of the memory budget back. False when there is none.</summary>
-    public bool Discard(string migrationId)
-    {
-        if (!_vms.TryRemove(migrationId, out var vm)) return false;
-        vm.Dispose();
-        if (_budgets.TryRemove(migrationId, out var budget)) budget.Dispose();
-        return true;
-    }
-
     public void Dispose()
     {
         _stop.Cancel();
         _listener.Stop();
         _accepting?.Wait(TimeSpan.FromSeconds(5));
-        foreach (string id in _vms.Keys) Discard(id);
+        Registry.Dispose();
     }
 }

@@ -77,6 +77,11 @@ public sealed record DestinationOptions
     public Memory.MemoryPool? MemoryPool { get; init; }
     /// <summary>Fault announced extents in ahead of the pages on a helper thread (see <see cref="Memory.Prefaulter"/>); off only to measure what it buys.</summary>
     public bool Prefault { get; init; } = true;
+    /// <summary>
+    /// Pre-copy over one connection: place pages on a thread of their own while the connection's
+    /// thread reads the next frame (<see cref="PlacingThread"/>); off: one thread reads and places.
+    /// </summary>
+    public bool PlacingThread { get; init; } = true;
     /// <summary>Also rehash all of memory from scratch before resuming and compare (slow: a full pass in the downtime; for tests and audits).</summary>
     public bool VerifyFromScratch { get; init; }
     /// <summary>Called with the VM just before it resumes, e.g. to move its network endpoint to it.</summary>

@@ -13,7 +13,7 @@ namespace LiveMig.Engine;
 /// <summary>What <see cref="IncomingMigration"/> hands over at the switch to post-copy.</summary>
 internal sealed record PostCopyHandover(
     Stream Stream, FrameReader Reader, FrameWriter Frames, GuestMemory Memory, PageBatchReader Placer,
-    HelloMessage Hello, IVmFactory Factory, IncomingVm Vm, DestinationReport Report, int CurrentRound);
+    HelloMessage Hello, IVmFactory Factory, IncomingVm Vm, DestinationReport Report, int CurrentRound, ParkedThreads? Threads);
 
 /// <summary>
 /// The destination side of post-copy: from the switch (PostCopyStart) to the last page. Sets up
@@ -216,7 +216,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
 
     private void PriorityLoop(Channel ch)
     {
-        byte* scratch = (byte*)NativeMemory.Alloc(GuestMemory.PageSize);
+        byte* scratch = (byte*)NativeMemory.Alloc(ScratchBytes);
         var placed = new EncodingCounters(); // this reader's: another may overlap it briefly after a re-attach
         try
         {
@@ -242,29 +242,76 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         }
     }
 
-    /// <summary>Places every page of one PageBatch not yet present, counting them by encoding in <paramref name="placed"/>; returns how many it placed.</summary>
+    /// <summary>Pages a reader decodes back to back before placing them as one run (its scratch holds this many).</summary>
+    private const int RunPages = 16;
+    private const int ScratchBytes = RunPages * GuestMemory.PageSize;
+
+    /// <summary>
+    /// Places every page of one PageBatch not yet present, counting them by encoding in
+    /// <paramref name="placed"/>; returns how many it placed. Consecutive pages are decoded
+    /// straight into <paramref name="scratch"/> (<see cref="RunPages"/> pages), back to back, and
+    /// placed as one run (<see cref="DemandPager.PlaceRun"/>: one UFFDIO_COPY, one copy per page).
+    /// </summary>
     private long PlaceBatch(ReadOnlySpan<byte> payload, long frameIndex, byte* scratch, IPageDecoder decoder, EncodingCounters placed)
     {
         var pager = _pager!;
         var entries = new PageBatchEntries(payload, frameIndex, pager.Memory.PageCount);
+        var run = new PageRun(scratch);
         long n = 0;
-        var target = new Span<byte>(scratch, GuestMemory.PageSize);
         while (entries.MoveNext(out var entry))
         {
             long page = entry.Page;
             if (pager.Present.IsSet(page)) { Interlocked.Increment(ref _duplicates); continue; }
-            bool ok;
-            if (entry.Encoding == PageEncoding.Zero && entry.Data.Length == 0) ok = pager.Place(page, ReadOnlySpan<byte>.Empty);
-            else
+            if (run.Count > 0 && (page != run.First + run.Count || run.Count == RunPages)) n += Flush(ref run, pager, placed);
+            if (entry.Encoding == PageEncoding.Zero && entry.Data.Length == 0)
             {
-                try { decoder.Decode(page, entry.Encoding, entry.Data, target); }
-                catch (ProtocolException bad) { throw entries.AtEntry(entry, bad); }
-                ok = pager.Place(page, target);
+                n += Flush(ref run, pager, placed);
+                if (pager.Place(page, ReadOnlySpan<byte>.Empty)) { placed.Add(entry.Encoding, 0); n++; }
+                else Interlocked.Increment(ref _duplicates);
+                continue;
             }
-            if (!ok) { Interlocked.Increment(ref _duplicates); continue; }
-            placed.Add(entry.Encoding, entry.Data.Length);
+            if (run.Count == 0) run.First = page;
+            try { decoder.Decode(page, entry.Encoding, entry.Data, run.Next()); }
+            catch (ProtocolException bad) { throw entries.AtEntry(entry, bad); }
+            run.Add(entry.Encoding, entry.Data.Length);
+        }
+        return n + Flush(ref run, pager, placed);
+    }
+
+    /// <summary>Consecutive decoded pages waiting in a reader's scratch, with what the report counts of each.</summary>
+    private struct PageRun(byte* scratch)
+    {
+        public long First;
+        public int Count;
+        public readonly byte* Scratch = scratch;
+        public EncodingList Encodings;
+        public LengthList Lengths;
+
+        public readonly Span<byte> Next() => new(Scratch + Count * GuestMemory.PageSize, GuestMemory.PageSize);
+
+        public void Add(PageEncoding encoding, int length)
+        {
+            Encodings[Count] = encoding;
+            Lengths[Count] = length;
+            Count++;
+        }
+    }
+
+    [System.Runtime.CompilerServices.InlineArray(RunPages)] private struct EncodingList { private PageEncoding _e; }
+    [System.Runtime.CompilerServices.InlineArray(RunPages)] private struct LengthList { private int _l; }
+
+    private long Flush(ref PageRun run, DemandPager pager, EncodingCounters placed)
+    {
+        if (run.Count == 0) return 0;
+        ulong mask = pager.PlaceRun(run.First, run.Count, new ReadOnlySpan<byte>(run.Scratch, run.Count * GuestMemory.PageSize));
+        int n = 0;
+        for (int i = 0; i < run.Count; i++)
+        {
+            if ((mask & (1UL << i)) == 0) { Interlocked.Increment(ref _duplicates); continue; }
+            placed.Add(run.Encodings[i], run.Lengths[i]);
             n++;
         }
+        run.Count = 0;
         return n;
     }
 
@@ -280,6 +327,8 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         long resumedTs = 0;
         h.Report.Strategy = h.Report.Rounds.Count > 0 ? "hybrid" : "postcopy";
         h.Report.PausedTs = _options.Time.GetTimestamp();
+        var downtime = new PhaseClock(_options.Time); // the switch's steps, PostCopyStart → resume (the report's downtimeBreakdown)
+        downtime.Start(h.Report.PausedTs);
         long bytesBefore = 0;
         bool readySent = false;
         string? error = null;
@@ -287,7 +336,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         ulong hash = 0;
         PostCopyEndMessage end = default;
         Span<byte> small = stackalloc byte[128];
-        byte* scratch = (byte*)NativeMemory.Alloc(GuestMemory.PageSize);
+        byte* scratch = (byte*)NativeMemory.Alloc(ScratchBytes);
         try
         {
             var start = PostCopyStartMessage.Parse(startPayload);
@@ -307,6 +356,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             }
             byte[] vmState = stateChunks.State;
             h.Report.VmStateBytes = stateChunks.WireBytes;
+            downtime.Mark("pending-pages-and-vm-state");
             if (pending.Count() != start.PendingPages) throw new ProtocolException($"PostCopyStart announced {start.PendingPages} pending pages, the bitmap lists {pending.Count()}");
             if (!h.Report.FirstRoundCounted) h.Report.UnsentPages = memory.PageCount - start.PendingPages; // pure post-copy: the source pushes only what is pending
 
@@ -319,11 +369,14 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 memory.AttachPager(_pager);
                 if (_priority is { } ch && !ch.Broken) StartPriorityService(ch);
             }
+            downtime.Mark("demand-paging");
 
-            try { vm = h.Factory.Restore(h.Vm, memory, vmState, null); }
+            try { vm = h.Factory.Restore(h.Vm, memory, vmState, h.Threads); }
             catch (InvalidDataException e) { throw new ProtocolException(e.Message); }
+            downtime.Mark("restore");
             main.Frames.Send(FrameType.Ready, small[..new ReadyMessage(0, 0).Write(small)]);
             readySent = true;
+            downtime.Mark("send-ready");
             LimitReceiveBuffer(main);
 
             // Commit (or, if the connection breaks now, a reconnection: the source only comes back after Commit).
@@ -334,7 +387,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     var type = main.Reader.Read(out var payload);
                     if (type == FrameType.Error) throw new SourceAbort($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
                     if (type != FrameType.Commit || payload.Length != 0) throw new ProtocolException($"expected Commit, got {type}");
+                    downtime.Mark("await-commit");
                     Resume(vm, main, ref resumedTs);
+                    downtime.Mark("resume");
+                    h.Report.DowntimeBreakdown = new DowntimeBreakdown { Destination = downtime.Phases, DestinationJitMs = downtime.JitMs };
                 }
                 catch (Exception e) when (LinkFailure.Is(e))
                 {
@@ -411,7 +467,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         {
             if (!_resumed) vm?.Dispose();
             else if (vm is not null) vm.Dispose(); // ran here with pages that can no longer come: its vCPUs stopped at the missing pages
-            if (vm is null) memory.Dispose();
+            if (vm is null) { h.Threads?.Dispose(); memory.Dispose(); }
             throw new MigrationFailedException(error, built);
         }
         return new ArrivedVm(vm!, built);
@@ -501,9 +557,41 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         ClosePriority(priority);
         _priorityThread?.Join();
         priority?.Released.Set();
-        long deadline = _options.Time.GetTimestamp() + (long)(_options.PostCopy.RecoveryTimeout.TotalSeconds * _options.Time.TimestampFrequency);
+        var window = _options.PostCopy.RecoveryTimeout;
+        long deadline = window == Timeout.InfiniteTimeSpan ? long.MaxValue : _options.Time.GetTimestamp() + (long)(window.TotalSeconds * _options.Time.TimestampFrequency);
+        _waitingForSource = true;
+        try
+        {
+            return AwaitSource(deadline, cause, resumeOnAttach, ref resumedTs);
+        }
+        finally { _waitingForSource = false; }
+    }
+
+    private volatile bool _waitingForSource;
+    private volatile string? _discard;
+
+    /// <summary>The source is gone and this session waits for it (its VM runs with pages missing).</summary>
+    public bool WaitingForSource => _waitingForSource;
+
+    /// <summary>An operator's decision to stop waiting for the source and discard the VM; false when the session is not waiting.</summary>
+    public bool Discard(string why)
+    {
+        if (!_waitingForSource) return false;
+        _discard = why;
+        _mainArrived.Set();
+        return true;
+    }
+
+    /// <summary>What discarding the VM now loses, in one line.</summary>
+    private string Lost() => _pager is { } p
+        ? $"the VM ran here with {p.Memory.PageCount - p.Remaining} of its {p.Memory.PageCount} pages; the {p.Remaining} pages that never arrived are lost with it"
+        : "the VM had not started here";
+
+    private Channel AwaitSource(long deadline, Exception cause, IVirtualMachine? resumeOnAttach, ref long resumedTs)
+    {
         while (true)
         {
+            if (_discard is { } why) throw new RecoveryFailed($"post-copy: discarded by the operator while waiting for the source ({why}); {Lost()}");
             Channel? next = null;
             lock (_lock)
             {
@@ -527,10 +615,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                     continue;
                 }
             }
-            long left = deadline - _options.Time.GetTimestamp();
+            long left = deadline == long.MaxValue ? long.MaxValue : deadline - _options.Time.GetTimestamp();
             if (left <= 0)
-                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s");
-            _mainArrived.Wait(TimeSpan.FromTicks(Math.Max(1, left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency)));
+                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s; the VM is discarded: {Lost()}");
+            _mainArrived.Wait(left == long.MaxValue ? TimeSpan.FromSeconds(1) : TimeSpan.FromTicks(Math.Clamp(left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency, 1, TimeSpan.TicksPerSecond)));
         }
     }
 

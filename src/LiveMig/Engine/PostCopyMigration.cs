@@ -27,9 +27,10 @@ public sealed class PostCopyMigration
 {
     private readonly IVirtualMachine _vm;
     private readonly MigrationOptions _options;
-    private readonly IMigrationObserver _observer;
+    private IMigrationObserver _observer;
     private readonly IPreCopyPolicy? _rounds; // hybrid's round policy; null for pure post-copy
-    private readonly Guid _id = Guid.NewGuid();
+    private Guid _id = Guid.NewGuid();
+    private bool _recovering; // a restarted source: the switch happened in an earlier process
     private readonly TimeProvider _time;
     private readonly Lock _serveLock = new();
     private readonly List<EncodingCounters> _counters = [];
@@ -82,6 +83,9 @@ public sealed class PostCopyMigration
     private sealed class NullObserver : IMigrationObserver;
 
     public Guid MigrationId => _id;
+
+    /// <summary>Who is told about progress; set before <see cref="Run"/>.</summary>
+    public IMigrationObserver Observer { get => _observer; set => _observer = value ?? new NullObserver(); }
     public RateLimiter Limiter { get; }
     /// <summary>Makes each connection (kind, attempt number from 0); tests wrap streams here to inject faults. Default: TCP to the MigrateTo address.</summary>
     public Func<ChannelKind, int, Stream>? Connector { get; init; }
@@ -147,15 +151,24 @@ public sealed class PostCopyMigration
     /// <summary>The request server stopped on a peer that broke the protocol: a failure, not a reason to reconnect.</summary>
     private static bool ServerSawProtocolError(Link link) => link.ServerError is { } e && !LinkFailure.Is(e) && e is not InvalidOperationException;
 
-    public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken cancel = default)
+    private readonly SwitchGate _gate = new();
+
+    /// <summary>Cancels unless the switch (or the stop-and-copy's Commit) has begun; the answer says which, decided atomically with it.</summary>
+    public CancelOutcome TryCancel() => _gate.TryCancel();
+
+    public MigrationReport Run(Func<ChannelKind, int, Stream> connect, CancellationToken outside = default)
     {
+        _gate.Follow(outside);
+        var cancel = _gate.Token;
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
+        _switchClock = new PhaseClock(_time);
         Link? link = null;
         if (_options.Verify) _hashes = new PageHashes(_vm.Memory.PageCount);
         _pipeline = _options.Pipeline.IsBaseline ? null : new SourcePipeline(_options.Pipeline, _vm.Memory.PageCount, new LinkEstimate(Limiter), 1, _time);
         try
         {
+            if (_recovering) return RecoverFromMemory(connect, cancel);
             _observer.Phase("handshake");
             try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout, _time); }
             catch (Exception e) when (e is SocketException or IOException or AuthenticationFailedException)
@@ -163,12 +176,15 @@ public sealed class PostCopyMigration
                 string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
                 throw new MigrationFailedException(why, Report(why, null), e);
             }
+            // The switch's code compiles while the handshake (and hybrid's rounds) run, not in the downtime.
+            var warmup = SwitchoverWarmup.ForPostCopySource(_vm);
             Handshake(link);
             OpenPriority(link, connect, 0);
             if (_rounds is not null && PreCopyRounds(link, cancel) is { } converged)
             {
                 // The rounds met the target: pre-copy's switch-over, no post-copy phase at all.
                 converged.PauseAndPrepare();
+                if (!_gate.TryCommit()) throw new OperationCanceledException(cancel);
                 converged.Commit();
                 _completedAt = _resumedAt = converged.ResumedTimestamp;
                 _observer.Phase("done");
@@ -176,9 +192,13 @@ public sealed class PostCopyMigration
                 link.Dispose();
                 return done;
             }
+            ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
+            if (_controller is null) ScanPopulated();
+            StartServer(link); // before the pause: a thread start is not downtime (it serves requests only after PostCopyStart)
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
-            link = PostCopy(link, connect, pendingAtSwitch, cancel);
+            try { link = PostCopy(link, connect, pendingAtSwitch, cancel); }
+            catch (RestartRequested) { return StartOver(cancel); }
             _completedAt = _time.GetTimestamp();
             if (!_resumedSeen) _resumedAt = _completedAt;
             _observer.Phase("done");
@@ -186,7 +206,8 @@ public sealed class PostCopyMigration
             bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
             var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the source's paused memory {_sourceHash:x16}", link);
             link.Dispose();
-            if (!verified) throw new MigrationFailedException(report.Error!, report);
+            // The destination's copy differs from this paused one: the VM is kept here, for the operator.
+            if (!verified) return Paused(new MigrationAbort(report.Error!), null);
             return report;
         }
         catch (Exception e) when (e is not MigrationFailedException)
@@ -194,13 +215,65 @@ public sealed class PostCopyMigration
             // Anything at all: no thread of this migration may outlive it (they read guest memory).
             // A request server that met a protocol violation closed the link: its error is the cause.
             if (LinkFailure.Is(e) && _currentLink is { } cl && ServerSawProtocolError(cl)) e = cl.ServerError!;
+            // After the switch the VM exists whole only here: whatever failed, keep it and wait for the operator.
+            if (_committed && e is not RecoveryFailed)
+            {
+                try { return Paused(e, link); }
+                catch (RecoveryFailed abandoned) { e = abandoned; }
+            }
             string why = Fail(e, link);
             throw new MigrationFailedException(why, Report(why, link), e);
         }
         finally
         {
+            _gate.End();
             _pipeline?.Dispose();
         }
+    }
+
+    /// <summary>
+    /// A source restarted after the first one stopped past the switch (its process died): it has
+    /// the paused memory (a file that outlived that process) and the migration's ID, and serves
+    /// what the destination, which waited for it, still lacks — every page it does not hold —
+    /// then verifies as post-copy always does.
+    /// </summary>
+    /// <param name="vm">The paused memory (e.g. <c>GuestMemory.Open</c> of the first source's memory file).</param>
+    public static PostCopyMigration Recover(Guid migrationId, PausedMemoryVm vm, MigrationOptions options, IMigrationObserver? observer = null)
+    {
+        if (options.Pipeline.SkipFreePages)
+            throw new ArgumentException("a recovered source cannot tell which free pages the destination holds as zero: recover without free-page skipping", nameof(options));
+        var o = options with { Strategy = MigrationStrategy.PostCopy, Pipeline = options.Pipeline with { XbzrleCacheBytes = 0, Dedup = false } };
+        return new PostCopyMigration(vm, o, observer) { _id = migrationId, _recovering = true };
+    }
+
+    private MigrationReport RecoverFromMemory(Func<ChannelKind, int, Stream> connect, CancellationToken cancel)
+    {
+        var memory = _vm.Memory;
+        if (_hashes is not null) HashAll(memory, _hashes);
+        _pending = new NativePageBitmap(memory.PageCount);
+        _order = new PrepagingOrder(memory.PageCount, _options.PostCopy.Prepaging);
+        _committed = true; // long ago, by the source that stopped
+        var everything = new PageBitmap(memory.PageCount);
+        everything.SetAll();
+        _observer.Phase($"recovering migration {_id}: reattaching to the destination");
+        var link = Reconnect(connect, everything, new IOException("the first source of this migration stopped after the switch"), ref _resumedSeen);
+        _observer.Phase("post-copy");
+        link = PostCopy(link, connect, everything, cancel);
+        _completedAt = _time.GetTimestamp();
+        if (!_resumedSeen) _resumedAt = _completedAt;
+        _pausedNotes.Add($"recovered migration {_id} from the paused memory after its first source stopped past the switch");
+        bool verified = !_options.Verify || _done.DestinationHash == _sourceHash;
+        var report = Report(verified ? null : $"verification failed: destination pages hash {_done.DestinationHash:x16} as placed, the recovered memory {_sourceHash:x16}", link);
+        link.Dispose();
+        if (!verified) return Paused(new MigrationAbort(report.Error!), null);
+        return report with { Escalations = [.. report.Escalations, .. _pausedNotes] };
+    }
+
+    /// <summary>Every page's verification hash, from memory that nothing writes (holes hash as zero pages).</summary>
+    private static void HashAll(GuestMemory memory, PageHashes hashes)
+    {
+        foreach (var (first, count) in memory.DataExtents())
+            for (long p = first; p < first + count; p++) hashes.Set(p, memory.Page(p));
     }
 
     /// <summary>
@@ -244,32 +317,44 @@ public sealed class PostCopyMigration
 
     private StopAndCopy? _stopAndCopy;
 
+    // The post-copy switch's steps, from the pause to the Resumed acknowledgement (the report's downtimeBreakdown).
+    private PhaseClock _switchClock = null!;
+    private double _pauseBarrierMs;
+
     /// <summary>The switch: pause, say which pages are still to come, send the VM state, and commit once the destination is ready.</summary>
     private PageBitmap Switch(Link link)
     {
         Span<byte> small = stackalloc byte[64];
         _observer.Phase("paused");
+        long asked = _time.GetTimestamp();
         _vm.Pause();
         _paused = true;
         _pausedAt = _time.GetTimestamp();
+        _pauseBarrierMs = _time.GetElapsedTime(asked, _pausedAt).TotalMilliseconds;
+        _switchClock.Start(_pausedAt);
         var pending = PendingAtSwitch();
         _pending = new NativePageBitmap(_vm.Memory.PageCount);
         _pending.CopyFrom(pending);
         long pendingCount = _pending.Count();
         _postCopyRound = _controller is null ? 0 : _controller.Round + 1;
-        _order = new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging);
+        Volatile.Write(ref _order, new PrepagingOrder(_vm.Memory.PageCount, _options.PostCopy.Prepaging)); // last: the request server (already running) reads it first
+        _switchClock.Mark("pending-set");
         var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
         PageBitmapChunks.Send(link.MainFrames, _pending);
+        _switchClock.Mark("send-pending-pages");
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
-        StartServer(link); // the destination may fault while it restores the VM
+        _switchClock.Mark("save-vm-state");
 
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination aborted before the switch-over: {ErrorMessage.Parse(payload).Text}");
         if (type != FrameType.Ready) throw new ProtocolException($"expected Ready, got {type}");
+        _switchClock.Mark("await-ready");
         // From here on the destination may run the VM: the source never resumes it.
+        if (!_gate.TryCommit()) throw new OperationCanceledException(_gate.Token);
         link.MainFrames.Send(FrameType.Commit, []);
         _committed = true;
+        _switchClock.Mark("send-commit");
         return pending;
     }
 
@@ -279,19 +364,37 @@ public sealed class PostCopyMigration
     /// </summary>
     private PageBitmap PendingAtSwitch()
     {
+        // The dirty log stops after the destination resumed (PostCopy): unregistering it is not downtime.
         if (_controller is not null)
         {
             _controller.ReleaseBrakes();
             _controller.HarvestFinal();
-            _vm.DirtyLog.Stop();
             return _controller.Pending;
         }
-        var pending = new PageBitmap(_vm.Memory.PageCount);
-        long populated = _vm.Memory.MarkPopulated(pending);
+        // Populated before the pause (ScanPopulated), or written since.
+        var pending = _populated!;
+        _populated = null;
+        _vm.DirtyLog.Harvest(pending);
+        long populated = pending.Count();
         _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
         // Free pages are not to come: the destination keeps them zero (and both sides hash them as zero pages).
         if (_pipeline is { Options.SkipFreePages: true } p) p.SkipFreePages(free => _vm.ReportFreePages(free), pending, populated, _holes);
         return pending;
+    }
+
+    private PageBitmap? _populated;
+
+    /// <summary>
+    /// Pure post-copy, before the pause: the populated pages (one SEEK_DATA/SEEK_HOLE pair per
+    /// extent: tens of milliseconds for a guest of scattered zero pages, which used to be
+    /// downtime), with the dirty log tracking from before the scan, so a page the guest populates
+    /// after it is in the last harvest at the pause.
+    /// </summary>
+    private void ScanPopulated()
+    {
+        if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
+        _populated = new PageBitmap(_vm.Memory.PageCount);
+        _vm.Memory.MarkPopulated(_populated);
     }
 
     /// <summary>After the switch: push every page still to come while the request server answers faults, end with PostCopyEnd; reconnect after any link failure.</summary>
@@ -309,7 +412,9 @@ public sealed class PostCopyMigration
                     if (type != FrameType.Resumed) throw new ProtocolException($"expected Resumed, got {type}");
                     _resumedSeen = true;
                     _resumedAt = _time.GetTimestamp();
+                    _switchClock.Mark("await-resumed");
                 }
+                if (_vm.DirtyLog.IsTracking) _vm.DirtyLog.Stop(); // the paused VM writes nothing more: its log goes, after the downtime
                 PushAll(link, cancel);
                 // Every page is claimed; the server may still be sending its last answer.
                 lock (_serveLock) _sourceHash = _hashes?.Combine() ?? 0;
@@ -341,6 +446,21 @@ public sealed class PostCopyMigration
         }
     }
 
+    /// <summary>
+    /// A failure after the switch that reconnecting cannot mend (the destination aborted, broke
+    /// the protocol, or verification failed): the source keeps the paused VM, says so, and waits
+    /// for the operator — start over elsewhere (the new migration's report) or discard
+    /// (<see cref="RecoveryFailed"/>, which says what is lost).
+    /// </summary>
+    private MigrationReport Paused(Exception e, Link? link)
+    {
+        link?.Dispose();
+        _currentLink?.Dispose();
+        var target = Target ??= new ReconnectTarget("", 0);
+        EnterPaused(target, $"the post-copy phase failed ({OneLine(e)})");
+        return StartOver(default);
+    }
+
     /// <summary>What a failure leaves: before Commit the VM runs on here; after it this source keeps the paused VM. Returns the reason.</summary>
     private string Fail(Exception e, Link? link)
     {
@@ -354,6 +474,7 @@ public sealed class PostCopyMigration
         {
             link?.Dispose();
             _currentLink?.Dispose();
+            if (e is RecoveryFailed) return why; // the operator's decision, which says what is lost
             return why + " — after the switch to post-copy: the destination runs the VM with part of its memory; this source keeps the paused VM and every page it has not sent";
         }
         // The destination never got Commit: it discards its copy, the VM carries on here.
@@ -400,6 +521,7 @@ public sealed class PostCopyMigration
         return r with
         {
             DowntimeMs = _time.GetElapsedTime(_pausedAt, _resumedAt).TotalMilliseconds,
+            DowntimeBreakdown = new DowntimeBreakdown { PauseBarrierMs = _pauseBarrierMs, Source = _switchClock.Phases, SourceJitMs = _switchClock.JitMs },
             TimeToResumeMs = _time.GetElapsedTime(_t0, _resumedAt).TotalMilliseconds,
             PostCopyMs = _time.GetElapsedTime(_resumedAt, _completedAt).TotalMilliseconds,
             PagesResent = Interlocked.Read(ref _requestsForSentPages),
@@ -472,6 +594,7 @@ public sealed class PostCopyMigration
                 if (type != FrameType.PageRequest) throw new ProtocolException($"unexpected {type} on the page-request connection");
                 long t0 = _time.GetTimestamp();
                 int n = PageRequestMessage.Parse(payload, pageCount, pages);
+                if (Volatile.Read(ref _order) is null) throw new ProtocolException("PageRequest before the switch to post-copy");
                 lock (_serveLock)
                 {
                     writer.BeginRound(_postCopyRound);
@@ -562,49 +685,147 @@ public sealed class PostCopyMigration
         _observer.Progress(_postCopyRound, done, total, frames.BytesWritten);
     }
 
-    /// <summary>Reconnects after a failure in post-copy, with bounded exponential back-off; learns what the destination has.</summary>
+    /// <summary>
+    /// After the switch neither side alone has the whole VM, so this source never gives up on
+    /// its own: it reconnects with bounded back-off for <see cref="PostCopyOptions.RecoveryTimeout"/>,
+    /// then stays post-copy paused — keeping the paused VM and every page the destination lacks,
+    /// still trying every <see cref="PostCopyOptions.MaxRetryDelay"/> — until it is back, or an
+    /// operator decides (<see cref="ReconnectTarget.Abandon"/>, <see cref="ReconnectTarget.Restart"/>).
+    /// A destination that answers it no longer holds the migration is not retried until told to.
+    /// </summary>
     private Link Reconnect(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, Exception cause, ref bool resumedSeen)
     {
-        var memory = _vm.Memory;
+        var target = Target ??= new ReconnectTarget("", 0);
         var backoff = new RetryBackoff(_options.PostCopy.FirstRetryDelay, _options.PostCopy.MaxRetryDelay, _options.PostCopy.RecoveryTimeout, _time);
         string last = OneLine(cause);
-        Span<byte> buf = stackalloc byte[32];
+        bool paused = false, lost = false;
+        var address = target.Current;
         while (true)
         {
-            int attempt = ++_attempt;
-            Link? link = null;
-            try
+            CheckDecision(target);
+            if (!lost)
             {
-                link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
-                _currentLink = link;
-                link.MainFrames.SendNow(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]);
-                using var present = new NativePageBitmap(memory.PageCount);
-                while (true)
+                try { return TryReattach(connect, pendingAtSwitch, ref resumedSeen); }
+                catch (Exception e) when (LinkFailure.Is(e)) { last = OneLine(e); }
+                catch (MigrationAbort e)
                 {
-                    var type = link.MainReader.Read(out var payload);
-                    if (type == FrameType.Error) throw new MigrationAbort($"destination refused to resume the migration: {ErrorMessage.Parse(payload).Text}");
-                    if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, present); continue; }
-                    if (type != FrameType.Attached) throw new ProtocolException($"expected the destination's page bitmap and Attached, got {type}");
-                    if (AttachedMessage.Parse(payload).Resumed) resumedSeen = true;
-                    break;
+                    // The destination answered but no longer holds the migration (restarted, or it gave up).
+                    (lost, last) = (true, e.Message);
+                    EnterPaused(target, $"the destination no longer holds the VM ({e.Message})");
                 }
-                // Still to send: what was to come at the switch and the destination does not have.
-                for (long w = 0; w < _pending!.WordCount; w++) _pending.SetWord(w, pendingAtSwitch.Words[w] & ~present.Word(w));
-                _order!.Rewind();
-                OpenPriority(link, connect, attempt);
-                StartServer(link);
-                _observer.Phase($"reconnected (attempt {attempt}): {_pending.Count()} pages still to send");
-                _currentLink = link;
-                return link;
             }
-            catch (Exception e) when (LinkFailure.Is(e))
+            if (!paused && !lost && !ReconnectTarget.WaitToRetry(backoff, target, default))
             {
-                last = OneLine(e);
-                if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
-                if (!ReconnectTarget.WaitToRetry(backoff, Target, default))
-                    throw new RecoveryFailed($"post-copy recovery gave up after {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s and {attempt} attempts: {last}");
+                paused = true;
+                EnterPaused(target, $"the destination has not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s (last: {last})");
+            }
+            if (paused || lost)
+            {
+                target.Reconnecting = true;
+                target.Wake.WaitOne(_options.PostCopy.MaxRetryDelay);
+                target.Reconnecting = false;
+                // Told to try again (perhaps elsewhere): a destination that was lost gets another chance.
+                if (target.Current != address) (lost, address) = (false, target.Current);
             }
         }
+    }
+
+    /// <summary>One reattach: connect, Attach, learn which pages the destination has (PendingPages…, Attached), reopen the page-request connection.</summary>
+    private Link TryReattach(Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, ref bool resumedSeen)
+    {
+        var memory = _vm.Memory;
+        Span<byte> buf = stackalloc byte[32];
+        int attempt = ++_attempt;
+        Link? link = null;
+        try
+        {
+            link = new Link(connect(ChannelKind.Main, attempt), Limiter, _options.IoTimeout, _time);
+            _currentLink = link;
+            link.MainFrames.SendNow(FrameType.Attach, buf[..new AttachMessage(_id, ChannelKind.Main).Write(buf)]); // a handshake frame: not held back by the cap
+            using var present = new NativePageBitmap(memory.PageCount);
+            while (true)
+            {
+                var type = link.MainReader.Read(out var payload);
+                if (type == FrameType.Error) throw new MigrationAbort($"destination refused to resume the migration: {ErrorMessage.Parse(payload).Text}");
+                if (type == FrameType.PendingPages) { PageBitmapChunks.Apply(payload, present); continue; }
+                if (type != FrameType.Attached) throw new ProtocolException($"expected the destination's page bitmap and Attached, got {type}");
+                if (AttachedMessage.Parse(payload).Resumed) resumedSeen = true;
+                break;
+            }
+            // Still to send: what was to come at the switch and the destination does not have.
+            for (long w = 0; w < _pending!.WordCount; w++) _pending.SetWord(w, pendingAtSwitch.Words[w] & ~present.Word(w));
+            _order!.Rewind();
+            OpenPriority(link, connect, attempt);
+            StartServer(link);
+            _observer.Phase($"reconnected (attempt {attempt}): {_pending.Count()} pages still to send");
+            _currentLink = link;
+            var ok = link;
+            link = null;
+            return ok;
+        }
+        finally
+        {
+            if (link is not null) { _bytesOfClosedLinks += link.BytesWritten; link.Dispose(); }
+        }
+    }
+
+    /// <summary>Post-copy paused: said once, in the progress and the report, with what the operator can do.</summary>
+    private void EnterPaused(ReconnectTarget target, string why)
+    {
+        string line = $"post-copy paused: {why}; this source keeps the paused VM and the {_pending!.Count()} pages the destination lacks. " +
+                      $"Recover with 'livemig migrate --resume {_id} [--to HOST:PORT]'; start over from the paused VM elsewhere with 'livemig migrate --resume {_id} --to HOST:PORT --restart' " +
+                      $"(only if that destination is gone for good: what the VM did there since the switch is lost); or discard it with 'livemig destroy {_id}'";
+        _pausedNotes.Add(line);
+        _observer.Phase(line);
+    }
+
+    private readonly List<string> _pausedNotes = [];
+
+    /// <summary>An operator's decision, while post-copy is paused: discard (fails the migration, saying what is lost) or start over elsewhere.</summary>
+    private void CheckDecision(ReconnectTarget target)
+    {
+        if (target.Abandoned)
+            throw new RecoveryFailed($"post-copy abandoned by the operator after the switch: the destination lacked {_pending!.Count()} of the VM's pages, which this source held; they are discarded with it");
+        if (target.RestartRequested is { } to) throw new RestartRequested(to.Host, to.Port);
+    }
+
+    /// <summary>
+    /// The operator declared the destination lost and named another: a fresh pre-copy migration
+    /// of the paused VM (its state at the switch) to it. A failed attempt leaves the VM paused
+    /// here — never resumed: only the operator may decide where it runs — and waits for the next
+    /// decision. Abandoning fails the migration, saying what is lost.
+    /// </summary>
+    private MigrationReport StartOver(CancellationToken cancel)
+    {
+        var target = Target!;
+        var options = _options with { Strategy = MigrationStrategy.PreCopy, Streams = 1, PreCopy = _options.PreCopy with { OnStall = StallAction.Abort } };
+        while (true)
+        {
+            if (target.TakeRestart() is { } to)
+            {
+                _observer.Phase($"starting over from the paused VM to {to.Host}:{to.Port}");
+                var again = new PreCopyMigration(_vm, options, _observer) { KeepPausedOnFailure = true };
+                try
+                {
+                    var report = again.MigrateTo(to.Host, to.Port, cancel);
+                    return report with
+                    {
+                        Escalations = [.. _pausedNotes, .. report.Escalations,
+                            $"started over from the paused VM (its state at the switch) to {to.Host}:{to.Port} as migration {again.MigrationId}: what the VM did on the first destination since the switch is lost"],
+                    };
+                }
+                catch (MigrationFailedException e) { EnterPaused(target, $"starting over at {to.Host}:{to.Port} failed ({OneLine(e)})"); }
+            }
+            CheckDecision(target);
+            target.Wake.WaitOne(_options.PostCopy.MaxRetryDelay);
+        }
+    }
+
+    /// <summary>Starting over from the paused VM, to another destination (<see cref="ReconnectTarget.Restart"/>).</summary>
+    private sealed class RestartRequested(string host, int port) : Exception($"restart to {host}:{port}")
+    {
+        public string Host { get; } = host;
+        public int Port { get; } = port;
     }
 
     private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");

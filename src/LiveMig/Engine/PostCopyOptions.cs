@@ -13,7 +13,11 @@ public sealed record PostCopyOptions
     public PrepagingOptions Prepaging { get; init; } = new();
     /// <summary>Pages per background-push frame: small, so a requested page never waits long behind one (64 KiB).</summary>
     public int PushBatchPages { get; init; } = 16;
-    /// <summary>After a connection failure in post-copy, how long the source keeps trying to reconnect.</summary>
+    /// <summary>
+    /// After a connection failure in post-copy, how long the source reconnects with back-off
+    /// before it calls itself post-copy paused; it never gives up on its own after the switch
+    /// (docs/reliability.md, "Post-copy: never lose a VM").
+    /// </summary>
     public TimeSpan RecoveryTimeout { get; init; } = TimeSpan.FromSeconds(60);
     /// <summary>First wait between reconnection attempts; doubles up to <see cref="MaxRetryDelay"/>.</summary>
     public TimeSpan FirstRetryDelay { get; init; } = TimeSpan.FromMilliseconds(20);
@@ -42,8 +46,13 @@ public enum DemandPagingMode
 public sealed record PostCopyDestinationOptions
 {
     public DemandPagingMode Mode { get; init; } = DemandPagingMode.Auto;
-    /// <summary>After a connection failure in post-copy, how long the destination waits for the source to reconnect.</summary>
-    public TimeSpan RecoveryTimeout { get; init; } = TimeSpan.FromSeconds(60);
+    /// <summary>
+    /// After a connection failure in post-copy, how long the destination waits for the source to
+    /// reconnect before it discards the VM (saying which pages were lost). Infinite by default:
+    /// the VM runs here with pages missing (vCPUs that touch one wait) until its source recovers
+    /// or an operator discards it (<see cref="DestinationSessions.DiscardPostCopy"/>).
+    /// </summary>
+    public TimeSpan RecoveryTimeout { get; init; } = Timeout.InfiniteTimeSpan;
     /// <summary>
     /// userfaultfd mode: the vCPU access path still checks the present bitmap and takes a missing
     /// page through a system call (madvise populate), so a garbage collection never waits for a

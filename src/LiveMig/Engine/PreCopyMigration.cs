@@ -39,6 +39,10 @@ public sealed class PreCopyMigration
     private long _bytesOfClosedLinks, _t0;
     private DateTimeOffset _started;
     private readonly List<string> _interruptions = [];
+    private readonly SwitchGate _gate = new();
+
+    /// <summary>Cancels unless the switch-over has begun; the answer says which, decided atomically with the Commit.</summary>
+    public CancelOutcome TryCancel() => _gate.TryCancel();
 
     public PreCopyMigration(IVirtualMachine vm, MigrationOptions options, IMigrationObserver? observer = null, IPreCopyPolicy? policy = null)
     {
@@ -73,6 +77,12 @@ public sealed class PreCopyMigration
     /// <summary>Where reconnections go (set by <see cref="MigrateTo"/>); <see cref="ReconnectTarget.RetryNow"/> cuts a back-off short.</summary>
     public ReconnectTarget? Target { get; private set; }
 
+    /// <summary>
+    /// On failure, leave a VM that this migration found paused, paused (a post-copy source
+    /// starting over elsewhere: only the operator decides where the VM runs after a switch).
+    /// </summary>
+    internal bool KeepPausedOnFailure { get; init; }
+
     /// <summary>Connects to a destination agent and migrates.</summary>
     public MigrationReport MigrateTo(string host, int port, CancellationToken cancel = default)
     {
@@ -97,8 +107,11 @@ public sealed class PreCopyMigration
     /// <summary>Migrates over an established stream (TCP, or a test's wrapper around one); no reconnecting.</summary>
     public MigrationReport Run(Stream stream, CancellationToken cancel = default) => Run(stream, Connector, cancel);
 
-    private MigrationReport Run(Stream stream, Func<int, Stream>? reconnect, CancellationToken cancel)
+    private MigrationReport Run(Stream stream, Func<int, Stream>? reconnect, CancellationToken outside)
     {
+        // Every cancellation, from the caller's token or TryCancel, goes through the gate.
+        _gate.Follow(outside);
+        var cancel = _gate.Token;
         _started = _time.GetUtcNow();
         _t0 = _time.GetTimestamp();
         _stream = stream;
@@ -133,6 +146,7 @@ public sealed class PreCopyMigration
                     Reattach(reconnect!, e, cancel);
                 }
             }
+            if (!_gate.TryCommit()) throw new OperationCanceledException(cancel);
             _switchover.Commit();
             return Report(null);
         }
@@ -143,6 +157,7 @@ public sealed class PreCopyMigration
         }
         finally
         {
+            _gate.End();
             // Every data connection closed and every stream thread joined: none outlives the migration.
             _sender.Streams?.Dispose();
             _sender.Streams = null;
@@ -172,7 +187,8 @@ public sealed class PreCopyMigration
         var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities
             | (_options.Streams > 1 ? Capabilities.MultiStream : 0);
         // Resume after a drop is for the single connection: with several data streams a drop fails the migration (docs/protocol.md).
-        var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0);
+        var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0)
+            | Capabilities.PageHashCheck | (ChannelSecurity.IsSecured(_stream) ? Capabilities.TlsUnchecked : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
         _sender.Frames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
@@ -185,7 +201,10 @@ public sealed class PreCopyMigration
             throw new ProtocolException($"destination did not accept required capabilities: {hello.Required & ~ack.Accepted}");
         _canResume = (ack.Accepted & Capabilities.PreCopyResume) != 0;
         _announceExtents = (ack.Accepted & Capabilities.Extents) != 0;
+        _sender.Batches.Check = _check = PageBatchChecks.Of(ack.Accepted);
     }
+
+    private PageBatchCheck _check;
 
     private bool _announceExtents;
 
@@ -201,7 +220,7 @@ public sealed class PreCopyMigration
         if (_options.Streams > 1)
         {
             var connectData = _options.StreamConnector ?? _dataConnector ?? throw new InvalidOperationException("several data streams need MigrateTo or MigrationOptions.StreamConnector");
-            _sender.Streams = SourceStreams.Open(_options.Streams, _id, _sender.Frames, _sender.Reader, connectData, _vm.Memory, Limiter, _sender.Batches.Hashes, _pipeline, _options.IoTimeout);
+            _sender.Streams = SourceStreams.Open(_options.Streams, _id, _sender.Frames, _sender.Reader, connectData, _vm.Memory, Limiter, _sender.Batches.Hashes, _pipeline, _options.IoTimeout, _check);
         }
         _controller.Begin(first);
         _setupDone = true;
@@ -244,7 +263,7 @@ public sealed class PreCopyMigration
         TrySendError(_sender.Frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
         _vm.DirtyLog.Stop();
         _controller.ReleaseBrakes();
-        _switchover.ResumeAfterDrop();
+        if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
         return why;
     }
 
@@ -258,7 +277,7 @@ public sealed class PreCopyMigration
         long cut = _time.GetTimestamp();
         string phase = _switchover.Paused ? "stop-and-copy" : $"round {_controller.Round}";
         _observer.Phase("reconnecting");
-        _switchover.ResumeAfterDrop();
+        if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
         _bytesOfClosedLinks += _sender.Frames.BytesWritten;
         _sender.Frames.Dispose();
         _sender.Reader.Dispose();
@@ -366,6 +385,7 @@ public sealed class PreCopyMigration
             Interruptions = [.. _interruptions],
             PagesByEncoding = _sender.Counters().PagesByName(),
             Streams = Math.Max(1, _options.Streams),
+            FrameCheck = PageBatchChecks.Name(_check),
         };
         return _switchover.AddTo(r, _options.PreCopy.DowntimeLimit);
     }

@@ -27,6 +27,42 @@ public sealed class ReconnectTarget(string host, int port)
         finally { target.Reconnecting = false; }
     }
 
+    private (string Host, int Port)? _restart;
+    private volatile bool _abandoned;
+
+    /// <summary>
+    /// Post-copy after the switch, the destination lost: start the migration over from the
+    /// source's paused VM (its state at the switch) to <paramref name="host"/>:<paramref name="port"/>.
+    /// What the VM did on the lost destination since the switch is lost.
+    /// </summary>
+    public void Restart(string host, int port)
+    {
+        lock (_lock) _restart = (host, port);
+        Wake.Set();
+    }
+
+    /// <summary>Post-copy after the switch: give up recovery and discard the source's copy (an operator's explicit decision).</summary>
+    public void Abandon()
+    {
+        _abandoned = true;
+        Wake.Set();
+    }
+
+    internal bool Abandoned => _abandoned;
+
+    internal (string Host, int Port)? RestartRequested { get { lock (_lock) return _restart; } }
+
+    /// <summary>The restart asked for, taken (so a failed one is not retried unless asked again).</summary>
+    internal (string Host, int Port)? TakeRestart()
+    {
+        lock (_lock)
+        {
+            var r = _restart;
+            _restart = null;
+            return r;
+        }
+    }
+
     /// <summary>Next attempt now (ending the current back-off wait), at a new address if given.</summary>
     public void RetryNow(string? host = null, int? port = null)
     {

@@ -64,7 +64,7 @@ internal sealed class SourceStreams : IDisposable
     /// destination's StreamsAck, then opens and attaches each data connection.
     /// </summary>
     public static SourceStreams Open(int count, Guid id, FrameWriter control, FrameReader controlReader, Func<int, Stream> connect,
-        GuestMemory memory, RateLimiter limiter, PageHashes? hashes, SourcePipeline? pipeline, TimeSpan ioTimeout)
+        GuestMemory memory, RateLimiter limiter, PageHashes? hashes, SourcePipeline? pipeline, TimeSpan ioTimeout, PageBatchCheck check = PageBatchCheck.Bytes)
     {
         Span<byte> small = stackalloc byte[64];
         control.Send(FrameType.Streams, small[..new StreamsMessage(count).Write(small)]);
@@ -91,7 +91,8 @@ internal sealed class SourceStreams : IDisposable
                 }
                 var frames = new FrameWriter(s, limiter);
                 var reader = new FrameReader(s);
-                var batches = new PageBatchWriter(frames, memory) { Hashes = hashes };
+                // A data connection is secured like the control one, so the check negotiated there holds here.
+                var batches = new PageBatchWriter(frames, memory) { Hashes = hashes, Check = check };
                 if (pipeline is not null && pipeline.Options.Capabilities != 0)
                 {
                     batches.Encoder = pipeline.CreateEncoder();

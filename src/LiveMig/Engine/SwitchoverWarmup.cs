@@ -55,6 +55,23 @@ internal static class SwitchoverWarmup
     public static Task ForDestination(IVmFactory factory) =>
         Start(null, [typeof(IncomingMigration), typeof(DestinationOptions), typeof(DestinationReport), typeof(VmStateAssembler), factory.GetType(), .. factory.SwitchoverTypes]);
 
+    /// <summary>
+    /// For a destination that may switch to post-copy: also the demand pagers, the post-copy
+    /// messages and the session (measured: 20–30 ms of first-call JIT in the switch otherwise).
+    /// </summary>
+    public static Task ForPostCopyDestination(IVmFactory factory) =>
+        Start(null, [typeof(PostCopyIncoming), typeof(DemandPager), typeof(UffdDemandPager), typeof(PortableDemandPager), typeof(NativePageBitmap),
+            typeof(PageBitmapChunks), typeof(PostCopyStartMessage), typeof(LatencyRecorder), typeof(IncomingMigration), typeof(DestinationOptions),
+            typeof(DestinationReport), typeof(VmStateAssembler), factory.GetType(), .. factory.SwitchoverTypes]);
+
+    /// <summary>
+    /// For a post-copy or hybrid source: the switch (pending set, PostCopyStart, bitmap chunks,
+    /// state, the request server, the push) and the VM's own warm-up; waited for before the pause.
+    /// </summary>
+    public static Task ForPostCopySource(IVirtualMachine vm) =>
+        Start(vm.WarmSwitchover, [typeof(PostCopyMigration), typeof(NativePageBitmap), typeof(PageBitmapChunks), typeof(PostCopyStartMessage), typeof(VmStateChunks),
+            typeof(Policies.PrepagingOrder), typeof(LatencyRecorder), typeof(Core.RoundController), typeof(ConnectionRoundSender), typeof(SourceReport), typeof(StopAndCopy), vm.GetType(), vm.DirtyLog.GetType()]);
+
     /// <summary>Starts compiling the switch-over code (plus <paramref name="extra"/> types) after running <paramref name="more"/>; the task ends when done.</summary>
     private static Task Start(Action? more, IEnumerable<Type> extra) =>
         Task.Factory.StartNew(() =>

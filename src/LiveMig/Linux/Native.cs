@@ -55,6 +55,20 @@ internal static unsafe partial class Native
     [LibraryImport(Libc, SetLastError = true)]
     public static partial long syscall(long number, long arg0);
 
+    public const int O_DIRECTORY = 0x10000, LOCK_EX = 2, LOCK_UN = 8;
+    public const int AT_FDCWD = -100, AT_SYMLINK_NOFOLLOW = 0x100;
+    public const uint STATX_TYPE = 0x1, STATX_INO = 0x100;
+    public const int S_IFMT = 0xF000, S_IFSOCK = 0xC000;
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial int flock(int fd, int operation);
+
+    /// <summary>struct statx is the same on every architecture (unlike struct stat): 256 bytes, the fields read at fixed offsets.</summary>
+    [LibraryImport(Libc, SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int statx(int dirfd, string path, int flags, uint mask, byte* statxbuf);
+
+    public const int StatxSize = 256, StatxModeOffset = 28, StatxInoOffset = 32, StatxDevMajorOffset = 136, StatxDevMinorOffset = 140;
+
     public static int Errno => Marshal.GetLastPInvokeError();
 
     public static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno) + $" (errno {errno})";

@@ -59,6 +59,23 @@ public abstract unsafe class DemandPager : IDisposable
     /// <summary>Places a page's final content (empty span = zero page); false when it was already placed.</summary>
     public abstract bool Place(long page, ReadOnlySpan<byte> content);
 
+    /// <summary>Most pages <see cref="PlaceRun"/> takes at once (one bit each in its answer).</summary>
+    public const int MaxRunPages = 64;
+
+    /// <summary>
+    /// Places <paramref name="count"/> (≤ <see cref="MaxRunPages"/>) consecutive pages from
+    /// <paramref name="first"/> on, whose contents lie back to back in <paramref name="contents"/>;
+    /// returns a mask of those placed (bit i: page first + i; the others were there already).
+    /// The userfaultfd pager places a run with one <c>UFFDIO_COPY</c>.
+    /// </summary>
+    public virtual ulong PlaceRun(long first, int count, ReadOnlySpan<byte> contents)
+    {
+        ulong placed = 0;
+        for (int i = 0; i < count; i++)
+            if (Place(first + i, contents.Slice(i * GuestMemory.PageSize, GuestMemory.PageSize))) placed |= 1UL << i;
+        return placed;
+    }
+
     /// <summary>Stops demand paging for good: waiting and later faults throw <see cref="PageUnavailableException"/>.</summary>
     public virtual void Abandon(string why)
     {

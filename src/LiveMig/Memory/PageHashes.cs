@@ -25,6 +25,10 @@ public sealed class PageHashes
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void Set(long page, ReadOnlySpan<byte> content) => _hashes[page] = XxHash3.HashToUInt64(content);
 
+    /// <summary>Records a hash already taken of exactly the page's content (the frame check's, for a raw page).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void SetHash(long page, ulong hash) => _hashes[page] = hash;
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void SetZero(long page) => _hashes[page] = ZeroPageHash;
 

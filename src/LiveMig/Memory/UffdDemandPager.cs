@@ -267,6 +267,44 @@ public sealed unsafe class UffdDemandPager : DemandPager
         return true;
     }
 
+    /// <summary>
+    /// One <c>UFFDIO_COPY</c> for the whole run, straight from <paramref name="contents"/> (no
+    /// bounce copy): the kernel copies until a page is there already (the native thread placed
+    /// it: that page is skipped) and the rest is copied by the next call.
+    /// </summary>
+    public override ulong PlaceRun(long first, int count, ReadOnlySpan<byte> contents)
+    {
+        if (count > MaxRunPages || contents.Length < count * GuestMemory.PageSize) throw new ArgumentOutOfRangeException(nameof(count));
+        ulong placed = 0;
+        fixed (byte* src = contents)
+        {
+            int at = 0;
+            while (at < count)
+            {
+                if (Present.IsSet(first + at)) { at++; continue; }
+                ulong dst = (ulong)Memory.Base + ((ulong)(first + at) << GuestMemory.PageShift);
+                var c = new UffdioCopy { Dst = dst, Src = (ulong)(src + at * GuestMemory.PageSize), Len = (ulong)((count - at) * GuestMemory.PageSize) };
+                int r = Native.ioctl((int)_ctx->Uffd, UFFDIO_COPY, &c);
+                int e = r == 0 ? 0 : Native.Errno;
+                // Copied: all of it (r == 0), or a prefix before a page that is there already (EAGAIN with copy > 0).
+                int done = r == 0 ? count - at : c.Copy > 0 ? (int)(c.Copy / GuestMemory.PageSize) : 0;
+                for (int i = at; i < at + done; i++)
+                {
+                    RecordHash(first + i, contents.Slice(i * GuestMemory.PageSize, GuestMemory.PageSize));
+                    Present.Set(first + i);
+                    placed |= 1UL << i;
+                }
+                if (done > 0) OnPlaced(done);
+                at += done;
+                if (r == 0 || done > 0) continue;
+                if (e == Native.EEXIST) { at++; continue; } // the native thread placed this one first
+                if (e is Native.EAGAIN or Native.EINTR) continue;
+                throw new IOException($"placing guest pages {first + at}..{first + count - 1} (UFFDIO_COPY): {Native.ErrorText(e)}");
+            }
+        }
+        return placed;
+    }
+
     public override void Abandon(string why)
     {
         base.Abandon(why);

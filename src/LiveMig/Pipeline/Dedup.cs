@@ -91,29 +91,48 @@ public sealed class DedupSourceIndex
 /// overwritten since (its VM runs, or it was re-sent) never puts wrong content into memory; a
 /// stale entry is dropped. (Hashes are compared, not bytes: a true xxHash3-128 collision would
 /// pass, and is left to the migration's verification hash.) Memory that was disposed is skipped
-/// (<see cref="GuestMemory.TryCopyPage"/>). Thread-safe.
+/// (<see cref="GuestMemory.TryCopyPage"/>). Thread-safe: striped by hash, one lock per stripe.
 /// </summary>
 public sealed class DedupStore
 {
-    private readonly object _lock = new();
-    private readonly Dictionary<UInt128, (GuestMemory Memory, long Page)> _index = [];
+    // Striped by hash: every placed page of every incoming migration (and every stream) adds an
+    // entry, so one lock for all would serialise their placers.
+    private const int Shards = 32;
+    private readonly Shard[] _shards = Enumerable.Range(0, Shards).Select(_ => new Shard()).ToArray();
+
+    private sealed class Shard
+    {
+        public readonly Dictionary<UInt128, (GuestMemory Memory, long Page)> Index = [];
+    }
 
     /// <summary>Most entries kept (about 48 bytes each); past it new content is not indexed until stale entries are purged.</summary>
     public int MaxEntries { get; init; } = 4 << 20;
 
-    public int Count { get { lock (_lock) return _index.Count; } }
+    public int Count
+    {
+        get
+        {
+            int n = 0;
+            foreach (var s in _shards) lock (s) n += s.Index.Count;
+            return n;
+        }
+    }
+
+    private Shard ShardOf(UInt128 h) => _shards[(int)((ulong)h % Shards)];
 
     /// <summary>Records that <paramref name="page"/> of <paramref name="memory"/> holds content <paramref name="h"/>.</summary>
     public void Add(UInt128 h, GuestMemory memory, long page)
     {
-        lock (_lock)
+        var s = ShardOf(h);
+        int perShard = Math.Max(1, MaxEntries / Shards);
+        lock (s)
         {
-            if (_index.Count >= MaxEntries && !_index.ContainsKey(h))
+            if (s.Index.Count >= perShard && !s.Index.ContainsKey(h))
             {
-                PurgeDisposed();
-                if (_index.Count >= MaxEntries) return;
+                PurgeDisposed(s);
+                if (s.Index.Count >= perShard) return;
             }
-            _index[h] = (memory, page);
+            s.Index[h] = (memory, page);
         }
     }
 
@@ -126,21 +145,22 @@ public sealed class DedupStore
     {
         (GuestMemory Memory, long Page) e;
         touched = false;
-        lock (_lock) { if (!_index.TryGetValue(h, out e)) return false; }
+        var s = ShardOf(h);
+        lock (s) { if (!s.Index.TryGetValue(h, out e)) return false; }
         touched = e.Memory.TryCopyPage(e.Page, target);
         if (touched && ContentHash.Of(target) == h) return true;
-        lock (_lock)
+        lock (s)
         {
             // Stale (overwritten, or its memory is gone): forget it unless someone re-registered meanwhile.
-            if (_index.TryGetValue(h, out var now) && now == e) _index.Remove(h);
+            if (s.Index.TryGetValue(h, out var now) && now == e) s.Index.Remove(h);
         }
         return false;
     }
 
-    private void PurgeDisposed()
+    private static void PurgeDisposed(Shard s)
     {
-        foreach (var (h, e) in _index.ToArray())
-            if (e.Memory.IsDisposed) _index.Remove(h);
+        foreach (var (h, e) in s.Index.ToArray())
+            if (e.Memory.IsDisposed) s.Index.Remove(h);
     }
 }
 

@@ -24,8 +24,13 @@ public sealed class PageBatchReader(GuestMemory memory)
     public Memory.PageBitmap? Delivered { get; set; }
     public long PagesPlaced { get; private set; }
 
-    /// <summary>Places every page of one batch; returns the batch's round.</summary>
-    public int Apply(ReadOnlySpan<byte> payload, long frameIndex)
+    /// <summary>
+    /// Places every page of one batch; returns the batch's round. <paramref name="entryHashes"/>:
+    /// the frame check's hash of each entry's payload (<see cref="FrameReader.EntryHashes"/>),
+    /// when it took them: a raw page placed is exactly its payload, so its verification hash is
+    /// that one and the page is not read again.
+    /// </summary>
+    public int Apply(ReadOnlySpan<byte> payload, long frameIndex, ReadOnlySpan<ulong> entryHashes = default)
     {
         var entries = new PageBatchEntries(payload, frameIndex, memory.PageCount);
         while (entries.MoveNext(out var entry))
@@ -37,6 +42,7 @@ public sealed class PageBatchReader(GuestMemory memory)
             if (Hashes is { } h)
             {
                 if (entry.Encoding == PageEncoding.Zero) h.SetZero(page);
+                else if (entry.Encoding == PageEncoding.Raw && entry.Index < (uint)entryHashes.Length) h.SetHash(page, entryHashes[(int)entry.Index]);
                 else h.Set(page, target);
             }
             Placed?.Invoke(page);

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.IO.Hashing;
 using LiveMig.Memory;
 using LiveMig.Protocol;
 
@@ -7,7 +8,9 @@ namespace LiveMig.Pipeline;
 /// <summary>
 /// Source half of the page path: page in guest memory → encode → into the open PageBatch frame
 /// → send when full. Pages are encoded straight into the frame writer's buffer, so a page is
-/// copied exactly once (guest memory → socket buffer).
+/// copied exactly once (guest memory → socket buffer). Under <see cref="PageBatchCheck.PageHashes"/>
+/// each entry's payload is hashed once, right after it was written (cache-hot), and that hash
+/// serves both the frame's checksum and, for a raw page, its verification hash.
 /// <code>
 /// PageBatch payload: u32 round | u32 count | count × entry
 /// entry:             u32 page  | u8 encoding | u8 reserved (0) | u16 length | length bytes
@@ -42,6 +45,20 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
     public long EntriesWritten { get; private set; }
 
     private long _linkBytes, _linkTicks;
+    private PageBatchCheck _check;
+    private XxHash3? _digest;
+
+    /// <summary>How the frames' checksums are made (negotiated: <see cref="PageBatchChecks.Of"/>); set before the first page.</summary>
+    public PageBatchCheck Check
+    {
+        get => _check;
+        set
+        {
+            if (frames.IsOpen) throw new InvalidOperationException("the check changes between frames only");
+            _check = value;
+            if (value == PageBatchCheck.PageHashes) _digest ??= new XxHash3(FrameFormat.Seed(FrameType.PageBatch));
+        }
+    }
 
     /// <summary>Continues on another connection (a migration that reattached); a batch left open on the old one is dropped.</summary>
     public void Rebind(FrameWriter next)
@@ -49,6 +66,7 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         if (frames.IsOpen) frames.Abandon();
         frames = next;
         _used = _count = 0;
+        _digest?.Reset();
         _linkBytes = next.BytesWritten;
         _linkTicks = next.WriteTicks;
     }
@@ -78,12 +96,16 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         entry[4] = (byte)encoding;
         entry[5] = 0;
         BinaryPrimitives.WriteUInt16LittleEndian(entry[6..], (ushort)written);
+        ulong payloadHash = _check == PageBatchCheck.PageHashes ? Digest(entry, payload[..written]) : 0;
         if (Hashes is { } h)
         {
-            // A raw page is hashed from the copy that was sent; others from guest memory (a write
-            // racing this read dirties the page again, so it is re-sent and re-hashed later).
+            // A raw page is hashed from the copy that was sent (under PageHashes that hash is the
+            // one just taken); others from guest memory (a write racing this read dirties the page
+            // again, so it is re-sent and re-hashed later).
             if (encoding == PageEncoding.Zero) h.SetZero(page);
-            else h.Set(page, encoding == PageEncoding.Raw ? payload[..written] : data);
+            else if (encoding != PageEncoding.Raw) h.Set(page, data);
+            else if (_check == PageBatchCheck.PageHashes) h.SetHash(page, payloadHash);
+            else h.Set(page, payload[..written]);
         }
         _used += EntryHeaderSize + written;
         if (again) Counters.AddBytes(encoding, written);
@@ -94,11 +116,36 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         return true;
     }
 
+    /// <summary>Hashes an entry's payload and adds (entry header, hash) to the frame's digest; returns the hash.</summary>
+    private ulong Digest(ReadOnlySpan<byte> entry, ReadOnlySpan<byte> payload)
+    {
+        ulong hash = XxHash3.HashToUInt64(payload);
+        Span<byte> record = stackalloc byte[16];
+        entry[..EntryHeaderSize].CopyTo(record);
+        BinaryPrimitives.WriteUInt64LittleEndian(record[8..], hash);
+        _digest!.Append(record);
+        return hash;
+    }
+
     private void Open()
     {
         frames.Begin(FrameType.PageBatch, FrameCapacity);
         _used = BatchHeaderSize;
         _count = 0;
+        _digest?.Reset();
+    }
+
+    /// <summary>The open frame's checksum field under the negotiated check (null: the payload's hash, taken by the frame writer).</summary>
+    private uint? Checksum(ReadOnlySpan<byte> batchHeader)
+    {
+        switch (_check)
+        {
+            case PageBatchCheck.None: return 0;
+            case PageBatchCheck.PageHashes:
+                _digest!.Append(batchHeader);
+                return (uint)_digest.GetCurrentHashAsUInt64();
+            default: return null;
+        }
     }
 
     /// <summary>Sends the open batch, if any.</summary>
@@ -108,7 +155,7 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         Span<byte> p = frames.OpenPayload;
         BinaryPrimitives.WriteUInt32LittleEndian(p, (uint)_round);
         BinaryPrimitives.WriteUInt32LittleEndian(p[4..], (uint)_count);
-        frames.Commit(_used);
+        frames.Commit(_used, Checksum(p[..BatchHeaderSize]));
         _count = 0;
         if (Link is { } link)
         {

@@ -224,7 +224,7 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
     public const int DedupPayloadSize = 4 + ContentHash.Size;
 
     private readonly SourcePipeline _p;
-    private readonly byte[] _snapshot = new byte[GuestMemory.PageSize];
+    private readonly byte[] _scratch = new byte[GuestMemory.PageSize]; // a stage's output, before it replaces the raw copy
     private readonly K4os.Compression.LZ4.LZ4Level _lz4Level;
     private readonly ZstdPageCompressor? _zstd;
     private readonly AdaptiveState? _adaptive;
@@ -281,39 +281,46 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
         foreach (var c in new[] { _dedup, _xbzrle, _adaptiveC, _lz4, _zstdC }) if (c is not null) yield return c;
     }
 
-    /// <summary>The content the last <see cref="Encode"/> worked from (one read of guest memory).</summary>
-    public ReadOnlySpan<byte> LastInput => _snapshot;
-
     public void BeginRound(int round) => _round = round;
 
+    /// <summary>
+    /// Encodes one page. <paramref name="destination"/> must hold a whole page: the page is read
+    /// from guest memory once, straight into it (a raw page, the common case on a fast link, is
+    /// thereby copied once), and every stage, the cache and the index see that copy even while
+    /// the guest writes the page (the write dirties it again: it is sent later). A stage that
+    /// takes the page encodes into this encoder's scratch page, which then replaces the copy.
+    /// </summary>
     public PageEncoding Encode(long page, ReadOnlySpan<byte> data, Span<byte> destination, out int written)
     {
-        // One read of guest memory: every stage, the cache and the index see the same content
-        // even while the guest writes the page (the write dirties it again: it is sent later).
-        Span<byte> s = _snapshot;
+        Span<byte> s = destination[..GuestMemory.PageSize];
         data.CopyTo(s);
+        Span<byte> o = _scratch;
         UInt128 hash = DedupSourceIndex.None;
         PageEncoding enc;
         written = 0;
         if (PageCodec.IsZero(s)) enc = PageEncoding.Zero;
-        else if (_dedup is not null && TryDedup(page, s, destination, out hash, out written)) enc = PageEncoding.Dedup;
-        else if (_xbzrle is not null && _round > 0 && TryXbzrle(page, s, destination, out written)) enc = PageEncoding.Xbzrle;
-        else if (TryCompress(s, destination, out written, out var compressed)) enc = compressed;
+        else if (_dedup is not null && TryDedup(page, s, o, out hash, out written)) enc = PageEncoding.Dedup;
+        else if (_xbzrle is not null && _round > 0 && TryXbzrle(page, s, o, out written)) enc = PageEncoding.Xbzrle;
+        else if (TryCompress(s, o, out written, out var compressed)) enc = compressed;
         else
         {
-            s.CopyTo(destination);
             written = GuestMemory.PageSize;
             enc = PageEncoding.Raw;
         }
 
-        if (_compressionOnly) return enc;
-        // Keep the shared models of what the destination holds exact.
-        if (_p.Cache is { } cache && enc != PageEncoding.Xbzrle) cache.Update(page, s, insert: _round > 0 && enc != PageEncoding.Zero);
-        if (_p.DedupIndex is { } index)
+        if (!_compressionOnly)
         {
-            if (enc != PageEncoding.Zero && hash == DedupSourceIndex.None) hash = ContentHash.Of(s);
-            index.Sent(page, enc == PageEncoding.Zero ? DedupSourceIndex.None : hash);
+            // Keep the shared models of what the destination holds exact (from the raw copy, before it is replaced).
+            // Round 0 neither fills the cache nor finds anything in it to refresh (a reattach may
+            // have left entries: then they are refreshed), so no shard is locked for a bulk copy.
+            if (_p.Cache is { } cache && enc != PageEncoding.Xbzrle && (_round > 0 || !cache.IsEmpty)) cache.Update(page, s, insert: _round > 0 && enc != PageEncoding.Zero);
+            if (_p.DedupIndex is { } index)
+            {
+                if (enc != PageEncoding.Zero && hash == DedupSourceIndex.None) hash = ContentHash.Of(s);
+                index.Sent(page, enc == PageEncoding.Zero ? DedupSourceIndex.None : hash);
+            }
         }
+        if (enc is not (PageEncoding.Raw or PageEncoding.Zero)) o[..written].CopyTo(destination);
         return enc;
     }
 

@@ -139,6 +139,14 @@ public sealed class XbzrleCache
 
     public long CapacityPages { get; }
 
+    /// <summary>
+    /// No page was ever inserted (round 0 inserts none): there is nothing to refresh, so an
+    /// encoder need not lock a shard to learn that. Each page is encoded by one thread only, so
+    /// the flag it reads was set by that thread's own earlier insert if that page has an entry.
+    /// </summary>
+    public bool IsEmpty => !Volatile.Read(ref _inserted);
+    private bool _inserted;
+
     public long Count => _shards.Sum(s => (long)s.Count);
 
     private Shard For(long page) => _shards[(int)((ulong)page * 0x9E3779B97F4A7C15UL >> 40) & _shardMask];
@@ -171,7 +179,11 @@ public sealed class XbzrleCache
         lock (s)
         {
             if (s.TryGet(page, out int slot)) { content.CopyTo(s.Data(slot)); s.Touch(slot); }
-            else if (insert) content.CopyTo(s.Data(s.Insert(page)));
+            else if (insert)
+            {
+                Volatile.Write(ref _inserted, true);
+                content.CopyTo(s.Data(s.Insert(page)));
+            }
         }
     }
 

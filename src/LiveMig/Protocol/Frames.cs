@@ -88,6 +88,65 @@ public static class FrameFormat
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));
+
+    /// <summary>The checksum's seed for a frame of <paramref name="type"/>: header bytes 0..7 (magic, type, flags 0, reserved 0).</summary>
+    public static long Seed(FrameType type) => (long)(Magic | (ulong)(byte)type << 32);
+
+    /// <summary>
+    /// The checksum of a PageBatch frame under <see cref="PageBatchCheck.PageHashes"/>
+    /// (docs/protocol.md): low 32 bits of xxHash3-64 (seed = header bytes 0..7) over, for each
+    /// entry, its 8-byte header and the u64 xxHash3-64 of its payload, then the 8-byte batch
+    /// header. A raw page's payload hash is its verification hash, so the bytes are hashed once
+    /// for both. Fills <paramref name="entryHashes"/> (one per entry) when it is large enough;
+    /// null when the entries do not parse (the frame cannot be checked).
+    /// </summary>
+    public static uint? PageHashChecksum(ReadOnlySpan<byte> payload) => PageHashChecksum(payload, [], new XxHash3(Seed(FrameType.PageBatch)));
+
+    /// <inheritdoc cref="PageHashChecksum(ReadOnlySpan{byte})"/>
+    public static uint? PageHashChecksum(ReadOnlySpan<byte> payload, Span<ulong> entryHashes, XxHash3 digest)
+    {
+        if (payload.Length < 8) return null;
+        uint count = BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]);
+        digest.Reset();
+        Span<byte> record = stackalloc byte[16];
+        int at = 8;
+        for (uint i = 0; i < count; i++)
+        {
+            if (payload.Length - at < 8) return null;
+            int length = BinaryPrimitives.ReadUInt16LittleEndian(payload[(at + 6)..]);
+            if (payload.Length - at - 8 < length) return null;
+            ulong h = XxHash3.HashToUInt64(payload.Slice(at + 8, length));
+            if (i < (uint)entryHashes.Length) entryHashes[(int)i] = h;
+            payload.Slice(at, 8).CopyTo(record);
+            BinaryPrimitives.WriteUInt64LittleEndian(record[8..], h);
+            digest.Append(record);
+            at += 8 + length;
+        }
+        if (at != payload.Length) return null;
+        digest.Append(payload[..8]);
+        return (uint)digest.GetCurrentHashAsUInt64();
+    }
+}
+
+/// <summary>
+/// What the checksum field of a PageBatch frame holds, negotiated per migration (every other
+/// frame always carries <see cref="Bytes"/>): the classic hash of the payload; a hash over the
+/// entries' payload hashes (capability <c>pageHashCheck</c>: the pages are hashed once, for the
+/// frame check and for verification); or nothing, on a channel whose TLS record layer
+/// authenticates every byte already (capability <c>tlsUnchecked</c>).
+/// </summary>
+public enum PageBatchCheck : byte { Bytes, PageHashes, None }
+
+public static class PageBatchChecks
+{
+    /// <summary>The check the accepted capabilities call for: no checksum over TLS, else page hashes, else the payload's.</summary>
+    public static PageBatchCheck Of(Capabilities accepted) =>
+        (accepted & Capabilities.TlsUnchecked) != 0 ? PageBatchCheck.None
+        : (accepted & Capabilities.PageHashCheck) != 0 ? PageBatchCheck.PageHashes
+        : PageBatchCheck.Bytes;
+
+    /// <summary>The report's name of a check.</summary>
+    public static string Name(PageBatchCheck c) => c switch { PageBatchCheck.PageHashes => "page-hashes", PageBatchCheck.None => "none", _ => "bytes" };
 }
 
 /// <summary>
@@ -143,7 +202,14 @@ public sealed class FrameWriter : IDisposable
 
     public bool IsOpen => _open;
 
-    public void Commit(int payloadLength)
+    public void Commit(int payloadLength) => Commit(payloadLength, null);
+
+    /// <summary>
+    /// Sends the open frame with <paramref name="checksum"/> in its header, computed by the
+    /// caller (a PageBatch under <see cref="PageBatchCheck.PageHashes"/> or <see cref="PageBatchCheck.None"/>);
+    /// null: the hash of the payload.
+    /// </summary>
+    public void Commit(int payloadLength, uint? checksum)
     {
         if (!_open) throw new InvalidOperationException("no frame is open");
         _open = false;
@@ -153,7 +219,7 @@ public sealed class FrameWriter : IDisposable
         h[5] = 0;
         BinaryPrimitives.WriteUInt16LittleEndian(h[6..], 0);
         BinaryPrimitives.WriteUInt32LittleEndian(h[8..], (uint)payloadLength);
-        BinaryPrimitives.WriteUInt32LittleEndian(h[12..], FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
+        BinaryPrimitives.WriteUInt32LittleEndian(h[12..], checksum ?? FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
         int total = FrameFormat.HeaderSize + payloadLength;
         Limiter?.Consume(total);
         long t0 = Time.GetTimestamp();
@@ -221,12 +287,24 @@ public sealed class FrameReader : IDisposable
     private readonly Stream _stream;
     private readonly byte[] _header = new byte[FrameFormat.HeaderSize];
     private byte[] _buffer;
+    private ulong[] _entryHashes = [];
+    private int _entryCount;
+    private XxHash3? _digest;
 
     public FrameReader(Stream stream)
     {
         _stream = stream;
         _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
     }
+
+    /// <summary>How PageBatch frames are checked (negotiated; every other frame: <see cref="PageBatchCheck.Bytes"/>).</summary>
+    public PageBatchCheck PageBatchCheck { get; set; }
+
+    /// <summary>
+    /// Under <see cref="PageBatchCheck.PageHashes"/>, the xxHash3-64 of each entry's payload of the
+    /// PageBatch just read (a raw page's is its verification hash); empty otherwise. Valid until the next <see cref="Read"/>.
+    /// </summary>
+    public ReadOnlySpan<ulong> EntryHashes => _entryHashes.AsSpan(0, _entryCount);
 
     public long BytesRead { get; private set; }
     public long FramesRead { get; private set; }
@@ -252,11 +330,52 @@ public sealed class FrameReader : IDisposable
         }
         ReadExactly(_buffer.AsSpan(0, (int)length), index, at, (FrameType)type, length);
         uint sum = BinaryPrimitives.ReadUInt32LittleEndian(_header.AsSpan(12));
-        if (FrameFormat.Checksum(_header.AsSpan(0, 8), _buffer.AsSpan(0, (int)length)) != sum)
+        payload = _buffer.AsSpan(0, (int)length);
+        _entryCount = 0;
+        var check = type == (byte)FrameType.PageBatch ? PageBatchCheck : PageBatchCheck.Bytes;
+        if (check == PageBatchCheck.PageHashes) CheckPageHashes(payload, sum, index, at);
+        else if (check == PageBatchCheck.Bytes && FrameFormat.Checksum(_header.AsSpan(0, 8), payload) != sum)
             throw new ProtocolException($"{Where(index, at)}: checksum mismatch in {(FrameType)type} frame of {length} bytes (corrupted in transit)", linkFailure: true);
         FramesRead++;
-        payload = _buffer.AsSpan(0, (int)length);
         return (FrameType)type;
+    }
+
+    /// <summary>
+    /// Hands over the buffers that hold the frame just read (its payload from offset 0, and its
+    /// <see cref="EntryHashes"/>) in exchange for <paramref name="payload"/> and
+    /// <paramref name="entryHashes"/> (pooled buffers too, or empty), so that frame can be placed on
+    /// another thread while this reader reads the next into the replacements. The span the last
+    /// <see cref="Read"/> returned now lies in the buffer handed out: the reader no longer touches it.
+    /// </summary>
+    public void Exchange(ref byte[] payload, ref ulong[] entryHashes)
+    {
+        (payload, _buffer) = (_buffer, payload);
+        (entryHashes, _entryHashes) = (_entryHashes, entryHashes);
+        _entryCount = 0;
+        if (_buffer.Length < FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch))
+        {
+            if (_buffer.Length > 0) ArrayPool<byte>.Shared.Return(_buffer);
+            _buffer = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
+        }
+    }
+
+    /// <summary>Checks a PageBatch by its entries' payload hashes, keeping them for the placer (<see cref="EntryHashes"/>).</summary>
+    private void CheckPageHashes(ReadOnlySpan<byte> payload, uint sum, long index, long at)
+    {
+        // Entries are at least 8 bytes: this bounds the count before anything is sized by it.
+        int most = payload.Length / 8;
+        uint count = payload.Length >= 8 ? BinaryPrimitives.ReadUInt32LittleEndian(payload[4..]) : 0;
+        int n = (int)Math.Min(count, (uint)most);
+        if (_entryHashes.Length < n)
+        {
+            if (_entryHashes.Length > 0) ArrayPool<ulong>.Shared.Return(_entryHashes);
+            _entryHashes = ArrayPool<ulong>.Shared.Rent(Math.Max(n, 512));
+        }
+        _digest ??= new XxHash3(FrameFormat.Seed(FrameType.PageBatch));
+        uint? computed = count <= (uint)most ? FrameFormat.PageHashChecksum(payload, _entryHashes, _digest) : null;
+        if (computed != sum)
+            throw new ProtocolException($"{Where(index, at)}: checksum mismatch in PageBatch frame of {payload.Length} bytes ({(computed is null ? "its entries do not parse" : "page hashes differ")}; corrupted in transit)", linkFailure: true);
+        _entryCount = n;
     }
 
     private static string What(FrameType? type, uint length) => type is null ? "header" : $"{type} payload ({length} bytes)";
@@ -284,5 +403,7 @@ public sealed class FrameReader : IDisposable
     {
         byte[] b = Interlocked.Exchange(ref _buffer, []);
         if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
+        ulong[] h = Interlocked.Exchange(ref _entryHashes, []);
+        if (h.Length > 0) ArrayPool<ulong>.Shared.Return(h);
     }
 }

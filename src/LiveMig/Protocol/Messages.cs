@@ -39,6 +39,18 @@ public enum Capabilities : ulong
     /// <summary>Page data on several data connections besides the control connection (Streams, StreamAttach, StreamRoundEnd frames).</summary>
     MultiStream = 1UL << 10,
     /// <summary>
+    /// A PageBatch frame's checksum is taken over its entries' payload hashes (xxHash3-64 each:
+    /// a raw page's is its verification hash), not over the payload: each page is hashed once,
+    /// for the frame check and for verification, on both sides (<c>PageBatchCheck.PageHashes</c>).
+    /// </summary>
+    PageHashCheck = 1UL << 11,
+    /// <summary>
+    /// PageBatch frames carry no checksum (the field is 0 and not checked): the channel is TLS,
+    /// whose record layer authenticates every byte already. Requested only by a source whose
+    /// connections are TLS, accepted only by a destination whose connection is (<c>PageBatchCheck.None</c>).
+    /// </summary>
+    TlsUnchecked = 1UL << 13,
+    /// <summary>
     /// Pre-copy resume: after a dropped connection before Prepare, the destination keeps its
     /// partial VM for a while and the source reattaches (Attach, main channel) and continues
     /// with the pages it cannot know were delivered, instead of starting over.

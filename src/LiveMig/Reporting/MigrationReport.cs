@@ -126,6 +126,12 @@ public sealed record MigrationReport
     public Dictionary<string, StageReport> Stages { get; init; } = [];
     /// <summary>The pipeline settings in force, e.g. <c>compress=adaptive xbzrle=64.0 MiB dedup skip-free-pages</c>, or <c>none</c>.</summary>
     public string Pipeline { get; init; } = "none";
+    /// <summary>
+    /// How PageBatch frames were checked (docs/protocol.md, "Frames"): <c>bytes</c> (a hash of the
+    /// payload), <c>page-hashes</c> (a hash over the pages' own hashes, which verification reuses)
+    /// or <c>none</c> (TLS authenticates them).
+    /// </summary>
+    public string FrameCheck { get; init; } = "bytes";
     /// <summary>Data connections that carried the pages: 1 = the control connection itself (one connection); N ≥ 2 = N data connections beside it.</summary>
     public int Streams { get; init; } = 1;
     public long PagesSent { get; init; }

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using LiveMig.DirtyTracking;
 using LiveMig.Memory;
 using LiveMig.Workloads;
@@ -15,6 +14,14 @@ public sealed record VmConfig
     public ulong Seed { get; init; } = 1;
     public MemoryFill Fill { get; init; } = MemoryFill.Zero;
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
+    /// <summary>
+    /// Guest memory in this file (made here, sparse; e.g. under /dev/shm) instead of an anonymous
+    /// memfd: it outlives the process, so after a post-copy switch a restarted source can still
+    /// serve the pages the destination lacks (<c>livemig migrate --recover</c>). Null: a memfd.
+    /// </summary>
+    public string? MemoryFile { get; init; }
+    /// <summary>The clock the vCPUs' throttle, dirty limit and workload pacing run by.</summary>
+    public TimeProvider Time { get; init; } = TimeProvider.System;
 }
 
 /// <summary>
@@ -25,7 +32,8 @@ public sealed record VmConfig
 public sealed class BuiltInVm : IVirtualMachine
 {
     private const uint StateMagic = 0x53564D4C; // "LMVS"
-    private const ushort StateFormat = 1;
+    /// <summary>2: the workload's blob (e.g. a replayed trace) follows its spec. Format 1 (no blob) is still read.</summary>
+    private const ushort StateFormat = 2;
     private const int MaxVcpus = 1024;
 
     private readonly object _gate = new();
@@ -39,7 +47,7 @@ public sealed class BuiltInVm : IVirtualMachine
     private double _dirtyLimit;
     /// <summary>Bumped whenever the throttle or the dirty limit changes, so a dozing vCPU re-reads them.</summary>
     private int _controlVersion;
-    // Stopwatch timestamps of the last Resume and of the first vCPU back at work after it (0: not yet).
+    // Timestamps (of _time) of the last Resume and of the first vCPU back at work after it (0: not yet).
     private long _resumedTs, _firstRunTs;
 
     /// <summary>Wall time a throttled vCPU runs between sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).</summary>
@@ -49,8 +57,11 @@ public sealed class BuiltInVm : IVirtualMachine
 
     private readonly Lazy<IDirtyLog> _dirtyLog;
 
+    private readonly TimeProvider _time;
+
     private BuiltInVm(string name, GuestMemory memory, DirtyLogKind dirtyLogKind, Workload workload, ulong seed, VcpuProgram[] programs)
     {
+        _time = workload.Time;
         Name = name;
         Memory = memory;
         // Made on first use: a VM that arrives by migration needs no tracking until it leaves
@@ -91,7 +102,7 @@ public sealed class BuiltInVm : IVirtualMachine
     /// <summary>From the last <see cref="Resume"/> until the first vCPU left the barrier to run; null before that happened.</summary>
     public TimeSpan? ResumeToFirstRun
     {
-        get { lock (_gate) return _firstRunTs == 0 || _resumedTs == 0 ? null : Stopwatch.GetElapsedTime(_resumedTs, _firstRunTs); }
+        get { lock (_gate) return _firstRunTs == 0 || _resumedTs == 0 ? null : _time.GetElapsedTime(_resumedTs, _firstRunTs); }
     }
 
     public long Operations
@@ -104,23 +115,45 @@ public sealed class BuiltInVm : IVirtualMachine
     {
         if (config.Vcpus < 1 || config.Vcpus > MaxVcpus) throw new ArgumentOutOfRangeException(nameof(config), $"vcpus must be 1..{MaxVcpus}");
         var spec = WorkloadSpec.Parse(config.Workload);
-        var memory = GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
+        var memory = config.MemoryFile is { } file ? CreateFileMemory(file, config.MemoryBytes) : GuestMemory.Create(config.MemoryBytes, "livemig-" + config.Name);
         try
         {
-            var workload = Workloads.Workload.Create(spec, memory.PageCount);
+            var workload = Workloads.Workload.Create(spec, memory.PageCount, time: config.Time);
             MemoryFiller.Fill(memory, config.Fill, config.Seed);
             var programs = new VcpuProgram[config.Vcpus];
             ulong s = config.Seed;
             for (int i = 0; i < programs.Length; i++) programs[i] = workload.CreateProgram(memory, i, programs.Length, Xoshiro256.SplitMix(ref s));
-            var vm = new BuiltInVm(config.Name, memory, config.DirtyLog, workload, config.Seed, programs);
+            var vm = new BuiltInVm(config.Name, memory, config.DirtyLog, workload, config.Seed, programs) { _memoryFile = config.MemoryFile };
             _ = vm.DirtyLog; // the source side tracks soon: make it now, so a fallback note is known up front
             return vm;
         }
         catch
         {
             memory.Dispose();
+            if (config.MemoryFile is { } made) File.Delete(made);
             throw;
         }
+    }
+
+    /// <summary>
+    /// The memory file this VM made (<see cref="VmConfig.MemoryFile"/>), removed when the VM ends
+    /// here (disposed: the migration completed, or failed and the process ends). Only a process
+    /// that dies without disposing leaves it, which is what it is for.
+    /// </summary>
+    private string? _memoryFile;
+
+    /// <summary>A new sparse file of <paramref name="size"/> bytes, mapped shared; refused if the file exists (it may hold a paused VM).</summary>
+    private static GuestMemory CreateFileMemory(string path, long size)
+    {
+        try
+        {
+            using (var f = new FileStream(path, FileMode.CreateNew, FileAccess.ReadWrite)) f.SetLength(size);
+        }
+        catch (IOException e) when (File.Exists(path))
+        {
+            throw new IOException($"memory file {path} exists already (it may hold a paused VM: recover it, or remove it first)", e);
+        }
+        return GuestMemory.Open(path, size);
     }
 
     /// <summary>
@@ -132,7 +165,7 @@ public sealed class BuiltInVm : IVirtualMachine
     public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind = DirtyLogKind.Auto) => Restore(memory, state, dirtyLogKind, null);
 
     /// <summary>As <see cref="Restore(GuestMemory, ReadOnlySpan{byte}, DirtyLogKind)"/>, running the vCPUs on <paramref name="threads"/> when they fit (else on new threads).</summary>
-    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind, ParkedThreads? threads)
+    public static BuiltInVm Restore(GuestMemory memory, ReadOnlySpan<byte> state, DirtyLogKind dirtyLogKind, ParkedThreads? threads, TimeProvider? time = null)
     {
         try
         {
@@ -140,13 +173,14 @@ public sealed class BuiltInVm : IVirtualMachine
             using var r = new BinaryReader(ms);
             if (r.ReadUInt32() != StateMagic) throw new InvalidDataException("VM state: bad magic");
             ushort format = r.ReadUInt16();
-            if (format != StateFormat) throw new InvalidDataException($"VM state: format {format} not supported (this build reads {StateFormat})");
+            if (format is not (1 or StateFormat)) throw new InvalidDataException($"VM state: format {format} not supported (this build reads 1 and {StateFormat})");
             string name = r.ReadString();
             string workloadText = r.ReadString();
+            byte[]? blob = format >= 2 ? ReadBlob(r, ms) : null;
             ulong seed = r.ReadUInt64();
             int vcpus = r.ReadInt32();
             if (vcpus < 1 || vcpus > MaxVcpus) throw new InvalidDataException($"VM state: {vcpus} vCPUs is out of range");
-            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount);
+            var workload = Workloads.Workload.Create(WorkloadSpec.Parse(workloadText), memory.PageCount, blob, time);
             var programs = new VcpuProgram[vcpus];
             ulong s = seed;
             for (int i = 0; i < vcpus; i++)
@@ -164,6 +198,15 @@ public sealed class BuiltInVm : IVirtualMachine
         }
         catch (EndOfStreamException) { throw new InvalidDataException("VM state: truncated"); }
         catch (FormatException e) { throw new InvalidDataException("VM state: " + e.Message); }
+    }
+
+    /// <summary>Length (-1: none) and bytes.</summary>
+    private static byte[]? ReadBlob(BinaryReader r, MemoryStream ms)
+    {
+        int length = r.ReadInt32();
+        if (length == -1) return null;
+        if (length < 0 || length > ms.Length - ms.Position) throw new InvalidDataException($"VM state: workload blob of {length} bytes does not fit in the state");
+        return r.ReadBytes(length);
     }
 
     public byte[] SaveState()
@@ -191,6 +234,9 @@ public sealed class BuiltInVm : IVirtualMachine
         w.Write(StateFormat);
         w.Write(Name);
         w.Write(Workload.Spec.ToString());
+        byte[]? blob = Workload.StateBlob;
+        w.Write(blob?.Length ?? -1);
+        if (blob is not null) w.Write(blob);
         w.Write(Seed);
         w.Write(_programs.Length);
         foreach (var p in _programs) p.Save(w);
@@ -256,7 +302,7 @@ public sealed class BuiltInVm : IVirtualMachine
             foreach (var p in _programs) p.OnResume();
             _pauseRequested = false;
             State = VmRunState.Running;
-            _resumedTs = Stopwatch.GetTimestamp();
+            _resumedTs = _time.GetTimestamp();
             _firstRunTs = 0;
             Monitor.PulseAll(_gate);
         }
@@ -295,10 +341,10 @@ public sealed class BuiltInVm : IVirtualMachine
     private void RunVcpu(int index)
     {
         VcpuProgram program = _programs[index];
-        long sliceStart = Stopwatch.GetTimestamp();
+        long sliceStart = _time.GetTimestamp();
         long budgetTs = sliceStart;
         double budget = 0; // dirty-limit credit, in page writes
-        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * Stopwatch.Frequency);
+        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * _time.TimestampFrequency);
         try
         {
             while (true)
@@ -306,7 +352,7 @@ public sealed class BuiltInVm : IVirtualMachine
                 if (Volatile.Read(ref _pauseRequested) || Volatile.Read(ref _stopping))
                 {
                     if (!Park()) return;
-                    sliceStart = budgetTs = Stopwatch.GetTimestamp();
+                    sliceStart = budgetTs = _time.GetTimestamp();
                     budget = 0;
                     continue;
                 }
@@ -316,11 +362,11 @@ public sealed class BuiltInVm : IVirtualMachine
                     // Idle: nap on the gate, so that Pause wakes us at once instead of after a sleep.
                     lock (_gate) { if (!_pauseRequested && !_stopping) Monitor.Wait(_gate, 1); }
                 }
-                long now = Stopwatch.GetTimestamp();
+                long now = _time.GetTimestamp();
                 double limit = Volatile.Read(ref _dirtyLimit);
                 if (limit > 0)
                 {
-                    budget = Math.Min(budget + (now - budgetTs) * limit / Stopwatch.Frequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
+                    budget = Math.Min(budget + (now - budgetTs) * limit / _time.TimestampFrequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
                     budgetTs = now;
                     // In debt: sleep until the budget has grown back (only debts of a millisecond or more, as sleeps are that coarse).
                     double debtMs = -budget / limit * 1000;
@@ -336,7 +382,7 @@ public sealed class BuiltInVm : IVirtualMachine
                 else if (now - sliceStart >= timeslice)
                 {
                     Doze(ThrottleTimeslice.TotalMilliseconds * throttle / (1 - throttle));
-                    sliceStart = Stopwatch.GetTimestamp();
+                    sliceStart = _time.GetTimestamp();
                 }
             }
         }
@@ -354,15 +400,15 @@ public sealed class BuiltInVm : IVirtualMachine
     /// <summary>Sleeps up to <paramref name="ms"/>, waking early on pause, stop, or a throttle/limit change.</summary>
     private void Doze(double ms)
     {
-        long until = Stopwatch.GetTimestamp() + (long)(ms / 1000 * Stopwatch.Frequency);
+        long until = _time.GetTimestamp() + (long)(ms / 1000 * _time.TimestampFrequency);
         lock (_gate)
         {
             int version = _controlVersion;
             while (!_pauseRequested && !_stopping && _controlVersion == version)
             {
-                long left = until - Stopwatch.GetTimestamp();
+                long left = until - _time.GetTimestamp();
                 if (left <= 0) return;
-                Monitor.Wait(_gate, (int)Math.Min(int.MaxValue, Math.Ceiling(left * 1000.0 / Stopwatch.Frequency)));
+                Monitor.Wait(_gate, (int)Math.Min(int.MaxValue, Math.Ceiling(left * 1000.0 / _time.TimestampFrequency)));
             }
         }
     }
@@ -376,7 +422,7 @@ public sealed class BuiltInVm : IVirtualMachine
             Monitor.PulseAll(_gate);
             while (_pauseRequested && !_stopping) Monitor.Wait(_gate);
             _parked--;
-            if (_firstRunTs == 0 && _resumedTs != 0 && !_stopping) _firstRunTs = Stopwatch.GetTimestamp();
+            if (_firstRunTs == 0 && _resumedTs != 0 && !_stopping) _firstRunTs = _time.GetTimestamp();
             return !_stopping;
         }
     }
@@ -415,5 +461,6 @@ public sealed class BuiltInVm : IVirtualMachine
         (Workload as IDisposable)?.Dispose();
         if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
         Memory.Dispose();
+        if (_memoryFile is { } file) File.Delete(file);
     }
 }

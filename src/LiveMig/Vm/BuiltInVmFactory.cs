@@ -24,7 +24,7 @@ public sealed class BuiltInVmFactory : IVmFactory
         vm.Vcpus <= MaxParkedVcpus ? new ParkedThreads(vm.Vcpus, vm.Name[..Math.Min(vm.Name.Length, 32)]) : null;
 
     public IVirtualMachine Restore(IncomingVm vm, GuestMemory memory, ReadOnlySpan<byte> state, ParkedThreads? threads) =>
-        BuiltInVm.Restore(memory, state, vm.DirtyLog, threads);
+        BuiltInVm.Restore(memory, state, vm.DirtyLog, threads, vm.Time);
 
     public GuestMemory Unrestore(IVirtualMachine vm) => ((BuiltInVm)vm).DetachMemory();
 

@@ -19,6 +19,8 @@ public sealed record IncomingVm
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
     /// <summary>Memory this destination prepared ahead, if any (a factory may take a region of the right size).</summary>
     public MemoryPool? MemoryPool { get; init; }
+    /// <summary>The destination's clock, for the VM to run by.</summary>
+    public TimeProvider Time { get; init; } = TimeProvider.System;
 }
 
 /// <summary>The destination's guest memory for an arriving VM; <see cref="Populated"/>: faulted in ahead already (prefaulting would only repeat it).</summary>

@@ -41,7 +41,7 @@ public sealed class HotColdWorkload : Workload
             double x = Math.Abs(oneMinusS) < 1e-9 ? Math.Exp(u * Math.Log(n + 1)) : Math.Pow(u * (nPow - 1) + 1, 1 / oneMinusS);
             long rank = Math.Clamp((long)x - 1, 0, n - 1);
             return (long)((UInt128)(ulong)rank * (ulong)mult % (ulong)n);
-        });
+        }, Time);
     }
 
     private static long Gcd(long a, long b) { while (b != 0) (a, b) = (b, a % b); return a; }

@@ -22,16 +22,16 @@ public sealed class RandomWorkload : Workload
     public override long FreePages(PageBitmap into) => FreeAbove(into, _rangePages);
 
     public override VcpuProgram CreateProgram(GuestMemory memory, int vcpu, int vcpuCount, ulong seed) =>
-        new PageWriterProgram(seed, _rate / vcpuCount, (ref Xoshiro256 rng) => rng.NextBelow(_rangePages));
+        new PageWriterProgram(seed, _rate / vcpuCount, (ref Xoshiro256 rng) => rng.NextBelow(_rangePages), Time);
 }
 
 /// <summary>Writes 8 random bytes into pages a chooser picks; shared by the random and hotcold workloads.</summary>
-internal sealed class PageWriterProgram(ulong seed, double rate, PageWriterProgram.Chooser choose) : VcpuProgram
+internal sealed class PageWriterProgram(ulong seed, double rate, PageWriterProgram.Chooser choose, TimeProvider time) : VcpuProgram
 {
     public delegate long Chooser(ref Xoshiro256 rng);
 
     private Xoshiro256 _rng = new(seed);
-    private RatePacer _pacer = new(rate);
+    private RatePacer _pacer = new(rate, time);
 
     public override unsafe int Step(GuestMemory memory)
     {

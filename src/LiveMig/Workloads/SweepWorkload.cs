@@ -30,7 +30,7 @@ public sealed class SweepWorkload : Workload
         long per = _rangePages / vcpuCount;
         long first = per * vcpu;
         long count = vcpu == vcpuCount - 1 ? _rangePages - first : per;
-        return new Program(first, Math.Max(count, 0), _rate / vcpuCount);
+        return new Program(first, Math.Max(count, 0), _rate / vcpuCount, Time);
     }
 
     public override string? CheckInvariant(GuestMemory memory, IReadOnlyList<VcpuProgram> programs)
@@ -49,11 +49,11 @@ public sealed class SweepWorkload : Workload
         return null;
     }
 
-    internal sealed class Program(long first, long count, double rate) : VcpuProgram
+    internal sealed class Program(long first, long count, double rate, TimeProvider time) : VcpuProgram
     {
         public readonly long First = first, Count = count;
         public long Pass, Position;
-        private RatePacer _pacer = new(rate);
+        private RatePacer _pacer = new(rate, time);
 
         public override unsafe int Step(GuestMemory memory)
         {

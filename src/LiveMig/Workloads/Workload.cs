@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using LiveMig.Memory;
 
 namespace LiveMig.Workloads;
@@ -35,15 +34,30 @@ public abstract class Workload
         return free;
     }
 
-    public static readonly string[] Names = ["idle", "sweep", "random", "hotcold", "kv"];
+    /// <summary>Bytes the workload needs besides its spec (e.g. a replayed trace), carried in the VM state; null for none.</summary>
+    public virtual byte[]? StateBlob => null;
 
-    public static Workload Create(WorkloadSpec spec, long memoryPages) => spec.Name switch
+    public static readonly string[] Names = ["idle", "sweep", "random", "hotcold", "kv", "trace"];
+
+    /// <summary>Makes a workload; <paramref name="blob"/> is its <see cref="StateBlob"/> when rebuilt from a VM state.</summary>
+    /// <summary>The clock the workload paces itself by (the VM's); the system clock unless the VM was given another.</summary>
+    public TimeProvider Time { get; private set; } = TimeProvider.System;
+
+    public static Workload Create(WorkloadSpec spec, long memoryPages, byte[]? blob = null, TimeProvider? time = null)
+    {
+        var w = Make(spec, memoryPages, blob);
+        w.Time = time ?? TimeProvider.System;
+        return w;
+    }
+
+    private static Workload Make(WorkloadSpec spec, long memoryPages, byte[]? blob) => spec.Name switch
     {
         "idle" => new IdleWorkload(spec, memoryPages),
         "sweep" => new SweepWorkload(spec, memoryPages),
         "random" => new RandomWorkload(spec, memoryPages),
         "hotcold" => new HotColdWorkload(spec, memoryPages),
         "kv" => new KvWorkload(spec, memoryPages),
+        "trace" => new TraceWorkload(spec, memoryPages, blob),
         _ => throw new FormatException($"unknown workload '{spec.Name}' (known: {string.Join(", ", Names)})"),
     };
 }
@@ -69,14 +83,16 @@ public abstract class VcpuProgram
 /// <summary>Spreads a target rate over time without catching up after a pause: the budget grows with elapsed time, capped at 10 ms worth.</summary>
 public struct RatePacer
 {
+    private readonly TimeProvider _time;
     private readonly double _perTick;
     private long _last;
     private double _budget;
 
-    public RatePacer(double perSecond)
+    public RatePacer(double perSecond, TimeProvider? time = null)
     {
-        _perTick = perSecond / Stopwatch.Frequency;
-        _last = Stopwatch.GetTimestamp();
+        _time = time ?? TimeProvider.System;
+        _perTick = perSecond / _time.TimestampFrequency;
+        _last = _time.GetTimestamp();
         _budget = 0;
     }
 
@@ -86,13 +102,13 @@ public struct RatePacer
     public int Take(int max)
     {
         if (_perTick <= 0) return max;
-        long now = Stopwatch.GetTimestamp();
-        _budget = Math.Min(_budget + (now - _last) * _perTick, Math.Max(1, _perTick * Stopwatch.Frequency / 100));
+        long now = _time.GetTimestamp();
+        _budget = Math.Min(_budget + (now - _last) * _perTick, Math.Max(1, _perTick * _time.TimestampFrequency / 100));
         _last = now;
         int n = (int)Math.Min(max, Math.Floor(_budget));
         _budget -= n;
         return n;
     }
 
-    public void Reset() { _last = Stopwatch.GetTimestamp(); _budget = 0; }
+    public void Reset() { _last = _time.GetTimestamp(); _budget = 0; }
 }

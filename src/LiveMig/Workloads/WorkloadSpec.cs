@@ -32,6 +32,8 @@ public sealed class WorkloadSpec
             foreach (string part in text[(colon + 1)..].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
             {
                 int eq = part.IndexOf('=');
+                // trace:FILE — the one workload whose first parameter may go without its name.
+                if (eq < 0 && name == "trace" && p.Count == 0) { p["file"] = part; continue; }
                 if (eq <= 0) throw new FormatException($"workload parameter '{part}' is not key=value");
                 p[part[..eq].Trim()] = part[(eq + 1)..].Trim();
             }
