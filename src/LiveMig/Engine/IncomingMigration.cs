@@ -116,6 +116,7 @@ public sealed class IncomingMigration
         ParkedThreads? vcpuThreads = null;
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
         PlacingThread? placing = null; // places this connection's pages while it reads on (DestinationOptions.PlacingThread)
+        bool provisioned = false; // the state made at the first frame after the Hello
 
         try
         {
@@ -131,6 +132,18 @@ public sealed class IncomingMigration
                 if (type != FrameType.PageBatch) placing?.Drain(); // every page before this frame is placed before it is acted on
                 if (type == FrameType.Error)
                     throw new ProtocolException($"source aborted the migration: {ErrorMessage.Parse(payload).Text}");
+                if (state != State.AwaitHello && !provisioned)
+                {
+                    // What grows with the claim — threads, the hash array — is made once the source goes
+                    // on past its Hello: a Hello alone costs its reservation and a sparse mapping.
+                    provisioned = true;
+                    // Placing on its own thread overlaps the socket with the memory; with post-copy
+                    // possible the hand-over needs the single-threaded placer.
+                    if (_options.PlacingThread && (hello.Requested & Capabilities.PostCopy) == 0) placing = new PlacingThread(placer!);
+                    if ((hello.Requested & Capabilities.Verify) != 0) placer!.Hashes = new PageHashes(memory!.PageCount);
+                    // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
+                    vcpuThreads = factory.PrepareThreads(incoming);
+                }
                 switch (state, type)
                 {
                     case (State.AwaitHello, FrameType.Hello):
@@ -146,10 +159,6 @@ public sealed class IncomingMigration
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
                         placer = new PageBatchReader(memory);
-                        // Placing on its own thread overlaps the socket with the memory; with post-copy
-                        // possible the hand-over below needs the single-threaded placer.
-                        if (_options.PlacingThread && (hello.Requested & Capabilities.PostCopy) == 0) placing = new PlacingThread(placer);
-                        if ((hello.Requested & Capabilities.Verify) != 0) placer.Hashes = new PageHashes(memory.PageCount);
                         // Unchecked frames only where TLS authenticates every byte.
                         accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
                         reader.PageBatchCheck = PageBatchChecks.Of(accepted);
@@ -161,8 +170,6 @@ public sealed class IncomingMigration
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
                         if ((ack.Accepted & Capabilities.PostCopy) != 0) postCopy = PostCopyIncoming.Register(_sessions, hello, _options);
-                        // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
-                        vcpuThreads = factory.PrepareThreads(incoming);
                         if ((ack.Accepted & Capabilities.PreCopyResume) != 0)
                         {
                             resumption = PreCopyResumption.Register(_sessions, hello.MigrationId, stream);

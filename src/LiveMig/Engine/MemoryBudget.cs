@@ -15,10 +15,10 @@ public sealed class MemoryBudget(long bytes)
     private long _reserved;
     private int _holders;
 
-    /// <summary>The machine's memory less a margin for the agent and the host: an eighth of it, at least 1 GiB.</summary>
+    /// <summary>The machine's memory less a margin for the agent and the host: an eighth of it, at least 1 GiB (half of a machine smaller than 2 GiB).</summary>
     public static long DefaultBytes => DefaultFor(MachineMemory.TotalBytes);
 
-    public static long DefaultFor(long machineBytes) => Math.Max(0, machineBytes - Math.Max(1L << 30, machineBytes / 8));
+    public static long DefaultFor(long machineBytes) => machineBytes - Math.Max(Math.Min(1L << 30, machineBytes / 2), machineBytes / 8);
 
     public long Bytes { get; } = bytes > 0 ? bytes : throw new ArgumentOutOfRangeException(nameof(bytes), bytes, "a memory budget must be positive");
 

@@ -617,7 +617,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             }
             long left = deadline == long.MaxValue ? long.MaxValue : deadline - _options.Time.GetTimestamp();
             if (left <= 0)
-                throw new RecoveryFailed($"connection lost in post-copy ({(cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s; the VM is discarded: {Lost()}");
+                throw new RecoveryFailed($"connection lost in post-copy ({(cause is IOException or SocketException ? LinkFailure.Describe(cause) : cause.InnerException?.Message ?? cause.Message).ReplaceLineEndings(" ")}) and the source did not come back within {_options.PostCopy.RecoveryTimeout.TotalSeconds:0.#} s; the VM is discarded: {Lost()}");
             _mainArrived.Wait(left == long.MaxValue ? TimeSpan.FromSeconds(1) : TimeSpan.FromTicks(Math.Clamp(left * TimeSpan.TicksPerSecond / _options.Time.TimestampFrequency, 1, TimeSpan.TicksPerSecond)));
         }
     }

@@ -173,7 +173,7 @@ public sealed class PostCopyMigration
             try { _currentLink = link = new Link(connect(ChannelKind.Main, 0), Limiter, _options.IoTimeout, _time); }
             catch (Exception e) when (e is SocketException or IOException or AuthenticationFailedException)
             {
-                string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {e.Message}";
+                string why = e is AuthenticationFailedException ? e.Message : $"cannot connect to the destination: {LinkFailure.Describe(e)}";
                 throw new MigrationFailedException(why, Report(why, null), e);
             }
             // The switch's code compiles while the handshake (and hybrid's rounds) run, not in the downtime.
@@ -828,7 +828,7 @@ public sealed class PostCopyMigration
         public int Port { get; } = port;
     }
 
-    private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
+    private static string OneLine(Exception e) => (e is IOException or SocketException ? LinkFailure.Describe(e) : e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
 
     /// <summary>Every page counter of the migration: the rounds', the push's, the request server's, and the holes.</summary>
     private EncodingCounters AllCounters()

@@ -97,7 +97,7 @@ public sealed class PreCopyMigration
         try { stream = connect(0); }
         catch (Exception e) when (e is SocketException or AuthenticationFailedException or IOException)
         {
-            string why = e is SocketException ? $"cannot connect to destination {host}:{port}: {e.Message}" : e.Message;
+            string why = e is SocketException ? $"cannot connect to destination {host}:{port}: {LinkFailure.Describe(e)}" : e.Message;
             throw new MigrationFailedException(why, Report(why), e);
         }
         _dataConnector = Open;
@@ -254,7 +254,7 @@ public sealed class PreCopyMigration
         string why = e switch
         {
             OperationCanceledException => "migration cancelled",
-            IOException io when !_switchover.Committed => DestinationError(_sender.Reader, _stream) ?? $"connection to the destination failed: {io.InnerException?.Message ?? io.Message}",
+            IOException io when !_switchover.Committed => DestinationError(_sender.Reader, _stream) ?? $"connection to the destination failed: {LinkFailure.Describe(io)}",
             _ => e.Message,
         };
         if (_switchover.Committed)
@@ -296,7 +296,7 @@ public sealed class PreCopyMigration
         _observer.Phase($"reattached (attempt {_attempts}): {pending} pages pending");
     }
 
-    private static string OneLine(Exception e) => (e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
+    private static string OneLine(Exception e) => (e is IOException or SocketException ? LinkFailure.Describe(e) : e.InnerException?.Message ?? e.Message).ReplaceLineEndings(" ");
 
     /// <summary>
     /// Reconnects after a drop and reattaches to the destination's partial copy (Attach on the

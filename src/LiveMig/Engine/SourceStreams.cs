@@ -240,7 +240,7 @@ internal sealed class SourceStreams : IDisposable
         if (!first) return; // a consequence of the first failure (its connection was closed) or of a cancellation
         string why = e switch
         {
-            IOException io => DestinationError(w) ?? $"data stream {w.Index}: connection to the destination failed: {io.InnerException?.Message ?? io.Message}",
+            IOException io => DestinationError(w) ?? $"data stream {w.Index}: connection to the destination failed: {LinkFailure.Describe(io)}",
             ObjectDisposedException => $"data stream {w.Index}: connection closed",
             _ => $"data stream {w.Index}: {e.Message}",
         };

@@ -378,6 +378,16 @@ public sealed class FrameReader : IDisposable
         _entryCount = n;
     }
 
+    /// <summary>The stream's read timeout, which a timed-out read is reported against.</summary>
+    private TimeSpan? ReadTimeout
+    {
+        get
+        {
+            try { return _stream.CanTimeout && _stream.ReadTimeout > 0 ? TimeSpan.FromMilliseconds(_stream.ReadTimeout) : null; }
+            catch (Exception e) when (e is InvalidOperationException or ObjectDisposedException) { return null; }
+        }
+    }
+
     private static string What(FrameType? type, uint length) => type is null ? "header" : $"{type} payload ({length} bytes)";
 
     private static string Where(long index, long at) => $"frame {index} at stream byte {at}";
@@ -389,7 +399,7 @@ public sealed class FrameReader : IDisposable
         {
             int n;
             try { n = _stream.Read(into[got..]); }
-            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {e.InnerException?.Message ?? e.Message}", linkFailure: true); }
+            catch (IOException e) { throw new ProtocolException($"{Where(index, at)}: connection failed while reading the {What(type, length)}: {Transport.LinkFailure.Describe(e, ReadTimeout)}", linkFailure: true); }
             if (n == 0)
                 throw new ProtocolException(got == 0 && type is null
                     ? $"{Where(index, at)}: peer closed the connection"

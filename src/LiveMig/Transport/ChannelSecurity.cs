@@ -31,7 +31,7 @@ public sealed class ChannelSecurity
     public static ChannelSecurity None { get; } = new();
 
     /// <summary>A connection whose every byte TLS authenticates (an authenticated <see cref="System.Net.Security.SslStream"/>).</summary>
-    public static bool IsSecured(Stream stream) => stream is System.Net.Security.SslStream { IsAuthenticated: true };
+    public static bool IsSecured(Stream stream) => stream is SslStream { IsAuthenticated: true } || stream is ReplayStream r && IsSecured(r.Connection);
 
     public bool Enabled => Certificate is not null;
     public X509Certificate2? Certificate { get; private init; }

@@ -11,6 +11,9 @@ public sealed class ReplayStream(byte[] first, Stream inner) : DelegatingStream(
 {
     private readonly Replay _replay = new(first);
 
+    /// <summary>The connection under the replayed bytes (e.g. the SslStream, for <see cref="ChannelSecurity.IsSecured"/>).</summary>
+    public Stream Connection => Inner;
+
     public override int Read(Span<byte> buffer) => _replay.TryRead(buffer, out int n) ? n : Inner.Read(buffer);
 }
 
