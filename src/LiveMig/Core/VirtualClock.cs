@@ -21,6 +21,9 @@ public sealed class VirtualClock : TimeProvider
 
     public override DateTimeOffset GetUtcNow() => _epoch + Elapsed;
 
+    /// <summary>Timers armed now (a test waits for the code under test to arm its deadline before moving time past it).</summary>
+    public int ArmedTimers { get { lock (_lock) return _timers.Count; } }
+
     /// <summary>Virtual time since the clock was made.</summary>
     public TimeSpan Elapsed => TimeSpan.FromTicks(Volatile.Read(ref _now) / 100);
 

@@ -37,8 +37,8 @@ public sealed class MemoryBudget(long bytes)
                 refusal = null;
                 return new Reservation(this, vmBytes);
             }
-            refusal = $"a VM of {Units.Bytes(vmBytes)} does not fit this destination's memory budget of {Units.Bytes(Bytes)}: "
-                + $"{Units.Bytes(_reserved)} is held by {_holders} other migration{(_holders == 1 ? "" : "s")} and VM{(_holders == 1 ? "" : "s")}, {Units.Bytes(Bytes - _reserved)} is free";
+            refusal = $"a VM of {Units.Bytes(vmBytes)} does not fit this destination's memory budget of {Units.Bytes(Bytes)}"
+                + (_holders == 0 ? "" : $": {Units.Bytes(_reserved)} is held by {_holders} other migration{(_holders == 1 ? " or VM" : "s or VMs")}, {Units.Bytes(Bytes - _reserved)} is free");
             return null;
         }
     }
