@@ -30,10 +30,10 @@ public static class Program
         root.Add(demo);
 
         var port = new Option<int>("--port") { Description = "TCP port to listen on (0 picks a free one; the chosen port is printed).", DefaultValueFactory = _ => 7480 };
-        var bind = new Option<string>("--bind") { Description = "Address to listen on.", DefaultValueFactory = _ => "127.0.0.1", HelpName = "ADDRESS" };
+        var bind = new Option<string>("--bind") { Description = "Address to listen on: the default takes migrations from this host only; give this host's address (or 0.0.0.0) to take them from other hosts.", DefaultValueFactory = _ => "127.0.0.1", HelpName = "ADDRESS" };
         var once = new Option<bool>("--once") { Description = "Exit after one migration and print its report (exit code 0 only if it completed)." };
         var prealloc = new Option<string?>("--prealloc") { Description = "Prepare memory for incoming VMs before they arrive, as SIZE or SIZExCOUNT (e.g. 4GiBx2): a VM of exactly that size lands in memory already backed, so the migration does not pay the first touch of every page.", HelpName = "SIZE[xN]" };
-        var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: this machine's memory).", HelpName = "SIZE" };
+        var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: the memory budget, or this machine's memory if less).", HelpName = "SIZE" };
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var resumeWindow = new Option<string>("--resume-window") { Description = "When a pre-copy source that can resume loses its connection before the switch-over, keep its partial VM this long for it to reconnect; 0 discards at once.", DefaultValueFactory = _ => "60s", HelpName = "TIME" };
         var listener = new ListenerOptions();
@@ -130,7 +130,7 @@ public static class Program
             var identities = CertificateHosts.Parse(r.GetValue(hosts), r.GetValue(host) ?? []);
             IReadOnlyList<string> written;
             try { written = Transport.Certificates.WriteCaAndHosts(r.GetValue(outDir)!, identities); }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new UsageException($"--out '{r.GetValue(outDir)}': {e.Message}"); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new UsageException($"--out '{PeerText.Escape(r.GetValue(outDir))}': cannot write the certificates there: {e.Message.ReplaceLineEndings(" ")}"); }
             foreach (string f in written) Console.WriteLine(f);
             return 0;
         }));

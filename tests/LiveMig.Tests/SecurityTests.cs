@@ -27,7 +27,7 @@ public class SecurityTests : IDisposable
         return ChannelSecurity.FromCertificates(Path.Combine(dir, name + ".pem"), Path.Combine(dir, name + ".key"), Path.Combine(_dir, "ca.pem"), trust);
     }
 
-    private static BuiltInVm SmallVm() => BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed });
+    private static BuiltInVm SmallVm(string name = "vm0") => BuiltInVm.Create(new VmConfig { Name = name, MemoryBytes = 16L << 20, Workload = "random:rate=5000", Fill = MemoryFill.Mixed });
 
     [Fact]
     public void Mutual_tls_with_certificates_migrates_and_names_the_source()
@@ -73,14 +73,70 @@ public class SecurityTests : IDisposable
     }
 
     [Fact]
-    public void A_plain_tcp_source_cannot_talk_to_a_tls_destination()
+    public void A_plain_source_meeting_a_tls_destination_is_told_the_destination_expects_tls()
     {
         using var loop = new Loopback(new DestinationOptions { Security = Host("127.0.0.1"), IoTimeout = TimeSpan.FromSeconds(5) });
         using var vm = SmallVm();
         vm.Start();
-        Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { IoTimeout = TimeSpan.FromSeconds(5) }).MigrateTo("127.0.0.1", loop.Port));
-        Assert.Equal("failed", loop.DestinationFailure().Report.Outcome);
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { IoTimeout = TimeSpan.FromSeconds(5) }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Equal("destination refused: the destination expects TLS (--tls)", e.Message);
+        var refused = loop.DestinationFailure();
+        Assert.Matches(@"^the source at 127\.0\.0\.1:\d+ did not use TLS \(--tls\)$", refused.Message);
+        Assert.Equal("failed", refused.Report.Outcome);
         Assert.Equal(VmRunState.Running, vm.State);
+    }
+
+    [Fact]
+    public void A_tls_source_meeting_a_plain_destination_is_told_the_destination_does_not_use_tls()
+    {
+        using var loop = new Loopback(new DestinationOptions { IoTimeout = TimeSpan.FromSeconds(5) });
+        using var vm = SmallVm();
+        vm.Start();
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { Security = Host("src.example"), IoTimeout = TimeSpan.FromSeconds(5) }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Equal("TLS with the destination 127.0.0.1 failed: the destination does not use TLS: it answered in plain LiveMig frames (--tls on this side only; start listen with --tls too, or migrate without it)", e.Message);
+        Assert.Matches(@"^the source at 127\.0\.0\.1:\d+ spoke TLS; this destination does not use TLS \(--tls on the source only\)$", loop.DestinationFailure().Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+    }
+
+    [Fact]
+    public void A_source_whose_certificate_another_ca_signed_is_told_why_it_was_refused()
+    {
+        using var loop = new Loopback(new DestinationOptions { Security = Host("127.0.0.1") });
+        using var vm = SmallVm();
+        vm.Start();
+        // Its own certificate comes from another CA; it trusts the destination's CA.
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(vm, new MigrationOptions { Security = Host("127.0.0.1", dir: _otherDir) }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.StartsWith("destination refused: the source's certificate 'CN=127.0.0.1' is not signed by the trusted CA (", e.Message);
+        Assert.DoesNotContain("closed the connection", e.Message);
+        Assert.StartsWith("the source's certificate 'CN=127.0.0.1' is not signed by the trusted CA", loop.DestinationFailure().Message);
+        Assert.Equal(VmRunState.Running, vm.State);
+        Assert.Empty(loop.Listener.Vms);
+    }
+
+    [Fact]
+    public void One_certificate_carries_several_names_and_tls_hostname_chooses_the_one_checked()
+    {
+        string dir = Path.Combine(_dir, "multi");
+        Certificates.WriteCaAndHosts(dir, [new Certificates.HostIdentity("dst", ["dst.lan", "127.0.0.1"]), new Certificates.HostIdentity("src", [])]);
+        ChannelSecurity In(string name, string[]? trust = null) =>
+            ChannelSecurity.FromCertificates(Path.Combine(dir, name + ".pem"), Path.Combine(dir, name + ".key"), Path.Combine(dir, "ca.pem"), trust);
+        using (var cert = System.Security.Cryptography.X509Certificates.X509Certificate2.CreateFromPem(File.ReadAllText(Path.Combine(dir, "dst.pem"))))
+            Assert.Equal(["dst", "dst.lan", "127.0.0.1"], Certificates.Names(cert));
+        using var loop = new Loopback(new DestinationOptions { Security = In("dst", trust: ["src"]) });
+        foreach (string? hostname in new[] { null, "dst.lan", "DST" })
+        {
+            using var vm = SmallVm("by-" + (hostname ?? "ip"));
+            vm.Start();
+            // By IP address (its IP name), or by a DNS name it carries given with --tls-hostname.
+            var (report, arrived) = loop.Migrate(vm, new MigrationOptions { Security = In("src"), TlsHostname = hostname });
+            Assert.True(report.Verified, hostname);
+            Assert.Equal("src", arrived.Report.Peer);
+        }
+        using var other = SmallVm();
+        other.Start();
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(other, new MigrationOptions { Security = In("src"), TlsHostname = "db.example" }).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Equal("TLS with the destination db.example failed: the destination's certificate 'CN=dst' does not name 'db.example' (it names dst, dst.lan, 127.0.0.1): connect by one of those names, or give one with --tls-hostname", e.Message);
+        Assert.Equal(VmRunState.Running, other.State);
     }
 
     [Fact]
