@@ -7,6 +7,14 @@ from pathlib import Path
 folder, n = Path(sys.argv[1]), int(sys.argv[2])
 num = re.compile(r"-?\d+(?:[.,]\d+)*")
 
+def number(text):
+    """The first number of a cell, or None (a version such as 6.18.44 is not a figure)."""
+    m = num.match(text)
+    if not m: return None
+    try: return float(m.group())
+    except ValueError: return None
+
+
 def rows(path):
     header, table = None, {}
     for line in path.read_text().splitlines():
@@ -19,8 +27,8 @@ def rows(path):
         key = " / ".join(c for c in cells if not num.match(c.replace(",", "").lstrip("`")))[:90] or cells[0]
         vals = {}
         for h, c in zip(header, cells):
-            m = num.match(c.replace(",", ""))
-            if m: vals[h] = float(m.group())
+            v = number(c.replace(",", ""))
+            if v is not None: vals[h] = v
         table[key] = vals
     return table
 
