@@ -24,6 +24,17 @@ public sealed partial class CliStrategyMatrixTests
         return path;
     });
 
+    /// <summary>A CA and a source certificate, for the options that need certificates.</summary>
+    private static readonly Lazy<string> CertDir = new(() =>
+    {
+        string dir = Path.Combine(Path.GetTempPath(), $"livemig-matrix-{Environment.ProcessId}-certs");
+        LiveMig.Transport.Certificates.WriteCaAndHosts(dir, ["src"]);
+        return dir;
+    });
+
+    private static string[] WithCertificates(params string[] more) =>
+        ["--tls", "--cert", Path.Combine(CertDir.Value, "src.pem"), "--key", Path.Combine(CertDir.Value, "src.key"), "--ca", Path.Combine(CertDir.Value, "ca.pem"), .. more];
+
     /// <summary>Per option: the arguments that set it, and how its effect shows.</summary>
     private static readonly Dictionary<string, (string[] Args, Func<Parsed, bool> Effect)> Samples = new()
     {
@@ -46,6 +57,7 @@ public sealed partial class CliStrategyMatrixTests
         ["--verify"] = (["--verify", "false"], p => !p.Options.Verify),
         ["--json"] = (["--json"], p => p.Result.GetValue(p.Cli.Json)),
         ["--tls"] = (["--tls", "--psk-file", PskFile.Value], p => p.Options.Security.Mode == "tls13-psk"),
+        ["--tls-hostname"] = (WithCertificates("--tls-hostname", "dst.lan"), p => p.Options.TlsHostname == "dst.lan" && p.Options.Security.Mode == "tls13-certificates"),
         ["--control"] = (["--control", "/tmp/x.sock"], p => p.Result.GetValue<string>("--control") == "/tmp/x.sock"),
         ["--reconnect"] = (["--reconnect", "5s"], p => p.Options.ReconnectWindow == TimeSpan.FromSeconds(5) && p.Options.PostCopy.RecoveryTimeout == TimeSpan.FromSeconds(5)),
         ["--defer-hot-pages"] = (["--defer-hot-pages"], p => p.Options.PreCopy.DeferHotPages),
