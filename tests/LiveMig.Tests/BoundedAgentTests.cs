@@ -183,6 +183,8 @@ public class BoundedAgentTests
         }
         // Once the idle ones are gone, a real migration gets through (and the log says so).
         Assert.True(SpinWait.SpinUntil(() => loop.Listener.Handshakes.InProgress == 0, Bound));
+        // A connection closed before its first frame is reported (a `listen --once` must not wait for it forever).
+        Assert.Matches(@"^connection from 127\.0\.0\.1:\d+ ended in its handshake: peer closed the connection$", loop.DestinationFailure().Message);
         using var vm = RunningVm("after-flood");
         Assert.True(loop.Migrate(vm).Source.Verified);
         Assert.Contains("accepting connections again (3 refused so far)", lines);

@@ -69,13 +69,9 @@ internal sealed class HandshakeGate(DestinationOptions options, Action<string> d
             failed(e.Message);
             return Closed(stream);
         }
-        catch (NothingSent)
-        {
-            return Closed(stream); // connected and closed (a probe): nothing to report
-        }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
-            failed($"connection from {who} ended in its handshake: {(e is EndOfStreamException ? "peer closed the connection" : e.Message)}");
+            failed($"connection from {who} ended in its handshake: {(e is EndOfStreamException ? "peer closed the connection" : LinkFailure.Describe(e))}");
             return Closed(stream);
         }
         finally
@@ -116,12 +112,10 @@ internal sealed class HandshakeGate(DestinationOptions options, Action<string> d
     private static async Task<bool> StartsWithTls(Socket socket, CancellationToken cancel)
     {
         var first = new byte[1];
-        if (await socket.ReceiveAsync(first, SocketFlags.Peek, cancel) == 0) throw new NothingSent();
+        // Closed before a byte: reported like any handshake cut short (a `listen --once` waits for an outcome).
+        if (await socket.ReceiveAsync(first, SocketFlags.Peek, cancel) == 0) throw new EndOfStreamException();
         return first[0] == TlsHandshakeRecord;
     }
-
-    /// <summary>The peer closed the connection without sending a byte.</summary>
-    private sealed class NothingSent : Exception;
 
     private const byte TlsHandshakeRecord = 0x16;
 
