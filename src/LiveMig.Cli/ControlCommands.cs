@@ -39,8 +39,26 @@ internal static class ControlCommands
 /// <summary>The control socket of a running <c>livemig migrate</c>: <c>cancel [ID]</c>, <c>bandwidth RATE</c>, <c>resume ID [HOST:PORT [restart]]</c>, <c>destroy ID</c>, <c>list</c>, <c>status ID</c>.</summary>
 internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSource cancel)
 {
-    /// <summary>The migration, once made (commands before then act on what exists: cancel cancels it before it starts).</summary>
-    public OutgoingMigration? Migration { get; set; }
+    private OutgoingMigration? _migration;
+    private long? _earlyRate;
+    private readonly Lock _rateLock = new();
+
+    /// <summary>
+    /// The migration, once made (commands before then act on what exists: cancel cancels it
+    /// before it starts; a bandwidth cap given while the VM is still being made applies from the start).
+    /// </summary>
+    public OutgoingMigration? Migration
+    {
+        get => _migration;
+        set
+        {
+            lock (_rateLock)
+            {
+                _migration = value;
+                if (value is not null && _earlyRate is { } rate) value.Limiter.BytesPerSecond = rate;
+            }
+        }
+    }
 
     public void Handle(string line, TextWriter w)
     {
@@ -62,9 +80,12 @@ internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSourc
                 cancel.Cancel();
                 return "ok: cancelling; the VM keeps running on the source";
             case "bandwidth" when arg.Length > 0:
-                if (m is null) return "error: the migration has not started yet";
                 if (!Units.TryParseRate(arg, out long rate)) return $"error: bandwidth '{Printable.Escape(arg)}': {CliOptions.RateExpected}";
-                m.Limiter.BytesPerSecond = rate;
+                lock (_rateLock)
+                {
+                    if (_migration is null) _earlyRate = rate; // applied when the migration is made
+                    else _migration.Limiter.BytesPerSecond = rate;
+                }
                 return $"ok: bandwidth {(rate == 0 ? "unlimited" : Units.Rate(rate))}";
             case "resume" when arg.Length > 0:
                 return m is null ? "error: the migration has not started yet" : Resume(m, arg);

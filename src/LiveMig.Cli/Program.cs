@@ -314,18 +314,19 @@ public static class Program
         controlSocket.Handler = control.Handle;
         using var vm = BuiltInVm.Create(config);
         registry.Add(vm);
-        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         // The control socket needs the migration (its rate limiter, its reconnect target), so the
-        // migration exists before its observer (the progress display) does: a fan-out bridges the two.
+        // migration exists before its observer (the progress display) does: a fan-out bridges the
+        // two. It exists before the warm-up too: set-bandwidth, status and cancel act during it.
         var observers = new ObserverFanOut();
         var migration = new OutgoingMigration(vm, options, observers);
+        control.Migration = migration;
+        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         var progress = new MigrationProgress(migration.MigrationId, "source", Migrations.Name(options.Strategy), vm.Name, vm.Memory.Size, $"{host}:{port}")
         {
             BandwidthLimit = () => migration.Limiter.BytesPerSecond,
         };
         observers.Add(progress);
         registry.Track(progress);
-        control.Migration = migration;
         Console.Error.WriteLine($"migration {migration.MigrationId} to {host}:{port} (VM {vm.Name})"); // the ID 'livemig migrate --resume' and 'status' name
         var report = RunWithProgress(r, o, obs => { observers.Add(obs); return migration.MigrateTo(host, port, cancel.Token); });
         return Finish(r, o, report);
