@@ -135,11 +135,11 @@ internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSourc
 
 /// <summary>
 /// The control socket of an agent (<c>livemig listen</c>): <c>list</c>, <c>status ID</c>,
-/// <c>stop NAME</c>, <c>start NAME</c>, <c>destroy NAME</c>, <c>cancel ID</c> (a migration
+/// <c>stop NAME</c>, <c>start NAME</c>, <c>destroy NAME</c> (or <c>destroy ID</c>: a post-copy VM waiting for its lost source), <c>cancel ID</c> (a migration
 /// leaving this agent), and <c>migrate {"vm":…,"to":…,"args":[…]}</c>, which migrates a VM
 /// held here onward with <c>livemig migrate</c>'s options and streams progress, then the report.
 /// </summary>
-internal sealed class AgentControl(VmRegistry registry, TextWriter log)
+internal sealed class AgentControl(VmRegistry registry, TextWriter log, DestinationSessions? sessions = null)
 {
     public void Handle(string line, TextWriter w)
     {
@@ -157,6 +157,11 @@ internal sealed class AgentControl(VmRegistry registry, TextWriter log)
                     registry.Start(arg);
                     w.WriteLine($"ok: VM {Printable.Escape(arg)} running");
                     break;
+                case "destroy" when Guid.TryParse(arg, out var lost) && sessions is not null:
+                    // A post-copy VM whose source died after the switch waits for it for ever; only an operator ends that.
+                    if (sessions.DiscardPostCopy(lost, "livemig destroy")) w.WriteLine($"ok: discarding the VM of migration {lost}, which waited for its source; the report and the log say what is lost");
+                    else w.WriteLine($"error: no post-copy migration {lost} is waiting for its source here (a VM that arrived is destroyed by its name)");
+                    break;
                 case "destroy" when arg.Length > 0:
                     long bytes = registry.Find(arg)?.Memory.Size ?? 0;
                     registry.Destroy(arg);
@@ -170,7 +175,7 @@ internal sealed class AgentControl(VmRegistry registry, TextWriter log)
                     MigrateOnward(arg, w);
                     break;
                 default:
-                    w.WriteLine($"error: unknown command '{Printable.Escape(line)}' (list, status ID, stop NAME, start NAME, destroy NAME, cancel ID, migrate REQUEST)");
+                    w.WriteLine($"error: unknown command '{Printable.Escape(line)}' (list, status ID, stop NAME, start NAME, destroy NAME|ID, cancel ID, migrate REQUEST)");
                     break;
             }
         }

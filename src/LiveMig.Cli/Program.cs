@@ -375,7 +375,7 @@ public static class Program
         catch (System.Net.Sockets.SocketException e) { throw new UsageException($"--port {port}: cannot listen on {bind}:{port}: {e.Message}"); }
         using var controlSocket = ControlSocket.Open(controlPath ?? ControlSocket.AgentPath(listener.Port));
         o.PrintWarnings(Console.Error);
-        controlSocket.Handler = new AgentControl(listener.Registry, Console.Error).Handle;
+        controlSocket.Handler = new AgentControl(listener.Registry, Console.Error, listener.Sessions).Handle;
         Console.Error.WriteLine($"listening on {bind}:{listener.Port} (control socket {controlSocket.Path})");
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.TrySetResult(130); };
         // A service manager's stop (SIGTERM) ends the agent as Ctrl-C does: its VMs and its control socket go cleanly.
