@@ -40,8 +40,26 @@ internal static class ControlCommands
 /// <summary>The control socket of a running <c>livemig migrate</c>: <c>cancel [ID]</c>, <c>bandwidth RATE</c>, <c>resume ID [HOST:PORT [restart]]</c>, <c>destroy ID</c>, <c>list</c>, <c>status ID</c>.</summary>
 internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSource cancel)
 {
-    /// <summary>The migration, once made (commands before then act on what exists: cancel cancels it before it starts).</summary>
-    public OutgoingMigration? Migration { get; set; }
+    private OutgoingMigration? _migration;
+    private long? _earlyRate;
+    private readonly Lock _rateLock = new();
+
+    /// <summary>
+    /// The migration, once made (commands before then act on what exists: cancel cancels it
+    /// before it starts; a bandwidth cap given while the VM is still being made applies from the start).
+    /// </summary>
+    public OutgoingMigration? Migration
+    {
+        get => _migration;
+        set
+        {
+            lock (_rateLock)
+            {
+                _migration = value;
+                if (value is not null && _earlyRate is { } rate) value.Limiter.BytesPerSecond = rate;
+            }
+        }
+    }
 
     public void Handle(string line, TextWriter w)
     {
@@ -63,9 +81,12 @@ internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSourc
                 cancel.Cancel();
                 return "ok: cancelling; the VM keeps running on the source";
             case "bandwidth" when arg.Length > 0:
-                if (m is null) return "error: the migration has not started yet";
                 if (!Units.TryParseRate(arg, out long rate)) return $"error: bandwidth '{PeerText.Escape(arg)}': {CliOptions.RateExpected}";
-                m.Limiter.BytesPerSecond = rate;
+                lock (_rateLock)
+                {
+                    if (_migration is null) _earlyRate = rate; // applied when the migration is made
+                    else _migration.Limiter.BytesPerSecond = rate;
+                }
                 return $"ok: bandwidth {(rate == 0 ? "unlimited" : Units.Rate(rate))}";
             case "resume" when arg.Length > 0:
                 return m is null ? "error: the migration has not started yet" : Resume(m, arg);
@@ -115,11 +136,11 @@ internal sealed class MigrateControl(VmRegistry registry, CancellationTokenSourc
 
 /// <summary>
 /// The control socket of an agent (<c>livemig listen</c>): <c>list</c>, <c>status ID</c>,
-/// <c>stop NAME</c>, <c>start NAME</c>, <c>destroy NAME</c>, <c>cancel ID</c> (a migration
+/// <c>stop NAME</c>, <c>start NAME</c>, <c>destroy NAME</c> (or <c>destroy ID</c>: a post-copy VM waiting for its lost source), <c>cancel ID</c> (a migration
 /// leaving this agent), and <c>migrate {"vm":…,"to":…,"args":[…]}</c>, which migrates a VM
 /// held here onward with <c>livemig migrate</c>'s options and streams progress, then the report.
 /// </summary>
-internal sealed class AgentControl(VmRegistry registry, TextWriter log)
+internal sealed class AgentControl(VmRegistry registry, TextWriter log, DestinationSessions? sessions = null)
 {
     public void Handle(string line, TextWriter w)
     {
@@ -137,6 +158,11 @@ internal sealed class AgentControl(VmRegistry registry, TextWriter log)
                     registry.Start(arg);
                     w.WriteLine($"ok: VM {PeerText.Escape(arg)} running");
                     break;
+                case "destroy" when Guid.TryParse(arg, out var lost) && sessions is not null:
+                    // A post-copy VM whose source died after the switch waits for it for ever; only an operator ends that.
+                    if (sessions.DiscardPostCopy(lost, "livemig destroy")) w.WriteLine($"ok: discarding the VM of migration {lost}, which waited for its source; the report and the log say what is lost");
+                    else w.WriteLine($"error: no post-copy migration {lost} is waiting for its source here (a VM that arrived is destroyed by its name)");
+                    break;
                 case "destroy" when arg.Length > 0:
                     long bytes = registry.Find(arg)?.Memory.Size ?? 0;
                     registry.Destroy(arg);
@@ -150,7 +176,7 @@ internal sealed class AgentControl(VmRegistry registry, TextWriter log)
                     MigrateOnward(arg, w);
                     break;
                 default:
-                    w.WriteLine($"error: unknown command '{PeerText.Escape(line)}' (list, status ID, stop NAME, start NAME, destroy NAME, cancel ID, migrate REQUEST)");
+                    w.WriteLine($"error: unknown command '{PeerText.Escape(line)}' (list, status ID, stop NAME, start NAME, destroy NAME|ID, cancel ID, migrate REQUEST)");
                     break;
             }
         }

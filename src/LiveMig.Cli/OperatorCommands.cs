@@ -26,7 +26,7 @@ internal static class OperatorCommands
         yield return Status(guard);
         yield return VmCommand("stop", "Stops (pauses) the vCPUs of a VM on the agent; its memory stays. 'livemig start' resumes it.", guard);
         yield return VmCommand("start", "Resumes the vCPUs of a VM stopped with 'livemig stop'.", guard);
-        yield return VmCommand("destroy", "Ends a VM on the agent and frees its memory and vCPU threads. Not while it is migrating (cancel that first). Given a migration ID instead of a VM name: after a post-copy switch whose destination cannot be recovered, discards the running 'livemig migrate''s paused VM (its --control, default " + ControlSocket.DefaultMigratePath + ").", guard);
+        yield return VmCommand("destroy", "Ends a VM on the agent and frees its memory and vCPU threads. Not while it is migrating (cancel that first). Given a migration ID instead of a VM name, after a post-copy switch whose other side is lost for good: with a 'livemig migrate''s --control (the default when given an ID: " + ControlSocket.DefaultMigratePath + "), discards the source's paused VM; with an agent's --control, discards the VM that waits there for its dead source.", guard);
     }
 
     private static Command List(Func<ParseResult, Func<int>, int> guard)

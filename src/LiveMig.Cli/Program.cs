@@ -307,18 +307,19 @@ public static class Program
         controlSocket.Handler = control.Handle;
         using var vm = BuiltInVm.Create(config);
         registry.Add(vm);
-        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         // The control socket needs the migration (its rate limiter, its reconnect target), so the
-        // migration exists before its observer (the progress display) does: a fan-out bridges the two.
+        // migration exists before its observer (the progress display) does: a fan-out bridges the
+        // two. It exists before the warm-up too: set-bandwidth, status and cancel act during it.
         var observers = new ObserverFanOut();
         var migration = new OutgoingMigration(vm, options, observers);
+        control.Migration = migration;
+        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
         var progress = new MigrationProgress(migration.MigrationId, "source", Migrations.Name(options.Strategy), vm.Name, vm.Memory.Size, $"{host}:{port}")
         {
             BandwidthLimit = () => migration.Limiter.BytesPerSecond,
         };
         observers.Add(progress);
         registry.Track(progress);
-        control.Migration = migration;
         Console.Error.WriteLine($"migration {migration.MigrationId} to {host}:{port} (VM {vm.Name})"); // the ID 'livemig migrate --resume' and 'status' name
         var report = RunWithProgress(r, o, obs => { observers.Add(obs); return migration.MigrateTo(host, port, cancel.Token); });
         return Finish(r, o, report);
@@ -367,7 +368,7 @@ public static class Program
         catch (System.Net.Sockets.SocketException e) { throw new UsageException($"--port {port}: cannot listen on {bind}:{port}: {e.Message}"); }
         using var controlSocket = ControlSocket.Open(controlPath ?? ControlSocket.AgentPath(listener.Port));
         o.PrintWarnings(Console.Error);
-        controlSocket.Handler = new AgentControl(listener.Registry, Console.Error).Handle;
+        controlSocket.Handler = new AgentControl(listener.Registry, Console.Error, listener.Sessions).Handle;
         Console.Error.WriteLine($"listening on {bind}:{listener.Port} (control socket {controlSocket.Path})");
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.TrySetResult(130); };
         // A service manager's stop (SIGTERM) ends the agent as Ctrl-C does: its VMs and its control socket go cleanly.

@@ -35,7 +35,7 @@ public class BoundedAgentProcessTests
             _p = Process.Start(psi)!;
             while (Port == 0)
             {
-                string? line = _p.StandardError.ReadLine();
+                string? line = ChildOutput.Line(_p, _p.StandardError);
                 Assert.True(line is not null, "listen ended before listening: " + Log);
                 _log.Add(line!);
                 var m = Regex.Match(line!, @"listening on [0-9.]+:(\d+)");
@@ -125,13 +125,13 @@ public class BoundedAgentProcessTests
             Assert.True(grown < 256 * MiB + 160 * MiB, $"the agent grew by {grown / MiB} MiB during the flood (RSS {rssBefore / MiB} → {rssFlood / MiB} → {rssAfter / MiB} MiB)");
             Assert.True(Math.Max(rssFlood, rssAfter) < 8 * GiB);
             // The refused Hellos' threads end once their Error is sent; the admitted one parks no vCPU thread.
-            Assert.True(SpinWait.SpinUntil(() => agent.Status("Threads") < threadsBefore + 32, Bound), $"threads {threadsBefore} → {agent.Status("Threads")} with one 1024-vCPU claim admitted");
+            Wait.Until(() => agent.Status("Threads") < threadsBefore + 32);
         }
         finally
         {
             foreach (var c in claims) c.Client.Dispose();
         }
-        Assert.True(SpinWait.SpinUntil(() => agent.Log.Contains("VM real arrived"), Bound), agent.Log);
+        Wait.Until(() => agent.Log.Contains("VM real arrived"));
     }
 
     [Fact]

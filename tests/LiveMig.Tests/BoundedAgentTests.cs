@@ -94,7 +94,7 @@ public class BoundedAgentTests
             Assert.Equal(32 * MiB, budget.Reserved); // the refused Hello took nothing
         }
         // The holder went away: its migration failed and gave its share back.
-        Assert.True(SpinWait.SpinUntil(() => budget.Reserved == 0, Bound), $"the failed migration still holds {budget.Reserved} bytes");
+        Wait.Until(() => budget.Reserved == 0);
         using var again = RunningVm("real");
         var (report, arrived) = loop.Migrate(again);
         Assert.True(report.Verified);
@@ -114,7 +114,7 @@ public class BoundedAgentTests
         var report = a.Listener.Registry.MigrateAway("mover", new MigrationOptions { IoTimeout = Bound }, "127.0.0.1", b.Port);
         Assert.True(report.Verified);
         Assert.Equal(0, a.Listener.MemoryBudget.Reserved);
-        Assert.True(SpinWait.SpinUntil(() => b.Listener.Registry.Find("mover") is not null, Bound));
+        Wait.Until(() => b.Listener.Registry.Find("mover") is not null);
         Assert.Equal(32 * MiB, b.Listener.MemoryBudget.Reserved);
     }
 
@@ -129,7 +129,7 @@ public class BoundedAgentTests
         var s = client.GetStream();
         s.ReadTimeout = (int)Bound.TotalMilliseconds;
         // The deadline runs from the accept: wait until the listener armed it, then drip.
-        Assert.True(SpinWait.SpinUntil(() => clock.ArmedTimers == 1, Bound), "the handshake deadline was never armed");
+        Wait.Until(() => clock.ArmedTimers == 1);
         var buf = new byte[512];
         byte[] frame = FrameWriter.Encode(FrameType.Hello, buf.AsSpan(0, Hello("drip", 32 * MiB).Write(buf)));
         for (int i = 0; i < 9; i++)
@@ -166,7 +166,7 @@ public class BoundedAgentTests
         var idle = Enumerable.Range(0, 4).Select(_ => new TcpClient("127.0.0.1", loop.Port)).ToList();
         try
         {
-            Assert.True(SpinWait.SpinUntil(() => loop.Listener.Handshakes.InProgress == 4, Bound), "the idle connections were not all accepted");
+            Wait.Until(() => loop.Listener.Handshakes.InProgress == 4);
             for (int i = 0; i < 3; i++)
             {
                 using var extra = new TcpClient("127.0.0.1", loop.Port);
@@ -182,7 +182,7 @@ public class BoundedAgentTests
             foreach (var c in idle) c.Dispose();
         }
         // Once the idle ones are gone, a real migration gets through (and the log says so).
-        Assert.True(SpinWait.SpinUntil(() => loop.Listener.Handshakes.InProgress == 0, Bound));
+        Wait.Until(() => loop.Listener.Handshakes.InProgress == 0);
         // A connection closed before its first frame is reported (a `listen --once` must not wait for it forever).
         Assert.Matches(@"^connection from 127\.0\.0\.1:\d+ ended in its handshake: peer closed the connection$", loop.DestinationFailure().Message);
         using var vm = RunningVm("after-flood");

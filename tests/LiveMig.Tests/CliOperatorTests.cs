@@ -28,7 +28,7 @@ public class CliOperatorTests
     {
         using var p = Start(args);
         var err = p.StandardError.ReadToEndAsync();
-        string output = p.StandardOutput.ReadToEnd();
+        string output = ChildOutput.All(p, p.StandardOutput);
         Assert.True(p.WaitForExit(120_000), $"livemig {string.Join(' ', args)} did not exit");
         return new Result(p.ExitCode, output, err.Result);
     }
@@ -47,13 +47,13 @@ public class CliOperatorTests
             _p = Start("listen", "--port", "0", "--control", Control);
             while (Port == 0)
             {
-                string? line = _p.StandardError.ReadLine();
+                string? line = ChildOutput.Line(_p, _p.StandardError);
                 Assert.True(line is not null, "listen ended before listening: " + Log);
                 _log.Add(line!);
                 var m = Regex.Match(line!, @"listening on [0-9.]+:(\d+) \(control socket (.+)\)");
                 if (m.Success) Port = int.Parse(m.Groups[1].Value);
             }
-            new Thread(() => { for (string? l; (l = _p.StandardError.ReadLine()) is not null;) lock (_log) _log.Add(l); }) { IsBackground = true }.Start();
+            new Thread(() => { for (string? l; (l = ChildOutput.Line(_p, _p.StandardError)) is not null;) lock (_log) _log.Add(l); }) { IsBackground = true }.Start();
         }
 
         public int Port { get; }
@@ -153,7 +153,7 @@ public class CliOperatorTests
         Assert.Equal(1, Run("status", Guid.NewGuid().ToString(), "--control", own).Code);
         Assert.Equal(2, Run("status", "nope", "--control", own).Code);
         Assert.StartsWith("ok", Run("cancel", id, "--control", own).Out);
-        migrate.StandardOutput.ReadToEnd();
+        ChildOutput.All(migrate, migrate.StandardOutput);
         Assert.True(migrate.WaitForExit(60_000));
         Assert.Equal(1, migrate.ExitCode);
         Assert.False(File.Exists(own), "the migrate left its control socket behind");
@@ -167,7 +167,7 @@ public class CliOperatorTests
 
     private static string ReadMigrationId(Process migrate)
     {
-        for (string? line; (line = migrate.StandardError.ReadLine()) is not null;)
+        for (string? line; (line = ChildOutput.Line(migrate, migrate.StandardError)) is not null;)
             if (Regex.Match(line, @"migration ([0-9a-f-]{36}) to") is { Success: true } m) return m.Groups[1].Value;
         Assert.Fail("migrate did not print its migration ID");
         return "";
@@ -187,7 +187,7 @@ public class CliOperatorTests
         Assert.True(File.Exists(sock), "the refused migrate deleted the first one's socket");
         // Still the first one's: cancel reaches it.
         Assert.StartsWith("ok", Run("cancel", id, "--control", sock).Out);
-        string srcOut = first.StandardOutput.ReadToEnd();
+        string srcOut = ChildOutput.All(first, first.StandardOutput);
         Assert.True(first.WaitForExit(60_000));
         Assert.Equal(1, first.ExitCode);
         Assert.Equal("failed", MigrationReport.FromJson(srcOut).Outcome);

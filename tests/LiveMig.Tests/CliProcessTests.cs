@@ -26,18 +26,18 @@ public class CliProcessTests
         var stderr = new List<string>();
         while (port == 0)
         {
-            string? line = listen.StandardError.ReadLine();
+            string? line = ChildOutput.Line(listen, listen.StandardError);
             Assert.NotNull(line);
             stderr.Add(line);
             var m = Regex.Match(line, @"listening on [0-9.]+:(\d+)");
             if (m.Success) port = int.Parse(m.Groups[1].Value);
         }
         using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "128MiB", "--workload", "hotcold:rate=20000", "--warmup", "300ms", "--json");
-        string srcJson = migrate.StandardOutput.ReadToEnd();
-        string srcErr = migrate.StandardError.ReadToEnd();
+        string srcJson = ChildOutput.All(migrate, migrate.StandardOutput);
+        string srcErr = ChildOutput.All(migrate, migrate.StandardError);
         Assert.True(migrate.WaitForExit(60_000));
         Assert.True(migrate.ExitCode == 0, $"migrate exited {migrate.ExitCode}: {srcErr}");
-        string dstJson = listen.StandardOutput.ReadToEnd();
+        string dstJson = ChildOutput.All(listen, listen.StandardOutput);
         Assert.True(listen.WaitForExit(60_000));
         Assert.Equal(0, listen.ExitCode);
 
@@ -76,8 +76,8 @@ public class CliProcessTests
         })
         {
             using var p = Start(args);
-            string err = p.StandardError.ReadToEnd().Trim();
-            p.StandardOutput.ReadToEnd();
+            string err = ChildOutput.All(p, p.StandardError).Trim();
+            ChildOutput.All(p, p.StandardOutput);
             Assert.True(p.WaitForExit(30_000));
             Assert.Equal(2, p.ExitCode);
             Assert.Single(err.Split('\n'));
@@ -89,8 +89,8 @@ public class CliProcessTests
     public void Migrate_to_a_port_nobody_listens_on_fails_clearly()
     {
         using var p = Start("migrate", "--to", "127.0.0.1:1", "--memory", "64MiB", "--warmup", "0s", "--json");
-        string err = p.StandardError.ReadToEnd();
-        p.StandardOutput.ReadToEnd();
+        string err = ChildOutput.All(p, p.StandardError);
+        ChildOutput.All(p, p.StandardOutput);
         Assert.True(p.WaitForExit(30_000));
         Assert.Equal(1, p.ExitCode);
         Assert.Contains("cannot connect to destination 127.0.0.1:1", err);
@@ -102,12 +102,37 @@ public class CliProcessTests
         int port = 0;
         while (port == 0)
         {
-            string? line = listen.StandardError.ReadLine();
+            string? line = ChildOutput.Line(listen, listen.StandardError);
             Assert.NotNull(line);
             var m = Regex.Match(line, @"listening on [0-9.]+:(\d+)");
             if (m.Success) port = int.Parse(m.Groups[1].Value);
         }
         return (listen, port);
+    }
+
+    /// <summary>
+    /// Reads <paramref name="migrate"/>'s stderr up to the line naming its migration, then asks its
+    /// control socket (bounded) until pages have gone out: the migration is live, not still
+    /// making its VM (the control socket exists before the VM does). In post-copy: past the switch.
+    /// </summary>
+    private static Guid WaitUntilPagesFlow(Process migrate, string sock, List<string>? seen = null)
+    {
+        Guid id = Guid.Empty;
+        while (id == Guid.Empty)
+        {
+            string? line = ChildOutput.Line(migrate, migrate.StandardError);
+            Assert.True(line is not null, "migrate ended before it started migrating: " + string.Join(" | ", seen ?? []));
+            seen?.Add(line);
+            if (Regex.Match(line, @"^migration ([0-9a-f-]{36}) to") is { Success: true } m) id = Guid.Parse(m.Groups[1].Value);
+        }
+        var deadline = Stopwatch.StartNew();
+        while (true)
+        {
+            string answer = Control(sock, "status", id.ToString(), "--json");
+            if (answer.TrimStart().StartsWith('{') && MigrationStatus.FromJson(answer.Trim()) is { PagesTransferred: > 0 } or { Phase: "post-copy" }) return id;
+            Assert.True(deadline.Elapsed < TimeSpan.FromSeconds(60), $"no page sent within 60 s; status: {answer}");
+            Thread.Sleep(50);
+        }
     }
 
     private static string Control(string path, params string[] command)
@@ -116,7 +141,7 @@ public class CliProcessTests
         var deadline = Stopwatch.StartNew();
         while (!File.Exists(path) && deadline.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(20);
         using var p = Start([.. command, "--control", path]);
-        string answer = p.StandardOutput.ReadToEnd() + p.StandardError.ReadToEnd();
+        string answer = ChildOutput.All(p, p.StandardOutput) + ChildOutput.All(p, p.StandardError);
         Assert.True(p.WaitForExit(30_000));
         return answer;
     }
@@ -131,13 +156,13 @@ public class CliProcessTests
             "--bandwidth", "8MiB/s", "--warmup", "0s", "--control", sock, "--json");
         string answer = Control(sock, "cancel");
         Assert.StartsWith("ok", answer);
-        string srcErr = migrate.StandardError.ReadToEnd();
-        string srcOut = migrate.StandardOutput.ReadToEnd();
+        string srcErr = ChildOutput.All(migrate, migrate.StandardError);
+        string srcOut = ChildOutput.All(migrate, migrate.StandardOutput);
         Assert.True(migrate.WaitForExit(60_000));
         Assert.Equal(1, migrate.ExitCode);
         Assert.Contains("migration cancelled", srcErr);
         Assert.Equal("failed", MigrationReport.FromJson(srcOut).Outcome);
-        listen.StandardOutput.ReadToEnd();
+        ChildOutput.All(listen, listen.StandardOutput);
         Assert.True(listen.WaitForExit(60_000));
         Assert.Equal(1, listen.ExitCode); // --once: the incoming migration failed (cancelled by the source)
     }
@@ -153,14 +178,14 @@ public class CliProcessTests
             "--bandwidth", "4MiB/s", "--warmup", "0s", "--control", sock, "--json");
         Assert.StartsWith("ok: bandwidth unlimited", Control(sock, "set-bandwidth", "unlimited"));
         Assert.Contains("set-bandwidth 'fast': expected a rate above 0", Control(sock, "set-bandwidth", "fast")); // refused before it is sent
-        string srcOut = migrate.StandardOutput.ReadToEnd();
-        migrate.StandardError.ReadToEnd();
+        string srcOut = ChildOutput.All(migrate, migrate.StandardOutput);
+        ChildOutput.All(migrate, migrate.StandardError);
         Assert.True(migrate.WaitForExit(60_000));
         var report = MigrationReport.FromJson(srcOut);
         Assert.Equal("completed", report.Outcome);
         Assert.True(report.Verified);
         Assert.True(report.TotalTimeMs < 30_000, $"took {report.TotalTimeMs} ms");
-        listen.StandardOutput.ReadToEnd();
+        ChildOutput.All(listen, listen.StandardOutput);
         Assert.True(listen.WaitForExit(60_000));
     }
 
@@ -173,11 +198,9 @@ public class CliProcessTests
         string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
         using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--memory", "256MiB", "--fill", "random", "--workload", "idle",
             "--bandwidth", "8MiB/s", "--warmup", "0s", "--control", sock, "--json");
-        var deadline = Stopwatch.StartNew();
-        while (!File.Exists(sock) && deadline.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(20);
-        Thread.Sleep(300); // let some pages flow; the kill may land anywhere in the live phase
+        WaitUntilPagesFlow(migrate, sock); // the kill lands in the live phase
         migrate.Kill(entireProcessTree: true);
-        string dstOut = listen.StandardOutput.ReadToEnd();
+        string dstOut = ChildOutput.All(listen, listen.StandardOutput);
         Assert.True(listen.WaitForExit(60_000));
         Assert.Equal(1, listen.ExitCode);
         var report = MigrationReport.FromJson(dstOut);
@@ -185,6 +208,47 @@ public class CliProcessTests
         // A kill shows as an orderly close or as a reset, depending on where the kernel was.
         Assert.True(report.Error!.Contains("closed the connection") || report.Error.Contains("connection failed"), report.Error);
         Assert.Contains("did not come back within the resume window", report.Error);
+    }
+
+    [Fact]
+    public void Source_process_killed_after_the_post_copy_switch_is_recovered_from_its_memory_file_and_verifies()
+    {
+        var (listen, port) = StartListener();
+        using var _ = listen;
+        string file = Path.Combine(Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.mem");
+        string sock = Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock");
+        try
+        {
+            // A slow push: the kill lands while pages are still to come.
+            using var migrate = Start("migrate", "--to", $"127.0.0.1:{port}", "--strategy", "postcopy", "--memory", "128MiB", "--fill", "random", "--workload", "idle",
+                "--bandwidth", "8MiB/s", "--warmup", "0s", "--memory-file", file, "--control", sock);
+            var seen = new List<string>();
+            string id = WaitUntilPagesFlow(migrate, sock, seen).ToString();
+            // Pure post-copy: the switch comes first, so pages flowing means the VM runs at the destination.
+            migrate.Kill(entireProcessTree: true);
+            Assert.True(migrate.WaitForExit(30_000));
+            Assert.True(File.Exists(file), "the memory file did not outlive the source");
+
+            using var recover = Start("migrate", "--recover", id, "--memory-file", file, "--to", $"127.0.0.1:{port}", "--control", sock + ".2", "--json");
+            string srcOut = ChildOutput.All(recover, recover.StandardOutput);
+            string srcErr = ChildOutput.All(recover, recover.StandardError);
+            Assert.True(recover.WaitForExit(120_000));
+            Assert.True(recover.ExitCode == 0, $"recovery exited {recover.ExitCode}: {srcErr}");
+            var source = MigrationReport.FromJson(srcOut);
+            Assert.Equal("completed", source.Outcome);
+            Assert.True(source.Verified);
+            Assert.False(File.Exists(file), "the memory file stayed after the VM was whole at the destination");
+
+            string dstOut = ChildOutput.All(listen, listen.StandardOutput);
+            Assert.True(listen.WaitForExit(60_000));
+            Assert.Equal(0, listen.ExitCode);
+            var destination = MigrationReport.FromJson(dstOut);
+            Assert.Equal("completed", destination.Outcome);
+            Assert.True(destination.Verified);
+            Assert.Equal(source.SourceHash, destination.DestinationHash);
+            Assert.True(destination.NetworkFaults >= 1);
+        }
+        finally { File.Delete(file); }
     }
 
     /// <summary>A TCP relay between the two processes whose connections the test can cut.</summary>
@@ -255,7 +319,7 @@ public class CliProcessTests
         using var migrate = Start("migrate", "--to", $"127.0.0.1:{first.Port}", "--memory", "128MiB", "--fill", "random", "--workload", "random:rate=200",
             "--bandwidth", "16MiB/s", "--warmup", "0s", "--control", sock, "--reconnect", "60s", "--json");
         string id = "";
-        for (string? line; id.Length == 0 && (line = migrate.StandardError.ReadLine()) is not null;)
+        for (string? line; id.Length == 0 && (line = ChildOutput.Line(migrate, migrate.StandardError)) is not null;)
             id = Regex.Match(line, @"migration ([0-9a-f-]{36}) to").Groups[1].Value;
         Assert.False(string.IsNullOrEmpty(id), "migrate did not print its migration ID");
         var deadline = Stopwatch.StartNew();
@@ -266,8 +330,8 @@ public class CliProcessTests
         using var second = new Relay(port);
         Assert.StartsWith("ok", Control(sock, "migrate", "--resume", id, "--to", $"127.0.0.1:{second.Port}"));
         Assert.Contains("this process migrates", Control(sock, "migrate", "--resume", Guid.NewGuid().ToString()));
-        string srcOut = migrate.StandardOutput.ReadToEnd();
-        string srcErr = migrate.StandardError.ReadToEnd();
+        string srcOut = ChildOutput.All(migrate, migrate.StandardOutput);
+        string srcErr = ChildOutput.All(migrate, migrate.StandardError);
         Assert.True(migrate.WaitForExit(60_000));
         Assert.True(migrate.ExitCode == 0, srcErr);
         var report = MigrationReport.FromJson(srcOut);
@@ -277,7 +341,7 @@ public class CliProcessTests
         // Not from scratch (that would be 64 MiB + 128 MiB at least): the guest, what it dirtied
         // (~200 pages/s) and what was lost in flight.
         Assert.True(report.BytesOnWire < 175L << 20, $"{report.BytesOnWire} bytes");
-        var dst = MigrationReport.FromJson(listen.StandardOutput.ReadToEnd());
+        var dst = MigrationReport.FromJson(ChildOutput.All(listen, listen.StandardOutput));
         Assert.True(listen.WaitForExit(60_000));
         Assert.Equal(report.MigrationId, dst.MigrationId);
         Assert.Equal(report.Reconnects, dst.Reconnects);
@@ -287,8 +351,8 @@ public class CliProcessTests
     public void Demo_with_every_pipeline_stage_completes_and_reports_them()
     {
         using var p = Start("demo", "--memory", "128MiB", "--workload", "hotcold:rate=20000,wss=25%", "--bandwidth", "256MiB/s", "--warmup", "300ms", "--optimize", "all", "--json");
-        string json = p.StandardOutput.ReadToEnd();
-        string err = p.StandardError.ReadToEnd();
+        string json = ChildOutput.All(p, p.StandardOutput);
+        string err = ChildOutput.All(p, p.StandardError);
         Assert.True(p.WaitForExit(60_000));
         Assert.True(p.ExitCode == 0, $"demo exited {p.ExitCode}: {err}");
         var r = MigrationReport.FromJson(json);
@@ -303,8 +367,8 @@ public class CliProcessTests
     public void Demo_with_several_streams_and_tls_completes_and_reports_them()
     {
         using var p = Start("demo", "--memory", "128MiB", "--workload", "random:rate=20000", "--warmup", "300ms", "--streams", "3", "--tls", "--psk-file", PskFile(), "--json");
-        string json = p.StandardOutput.ReadToEnd();
-        string err = p.StandardError.ReadToEnd();
+        string json = ChildOutput.All(p, p.StandardOutput);
+        string err = ChildOutput.All(p, p.StandardError);
         Assert.True(p.WaitForExit(60_000));
         Assert.True(p.ExitCode == 0, $"demo exited {p.ExitCode}: {err}");
         var r = MigrationReport.FromJson(json);

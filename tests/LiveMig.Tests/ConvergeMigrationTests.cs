@@ -38,7 +38,7 @@ public class ConvergeMigrationTests(ITestOutputHelper output)
         using var loop = new Loopback(new DestinationOptions { VerifyFromScratch = true });
         using var vm = NonConvergingVm("ac");
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 5_000);
+        Wait.Until(() => vm.Operations > 5_000);
         // Larger steps than QEMU's 20/10 every 2 rounds, to keep the test short.
         var options = NonConvergingOptions(new PreCopyOptions { AutoConverge = new AutoConvergeOptions { Initial = 0.5, Increment = 0.2, TriggerRounds = 1 } });
         var (report, arrived) = loop.Migrate(vm, options);
@@ -76,7 +76,7 @@ public class ConvergeMigrationTests(ITestOutputHelper output)
         using var loop = new Loopback();
         using var vm = NonConvergingVm("dl");
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 5_000);
+        Wait.Until(() => vm.Operations > 5_000);
         const double limit = 1000; // pages/s per vCPU: 2,000/s for the VM, a twentieth of what it wants
         var (report, arrived) = loop.Migrate(vm, NonConvergingOptions(new PreCopyOptions { DirtyLimit = limit }));
         Show("dirty-limit", report);
@@ -108,7 +108,7 @@ public class ConvergeMigrationTests(ITestOutputHelper output)
                 Name = defer ? "hot" : "plain", MemoryBytes = 64L << 20, Vcpus = 2, Workload = "hotcold:wss=20%,skew=1.2,rate=100000", Fill = MemoryFill.Mixed, Seed = 5, DirtyLog = kind,
             });
             vm.Start();
-            SpinWait.SpinUntil(() => vm.Operations > 20_000);
+            Wait.Until(() => vm.Operations > 20_000);
             var options = new MigrationOptions
             {
                 BandwidthLimit = 64L << 20,

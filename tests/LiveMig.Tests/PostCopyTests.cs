@@ -110,7 +110,7 @@ public class PostCopyTests(ITestOutputHelper output)
         using var loop = new PostCopyLoopback(Portable);
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = 5 });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         // A capped link: the guest sweeps faster than the push, so it faults on pages not yet pushed.
         var (src, arrived) = loop.Migrate(vm, PostCopy(bandwidth: 48L << 20));
         output.WriteLine(src.ToJson(indented: true));
@@ -120,7 +120,7 @@ public class PostCopyTests(ITestOutputHelper output)
         Assert.True(src.FaultLatencyUs!.P50 > 0 && src.FaultLatencyUs.Max >= src.FaultLatencyUs.P99);
         var dest = arrived.Vm;
         long ops = dest.Operations;
-        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        Wait.Until(() => dest.Operations > ops + 10_000);
         dest.Pause();
         Assert.Null(dest.CheckInvariant());
     }
@@ -156,7 +156,7 @@ public class PostCopyTests(ITestOutputHelper output)
         for (int i = 0; i < 500; i++) Pages.Text(i % 10).CopyTo(vm.Memory.Page(vm.Memory.PageCount - 1 - i)); // above the range: duplicates, and free
         for (int i = 0; i < 200; i++) Pages.Text(i % 5).CopyTo(vm.Memory.Page(1000 + i));                     // inside it: duplicates that are sent
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         var options = new MigrationOptions
         {
             Strategy = MigrationStrategy.Hybrid,
@@ -262,7 +262,7 @@ public class PostCopyTests(ITestOutputHelper output)
         using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = mode } });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=10000", Fill = MemoryFill.Mixed, Seed = 13 });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 5_000);
+        Wait.Until(() => vm.Operations > 5_000);
         FaultInjectingStream? injected = null;
         Stream Connect(ChannelKind kind, int attempt)
         {
@@ -382,7 +382,7 @@ public class PostCopyTests(ITestOutputHelper output)
         // A missing page blocks its reader until it is placed (here by the "push"), and is placed once.
         var reader = new Thread(() => { unsafe { placed = memory.GuestPointer(10)[0]; } });
         reader.Start();
-        SpinWait.SpinUntil(() => pager.NativeCounters.Faults >= 3, TimeSpan.FromSeconds(10));
+        Wait.Until(() => pager.NativeCounters.Faults >= 3);
         Assert.True(reader.IsAlive);
         var content = new byte[GuestMemory.PageSize];
         content[0] = 42;
@@ -482,7 +482,7 @@ public class PostCopyTests(ITestOutputHelper output)
         // Never committed: the VM runs on here, and the destination discarded its copy.
         Assert.Equal(VmRunState.Running, vm.State);
         long ops = vm.Operations;
-        SpinWait.SpinUntil(() => vm.Operations > ops + 1000);
+        Wait.Until(() => vm.Operations > ops + 1000);
         var failed = loop.DestinationFailure();
         Assert.Equal("failed", failed.Report.Outcome);
         Assert.Empty(loop.Listener.Vms);
@@ -628,7 +628,7 @@ public class PostCopyGcStressTests(ITestOutputHelper output)
         // Not disposed if the migration hangs: the engine would still read its memory.
         var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 16L << 20, Vcpus = 4, Workload = "sweep:rate=50000", Fill = MemoryFill.Mixed, Seed = 17 });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 10_000);
+        Wait.Until(() => vm.Operations > 10_000);
         var storm = new PostCopyTests.GcStorm();
         (MigrationReport, ArrivedVm) result;
         int collections;

@@ -15,7 +15,7 @@ public class PreCopyMigrationTests
         using var loop = new Loopback(new DestinationOptions { DirtyLog = kind, VerifyFromScratch = true });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 64L << 20, Vcpus = 2, Workload = "sweep:rate=200000", Fill = MemoryFill.Mixed, Seed = 5, DirtyLog = kind });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         // About the data, not the policy: a loaded machine may not converge, so accept the pause.
         var (report, arrived) = loop.Migrate(vm, new MigrationOptions { PreCopy = new PreCopyOptions().PauseOnStall() });
 
@@ -32,7 +32,7 @@ public class PreCopyMigrationTests
         var dest = arrived.Vm;
         Assert.Equal(VmRunState.Running, dest.State);
         long ops = dest.Operations;
-        SpinWait.SpinUntil(() => dest.Operations > ops + 10_000);
+        Wait.Until(() => dest.Operations > ops + 10_000);
         dest.Pause();
         Assert.Null(dest.CheckInvariant());
         Assert.True(dest.Operations > ops);

@@ -62,7 +62,7 @@ public class ResumeTests
     {
         var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Vcpus = 2, Workload = "sweep:rate=100000", Fill = MemoryFill.Mixed, Seed = seed });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 5_000, TimeSpan.FromSeconds(10));
+        Wait.Until(() => vm.Operations > 5_000);
         return vm;
     }
 
@@ -108,7 +108,7 @@ public class ResumeTests
         Assert.Equal(VmRunState.Running, arrived.State);
         // Every page holds its last version: the sweep's invariant holds after running on.
         long ops = arrived.Operations;
-        SpinWait.SpinUntil(() => arrived.Operations > ops + 5_000, TimeSpan.FromSeconds(10));
+        Wait.Until(() => arrived.Operations > ops + 5_000);
         arrived.Pause();
         Assert.Null(arrived.CheckInvariant());
     }
@@ -235,7 +235,7 @@ public class ResumeTests
 
     private static IVirtualMachine WaitArrived(Loopback loop)
     {
-        SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
+        Wait.Until(() => loop.Listener.Vms.Count == 1);
         return loop.Listener.Vms.Single();
     }
 }

@@ -51,7 +51,7 @@ public class StreamsTests(ITestOutputHelper output)
         var compare = new PageComparer(vm.Memory);
         using var loop = new Loopback(new DestinationOptions { DirtyLog = log, VerifyFromScratch = true, BeforeResume = compare.Check });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         // A cap and a tight downtime target: several live rounds while the guest writes.
         var options = new MigrationOptions
         {
@@ -116,7 +116,7 @@ public class StreamsTests(ITestOutputHelper output)
         };
         using var loop = new Loopback(options);
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         RoundGate? held = null;
         var migration = new MigrationOptions
         {
@@ -153,7 +153,7 @@ public class StreamsTests(ITestOutputHelper output)
         var compare = new PageComparer(vm.Memory);
         using var loop = new Loopback(new DestinationOptions { Security = psk, DirtyLog = DirtyLogKind.Software, BeforeResume = compare.Check });
         vm.Start();
-        SpinWait.SpinUntil(() => vm.Operations > 20_000);
+        Wait.Until(() => vm.Operations > 20_000);
         var options = new MigrationOptions
         {
             Streams = 3, Security = psk, BandwidthLimit = 200L << 20,

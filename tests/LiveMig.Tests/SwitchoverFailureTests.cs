@@ -59,7 +59,7 @@ public class SwitchoverFailureTests
             Assert.Equal("failed", e.Report.Outcome);
             Assert.Equal(VmRunState.Running, vm.State);
             long ops = vm.Operations;
-            SpinWait.SpinUntil(() => vm.Operations > ops, TimeSpan.FromSeconds(10));
+            Wait.Until(() => vm.Operations > ops);
             Assert.True(vm.Operations > ops, "the source VM does not run");
             Assert.Equal(0, vm.ThrottleFraction);
             Assert.False(vm.DirtyLog.IsTracking);
@@ -99,7 +99,7 @@ public class SwitchoverFailureTests
 
     private static IVirtualMachine WaitArrived(Loopback loop)
     {
-        SpinWait.SpinUntil(() => loop.Listener.Vms.Count == 1, TimeSpan.FromSeconds(10));
+        Wait.Until(() => loop.Listener.Vms.Count == 1);
         return loop.Listener.Vms.Single();
     }
 }

@@ -156,7 +156,7 @@ public class VmRegistryTests
             if (round.Round != 0) return;
             // The destination has read this round's RoundEnd by the time the source asks the next Sync: bounded wait for it.
             var id = Guid.Parse(registry.List().Migrations.Single().MigrationId);
-            SpinWait.SpinUntil(() => registry.Status(id) is { PagesTransferred: > 0, ExpectedDowntimeMs: >= 0 }, Bound);
+            Wait.Until(() => registry.Status(id) is { PagesTransferred: > 0, ExpectedDowntimeMs: >= 0 });
             during = registry.Status(id);
         });
         var (report, _) = b.Migrate(vm, new MigrationOptions { BandwidthLimit = 64L << 20 }, watch);

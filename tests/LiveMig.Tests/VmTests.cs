@@ -15,7 +15,7 @@ public class VmTests
         vm.DirtyLog.Start();
         vm.Start();
         var dirty = new PageBitmap(vm.Memory.PageCount);
-        SpinWait.SpinUntil(() => vm.Operations > 10_000);
+        Wait.Until(() => vm.Operations > 10_000);
         vm.Pause();
         long ops = vm.Operations;
         vm.DirtyLog.Harvest(dirty);
@@ -29,7 +29,7 @@ public class VmTests
         Assert.Equal(ops, vm.Operations);
         Assert.Equal(hash, vm.Memory.ComputeHash());
         vm.Resume();
-        SpinWait.SpinUntil(() => vm.Operations > ops + 1000);
+        Wait.Until(() => vm.Operations > ops + 1000);
         vm.Pause();
         Assert.True(vm.DirtyLog.Harvest(dirty) > 0);
     }
@@ -98,7 +98,7 @@ public class VmTests
     {
         using var a = BuiltInVm.Create(new VmConfig { MemoryBytes = 8L << 20, Vcpus = 2, Workload = "sweep", DirtyLog = DirtyLogKind.Software });
         a.Start();
-        SpinWait.SpinUntil(() => a.Operations > 5000);
+        Wait.Until(() => a.Operations > 5000);
         a.Pause();
         Assert.Null(a.CheckInvariant());
         byte[] state = a.SaveState();
@@ -109,7 +109,7 @@ public class VmTests
         Assert.Null(b.CheckInvariant());
         b.Resume();
         long ops = b.Operations;
-        SpinWait.SpinUntil(() => b.Operations > ops + 5000);
+        Wait.Until(() => b.Operations > ops + 5000);
         b.Pause();
         Assert.Null(b.CheckInvariant());
         // A page changed behind the workload's back is caught by the invariant.

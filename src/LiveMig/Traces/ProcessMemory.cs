@@ -23,7 +23,8 @@ public sealed class TargetExitedException(int pid) : Exception($"process {pid} e
 /// </summary>
 internal static unsafe partial class ProcessMemory
 {
-    private const int ESRCH = 3, EPERM = 1, EFAULT = 14, EIO = 5;
+    internal const int ESRCH = 3;
+    private const int EPERM = 1, EFAULT = 14, EIO = 5;
 
     [StructLayout(LayoutKind.Sequential)]
     private struct IoVec { public nint Base; public nuint Length; }
@@ -38,7 +39,7 @@ internal static unsafe partial class ProcessMemory
         try { lines = File.ReadAllLines($"/proc/{pid}/maps"); }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { throw new TargetExitedException(pid); }
         catch (UnauthorizedAccessException) { throw NoPermission(pid); }
-        catch (IOException e) when (!Directory.Exists($"/proc/{pid}")) { _ = e; throw new TargetExitedException(pid); }
+        catch (IOException e) when (e.HResult == ESRCH || !Directory.Exists($"/proc/{pid}")) { throw new TargetExitedException(pid); }
         var list = new List<Mapping>();
         foreach (string line in lines)
             if (ParseMapsLine(line) is { } m) list.Add(m);

@@ -140,6 +140,7 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
         try { pagemap = File.OpenHandle($"/proc/{target}/pagemap"); }
         catch (UnauthorizedAccessException) { throw ProcessMemory.NoPermission(target); }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { throw new TargetExitedException(target); }
+        catch (IOException e) when (e.HResult == ProcessMemory.ESRCH) { throw new TargetExitedException(target); } // exiting: its /proc entry is still there, its memory no longer
         using (pagemap)
             foreach (var m in maps) ScanMapping(target, pagemap, m, initial, changes);
     }
