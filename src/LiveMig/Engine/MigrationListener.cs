@@ -79,7 +79,15 @@ public sealed class MigrationListener : IDisposable
     /// <summary>The handshake on no thread; the established connection on a thread of its own.</summary>
     private async Task HandshakeThenRun(Socket socket)
     {
-        if (await _gate.OpenAsync(socket, _stop.Token) is not { } opened) return;
+        OpenedConnection? opened;
+        try { opened = await _gate.OpenAsync(socket, _stop.Token); }
+        catch (Exception e) // nobody awaits this task: an unforeseen failure still closes the socket and is said
+        {
+            socket.Dispose();
+            Failed?.Invoke(new MigrationFailedException($"handshake failed: {e.Message}", new DestinationReport(_options).Build(e.Message), e));
+            return;
+        }
+        if (opened is null) return;
         new Thread(() => Handle(opened)) { IsBackground = true, Name = "livemig-incoming" }.Start();
     }
 
