@@ -19,6 +19,12 @@ public class CliOperatorTests
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         psi.ArgumentList.Add(CliDll);
         foreach (var a in args) psi.ArgumentList.Add(a);
+        // A migrate of its own: the default control socket would collide with tests (or users) running beside it.
+        if (args is ["migrate", ..] && !args.Contains("--control") && !args.Contains("--vm") && !args.Contains("--resume"))
+        {
+            psi.ArgumentList.Add("--control");
+            psi.ArgumentList.Add(Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock"));
+        }
         return Process.Start(psi)!;
     }
 

@@ -15,6 +15,12 @@ public class CliProcessTests
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         psi.ArgumentList.Add(CliDll);
         foreach (var a in args) psi.ArgumentList.Add(a);
+        // A migrate of its own: the default control socket would collide with tests (or users) running beside it.
+        if (args is ["migrate", ..] && !args.Contains("--control") && !args.Contains("--vm") && !args.Contains("--resume"))
+        {
+            psi.ArgumentList.Add("--control");
+            psi.ArgumentList.Add(Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock"));
+        }
         return Process.Start(psi)!;
     }
 
@@ -88,7 +94,7 @@ public class CliProcessTests
     [Fact]
     public void Migrate_to_a_port_nobody_listens_on_fails_clearly()
     {
-        using var p = Start("migrate", "--to", "127.0.0.1:1", "--memory", "64MiB", "--warmup", "0s", "--json");
+        using var p = Start("migrate", "--to", "127.0.0.1:1", "--memory", "64MiB", "--warmup", "0s", "--json", "--control", Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock"));
         string err = ChildOutput.All(p, p.StandardError);
         ChildOutput.All(p, p.StandardOutput);
         Assert.True(p.WaitForExit(30_000));

@@ -20,7 +20,7 @@ namespace LiveMig.Tests;
 /// </summary>
 public partial class FaultTests(ITestOutputHelper output)
 {
-    private static readonly TimeSpan Guard = TimeSpan.FromSeconds(10);
+    private static readonly TimeSpan Guard = TimeSpan.FromSeconds(30);
 
     // ---- destination: hostile or broken input ---------------------------------------------
 
