@@ -3,9 +3,9 @@
 ; It switches to 32-bit protected mode and then loops for ever over the guest-physical range
 ; [RANGE_START, RANGE_END): in every 4 KiB page it checks the page's first byte against the
 ; pass counter (the byte must hold the number of passes made so far, mod 256) and increments
-; it. A page whose byte is wrong (a page the migration lost or delivered stale) counts as an
-; error and is set right, so one bad page counts once. It reports on the first serial port
-; (COM1, 0x3f8):
+; it; at boot every page's byte is set to 0 (the firmware leaves bytes in that range). A page
+; whose byte is wrong (a page the migration lost or delivered stale) counts as an error and
+; is set right, so one bad page counts once. It reports on the first serial port (COM1, 0x3f8):
 ;   "livemig-bootsector range START-END\n"     once, at boot
 ;   "passes XXXXXXXX errors XXXXXXXX\n"         every REPORT_EVERY passes, and after every
 ;                                               pass that found a new error (hexadecimal)
@@ -61,6 +61,13 @@ protected:
         call print_hex
         mov al, 10
         call print_char
+
+        mov ebx, RANGE_START            ; the firmware may have left bytes in the range: start every page at 0
+clear:
+        mov byte [ebx], 0
+        add ebx, PAGE
+        cmp ebx, RANGE_END
+        jb clear
 
         xor esi, esi                    ; passes completed
         xor edi, edi                    ; errors found
