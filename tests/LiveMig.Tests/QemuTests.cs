@@ -186,6 +186,80 @@ public class QemuTests
         Assert.Contains("cannot throttle", throttle.Message);
     }
 
+    [SkippableFact]
+    public void Killing_the_destination_QEMU_before_the_device_state_loads_resumes_the_source()
+    {
+        string image = QemuGuest.Image(24);
+        string dir = QemuGuest.ImageDirectory();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-dest-dies-late", QemuGuest.Spec(image, 32), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(20));
+        // Killed when the source pauses: the stop-and-copy and the device state are on their way.
+        var killer = new KillAtPause(factory);
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(source, Options(), killer).MigrateTo("127.0.0.1", loop.Port));
+        Assert.True(killer.Killed, "the destination QEMU was never killed");
+        Assert.Contains("destination QEMU", e.Message);
+        Assert.Contains("killed by signal 9", e.Message);
+        // The source had saved its device state (QEMU: postmigrate) and goes on: cont, error-free.
+        Assert.Equal(VmRunState.Running, source.State);
+        var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
+        Assert.Equal(0, QemuGuest.WaitForReports(source.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(20)).Errors);
+        loop.DestinationFailure();
+        Assert.Empty(factory.WaitingProcesses);
+    }
+
+    [SkippableFact]
+    public void Killing_the_source_QEMU_fails_the_migration_saying_so_and_the_destination_discards_its_copy()
+    {
+        string image = QemuGuest.Image(24);
+        string dir = QemuGuest.ImageDirectory();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-source-dies", QemuGuest.Spec(image, 32), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(20));
+        var killer = new KillSourceOnProgress(source);
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(source, Options(16L << 20), killer).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Contains($"QEMU (pid {source.Process.Pid}) of VM qemu-source-dies was killed by signal 9", e.Message);
+        Assert.Contains("source aborted", loop.DestinationFailure().Message);
+        Assert.Empty(factory.WaitingProcesses);
+    }
+
+    [SkippableFact]
+    public void A_destination_refuses_a_boot_image_outside_the_directories_it_allows()
+    {
+        string image = QemuGuest.Image(24);
+        var elsewhere = Directory.CreateTempSubdirectory("lmqemu-other").FullName;
+        var factory = new QemuVmFactory(QemuGuest.Host(elsewhere));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-refused", QemuGuest.Spec(image, 32), QemuGuest.Host(QemuGuest.ImageDirectory()));
+        var e = Assert.Throws<MigrationFailedException>(() => new PreCopyMigration(source, Options()).MigrateTo("127.0.0.1", loop.Port));
+        Assert.Contains("outside the directories this destination allows", e.Message);
+        Assert.Equal(VmRunState.Running, source.State);
+        Assert.Empty(factory.WaitingProcesses); // no QEMU was started there
+    }
+
+    /// <summary>Kills the QEMU waiting at the destination as the source pauses for the stop-and-copy.</summary>
+    private sealed class KillAtPause(QemuVmFactory factory) : IMigrationObserver
+    {
+        public volatile bool Killed;
+
+        public void Phase(string phase)
+        {
+            if (phase != "paused") return;
+            foreach (var q in factory.WaitingProcesses) { q.Kill(); Killed = true; }
+        }
+    }
+
+    /// <summary>Kills the source's own QEMU once round 0 has sent some pages.</summary>
+    private sealed class KillSourceOnProgress(QemuVm source) : IMigrationObserver
+    {
+        public void Progress(int round, long pagesSentInRound, long pagesToSend, long bytesOnWire)
+        {
+            if (pagesSentInRound >= 500) source.Process.Kill();
+        }
+    }
+
     /// <summary>Kills the QEMU waiting at the destination once round 0 has sent some pages.</summary>
     private sealed class KillOnProgress(QemuVmFactory factory) : IMigrationObserver
     {
