@@ -23,8 +23,8 @@ public sealed class QemuVm : IVirtualMachine
     public const string KindName = "qemu";
     /// <summary>Largest device state accepted from QEMU (the boot-sector guest's is about 0.3 MB).</summary>
     public const int MaxStateBytes = 256 << 20;
-    internal const string NoBrakes = "a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM's dirty ring, which TCG has not";
-    internal const string NoPostCopy = "post-copy and hybrid are not supported for QEMU guests yet (issue 13): a QEMU vCPU touching a page that has not arrived would read a zero page instead of waiting for it; use --strategy precopy";
+    public const string NoBrakes = "a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM's dirty ring, which TCG has not";
+    public const string NoPostCopy = "post-copy and hybrid are not supported for QEMU guests yet (issue 13): a QEMU vCPU touching a page that has not arrived would read a zero page instead of waiting for it; use --strategy precopy";
 
     private readonly QemuProcess _qemu;
     private readonly QemuHostOptions _host;
