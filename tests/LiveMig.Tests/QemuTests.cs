@@ -29,7 +29,9 @@ internal static class QemuGuest
         string path = Path.Combine(dir, $"bootsector-{rangeMib}.img");
         lock (Built)
         {
-            if (!File.Exists(path)) Run("bash", [BuildScript, path], ("RANGE_MIB", rangeMib.ToString()), ("REPORT_EVERY", "16"));
+            // Built again when the guest's source is newer than the image (the directory is kept between runs).
+            if (!File.Exists(path) || File.GetLastWriteTimeUtc(path) < File.GetLastWriteTimeUtc(Path.Combine(Path.GetDirectoryName(BuildScript)!, "bootsector.asm")))
+                Run("bash", [BuildScript, path], ("RANGE_MIB", rangeMib.ToString()), ("REPORT_EVERY", "16"));
         }
         return path;
     }
@@ -42,7 +44,7 @@ internal static class QemuGuest
         foreach (string tool in new[] { "qemu-system-x86_64", "nasm" })
             if (!OnPath(tool)) return (null, $"{tool} is missing (scripts/install-qemu.sh installs qemu-system-x86 and nasm): the QEMU guest tests cannot run");
         if (!File.Exists(BuildScript)) return (null, $"the guest's build script {BuildScript} is missing from the test output");
-        return (Directory.CreateTempSubdirectory("lmqemu-images").FullName, null);
+        return (Directory.CreateDirectory(Path.Combine(Path.GetTempPath(), "livemig-qemu-test-images")).FullName, null);
     }
 
     private static bool OnPath(string tool) =>
