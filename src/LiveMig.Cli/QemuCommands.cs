@@ -50,7 +50,9 @@ internal static class QemuCommands
         QemuVm vm;
         try { vm = QemuVm.Start(name, spec); }
         catch (QmpException e) { throw new UsageException($"--qemu {spec.BootImage}: {e.Message}"); }
-        if (!quiet) Console.Error.WriteLine($"VM {name}: QEMU pid {vm.Process.Pid} ({spec.Machine}/{spec.Accel}), {Units.Bytes(spec.MemoryBytes)}, {vm.VcpuCount} vCPUs, RAM file {vm.Process.RamFile}, serial log {vm.SerialLog}, dirty log {vm.DirtyLog.Name}; warming up {warmup.TotalSeconds:0.#} s");
+        string log = vm.DirtyLog.Name; // chosen now: the agent in QEMU, or page hashes (the note says why)
+        if (vm.DirtyLogNote is { } note) Console.Error.WriteLine($"livemig: note: {note}");
+        if (!quiet) Console.Error.WriteLine($"VM {name}: QEMU pid {vm.Process.Pid} ({spec.Machine}/{spec.Accel}), {Units.Bytes(spec.MemoryBytes)}, {vm.VcpuCount} vCPUs, RAM file {vm.Process.RamFile}, serial log {vm.SerialLog}, dirty log {log}; warming up {warmup.TotalSeconds:0.#} s");
         Thread.Sleep(warmup);
         return vm;
     }

@@ -63,7 +63,7 @@ public class QemuCliTests
             "--max-rounds", "3", "--on-stall", "pause", "--max-downtime", "20s", "--json", "--control", Path.Combine(Path.GetTempPath(), $"lm-qm-{Guid.NewGuid():N}.sock"));
         Assert.True(code == 0, $"migrate --qemu failed ({code}): {err}");
         Assert.Contains("\"outcome\":\"completed\"", output);
-        Assert.Contains("\"dirtyLog\":\"page-hash\"", output);
+        Assert.Contains(QemuGuest.AgentBuilt ? "\"dirtyLog\":\"qemu-uffd-wp\"" : "\"dirtyLog\":\"page-hash\"", output);
         Assert.True(agent.WaitForExit(60_000), "the agent (--once) did not exit after the arrival");
         Assert.True(agent.ExitCode == 0, $"agent failed: {agentErr.Result}");
         Assert.Contains("\"outcome\":\"completed\"", agentOut.Result);

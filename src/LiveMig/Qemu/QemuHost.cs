@@ -21,6 +21,12 @@ public sealed record QemuHostOptions
     /// </summary>
     public IReadOnlyList<string> AllowedImageDirectories { get; init; } = [];
 
+    /// <summary>How a guest's writes are found (<see cref="QemuDirtyLog"/>): by default the agent preloaded into QEMU where it works, else page hashes.</summary>
+    public QemuDirtyLog DirtyLog { get; init; } = QemuDirtyLog.Auto;
+
+    /// <summary>The dirty-page agent preloaded into QEMU (native/qemu_dirty_agent.c, built next to LiveMig's assemblies when gcc is there).</summary>
+    public string AgentLibrary { get; init; } = Path.Combine(AppContext.BaseDirectory, "liblivemig_qemu_agent.so");
+
     /// <summary>How long QEMU may take to start and answer on QMP.</summary>
     public TimeSpan StartTimeout { get; init; } = TimeSpan.FromSeconds(15);
 

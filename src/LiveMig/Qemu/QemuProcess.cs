@@ -40,6 +40,9 @@ public sealed class QemuProcess : IDisposable
     public QmpClient Qmp { get; private set; } = null!;
     public string SerialLog => Path.Combine(RunDirectory, "serial.log");
     public string QmpSocket => Path.Combine(RunDirectory, "qmp.sock");
+    /// <summary>The dirty-page agent's socket when the agent was preloaded into this QEMU, else null.</summary>
+    public string? AgentSocket { get; private init; }
+    internal QemuDirtyLog DirtyLogKind { get; private init; }
 
     /// <summary>Null while QEMU runs; how it ended otherwise (exit code or signal, and its last line on stderr).</summary>
     public string? ExitReason
@@ -81,6 +84,16 @@ public sealed class QemuProcess : IDisposable
             RedirectStandardError = true, RedirectStandardOutput = true, RedirectStandardInput = true, UseShellExecute = false,
         };
         foreach (string a in QemuCommandLine.Build(spec, ramFile, Path.Combine(runDir, "qmp.sock"), Path.Combine(runDir, "serial.log"), incoming)) psi.ArgumentList.Add(a);
+        string? agentSocket = null;
+        if (host.DirtyLog != QemuDirtyLog.PageHash && File.Exists(host.AgentLibrary))
+        {
+            // The dirty-page agent (native/qemu_dirty_agent.c) runs inside QEMU: it alone sees QEMU's writes through QEMU's mapping.
+            agentSocket = Path.Combine(runDir, "dirty.sock");
+            string? preload = Environment.GetEnvironmentVariable("LD_PRELOAD");
+            psi.Environment["LD_PRELOAD"] = string.IsNullOrEmpty(preload) ? host.AgentLibrary : $"{host.AgentLibrary}:{preload}";
+            psi.Environment["LIVEMIG_AGENT_SOCKET"] = agentSocket;
+            psi.Environment["LIVEMIG_AGENT_RAM"] = ramFile;
+        }
         Process process;
         try { process = Process.Start(psi) ?? throw new Win32Exception("Process.Start returned nothing"); }
         catch (Win32Exception e)
@@ -88,7 +101,7 @@ public sealed class QemuProcess : IDisposable
             TryDelete(runDir, ownsRam ? ramFile : null);
             throw new QmpException($"QEMU not found: cannot run '{host.Binary}' ({e.Message}); scripts/install-qemu.sh installs qemu-system-x86", e);
         }
-        var q = new QemuProcess(process, spec, runDir, ramFile, ownsRam, incoming);
+        var q = new QemuProcess(process, spec, runDir, ramFile, ownsRam, incoming) { AgentSocket = agentSocket, DirtyLogKind = host.DirtyLog };
         process.ErrorDataReceived += (_, e) => q.NoteStderr(e.Data);
         process.OutputDataReceived += (_, _) => { };
         process.BeginErrorReadLine();

@@ -14,8 +14,8 @@ namespace LiveMig.Qemu;
 /// <c>x-ignore-shared</c> — device and vCPU state only, about 0.3 MB — which QEMU writes to a
 /// Unix socket LiveMig listens on (<see cref="SaveState"/>), and which the destination's
 /// factory feeds to a QEMU started with <c>-incoming defer</c> (<see cref="QemuVmFactory"/>).
-/// Writes are found by content (<see cref="PageHashDirtyLog"/>): they are QEMU's, through its own
-/// mapping. No brakes: QEMU throttles vCPUs only inside its own migration, and its dirty limit
+/// Writes are QEMU's, through its own mapping: found by the agent preloaded into QEMU
+/// (<see cref="QemuAgentDirtyLog"/>), or by content (<see cref="PageHashDirtyLog"/>) where it cannot work. No brakes: QEMU throttles vCPUs only inside its own migration, and its dirty limit
 /// (<c>set-vcpu-dirty-limit</c>) needs KVM's dirty ring.
 /// </summary>
 public sealed class QemuVm : IVirtualMachine
@@ -29,7 +29,7 @@ public sealed class QemuVm : IVirtualMachine
     private readonly QemuProcess _qemu;
     private readonly QemuHostOptions _host;
     private GuestMemory? _memory;
-    private readonly PageHashDirtyLog _dirtyLog;
+    private readonly Lazy<IDirtyLog> _dirtyLog;
     private int _stateSaves;
 
     internal QemuVm(string name, QemuProcess qemu, GuestMemory memory, QemuHostOptions host, VmRunState state, int vcpus)
@@ -40,7 +40,13 @@ public sealed class QemuVm : IVirtualMachine
         _host = host;
         State = state;
         VcpuCount = vcpus;
-        _dirtyLog = new PageHashDirtyLog(memory, () => _qemu.ExitReason is { } gone ? $"QEMU (pid {_qemu.Pid}) of VM {Name} {gone}" : null);
+        // Chosen when first asked for (an arrived VM needs one only to leave again: not in its switch-over).
+        _dirtyLog = new(() =>
+        {
+            var log = QemuDirtyLogChoice.Choose(qemu, memory, qemu.DirtyLogKind, () => _qemu.ExitReason is { } gone ? $"QEMU (pid {_qemu.Pid}) of VM {Name} {gone}" : null, out string? note);
+            DirtyLogNote = note;
+            return log;
+        });
     }
 
     /// <summary>Starts a QEMU guest from <paramref name="spec"/> on this host, running, its RAM in a new shared file.</summary>
@@ -69,7 +75,9 @@ public sealed class QemuVm : IVirtualMachine
     public string Description => $"qemu {_qemu.Spec.Machine}/{_qemu.Spec.Accel}, boot image {Path.GetFileName(_qemu.Spec.BootImage)}";
     public VmBrakes Brakes => VmBrakes.None;
     public GuestMemory Memory => _memory ?? throw new ObjectDisposedException(nameof(QemuVm));
-    public IDirtyLog DirtyLog => _dirtyLog;
+    public IDirtyLog DirtyLog => _dirtyLog.Value;
+    /// <summary>Why the dirty log is not the agent's, when it could not be (null otherwise, or before <see cref="DirtyLog"/> was chosen).</summary>
+    public string? DirtyLogNote { get; private set; }
     public VmRunState State { get; private set; }
     public string? PostCopyRefusal => NoPostCopy;
     public long StateSizeHint => 512 << 10;
@@ -208,7 +216,7 @@ public sealed class QemuVm : IVirtualMachine
 
     public void Dispose()
     {
-        _dirtyLog.Dispose();
+        if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
         _qemu.Dispose();
         _memory?.Dispose();
         _memory = null;
