@@ -138,7 +138,9 @@ internal static class QemuDirtyLogChoice
         note = null;
         if (kind != QemuDirtyLog.PageHash)
         {
-            string? why = qemu.AgentSocket is null ? "the agent library (liblivemig_qemu_agent.so, built with gcc) is not next to LiveMig" : null;
+            string? why = qemu.AgentSocket is null ? "the agent library (liblivemig_qemu_agent.so, built with gcc) is not next to LiveMig"
+                // KVM vCPUs write through the EPT: that the agent's write-protect sees every such write is untested (docs/qemu.md).
+                : qemu.Spec.Accel == "kvm" && kind == QemuDirtyLog.Auto ? "under KVM the agent is untested" : null;
             if (why is null)
             {
                 var agent = new QemuAgentDirtyLog(qemu.AgentSocket!, memory.PageCount, gone);
