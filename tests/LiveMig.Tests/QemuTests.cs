@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using LiveMig.Engine;
 using LiveMig.Policies;
+using LiveMig.Protocol;
 using LiveMig.Qemu;
 using LiveMig.Vm;
 
@@ -249,6 +250,35 @@ public class QemuTests
         Assert.Contains("outside the directories this destination allows", e.Message);
         Assert.Equal(VmRunState.Running, source.State);
         Assert.Empty(factory.WaitingProcesses); // no QEMU was started there
+    }
+
+    [SkippableTheory]
+    [InlineData(FrameType.PageBatch, 3)] // mid round 0
+    [InlineData(FrameType.VmState, 1)]   // paused, device state saved (source QEMU: postmigrate): it runs on, and saves it again later
+    [InlineData(FrameType.Prepare, 1)]   // the destination loaded the device state already: it starts a fresh QEMU over the same RAM file
+    public void A_cut_connection_is_resumed_and_the_guest_arrives_verified(FrameType cut, int nth)
+    {
+        string image = QemuGuest.Image(24);
+        string dir = QemuGuest.ImageDirectory();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-cut", QemuGuest.Spec(image, 32), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(60));
+        ResumeTests.CutAt? first = null;
+        var migration = new PreCopyMigration(source, Options() with { ReconnectWindow = TimeSpan.FromSeconds(20), PostCopy = new PostCopyOptions { FirstRetryDelay = TimeSpan.FromMilliseconds(10) } })
+        {
+            Connector = attempt => attempt == 0 ? first = new ResumeTests.CutAt(ResumeTests.Tcp(loop.Port), cut, nth) : ResumeTests.Tcp(loop.Port),
+        };
+        var report = migration.MigrateTo("127.0.0.1", loop.Port);
+        Assert.True(first!.Cut);
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        Assert.Equal(1, report.Reconnects);
+        var dest = Assert.IsType<QemuVm>(Assert.Single(loop.Listener.Vms));
+        Assert.Equal(source.RamHashAtPause, dest.RamHashBeforeDeviceLoad);
+        var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
+        Assert.Equal(0, QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
+        Assert.Empty(factory.WaitingProcesses);
     }
 
     /// <summary>Kills the QEMU waiting at the destination as the source pauses for the stop-and-copy.</summary>
