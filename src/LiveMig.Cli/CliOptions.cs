@@ -45,6 +45,8 @@ internal sealed class CliOptions
     public readonly Option<string> Reconnect = new("--reconnect") { Description = "After the connection drops, keep reconnecting (bounded back-off) for this long and continue where the migration stopped: pre-copy resends only what the destination had not acknowledged (the VM keeps running here meanwhile); post-copy recovers its page stream. 0 = fail at the first drop.", DefaultValueFactory = _ => "30s", HelpName = "TIME" };
     public readonly Option<string?> MemoryFile = new("--memory-file") { Description = "Keep the guest's memory in this new file (e.g. /dev/shm/vm0.mem) instead of anonymous memory: it outlives this process, so if the source dies after a post-copy switch, 'livemig migrate --recover ID --memory-file PATH --to HOST:PORT' can still serve the destination the pages it lacks. Removed when the migration ends here.", HelpName = "PATH" };
     public readonly Option<string?> Name = new("--name") { Description = "The VM's name, unique on the destination agent (which refuses a name it already runs): letters, digits, '.', '_', '-', at most 63. Default: vm- and 8 random hex digits.", HelpName = "NAME" };
+    public readonly Option<string?> Qemu = new("--qemu") { Description = "Run a QEMU guest booting this raw image (e.g. the boot-sector guest, guests/bootsector/build.sh) instead of the built-in VM, its RAM in a shared file LiveMig moves; --memory and --vcpus size it (--workload, --seed, --fill, --dirty-log and --memory-file are the built-in VM's). Pre-copy only; the destination agent needs 'listen --qemu-allow' naming the image's directory. See docs/qemu.md.", HelpName = "IMAGE" };
+    public readonly Option<string> QemuAccel = new("--qemu-accel") { Description = "With --qemu: QEMU's accelerator, tcg (works everywhere) or kvm.", DefaultValueFactory = _ => "tcg", HelpName = "ACCEL" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -109,11 +111,14 @@ internal sealed class CliOptions
 
     public void AddVmOptions(Command c)
     {
-        c.Add(Name); c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(MemoryFile); c.Add(Warmup);
+        c.Add(Name); c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(MemoryFile); c.Add(Warmup); c.Add(Qemu); c.Add(QemuAccel);
     }
 
     /// <summary>The options that make a VM here (none of them applies to a VM an agent already holds).</summary>
-    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, DirtyLog, MemoryFile, Warmup];
+    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, DirtyLog, MemoryFile, Warmup, Qemu, QemuAccel];
+
+    /// <summary>The built-in VM's options, refused with --qemu.</summary>
+    public IEnumerable<Option> BuiltInVmOptions => [Workload, Seed, Fill, DirtyLog, MemoryFile];
 
     public void AddMigrationOptions(Command c)
     {

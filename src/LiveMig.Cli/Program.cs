@@ -36,11 +36,12 @@ public static class Program
         var maxMemory = new Option<string?>("--max-memory") { Description = "Largest VM accepted (default: the memory budget, or this machine's memory if less).", HelpName = "SIZE" };
         var trust = new Option<string[]?>("--trust") { Description = "With --tls and certificates: the source names (certificate CN) accepted, comma-separated; others are refused. Default: any certificate the CA signed.", HelpName = "NAMES", AllowMultipleArgumentsPerToken = true };
         var resumeWindow = new Option<string>("--resume-window") { Description = "When a pre-copy source that can resume loses its connection before the switch-over, keep its partial VM this long for it to reconnect; 0 discards at once.", DefaultValueFactory = _ => "60s", HelpName = "TIME" };
+        var qemuAllow = new Option<string[]?>("--qemu-allow") { Description = "Receive QEMU guests (migrate --qemu) whose boot images lie in these directories (comma-separated or repeated; symbolic links are resolved first); this agent starts their QEMU itself from the description the source sends. Without it QEMU guests are refused.", HelpName = "DIRS", AllowMultipleArgumentsPerToken = true };
         var listener = new ListenerOptions();
         var agentControl = new Option<string?>("--control") { Description = $"Unix socket for 'livemig list', 'status', 'stop', 'start', 'destroy' and 'migrate --vm'. Default: {ControlSocket.AgentPath(0).Replace("-0.sock", "-PORT.sock")} (PORT: the port listened on).", HelpName = "PATH" };
         var listen = new Command("listen", "Runs a destination agent: accepts migrations (several at once) and keeps every VM that arrives running under its unique name, until 'livemig destroy' drops it or 'livemig migrate --vm' moves it on; 'livemig list' shows them.")
         {
-            port, bind, once, maxMemory, listener.MemoryBudget, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow, listener.HandshakeTimeout, listener.MaxHandshakes, agentControl,
+            port, bind, once, maxMemory, listener.MemoryBudget, prealloc, o.DirtyLog, o.Json, trust, o.DemandPaging, resumeWindow, listener.HandshakeTimeout, listener.MaxHandshakes, agentControl, qemuAllow,
         };
         o.AddSecurityOptions(listen);
         listen.SetAction(r => Guard(r, o, () =>
@@ -50,7 +51,7 @@ public static class Program
             string rw = r.GetValue(resumeWindow)!;
             if (!Units.TryParseDuration(rw, out var window) || window > TimeSpan.FromDays(1))
                 throw new UsageException($"--resume-window '{rw}': expected a duration such as 60s (0 = no resume, at most 1 day)");
-            return Listen(r, o, listener, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window, r.GetValue(agentControl));
+            return Listen(r, o, listener, r.GetValue(port), r.GetValue(bind)!, r.GetValue(once), r.GetValue(maxMemory), o.Security(r, names), r.GetValue(prealloc), window, r.GetValue(agentControl), QemuCommands.Factories(r.GetValue(qemuAllow)));
         }));
         root.Add(listen);
 
@@ -194,8 +195,9 @@ public static class Program
 
     private static int Demo(ParseResult r, CliOptions o)
     {
-        var config = o.VmConfig(r, MachineMemory.TotalBytes / 2);
         var options = o.MigrationOptions(r);
+        if (QemuCommands.Spec(o, r, options) is { } qemu) return DemoQemu(r, o, qemu, options);
+        var config = o.VmConfig(r, MachineMemory.TotalBytes / 2);
         bool json = r.GetValue(o.Json);
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
         // For kv: the VM's network address, which moves to the destination at resume, and a client outside the VM.
@@ -259,6 +261,39 @@ public static class Program
         return report.Client is { Errors: > 0 } or { Mismatches: > 0 } ? 1 : rc;
     }
 
+    /// <summary>
+    /// <c>demo --qemu IMAGE</c>: a QEMU guest here, a destination agent for it in this process
+    /// (allowed the image's directory), the migration over loopback, and then the guest's own
+    /// report from the destination: the boot-sector guest counts the stale or lost pages it finds.
+    /// </summary>
+    private static int DemoQemu(ParseResult r, CliOptions o, Qemu.QemuVmSpec spec, MigrationOptions options)
+    {
+        bool json = r.GetValue(o.Json);
+        var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var factory = new Qemu.QemuVmFactory(new Qemu.QemuHostOptions { AllowedImageDirectories = [Path.GetDirectoryName(spec.BootImage)!] });
+        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions { Security = options.Security, VmFactories = [factory] });
+        listener.Arrived += a => arrived.TrySetResult(a);
+        listener.Start();
+        using var vm = QemuCommands.Start(CliOptions.ParseName(r.GetValue(o.Name)), spec, o.WarmupTime(r), json);
+        string sourceLog = vm.SerialLog;
+        var before = Qemu.BootSectorSerial.Last(Qemu.BootSectorSerial.Read(sourceLog));
+        if (!json) Console.Error.WriteLine($"migrating to the destination agent on 127.0.0.1:{listener.Port}");
+        using var cancel = CancelOnCtrlC();
+        var report = RunWithProgress(r, o, obs => Migrations.MigrateTo(vm, options, obs, "127.0.0.1", listener.Port, cancel.Token));
+        if (report.Outcome != "completed") return Finish(r, o, report);
+        if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
+        using var dest = arrived.Task.Result.Vm;
+        // Let the guest run at the destination for a moment, then read its own verdict there.
+        Thread.Sleep(TimeSpan.FromSeconds(2));
+        string? broken = dest.CheckInvariant();
+        var there = Qemu.BootSectorSerial.Last(Qemu.BootSectorSerial.Read(((Qemu.QemuVm)dest).SerialLog));
+        if (!json) Console.Error.WriteLine(there is { } t
+            ? $"destination guest: {t.Passes} passes (source: {before?.Passes.ToString() ?? "?"} at warm-up), {t.Errors} stale or lost pages found{(broken is null ? "" : " — BROKEN")}"
+            : "destination guest: no report on its serial port yet (not the boot-sector guest?)");
+        int rc = Finish(r, o, report);
+        return broken is null ? rc : 1;
+    }
+
     /// <summary>A restarted source: serves a post-copy destination that waits for its dead source the pages it lacks, from the memory file.</summary>
     private static int Recover(ParseResult r, CliOptions o, string idText, string target, string controlPath)
     {
@@ -296,8 +331,9 @@ public static class Program
     private static int Migrate(ParseResult r, CliOptions o, string target, string controlPath)
     {
         var (host, port) = CliOptions.ParseTarget(target);
-        var config = o.VmConfig(r);
         var options = o.MigrationOptions(r);
+        var qemu = QemuCommands.Spec(o, r, options);
+        var config = qemu is null ? o.VmConfig(r) : null;
         using var cancel = CancelOnCtrlC();
         // Taken before the VM starts: a path another process answers on is refused at once.
         using var controlSocket = ControlSocket.Open(controlPath);
@@ -305,7 +341,7 @@ public static class Program
         var registry = new VmRegistry(); // what 'livemig list' and 'status' see here: this VM and its migration
         var control = new MigrateControl(registry, cancel);
         controlSocket.Handler = control.Handle;
-        using var vm = BuiltInVm.Create(config);
+        using IVirtualMachine vm = qemu is null ? BuiltInVm.Create(config!) : QemuCommands.Start(CliOptions.ParseName(r.GetValue(o.Name)), qemu, o.WarmupTime(r), r.GetValue(o.Json));
         registry.Add(vm);
         // The control socket needs the migration (its rate limiter, its reconnect target), so the
         // migration exists before its observer (the progress display) does: a fan-out bridges the
@@ -313,7 +349,7 @@ public static class Program
         var observers = new ObserverFanOut();
         var migration = new OutgoingMigration(vm, options, observers);
         control.Migration = migration;
-        StartVm(vm, config, o.WarmupTime(r), r.GetValue(o.Json));
+        if (vm is BuiltInVm builtIn) StartVm(builtIn, config!, o.WarmupTime(r), r.GetValue(o.Json));
         var progress = new MigrationProgress(migration.MigrationId, "source", Migrations.Name(options.Strategy), vm.Name, vm.Memory.Size, $"{host}:{port}")
         {
             BandwidthLimit = () => migration.Limiter.BytesPerSecond,
@@ -325,7 +361,7 @@ public static class Program
         return Finish(r, o, report);
     }
 
-    private static int Listen(ParseResult r, CliOptions o, ListenerOptions lo, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow, string? controlPath)
+    private static int Listen(ParseResult r, CliOptions o, ListenerOptions lo, int port, string bind, bool once, string? maxMemory, Transport.ChannelSecurity security, string? prealloc, TimeSpan resumeWindow, string? controlPath, IReadOnlyList<IVmFactory> factories)
     {
         Memory.MemoryPool? pool = null;
         if (prealloc is not null)
@@ -346,7 +382,7 @@ public static class Program
         var done = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
         using var listener = new MigrationListener(address, port, lo.Apply(r, new DestinationOptions
         {
-            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, MemoryBudget = budget, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow,
+            DirtyLog = CliOptions.ParseDirtyLog(r.GetValue(o.DirtyLog)!), MaxMemoryBytes = max, MemoryBudget = budget, Security = security, MemoryPool = pool, ResumeWindow = resumeWindow, VmFactories = factories,
             PostCopy = new PostCopyDestinationOptions { Mode = CliOptions.ParseDemandPaging(r.GetValue(o.DemandPaging)!), Note = n => Console.Error.WriteLine($"livemig: note: {n}") },
         }));
         listener.Dropped += line => Console.Error.WriteLine($"livemig: {line}");

@@ -26,6 +26,16 @@ public interface IDirtyLog : IDisposable
 
     /// <summary>Was the page written since the last harvest? Only meaningful when <see cref="CanPeek"/>; does not clear anything.</summary>
     bool WrittenSinceHarvest(long page) => false;
+
+    /// <summary>
+    /// True for a log that finds changed pages by content rather than by watching writes
+    /// (<see cref="PageHashDirtyLog"/>, for memory another process writes): the engine then keeps
+    /// per-page hashes of the pages as it sent them and hands them over with <see cref="CompareWithSent"/>.
+    /// </summary>
+    bool NeedsSentHashes => false;
+
+    /// <summary>The engine's per-page hashes of the pages as sent (what the destination holds), kept current by the engine; given after <see cref="Start"/>, before round 0.</summary>
+    void CompareWithSent(PageHashes sent) { }
 }
 
 public enum DirtyLogKind

@@ -117,6 +117,7 @@ public sealed class IncomingMigration
         IncomingStreams? streams = null; // several data streams (IncomingStreams.cs)
         PlacingThread? placing = null; // places this connection's pages while it reads on (DestinationOptions.PlacingThread)
         bool provisioned = false; // the state made at the first frame after the Hello
+        bool created = false; // the factory made this migration's memory (and whatever goes with it)
 
         try
         {
@@ -153,11 +154,14 @@ public sealed class IncomingMigration
                         Refuse(Reserve(hello));
                         factory = Factory(hello.VmKind)!;
                         incoming = Incoming(hello);
+                        Refuse(factory.Refusal(incoming));
                         // The restore and resume code (and post-copy's switch, if it may come) compiles while the pages arrive.
                         if ((hello.Requested & Capabilities.PostCopy) != 0) SwitchoverWarmup.ForPostCopyDestination(factory);
                         else SwitchoverWarmup.ForDestination(factory);
                         try { (memory, preparedMemory) = factory.CreateMemory(incoming); }
                         catch (IOException e) { throw new RefusedException($"cannot allocate {Units.Bytes(hello.MemoryBytes)} of guest memory: {e.Message}"); }
+                        catch (VmFailedException e) { throw new RefusedException(e.Message); }
+                        created = true;
                         placer = new PageBatchReader(memory);
                         // Unchecked frames only where TLS authenticates every byte.
                         accepted = hello.Requested & Supported & (IsSecured(stream) ? All : ~Capabilities.TlsUnchecked);
@@ -220,6 +224,7 @@ public sealed class IncomingMigration
                         var rs = RoundStartMessage.Parse(payload);
                         // After a reattach the source goes on with its own round numbers: the round cut short is not repeated.
                         if (afterReattach ? rs.Round <= currentRound : rs.Round != currentRound + 1) throw new ProtocolException($"RoundStart (frame {frame}): round {rs.Round} after round {currentRound}");
+                        if (factory.ArrivalFailure(incoming) is { } lost) throw new VmFailedException(lost);
                         currentRound = rs.Round;
                         afterReattach = false;
                         placer!.Delivered?.ClearAll();
@@ -265,6 +270,7 @@ public sealed class IncomingMigration
                     case (State.Live, FrameType.Sync):
                         var sync = SyncMessage.Parse(payload, "Sync");
                         if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");
+                        if (factory.ArrivalFailure(incoming) is { } gone) throw new VmFailedException(gone);
                         // Everything before this frame is placed (on every data stream, too): acknowledge, so the source times the round by delivery.
                         streams?.WaitRound(sync.Round);
                         report.FirstRoundPlaced(Placed(placer!, streams)); // every stream is done with the round and none has begun the next
@@ -377,7 +383,7 @@ public sealed class IncomingMigration
               }
             }
         }
-        catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException)
+        catch (Exception e) when (e is ProtocolException or IOException or RefusedException or VerificationException or SocketException or VmFailedException)
         {
             placing?.Dispose(); // no page is placed once the memory may be discarded
             placing = null;
@@ -394,8 +400,9 @@ public sealed class IncomingMigration
             // Discard the partial VM: it never ran here.
             postCopy?.Abort();
             vm?.Dispose();
+            if (vm is null && created) factory.Discard(incoming); // e.g. the QEMU waiting for its state: gone before the source hears of the failure
             memory?.Dispose();
-            if (e is ProtocolException or RefusedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
+            if (e is ProtocolException or RefusedException or VmFailedException) SendError(frames, e is RefusedException ? ErrorMessage.Refused : ErrorMessage.BadStream, e.Message);
             if (e is VerificationException) report.Verified = false;
             throw new MigrationFailedException(e.Message, report.Build(e.Message), e);
         }
@@ -420,7 +427,7 @@ public sealed class IncomingMigration
 
     private IncomingVm Incoming(HelloMessage h) => new()
     {
-        MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus,
+        MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus, Spec = h.VmSpec,
         DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
     };
 

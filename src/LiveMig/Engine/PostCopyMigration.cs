@@ -61,6 +61,7 @@ public sealed class PostCopyMigration
         if (options.Strategy == MigrationStrategy.PostCopy && (options.Pipeline.XbzrleCacheBytes > 0 || options.Pipeline.Dedup))
             throw new ArgumentException("post-copy sends each page once while the VM runs at the destination: XBZRLE deltas and dedup references have nothing safe to lean on (use hybrid)", nameof(options));
         if (options.Strategy != MigrationStrategy.PostCopy) BrakeCheck.Require(vm, options.PreCopy);
+        if (vm.PostCopyRefusal is { } refusal) throw new ArgumentException($"VM {vm.Name} ({vm.Kind}): {refusal}", nameof(vm));
         _vm = vm;
         _options = options;
         _time = options.Time;

@@ -150,7 +150,7 @@ public sealed class PreCopyMigration
             _switchover.Commit();
             return Report(null);
         }
-        catch (Exception e) when (e is ProtocolException or IOException or MigrationAbort or OperationCanceledException or SocketException or ObjectDisposedException)
+        catch (Exception e) when (e is ProtocolException or IOException or MigrationAbort or OperationCanceledException or SocketException or ObjectDisposedException or VmFailedException)
         {
             string why = Fail(e);
             throw new MigrationFailedException(why, Report(why), e);
@@ -182,7 +182,7 @@ public sealed class PreCopyMigration
     private void Handshake(Func<int, Stream>? reconnect)
     {
         _observer.Phase("handshake");
-        Span<byte> small = stackalloc byte[512];
+        Span<byte> small = stackalloc byte[512 + HelloMessage.MaxSpecBytes];
         // Every stage asked for is required: a destination that lacks one refuses, naming it.
         var needed = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0) | _options.Pipeline.Capabilities
             | (_options.Streams > 1 ? Capabilities.MultiStream : 0);
@@ -190,7 +190,7 @@ public sealed class PreCopyMigration
         var wanted = needed | Capabilities.Extents | (reconnect is not null && _options.ReconnectWindow > TimeSpan.Zero && _options.Streams == 1 ? Capabilities.PreCopyResume : 0)
             | Capabilities.PageHashCheck | (ChannelSecurity.IsSecured(_stream) ? Capabilities.TlsUnchecked : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, needed,
-            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
+            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind, _vm.Spec);
         _sender.Frames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
         var type = _sender.Reader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
@@ -215,7 +215,9 @@ public sealed class PreCopyMigration
     private void Setup()
     {
         if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
-        if (_options.Verify) _sender.Batches.Hashes = new PageHashes(_vm.Memory.PageCount);
+        // A log that compares content with what was sent (a QEMU guest's) needs the hashes of the pages as sent, verifying or not.
+        if (_options.Verify || _vm.DirtyLog.NeedsSentHashes) _sender.Batches.Hashes = new PageHashes(_vm.Memory.PageCount);
+        if (_sender.Batches.Hashes is { } sent) _vm.DirtyLog.CompareWithSent(sent);
         var first = FirstRound.Choose(_vm, _pipeline, _sender, _announceExtents);
         if (_options.Streams > 1)
         {
@@ -262,8 +264,12 @@ public sealed class PreCopyMigration
         // The destination never got Commit: it discards its copy, the VM carries on here.
         TrySendError(_sender.Frames, e is OperationCanceledException ? ErrorMessage.Cancelled : ErrorMessage.BadStream, why);
         _vm.DirtyLog.Stop();
-        _controller.ReleaseBrakes();
-        if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
+        try
+        {
+            _controller.ReleaseBrakes();
+            if (!KeepPausedOnFailure) _switchover.ResumeAfterDrop();
+        }
+        catch (VmFailedException vmFailed) { return $"{why}; the VM could not be resumed either: {vmFailed.Message}"; } // e.g. its QEMU died
         return why;
     }
 

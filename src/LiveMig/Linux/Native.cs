@@ -28,6 +28,22 @@ internal static unsafe partial class Native
     [LibraryImport(Libc, SetLastError = true)]
     public static partial int ftruncate(int fd, long length);
 
+    /// <summary>The canonical absolute path (symbolic links, "." and ".." resolved); malloc'ed: <see cref="free"/> it. 0 on error.</summary>
+    [LibraryImport(Libc, SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial nint realpath(string path, nint resolved);
+
+    [LibraryImport(Libc)]
+    public static partial void free(nint p);
+
+    /// <summary>The canonical path of an existing file or directory, or null (and errno) when it cannot be resolved.</summary>
+    public static string? RealPath(string path)
+    {
+        nint p = realpath(path, 0);
+        if (p == 0) return null;
+        try { return Marshal.PtrToStringUTF8(p); }
+        finally { free(p); }
+    }
+
     [LibraryImport(Libc, SetLastError = true)]
     public static partial nint mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
 

@@ -100,10 +100,10 @@ public sealed class PageBatchWriter(FrameWriter frames, GuestMemory memory)
         if (Hashes is { } h)
         {
             // A raw page is hashed from the copy that was sent (under PageHashes that hash is the
-            // one just taken); others from guest memory (a write racing this read dirties the page
-            // again, so it is re-sent and re-hashed later).
+            // one just taken); others from the encoder's copy when it kept one, else from guest
+            // memory (a write racing this read dirties the page again, so it is re-sent later).
             if (encoding == PageEncoding.Zero) h.SetZero(page);
-            else if (encoding != PageEncoding.Raw) h.Set(page, data);
+            else if (encoding != PageEncoding.Raw) { if (Encoder.TryGetContentHash(out ulong content)) h.SetHash(page, content); else h.Set(page, data); }
             else if (_check == PageBatchCheck.PageHashes) h.SetHash(page, payloadHash);
             else h.Set(page, payload[..written]);
         }

@@ -16,6 +16,13 @@ public interface IPageEncoder
 
     /// <summary>A round begins (stages such as XBZRLE behave differently in round 0).</summary>
     void BeginRound(int round) { }
+
+    /// <summary>
+    /// The verification hash of the content the last <see cref="Encode"/> described, when it was
+    /// neither zero nor raw and the encoder took it from its own copy of the page (the guest may
+    /// have written the page since). False: hash the page yourself.
+    /// </summary>
+    bool TryGetContentHash(out ulong hash) { hash = 0; return false; }
 }
 
 /// <summary>Destination side: rebuild a page from its encoding. Throws <see cref="ProtocolException"/> on a bad payload.</summary>

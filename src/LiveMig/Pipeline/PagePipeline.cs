@@ -1,3 +1,4 @@
+using System.IO.Hashing;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using LiveMig.Memory;
@@ -320,8 +321,22 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
                 index.Sent(page, enc == PageEncoding.Zero ? DedupSourceIndex.None : hash);
             }
         }
-        if (enc is not (PageEncoding.Raw or PageEncoding.Zero)) o[..written].CopyTo(destination);
+        if (enc is not (PageEncoding.Raw or PageEncoding.Zero))
+        {
+            // The content this encoding describes is the copy, not the guest's page now: its hash
+            // (for verification, and for a dirty log that compares pages with what was sent).
+            _contentHash = XxHash3.HashToUInt64(s);
+            o[..written].CopyTo(destination);
+        }
         return enc;
+    }
+
+    private ulong _contentHash;
+
+    public bool TryGetContentHash(out ulong hash)
+    {
+        hash = _contentHash;
+        return true;
     }
 
     private bool TryDedup(long page, ReadOnlySpan<byte> s, Span<byte> destination, out UInt128 hash, out int written)

@@ -63,16 +63,19 @@ public enum Capabilities : ulong
 }
 
 /// <summary>
-/// Source → destination, first frame. <see cref="VmKind"/> (version 2) comes last, so that a
-/// version-1 Hello, which ends after the name, still parses (with an empty kind) as far as the
-/// version check that refuses it.
+/// Source → destination, first frame. <see cref="VmKind"/> (version 2) comes after the name, so
+/// that a version-1 Hello, which ends after the name, still parses (with an empty kind) as far as
+/// the version check that refuses it. <see cref="VmSpec"/>, the description a VM of that kind is
+/// started from at the destination (a QEMU guest's: machine, memory, vCPUs, boot image; JSON,
+/// at most 4 KiB), follows only when there is one: a built-in VM's Hello ends after the kind.
 /// </summary>
 public readonly record struct HelloMessage(
     ushort MaxVersion, ushort MinVersion, Capabilities Requested, Capabilities Required,
-    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName, string VmKind)
+    long MemoryBytes, int PageSize, int Vcpus, Guid MigrationId, string VmName, string VmKind, string VmSpec = "")
 {
     public const int MaxNameBytes = 255;
     public const int MaxKindBytes = WireName.MaxBytes;
+    public const int MaxSpecBytes = 4096;
 
     public int Write(Span<byte> into)
     {
@@ -84,6 +87,11 @@ public readonly record struct HelloMessage(
         MigrationId.TryWriteBytes(w.Remaining); w.Advance(16);
         w.String(VmName, MaxNameBytes);
         WireName.Write(ref w, VmKind, "VM kind");
+        if (!string.IsNullOrEmpty(VmSpec))
+        {
+            if (System.Text.Encoding.UTF8.GetByteCount(VmSpec) > MaxSpecBytes) throw new ArgumentException($"VM description is longer than {MaxSpecBytes} bytes", nameof(VmSpec));
+            w.String(VmSpec, MaxSpecBytes);
+        }
         return w.Position;
     }
 
@@ -94,8 +102,9 @@ public readonly record struct HelloMessage(
             r.I64("memoryBytes"), (int)r.U32("pageSize"), (int)r.U32("vcpus"), new Guid(r.Bytes(16, "migrationId")), r.String("vmName", MaxNameBytes), "");
         if (r.Remaining == 0) return m; // a version-1 Hello: the version check refuses it
         string kind = WireName.Read(ref r, "Hello", "vmKind", allowEmpty: false);
+        string spec = r.Remaining > 0 ? r.String("vmSpec", MaxSpecBytes) : "";
         r.End();
-        return m with { VmKind = kind };
+        return m with { VmKind = kind, VmSpec = spec };
     }
 
     /// <summary>Why <paramref name="kind"/> cannot name a VM kind, or null.</summary>

@@ -26,6 +26,9 @@ public interface IVirtualMachine : IGuestBrakes, IDisposable
 
     int VcpuCount { get; }
 
+    /// <summary>The description the destination's factory starts a VM of this kind from, sent in the Hello (a QEMU guest's: <c>QemuVmSpec</c> as JSON); empty when the kind needs none.</summary>
+    string Spec => "";
+
     /// <summary>What the guest runs, for the report's <c>workload</c> field (the built-in VM: its workload spec).</summary>
     string Description { get; }
 
@@ -59,6 +62,13 @@ public interface IVirtualMachine : IGuestBrakes, IDisposable
 
     /// <summary>Checks the guest's own consistency (the built-in workloads' memory invariant) while paused or stopped; null when it holds or the VM cannot tell.</summary>
     string? CheckInvariant() => null;
+
+    /// <summary>
+    /// Why this VM cannot be moved by post-copy or hybrid, or null when it can. A QEMU guest
+    /// cannot yet: its vCPUs are QEMU's threads, and one touching a page that has not arrived
+    /// would read a zero page instead of waiting for it.
+    /// </summary>
+    string? PostCopyRefusal => null;
 
     /// <summary>
     /// Runs, while the VM still runs, the code its switch-over will run for the first time

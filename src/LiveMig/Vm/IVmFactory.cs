@@ -15,6 +15,8 @@ public sealed record IncomingVm
     public required string Kind { get; init; }
     public required long MemoryBytes { get; init; }
     public required int Vcpus { get; init; }
+    /// <summary>The description from the Hello that a VM of this kind is started from (QEMU: <c>QemuVmSpec</c> JSON); empty when none came. Peer text: validate it.</summary>
+    public string Spec { get; init; } = "";
     /// <summary>How the VM's writes are tracked once it runs here (should it leave again).</summary>
     public DirtyLogKind DirtyLog { get; init; } = DirtyLogKind.Auto;
     /// <summary>Memory this destination prepared ahead, if any (a factory may take a region of the right size).</summary>
@@ -41,8 +43,21 @@ public interface IVmFactory
     /// <summary>The VM kind this factory makes, as named in the Hello.</summary>
     string Kind { get; }
 
-    /// <summary>Zeroed guest memory for the VM; an <see cref="IOException"/> when it cannot be had (the Hello is then refused with its message).</summary>
+    /// <summary>Why this destination will not take <paramref name="vm"/> (e.g. its description names a file outside what it allows), or null. Asked at Hello, before anything is allocated; the Hello is refused with it.</summary>
+    string? Refusal(IncomingVm vm) => null;
+
+    /// <summary>
+    /// Zeroed guest memory for the VM; an <see cref="IOException"/> when it cannot be had (the
+    /// Hello is then refused with its message). A factory may start more here (QEMU: the
+    /// destination's QEMU, waiting for its device state), released by <see cref="Restore"/> or <see cref="Discard"/>.
+    /// </summary>
     VmMemory CreateMemory(IncomingVm vm);
+
+    /// <summary>Why the VM being prepared for <paramref name="vm"/> can no longer arrive (its QEMU died), or null while it can. Asked at every round; the migration then fails with it and the source is told.</summary>
+    string? ArrivalFailure(IncomingVm vm) => null;
+
+    /// <summary>The migration of <paramref name="vm"/> failed before a VM was restored: release what <see cref="CreateMemory"/> made besides the memory (which the destination disposes itself).</summary>
+    void Discard(IncomingVm vm) { }
 
     /// <summary>
     /// vCPU threads to start now, at Hello, so that the restore in the switch-over creates none;

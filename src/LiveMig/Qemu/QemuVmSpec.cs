@@ -1,0 +1,120 @@
+using System.Text;
+using System.Text.Json;
+
+namespace LiveMig.Qemu;
+
+/// <summary>
+/// The small description a QEMU guest is started from, at the source and — sent in the Hello —
+/// at the destination, which builds QEMU's command line from it itself (<see cref="QemuCommandLine"/>):
+/// a source never makes a destination run a command line of its choosing. Both sides build the
+/// same devices from the same description, which QEMU's device-state stream needs.
+/// <code>
+/// {"machine":"pc","accel":"tcg","memoryBytes":134217728,"vcpus":1,"bootImage":"/path/bootsector.img"}
+/// </code>
+/// </summary>
+public sealed record QemuVmSpec
+{
+    /// <summary>Machine types this version builds (the ones tested: i440fx "pc").</summary>
+    public static readonly IReadOnlyList<string> Machines = ["pc"];
+    /// <summary>Accelerators: TCG (works everywhere; docs/qemu.md) and KVM.</summary>
+    public static readonly IReadOnlyList<string> Accelerators = ["tcg", "kvm"];
+    public const int MaxVcpus = 64;
+    public const long MinMemoryBytes = 2L << 20;
+    /// <summary>Longest description accepted on the wire (it travels in the Hello).</summary>
+    public const int MaxBytes = 4096;
+
+    public string Machine { get; init; } = "pc";
+    public string Accel { get; init; } = "tcg";
+    public required long MemoryBytes { get; init; }
+    public int Vcpus { get; init; } = 1;
+    /// <summary>A raw boot image (the boot-sector guest), attached as a read-only floppy; an absolute path.</summary>
+    public required string BootImage { get; init; }
+
+    /// <summary>Why this description cannot run, or null. <paramref name="where"/> names it in the message.</summary>
+    public string? Error(string where = "QEMU VM description")
+    {
+        if (!Machines.Contains(Machine)) return $"{where}: machine '{Printable(Machine)}' is not one of {string.Join(", ", Machines)}";
+        if (!Accelerators.Contains(Accel)) return $"{where}: accel '{Printable(Accel)}' is not one of {string.Join(", ", Accelerators)}";
+        if (MemoryBytes < MinMemoryBytes || MemoryBytes % (1 << 20) != 0) return $"{where}: memory {MemoryBytes} bytes is not a whole number of MiB of at least 2 MiB";
+        if (Vcpus < 1 || Vcpus > MaxVcpus) return $"{where}: {Vcpus} vCPUs is out of range (1..{MaxVcpus})";
+        if (PathError(BootImage) is { } bad) return $"{where}: bootImage {bad}";
+        return null;
+    }
+
+    /// <summary>Why <paramref name="path"/> cannot be handed to QEMU as a file name, or null: absolute, printable, no comma (QEMU's option syntax).</summary>
+    internal static string? PathError(string? path)
+    {
+        if (string.IsNullOrEmpty(path)) return "is missing";
+        if (!Path.IsPathFullyQualified(path)) return $"'{Printable(path)}' is not an absolute path";
+        if (path.Length > 1024) return "is longer than 1024 characters";
+        if (path.Any(c => char.IsControl(c) || c == ',')) return $"'{Printable(path)}' contains a comma or a control character (QEMU's option syntax)";
+        return null;
+    }
+
+    private static string Printable(string s)
+    {
+        var b = new StringBuilder();
+        foreach (char c in s.Length > 80 ? s[..80] : s) b.Append(char.IsControl(c) ? '?' : c);
+        return b.ToString();
+    }
+
+    public string ToJson()
+    {
+        using var m = new MemoryStream();
+        using (var w = new Utf8JsonWriter(m))
+        {
+            w.WriteStartObject();
+            w.WriteString("machine", Machine);
+            w.WriteString("accel", Accel);
+            w.WriteNumber("memoryBytes", MemoryBytes);
+            w.WriteNumber("vcpus", Vcpus);
+            w.WriteString("bootImage", BootImage);
+            w.WriteEndObject();
+        }
+        return Encoding.UTF8.GetString(m.ToArray());
+    }
+
+    /// <summary>
+    /// Parses a description from a peer: a JSON object with exactly the known fields, each of its
+    /// type, at most <see cref="MaxBytes"/>; then <see cref="Error"/>. Anything else is an
+    /// <see cref="InvalidDataException"/> whose message says what (never echoing much of it).
+    /// </summary>
+    public static QemuVmSpec Parse(string json)
+    {
+        const string where = "QEMU VM description";
+        if (Encoding.UTF8.GetByteCount(json) > MaxBytes) throw new InvalidDataException($"{where} is longer than {MaxBytes} bytes");
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(json, new JsonDocumentOptions { MaxDepth = 4 }); }
+        catch (JsonException e) { throw new InvalidDataException($"{where} is not valid JSON: {e.Message.ReplaceLineEndings(" ")}"); }
+        using (doc)
+        {
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{where} is not a JSON object");
+            string? machine = null, accel = null, image = null;
+            long? memory = null;
+            int? vcpus = null;
+            foreach (var p in doc.RootElement.EnumerateObject())
+            {
+                switch (p.Name)
+                {
+                    case "machine": machine = Text(p); break;
+                    case "accel": accel = Text(p); break;
+                    case "bootImage": image = Text(p); break;
+                    case "memoryBytes": memory = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt64(out long m) ? m : throw new InvalidDataException($"{where}: memoryBytes is not an integer"); break;
+                    case "vcpus": vcpus = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt32(out int v) ? v : throw new InvalidDataException($"{where}: vcpus is not an integer"); break;
+                    default: throw new InvalidDataException($"{where}: unknown field '{Printable(p.Name)}'");
+                }
+            }
+            var spec = new QemuVmSpec
+            {
+                Machine = machine ?? "pc", Accel = accel ?? "tcg",
+                MemoryBytes = memory ?? throw new InvalidDataException($"{where}: memoryBytes is missing"),
+                Vcpus = vcpus ?? 1,
+                BootImage = image ?? throw new InvalidDataException($"{where}: bootImage is missing"),
+            };
+            if (spec.Error(where) is { } why) throw new InvalidDataException(why);
+            return spec;
+        }
+
+        static string Text(JsonProperty p) => p.Value.ValueKind == JsonValueKind.String ? p.Value.GetString()! : throw new InvalidDataException($"{where}: {p.Name} is not a string");
+    }
+}

@@ -1,0 +1,71 @@
+using System.Diagnostics;
+using System.Text.RegularExpressions;
+
+namespace LiveMig.Tests;
+
+/// <summary>The command line's QEMU guests: listen --qemu-allow, migrate --qemu, and what is refused with them (trait qemu).</summary>
+[Trait("Category", "Qemu")]
+public class QemuCliTests
+{
+    private static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
+
+    private static Process Start(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(CliDll);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        return Process.Start(psi)!;
+    }
+
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        using var p = Start(args);
+        var err = p.StandardError.ReadToEndAsync();
+        string output = p.StandardOutput.ReadToEnd();
+        Assert.True(p.WaitForExit(120_000), $"livemig {string.Join(' ', args)} did not exit");
+        return (p.ExitCode, output, err.Result);
+    }
+
+    [Theory]
+    [InlineData("--strategy postcopy", "--strategy postcopy: not with --qemu: post-copy and hybrid are not supported for QEMU guests yet (issue 13)")]
+    [InlineData("--strategy hybrid", "--strategy hybrid: not with --qemu")]
+    [InlineData("--on-stall postcopy", "--on-stall postcopy: not with --qemu")]
+    [InlineData("--auto-converge", "--auto-converge: not with --qemu: a QEMU guest has no brakes")]
+    [InlineData("--dirty-limit 100", "--dirty-limit: not with --qemu: a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM")]
+    [InlineData("--workload sweep", "--workload: not with --qemu")]
+    public void What_a_QEMU_guest_cannot_do_is_refused_in_one_line_before_QEMU_starts(string extra, string expected)
+    {
+        string image = Path.Combine(Directory.CreateTempSubdirectory("lmqemu-cli").FullName, "boot.img");
+        File.WriteAllBytes(image, new byte[512]);
+        var (code, _, err) = Run(["migrate", "--qemu", image, "--to", "127.0.0.1:1", .. extra.Split(' ')]);
+        Assert.Equal(2, code);
+        Assert.StartsWith("livemig: " + expected, err);
+        Assert.Single(err.TrimEnd().Split('\n'));
+    }
+
+    [SkippableFact]
+    public void Migrate_qemu_moves_the_guest_to_an_agent_that_allows_its_image()
+    {
+        string image = QemuGuest.Image(48);
+        using var agent = Start("listen", "--port", "0", "--once", "--json", "--qemu-allow", Path.GetDirectoryName(image)!, "--control", Path.Combine(Path.GetTempPath(), $"lm-qa-{Guid.NewGuid():N}.sock"));
+        int port = 0;
+        var seen = new List<string>();
+        while (port == 0)
+        {
+            string? line = agent.StandardError.ReadLine();
+            Assert.True(line is not null, "listen ended before listening: " + string.Join(" | ", seen));
+            seen.Add(line!);
+            if (Regex.Match(line!, @"listening on [0-9.]+:(\d+)") is { Success: true } m) port = int.Parse(m.Groups[1].Value);
+        }
+        var agentErr = agent.StandardError.ReadToEndAsync();
+        var agentOut = agent.StandardOutput.ReadToEndAsync();
+        var (code, output, err) = Run("migrate", "--qemu", image, "--memory", "64MiB", "--vcpus", "1", "--warmup", "500ms", "--to", $"127.0.0.1:{port}",
+            "--max-rounds", "3", "--on-stall", "pause", "--max-downtime", "20s", "--json", "--control", Path.Combine(Path.GetTempPath(), $"lm-qm-{Guid.NewGuid():N}.sock"));
+        Assert.True(code == 0, $"migrate --qemu failed ({code}): {err}");
+        Assert.Contains("\"outcome\":\"completed\"", output);
+        Assert.Contains(QemuGuest.AgentBuilt ? "\"dirtyLog\":\"qemu-uffd-wp\"" : "\"dirtyLog\":\"page-hash\"", output);
+        Assert.True(agent.WaitForExit(60_000), "the agent (--once) did not exit after the arrival");
+        Assert.True(agent.ExitCode == 0, $"agent failed: {agentErr.Result}");
+        Assert.Contains("\"outcome\":\"completed\"", agentOut.Result);
+    }
+}
