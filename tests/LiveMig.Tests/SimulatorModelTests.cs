@@ -238,6 +238,27 @@ public sealed class SimulatorModelTests
     }
 
     [Fact]
+    public void The_predictive_stop_ends_rounds_that_no_longer_pay_with_no_gain()
+    {
+        // Just under the link over a quarter of memory: the rounds shrink ever more slowly towards a 10 ms target.
+        double pageBandwidth = Gbit / 4104;
+        SimMigrationResult Run(bool predictive)
+        {
+            var w = new World();
+            var m = w.Migrate(w.Vm("vm", Pages1GiB, DirtyModel.Constant(Pages1GiB, pageBandwidth * 0.9, Pages1GiB / 4)),
+                new SimMigrationOptions { PreCopy = new PreCopyOptions { DowntimeLimit = TimeSpan.FromMilliseconds(10), PredictiveStop = predictive, MaxRounds = 100 }.PauseOnStall() });
+            w.Run();
+            return m.Result!;
+        }
+        var plain = Run(false);
+        var predicted = Run(true);
+        Assert.Equal("no-gain", predicted.StopReason);
+        Assert.NotEqual("no-gain", plain.StopReason);
+        Assert.True(predicted.Rounds < plain.Rounds, $"predictive {predicted.Rounds} rounds, plain {plain.Rounds}");
+        Assert.Equal("completed", predicted.Outcome);
+    }
+
+    [Fact]
     public void Zero_pages_are_left_out_of_round_0_and_compression_shrinks_compressible_pages()
     {
         var w = new World();

@@ -158,4 +158,35 @@ public sealed class SimulatorNetworkTests
         Assert.All(flows, f => Assert.Equal(1.0, f.FinishedAt / 1e9, 6));
         Assert.True(net.Allocations <= 3, $"{net.Allocations} allocations: flows started in one instant should share one");
     }
+
+    [Fact]
+    public void Flows_on_one_route_are_shared_as_a_group_and_finish_in_order_of_size()
+    {
+        var (s, net) = New();
+        var link = new SimLink("ab", 1e9, TimeSpan.Zero);
+        var route = Route(link);
+        var flows = new[] { 3e9, 1e9, 2e9 }.Select(b => net.Start(route, b, _ => { })).ToList();
+        s.Run(until: 1);
+        Assert.All(flows, f => Assert.Equal(1e9 / 3, f.Rate, 3));
+        s.Run();
+        // A third each until the 1 GB one is done (3 s), half each until the 2 GB one is (5 s), then the last alone (6 s).
+        Assert.Equal(6.0, flows[0].FinishedAt / 1e9, 6);
+        Assert.Equal(3.0, flows[1].FinishedAt / 1e9, 6);
+        Assert.Equal(5.0, flows[2].FinishedAt / 1e9, 6);
+        Assert.Equal(6e9, link.BytesCarried, 0);
+    }
+
+    [Fact]
+    public void Ten_thousand_flows_on_one_route_cost_one_allocation_per_change_not_per_flow()
+    {
+        var (s, net) = New();
+        var link = new SimLink("ab", 1e9, TimeSpan.Zero);
+        var route = Route(link);
+        var flows = Enumerable.Range(0, 10_000).Select(i => net.Start(route, 1e5 * (1 + i % 4), _ => { })).ToList();
+        s.Run();
+        // Sizes 100, 200, 300, 400 kB, 2,500 of each: the four sizes end at 1, 1.75, 2.25 and 2.5 s.
+        double[] ends = [1.0, 1.75, 2.25, 2.5];
+        for (int i = 0; i < 8; i++) Assert.Equal(ends[i % 4], flows[i].FinishedAt / 1e9, 6);
+        Assert.True(net.Allocations <= 10, $"{net.Allocations} allocations");
+    }
 }

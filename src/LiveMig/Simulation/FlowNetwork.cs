@@ -14,10 +14,10 @@ public sealed class SimHost(string name)
 /// </summary>
 public sealed class SimLink
 {
-    internal readonly List<Flow> Flows = [];
+    internal readonly List<FlowGroup> Groups = [];
     // Scratch of the max-min allocation.
     internal double FrozenRate;
-    internal int Unfrozen;
+    internal long Unfrozen;
 
     public SimLink(string name, double bytesPerSecond, TimeSpan latency)
     {
@@ -34,9 +34,9 @@ public sealed class SimLink
     /// <summary>Bytes the link has carried so far (all flows).</summary>
     public double BytesCarried { get; internal set; }
     /// <summary>Flows crossing it now.</summary>
-    public int ActiveFlows => Flows.Count;
+    public long ActiveFlows => Groups.Sum(g => (long)g.Count);
     /// <summary>The rate it carries now, the sum of its flows' rates.</summary>
-    public double CurrentRate => Flows.Sum(f => f.Rate);
+    public double CurrentRate => Groups.Sum(g => g.Rate * g.Count);
     public override string ToString() => Name;
 }
 
@@ -71,28 +71,47 @@ public sealed class Flow
         Id = id;
         Route = route;
         Bytes = bytes;
-        Remaining = bytes;
         Cap = cap;
         Done = done;
         StartedAt = started;
     }
 
     internal readonly Action<Flow> Done;
-    internal int Index;
-    internal bool Frozen;
+    internal FlowGroup? Group;
+    /// <summary>The group's service (bytes per flow) at which this flow is done.</summary>
+    internal double FinishService;
 
     public long Id { get; }
     public SimRoute Route { get; }
     public double Bytes { get; }
     /// <summary>Bytes still to go, as of the network's last update.</summary>
-    public double Remaining { get; internal set; }
+    public double Remaining => Group is { } g ? Math.Max(0, FinishService - g.Service) : 0;
     /// <summary>The most this flow can take whatever the links offer (e.g. its sender's CPU, a bandwidth cap), bytes/s; infinity for none.</summary>
     public double Cap { get; }
-    /// <summary>Its max-min fair share now, bytes/s.</summary>
-    public double Rate { get; internal set; }
+    /// <summary>Its max-min fair share now, bytes/s (0 once done).</summary>
+    public double Rate => Group?.Rate ?? 0;
     /// <summary>Nanoseconds of virtual time.</summary>
     public long StartedAt { get; }
     public long FinishedAt { get; internal set; } = -1;
+}
+
+/// <summary>
+/// Flows on the same route with the same cap: max-min fairness gives them the same rate, so the
+/// network allocates and advances them together — one service counter (bytes served to each
+/// since the group was made) and a queue of the flows by the service at which each is done. A
+/// change costs O(log n) per flow, and the allocation O(groups), however many flows share a route.
+/// </summary>
+internal sealed class FlowGroup(SimRoute route, double cap, long seq)
+{
+    public readonly SimRoute Route = route;
+    /// <summary>Order of creation: ties in the allocation are broken by it, so runs are deterministic.</summary>
+    public readonly long Seq = seq;
+    public readonly double Cap = cap;
+    public readonly PriorityQueue<Flow, (double Finish, long Id)> Flows = new();
+    public int Count => Flows.Count;
+    public double Service;
+    public double Rate;
+    public bool Frozen;
 }
 
 /// <summary>
@@ -101,8 +120,8 @@ public sealed class Flow
 /// own cap; those flows keep that rate, the rest rise on. So two equal flows on one link get half
 /// each, a flow held back elsewhere (a slower link, its cap) leaves its unused share to the
 /// others, and a flow that ends gives its share back at once. Rates are recomputed whenever the
-/// set of flows changes (once per instant however many change in it), and the next completion
-/// is an event on the scheduler.
+/// set of flows changes (once per instant however many change in it), over groups of flows
+/// (same route, same cap: the same share), and the next completion is an event on the scheduler.
 /// Not modelled: TCP's slow start and congestion control, window-limited throughput on long
 /// round trips, packet loss; a flow's bytes start at full rate and the route's latency is paid
 /// by whoever waits for an answer (a migration's Sync), not by the flow.
@@ -110,12 +129,12 @@ public sealed class Flow
 public sealed class FlowNetwork
 {
     private readonly EventScheduler _scheduler;
-    private readonly List<Flow> _flows = [];
+    private readonly List<FlowGroup> _groups = [];
+    private readonly Dictionary<(SimRoute, double), FlowGroup> _groupOf = [];
     private readonly List<SimLink> _links = [];
-    private readonly HashSet<SimLink> _known = [];
-    private readonly List<Flow> _capped = [];
+    private readonly List<FlowGroup> _capped = [];
     private readonly List<Flow> _finished = [];
-    private long _lastUpdate, _nextId, _generation;
+    private long _lastUpdate, _nextId, _nextGroup, _generation, _active;
     private bool _reallocationQueued;
 
     public FlowNetwork(EventScheduler scheduler)
@@ -125,7 +144,7 @@ public sealed class FlowNetwork
     }
 
     /// <summary>Flows on the network now.</summary>
-    public int ActiveFlows => _flows.Count;
+    public long ActiveFlows => _active;
     /// <summary>Rate allocations computed so far (a measure of the simulator's work).</summary>
     public long Allocations { get; private set; }
 
@@ -139,29 +158,41 @@ public sealed class FlowNetwork
         if (!(bytes >= 0) || double.IsInfinity(bytes)) throw new ArgumentOutOfRangeException(nameof(bytes), bytes, "must be a finite number of bytes");
         if (!(cap > 0)) throw new ArgumentOutOfRangeException(nameof(cap), cap, "must be positive (infinity for none)");
         Update();
-        var f = new Flow(_nextId++, route, bytes, cap, done, _scheduler.Now) { Index = _flows.Count };
-        _flows.Add(f);
-        foreach (var l in route.Links)
+        var f = new Flow(_nextId++, route, bytes, cap, done, _scheduler.Now);
+        // A cap at or above the route's narrowest link can never bind: such flows share a group with the uncapped ones.
+        double key = cap >= route.BottleneckBytesPerSecond ? double.PositiveInfinity : cap;
+        if (!_groupOf.TryGetValue((route, key), out var g))
         {
-            l.Flows.Add(f);
-            if (_known.Add(l)) _links.Add(l);
+            g = new FlowGroup(route, key, _nextGroup++);
+            _groupOf[(route, key)] = g;
+            _groups.Add(g);
+            foreach (var l in route.Links)
+            {
+                if (l.Groups.Count == 0) _links.Add(l);
+                l.Groups.Add(g);
+            }
         }
+        f.Group = g;
+        f.FinishService = g.Service + bytes;
+        g.Flows.Enqueue(f, (f.FinishService, f.Id));
+        _active++;
         QueueReallocation();
         return f;
     }
 
-    /// <summary>Brings every flow's remaining bytes and every link's carried bytes up to now, at the rates in force since the last update.</summary>
+    /// <summary>Brings every group's service and every link's carried bytes up to now, at the rates in force since the last update.</summary>
     private void Update()
     {
         long now = _scheduler.Now;
         if (now == _lastUpdate) return;
         double dt = (now - _lastUpdate) / 1e9;
         _lastUpdate = now;
-        foreach (var f in _flows)
+        foreach (var g in _groups)
         {
-            double moved = Math.Min(f.Remaining, f.Rate * dt);
-            f.Remaining -= moved;
-            foreach (var l in f.Route.Links) l.BytesCarried += moved;
+            double served = g.Rate * dt;
+            if (served <= 0) continue;
+            g.Service += served;
+            foreach (var l in g.Route.Links) l.BytesCarried += served * g.Count;
         }
     }
 
@@ -185,65 +216,74 @@ public sealed class FlowNetwork
     private void FinishDone()
     {
         _finished.Clear();
-        foreach (var f in _flows)
-            if (IsDone(f)) _finished.Add(f);
+        for (int i = _groups.Count - 1; i >= 0; i--)
+        {
+            var g = _groups[i];
+            while (g.Flows.TryPeek(out var f, out var key) && IsDone(key.Finish - g.Service, g.Rate, key.Finish))
+            {
+                g.Flows.Dequeue();
+                // Served a hair past its end (the event's time is rounded up to a nanosecond): not carried.
+                double over = g.Service - key.Finish;
+                if (over > 0) foreach (var l in g.Route.Links) l.BytesCarried -= over;
+                _finished.Add(f);
+            }
+            if (g.Count == 0) RemoveGroup(g, i);
+        }
         if (_finished.Count == 0) return;
+        _active -= _finished.Count;
         _finished.Sort((a, b) => a.Id.CompareTo(b.Id)); // callbacks in the order the flows started: deterministic
-        foreach (var f in _finished) Remove(f);
         long now = _scheduler.Now;
         foreach (var f in _finished)
         {
             f.FinishedAt = now;
-            f.Rate = 0;
+            f.Group = null;
             f.Done(f); // may start new flows: they queue another reallocation for this instant
         }
     }
 
-    /// <summary>Done when what is left would take under a nanosecond at its rate (or a millionth of a byte): rounding, not data.</summary>
-    private static bool IsDone(Flow f) => f.Remaining <= 1e-6 || f.Remaining <= f.Rate * 1e-9;
+    /// <summary>
+    /// Done when what is left would take under a nanosecond at its rate, or is a millionth of a
+    /// byte, or a millionth of a millionth of the group's service (the double's own rounding on a
+    /// route that has carried terabytes): rounding, not data.
+    /// </summary>
+    private static bool IsDone(double remaining, double rate, double finish) => remaining <= 1e-6 || remaining <= rate * 1e-9 || remaining <= finish * 1e-12;
 
-    private void Remove(Flow f)
+    private void RemoveGroup(FlowGroup g, int index)
     {
-        int last = _flows.Count - 1;
-        var moved = _flows[last];
-        _flows[f.Index] = moved;
-        moved.Index = f.Index;
-        _flows.RemoveAt(last);
-        foreach (var l in f.Route.Links)
+        _groups.RemoveAt(index);
+        _groupOf.Remove((g.Route, g.Cap));
+        foreach (var l in g.Route.Links)
         {
-            l.Flows.Remove(f);
-            if (l.Flows.Count == 0)
-            {
-                _known.Remove(l);
-                _links.Remove(l);
-            }
+            l.Groups.Remove(g);
+            if (l.Groups.Count == 0) _links.Remove(l);
         }
     }
 
     /// <summary>
-    /// Max-min fair rates by progressive filling. All unfrozen flows share one level; the next
-    /// event as the level rises is either a link filling up (level = its spare capacity ÷ its
-    /// unfrozen flows) or a flow reaching its cap; the flows concerned freeze at that level.
-    /// O(flows × route length + steps × links).
+    /// Max-min fair rates by progressive filling, over groups (a group of k flows counts k times).
+    /// All unfrozen flows share one level; the next event as the level rises is either a link
+    /// filling up (level = its spare capacity ÷ its unfrozen flows) or a group reaching its cap;
+    /// the flows concerned freeze at that level. O(groups × route length + steps × links).
     /// </summary>
     private void Allocate()
     {
         Allocations++;
-        if (_flows.Count == 0) return;
+        if (_groups.Count == 0) return;
         _capped.Clear();
-        foreach (var f in _flows)
-        {
-            f.Frozen = false;
-            f.Rate = 0;
-            if (!double.IsPositiveInfinity(f.Cap)) _capped.Add(f);
-        }
         foreach (var l in _links)
         {
             l.FrozenRate = 0;
-            l.Unfrozen = l.Flows.Count;
+            l.Unfrozen = 0;
         }
-        _capped.Sort((a, b) => a.Cap != b.Cap ? a.Cap.CompareTo(b.Cap) : a.Id.CompareTo(b.Id));
-        int nextCap = 0, unfrozen = _flows.Count;
+        foreach (var g in _groups)
+        {
+            g.Frozen = false;
+            g.Rate = 0;
+            if (!double.IsPositiveInfinity(g.Cap)) _capped.Add(g);
+            foreach (var l in g.Route.Links) l.Unfrozen += g.Count;
+        }
+        _capped.Sort((a, b) => a.Cap != b.Cap ? a.Cap.CompareTo(b.Cap) : a.Seq.CompareTo(b.Seq));
+        int nextCap = 0, unfrozen = _groups.Count;
         while (unfrozen > 0)
         {
             SimLink? bottleneck = null;
@@ -263,31 +303,31 @@ public sealed class FlowNetwork
                 unfrozen--;
                 continue;
             }
-            foreach (var f in bottleneck.Flows)
+            foreach (var g in bottleneck.Groups)
             {
-                if (f.Frozen) continue;
-                Freeze(f, linkLevel);
+                if (g.Frozen) continue;
+                Freeze(g, linkLevel);
                 unfrozen--;
             }
         }
     }
 
-    private static void Freeze(Flow f, double rate)
+    private static void Freeze(FlowGroup g, double rate)
     {
-        f.Frozen = true;
-        f.Rate = rate;
-        foreach (var l in f.Route.Links)
+        g.Frozen = true;
+        g.Rate = rate;
+        foreach (var l in g.Route.Links)
         {
-            l.FrozenRate += rate;
-            l.Unfrozen--;
+            l.FrozenRate += rate * g.Count;
+            l.Unfrozen -= g.Count;
         }
     }
 
     private void ScheduleNextCompletion()
     {
         double soonest = double.PositiveInfinity;
-        foreach (var f in _flows)
-            if (f.Rate > 0) soonest = Math.Min(soonest, f.Remaining / f.Rate);
+        foreach (var g in _groups)
+            if (g.Rate > 0 && g.Flows.TryPeek(out _, out var key)) soonest = Math.Min(soonest, Math.Max(0, key.Finish - g.Service) / g.Rate);
         if (double.IsPositiveInfinity(soonest)) return;
         long generation = ++_generation;
         _scheduler.At(_scheduler.Now + EventScheduler.Nanoseconds(soonest), () =>
