@@ -91,6 +91,20 @@ public sealed class SimulatorScenarioTests
     }
 
     [Fact]
+    public void A_migration_still_running_at_the_horizon_is_unfinished()
+    {
+        var r = ScenarioRunner.Run(Scenario.Parse("""
+            horizon: 2s
+            hosts: [a, b]
+            links: [{name: ab, bandwidth: 1Gbit, between: [a, b]}]
+            vms: [{name: vm, host: a, memory: 1GiB}]
+            migrations: [{vm: vm, to: b}]
+            """));
+        Assert.Equal("unfinished", Assert.Single(r.Migrations).Outcome);
+        Assert.Equal(2.0, r.EndS, 3);
+    }
+
+    [Fact]
     public void A_migration_that_cannot_start_is_skipped_with_the_reason()
     {
         var r = ScenarioRunner.Run(Scenario.Parse("""
@@ -123,6 +137,7 @@ public sealed class SimulatorScenarioTests
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations: [{vm: v, to: b}\n", "scenario:5: YAML:")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]", "scenario:1: migrations: nothing to simulate")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB, trace: missing.lmtrace}]\nmigrations: [{vm: v, to: b}]", "scenario:3: vms[0].trace:")]
+    [InlineData("hosts: [a, b]\nhorizon: 0s\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations: [{vm: v, to: b}]", "scenario:2: horizon: expected a positive duration")]
     public void A_bad_scenario_is_refused_in_one_line_naming_the_field_and_line(string yaml, string expected)
     {
         var e = Assert.Throws<ScenarioException>(() => Scenario.Parse(yaml, "scenario", Path.GetTempPath()));

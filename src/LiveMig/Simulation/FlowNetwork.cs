@@ -51,6 +51,7 @@ public sealed class SimRoute
         To = to;
         Links = links;
         Latency = TimeSpan.FromTicks(links.Sum(l => l.Latency.Ticks));
+        BottleneckBytesPerSecond = links.Min(l => l.BytesPerSecond);
     }
 
     public SimHost From { get; }
@@ -60,7 +61,7 @@ public sealed class SimRoute
     public TimeSpan Latency { get; }
     public TimeSpan RoundTrip => Latency * 2;
     /// <summary>The narrowest link's bandwidth: what a flow alone on the route gets.</summary>
-    public double BottleneckBytesPerSecond => Links.Min(l => l.BytesPerSecond);
+    public double BottleneckBytesPerSecond { get; }
 }
 
 /// <summary>Bytes moving along a route; the network sets its rate.</summary>
@@ -179,6 +180,9 @@ public sealed class FlowNetwork
         QueueReallocation();
         return f;
     }
+
+    /// <summary>Brings the counters (bytes carried, flows' remaining bytes) up to the clock's now, e.g. when a run stops at its horizon.</summary>
+    public void Settle() => Update();
 
     /// <summary>Brings every group's service and every link's carried bytes up to now, at the rates in force since the last update.</summary>
     private void Update()

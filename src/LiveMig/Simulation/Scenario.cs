@@ -105,7 +105,9 @@ internal sealed class ScenarioReader(string file, string directory)
         var migrations = top.List("migrations").Select((n, i) => ReadMigration(new YamlFields(file, $"migrations[{i}]", n), defaults)).ToList();
         var evacuations = ReadEvacuations(top, defaults);
         if (migrations.Count == 0 && evacuations.Count == 0) throw YamlFields.Fail(file, root, "migrations", "nothing to simulate: give migrations or evacuate");
-        var scenario = new Scenario { Seed = seed, Hosts = hosts, Links = links, Routes = routes, Vms = vms, Migrations = migrations, Evacuations = evacuations };
+        var horizon = top.Duration("horizon") ?? TimeSpan.FromDays(1);
+        if (horizon <= TimeSpan.Zero || horizon > TimeSpan.FromDays(36500)) throw top.Fail(top.Get("horizon")!, "horizon", "expected a positive duration of at most 100 years, e.g. 604800s (a week)");
+        var scenario = new Scenario { Seed = seed, Hosts = hosts, Links = links, Routes = routes, Vms = vms, Migrations = migrations, Evacuations = evacuations, Horizon = horizon };
         top.CheckNoOthers();
         CheckRoutes(scenario, top);
         return scenario;

@@ -109,7 +109,14 @@ public sealed class ScenarioRunner
             _scheduler.After(m.At, () => StartMigration(_vms[m.Vm], m.To, m.Options, null));
         foreach (var e in _scenario.Evacuations)
             _scheduler.After(e.At, () => Evacuate(e));
-        _scheduler.Run(until: EventScheduler.Nanoseconds(_scenario.Horizon), maxEvents: long.MaxValue);
+        long horizon = EventScheduler.Nanoseconds(_scenario.Horizon);
+        _scheduler.Run(until: horizon, maxEvents: long.MaxValue);
+        if (_scheduler.Pending > 0)
+        {
+            // Stopped by the horizon with work left: the simulated time is the horizon, the links' counters up to it.
+            _scheduler.Clock.AdvanceTo(horizon);
+            _network.Settle();
+        }
         var results = _asked.Select(a => a.Result ?? a.Migration!.Result ?? Unfinished(a.Migration!)).ToList();
         double end = _scheduler.NowSeconds;
         return new SimulationResult
