@@ -34,6 +34,12 @@ internal static class SimulateCommand
                 Console.Error.WriteLine($"livemig: simulate: {Printable.Escape(e.Message)}");
                 return 2;
             }
+            catch (ArgumentException e)
+            {
+                // A value the reader let through but a model refused: still one line, naming the file.
+                Console.Error.WriteLine($"livemig: simulate: {Printable.Escape(path)}: {Printable.Escape(e.Message.Split('\n')[0])}");
+                return 2;
+            }
         });
         return cmd;
     }
