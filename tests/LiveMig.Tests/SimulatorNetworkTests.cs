@@ -189,4 +189,33 @@ public sealed class SimulatorNetworkTests
         for (int i = 0; i < 8; i++) Assert.Equal(ends[i % 4], flows[i].FinishedAt / 1e9, 6);
         Assert.True(net.Allocations <= 10, $"{net.Allocations} allocations");
     }
+
+    [Fact]
+    public void A_completion_superseded_by_faster_rates_does_not_stretch_the_simulation()
+    {
+        var (s, net) = New();
+        var link = new SimLink("ab", 1e9, TimeSpan.Zero);
+        var large = net.Start(Route(link), 2e9, _ => { });
+        net.Start(Route(link), 1e9, _ => { });
+        s.Run();
+        // Half each until the small one ends (2 s), then the large one's last 1 GB alone (3 s); its
+        // completion as first foreseen (at half rate, 4 s) must not move the clock.
+        Assert.Equal(3.0, large.FinishedAt / 1e9, 6);
+        Assert.Equal(3.0, s.NowSeconds, 6);
+        Assert.Equal(0, s.Pending);
+    }
+
+    [Fact]
+    public void A_cancelled_event_does_not_run()
+    {
+        var s = new EventScheduler();
+        bool ran = false;
+        long id = s.AfterSeconds(5, () => ran = true);
+        s.AfterSeconds(1, () => { });
+        s.Cancel(id);
+        Assert.Equal(1, s.Pending);
+        s.Run();
+        Assert.False(ran);
+        Assert.Equal(1.0, s.NowSeconds, 9);
+    }
 }

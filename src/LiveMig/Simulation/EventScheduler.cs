@@ -12,6 +12,7 @@ namespace LiveMig.Simulation;
 public sealed class EventScheduler
 {
     private readonly PriorityQueue<Action, (long At, long Seq)> _queue = new();
+    private readonly HashSet<long> _cancelled = [];
     private long _seq;
 
     public EventScheduler(VirtualClock? clock = null) => Clock = clock ?? new VirtualClock();
@@ -27,15 +28,26 @@ public sealed class EventScheduler
     /// <summary>Events run so far.</summary>
     public long EventsRun { get; private set; }
 
-    /// <summary>Events waiting.</summary>
-    public int Pending => _queue.Count;
+    /// <summary>Events waiting (cancelled ones not counted).</summary>
+    public int Pending => _queue.Count - _cancelled.Count;
 
-    /// <summary>Runs <paramref name="action"/> at <paramref name="timestamp"/> (nanoseconds; the past means now, after what is already queued for now).</summary>
-    public void At(long timestamp, Action action) => _queue.Enqueue(action, (Math.Max(timestamp, Now), _seq++));
+    /// <summary>Runs <paramref name="action"/> at <paramref name="timestamp"/> (nanoseconds; the past means now, after what is already queued for now). Returns the event's id, for <see cref="Cancel"/>.</summary>
+    public long At(long timestamp, Action action)
+    {
+        long id = _seq++;
+        _queue.Enqueue(action, (Math.Max(timestamp, Now), id));
+        return id;
+    }
 
-    public void After(TimeSpan delay, Action action) => At(Now + Nanoseconds(delay), action);
+    public long After(TimeSpan delay, Action action) => At(Now + Nanoseconds(delay), action);
 
-    public void AfterSeconds(double seconds, Action action) => At(Now + Nanoseconds(seconds), action);
+    public long AfterSeconds(double seconds, Action action) => At(Now + Nanoseconds(seconds), action);
+
+    /// <summary>
+    /// The event will not run, and time will not move to it: a completion that a later change
+    /// superseded must not stretch the simulation past its last real event.
+    /// </summary>
+    public void Cancel(long id) => _cancelled.Add(id);
 
     public static long Nanoseconds(TimeSpan t) => t <= TimeSpan.Zero ? 0 : checked(t.Ticks * 100);
 
@@ -53,6 +65,7 @@ public sealed class EventScheduler
         while (ran < maxEvents && _queue.TryPeek(out _, out var key) && key.At <= until)
         {
             var action = _queue.Dequeue();
+            if (_cancelled.Remove(key.Seq)) continue;
             Clock.AdvanceTo(key.At);
             action();
             ran++;

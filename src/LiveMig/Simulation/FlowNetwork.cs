@@ -135,7 +135,7 @@ public sealed class FlowNetwork
     private readonly List<SimLink> _links = [];
     private readonly List<FlowGroup> _capped = [];
     private readonly List<Flow> _finished = [];
-    private long _lastUpdate, _nextId, _nextGroup, _generation, _active;
+    private long _lastUpdate, _nextId, _nextGroup, _active, _completionEvent = -1;
     private bool _reallocationQueued;
 
     public FlowNetwork(EventScheduler scheduler)
@@ -329,15 +329,17 @@ public sealed class FlowNetwork
 
     private void ScheduleNextCompletion()
     {
+        // The rates changed: the completion set for the old ones is void.
+        if (_completionEvent >= 0) _scheduler.Cancel(_completionEvent);
+        _completionEvent = -1;
         double soonest = double.PositiveInfinity;
         foreach (var g in _groups)
             if (g.Rate > 0 && g.Flows.TryPeek(out _, out var key)) soonest = Math.Min(soonest, Math.Max(0, key.Finish - g.Service) / g.Rate);
         if (double.IsPositiveInfinity(soonest)) return;
-        long generation = ++_generation;
-        _scheduler.At(_scheduler.Now + EventScheduler.Nanoseconds(soonest), () =>
+        _completionEvent = _scheduler.At(_scheduler.Now + EventScheduler.Nanoseconds(soonest), () =>
         {
-            // A later reallocation superseded this completion (the rates changed since).
-            if (generation == _generation) Reallocate();
+            _completionEvent = -1;
+            Reallocate();
         });
     }
 }
