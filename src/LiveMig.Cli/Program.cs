@@ -108,6 +108,7 @@ public static class Program
         root.Add(setBw);
         root.Add(CertsCommand(o));
         root.Add(TraceCommands.Create());
+        root.Add(SimulateCommand.Create());
         foreach (var c in OperatorCommands.All((r, body) => Guard(r, o, body))) root.Add(c);
 
         var parsed = root.Parse(args);

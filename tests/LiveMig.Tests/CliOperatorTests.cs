@@ -260,6 +260,8 @@ public class CliOperatorTests
             (["stop"], "stop"),
             (["start", "web", "--control", nowhere], "nothing is listening"),
             (["destroy", "web", "--control", nowhere], "nothing is listening"),
+            (["simulate", "/nonexistent-dir/x.yaml"], "cannot read it"),
+            (["simulate", "x.yaml", "--seed", "many"], "--seed"),
         })
         {
             var r = Run(args);

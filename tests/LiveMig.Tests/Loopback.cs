@@ -14,7 +14,12 @@ internal sealed class Loopback : IDisposable
     public Loopback(DestinationOptions? options = null)
     {
         Listener = new MigrationListener(IPAddress.Loopback, 0, options ?? new DestinationOptions());
-        Listener.Arrived += a => _arrived.Add(a);
+        Listener.Arrived += a =>
+        {
+            // A migration may arrive after the test is over (the Loopback disposed): nobody takes it then.
+            try { _arrived.Add(a); }
+            catch (Exception e) when (e is ObjectDisposedException or InvalidOperationException) { a.Vm.Dispose(); }
+        };
         Listener.Failed += f => _failed.TrySetResult(f);
         Listener.Start();
     }

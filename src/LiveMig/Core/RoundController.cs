@@ -27,7 +27,7 @@ public sealed class RoundController
     private readonly IMigrationObserver? _observer;
     private readonly List<RoundReport> _rounds = [];
     private PageBitmap _sendNow = null!, _dirtied = null!;
-    private long _sendCount, _deferred, _lastHarvest;
+    private long _sendCount, _deferred, _lastHarvest, _roundStart;
     private bool _skipRewritten;
 
     public RoundController(IPreCopyPolicy policy, IRoundSender sender, IDirtyLog dirtyLog, IGuestBrakes brakes, TimeProvider time, IMigrationObserver? observer = null)
@@ -89,29 +89,50 @@ public sealed class RoundController
         while (true)
         {
             cancel.ThrowIfCancellationRequested();
-            var stats = LiveRound(cancel);
-            var decision = Decision = _policy.AfterRound(stats);
-            Record(stats, final: false, decision.EstimatedDowntime);
-            ApplyBrakes(decision);
-            if (decision.StopAndCopy)
-            {
-                DeferredAtStop = _deferred;
-                return decision;
-            }
-            Round++;
+            var r = StartLiveRound();
+            var sent = _sender.SendRound(r.Round, false, r.Pages, r.Count, r.SkipZero, r.Rewritten, cancel);
+            _sender.Sync(r.Round);
+            var decision = FinishLiveRound(sent);
+            if (decision.StopAndCopy) return decision;
         }
     }
 
-    /// <summary>One live round: send, sync, harvest, plan the next; the statistics the policy sees.</summary>
-    private RoundStats LiveRound(CancellationToken cancel)
+    /// <summary>
+    /// The first half of a live round, for a driver that cannot block while the round is on the
+    /// wire (the simulator, where many migrations share one virtual clock): the pages leave the
+    /// pending set and are in flight from now; the driver sends them and syncs (the round's time
+    /// runs from this call), then calls <see cref="FinishLiveRound"/>. <see cref="RunLiveRounds"/>
+    /// is exactly these two calls around the sender's SendRound and Sync.
+    /// </summary>
+    public RoundRequest StartLiveRound()
     {
         Pending.AndNot(_sendNow);
         (InFlight, InFlightRound) = (_sendNow, Round);
-        long t0 = _time.GetTimestamp();
-        var sent = _sender.SendRound(Round, false, _sendNow, _sendCount, skipZero: Round == 0, _skipRewritten ? Pending : null, cancel);
-        _sender.Sync(Round);
+        _roundStart = _time.GetTimestamp();
+        return new RoundRequest(Round, false, _sendNow, _sendCount, SkipZero: Round == 0, _skipRewritten ? Pending : null);
+    }
+
+    /// <summary>
+    /// The second half of a live round, once the destination holds its pages (after Sync):
+    /// harvest, plan the next round, ask the policy, apply the brakes it asks for. Returns the
+    /// decision; unless it ends the rounds, the next <see cref="StartLiveRound"/> is the next round.
+    /// </summary>
+    public PreCopyDecision FinishLiveRound(RoundSent sent)
+    {
+        var stats = AfterLiveRound(sent);
+        var decision = Decision = _policy.AfterRound(stats);
+        Record(stats, final: false, decision.EstimatedDowntime);
+        ApplyBrakes(decision);
+        if (decision.StopAndCopy) DeferredAtStop = _deferred;
+        else Round++;
+        return decision;
+    }
+
+    /// <summary>The round is delivered: harvest, plan the next; the statistics the policy sees.</summary>
+    private RoundStats AfterLiveRound(RoundSent sent)
+    {
         InFlight = null;
-        var duration = _time.GetElapsedTime(t0);
+        var duration = _time.GetElapsedTime(_roundStart);
         Count(sent);
         _dirtied.ClearAll();
         long harvested = _dirtyLog.Harvest(_dirtied);
@@ -183,11 +204,24 @@ public sealed class RoundController
     /// <summary>The stop-and-copy: sends every pending page as the final round (the pending set stays in flight until the destination acknowledges the switch-over).</summary>
     public RoundStats SendFinalRound(long count)
     {
+        var r = StartFinalRound(count);
+        var sent = _sender.SendRound(r.Round, true, r.Pages, r.Count, r.SkipZero, null, CancellationToken.None);
+        return FinishFinalRound(sent);
+    }
+
+    /// <summary>The first half of <see cref="SendFinalRound"/> for a driver that does not block (as <see cref="StartLiveRound"/>): the pending set is in flight from now.</summary>
+    public RoundRequest StartFinalRound(long count)
+    {
         Round++;
         (InFlight, InFlightRound) = (Pending, Round);
-        long t0 = _time.GetTimestamp();
-        var sent = _sender.SendRound(Round, true, Pending, count, skipZero: false, null, CancellationToken.None);
-        var duration = _time.GetElapsedTime(t0);
+        _roundStart = _time.GetTimestamp();
+        return new RoundRequest(Round, true, Pending, count, SkipZero: false, null);
+    }
+
+    /// <summary>The second half of <see cref="SendFinalRound"/>: the final round's statistics, its time since <see cref="StartFinalRound"/>.</summary>
+    public RoundStats FinishFinalRound(RoundSent sent)
+    {
+        var duration = _time.GetElapsedTime(_roundStart);
         Count(sent);
         var stats = new RoundStats(Round, sent.Pages, sent.Bytes, duration, 0, sent.Bytes / Math.Max(duration.TotalSeconds, 1e-6), 0);
         _sender.EndRound(stats);

@@ -11,6 +11,12 @@ namespace LiveMig.Core;
 public readonly record struct RoundSent(long Pages, long Bytes, long ZeroMarkers, long Skipped);
 
 /// <summary>
+/// What one round asks its sender to send: the arguments of <see cref="IRoundSender.SendRound"/>,
+/// for a driver that sends them itself (<see cref="RoundController.StartLiveRound"/>).
+/// </summary>
+public readonly record struct RoundRequest(int Round, bool Final, PageBitmap Pages, long Count, bool SkipZero, PageBitmap? Rewritten);
+
+/// <summary>
 /// The mechanism that moves one round's pages: the real engine's connection (or data streams)
 /// with its page pipeline, or a simulator's modelled link. The <see cref="RoundController"/>
 /// decides what to send and when to stop; the sender only sends.

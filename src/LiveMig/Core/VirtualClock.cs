@@ -31,7 +31,18 @@ public sealed class VirtualClock : TimeProvider
     public void Advance(TimeSpan by)
     {
         if (by <= TimeSpan.Zero) return;
-        long target = checked(Volatile.Read(ref _now) + by.Ticks * 100);
+        AdvanceTo(checked(Volatile.Read(ref _now) + by.Ticks * 100));
+    }
+
+    /// <summary>
+    /// Moves time forward to <paramref name="timestamp"/> (nanoseconds; one in the past: no move),
+    /// firing the timers that fall due. The simulator's event loop jumps from event to event with
+    /// it, at nanosecond resolution (a <see cref="TimeSpan"/> has 100 ns ticks).
+    /// </summary>
+    public void AdvanceTo(long timestamp)
+    {
+        long target = timestamp;
+        if (target <= Volatile.Read(ref _now)) return;
         while (true)
         {
             VirtualTimer? next;

@@ -1,3 +1,4 @@
+using LiveMig.Protocol;
 using System.Net;
 using System.Net.Sockets;
 using LiveMig.Vm;
@@ -100,7 +101,12 @@ public sealed class MigrationListener : IDisposable
             var arrived = new IncomingMigration(_options, _sessions, Registry).Receive(stream);
             if (arrived is null) return; // a second connection of a post-copy migration
             arrived = arrived with { Report = arrived.Report with { Peer = opened.Peer } };
-            Arrived?.Invoke(arrived);
+            try { Arrived?.Invoke(arrived); }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                // A subscriber's fault must not take the agent down with every VM it holds; the VM stays.
+                Dropped?.Invoke($"the handler of VM {PeerText.Escape(arrived.Report.VmName)}'s arrival failed: {e.GetType().Name}: {PeerText.Escape(e.Message)}");
+            }
         }
         catch (MigrationFailedException e)
         {

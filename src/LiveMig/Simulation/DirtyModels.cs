@@ -1,0 +1,171 @@
+using System.Numerics;
+using LiveMig.Memory;
+using LiveMig.Workloads;
+
+namespace LiveMig.Simulation;
+
+/// <summary>
+/// What a modelled guest writes, as a function of its own progress: the seconds of work it has
+/// done (its progress clock runs slower than virtual time while it is throttled or dirty-limited,
+/// <see cref="SimGuest"/>). Per page: it sets the pages written, so a page written twice between
+/// two harvests counts once and the controller sees which pages are re-dirtied round after round
+/// (SimGrid's model counts bytes × intensity instead).
+/// </summary>
+public interface IDirtyProcess
+{
+    /// <summary>Pages the process uses (its page numbers are below this).</summary>
+    long PageCount { get; }
+
+    /// <summary>Sets the pages present at the start (round 0's pages: holes are not sent).</summary>
+    void Populated(PageBitmap into);
+
+    /// <summary>
+    /// Sets in <paramref name="into"/> the pages written by the work between progress times
+    /// <paramref name="from"/> and <paramref name="to"/> (seconds, from ≤ to, called with
+    /// consecutive spans); returns how many it newly set there (the distinct pages written, when
+    /// <paramref name="into"/> starts empty). A null <paramref name="into"/>: the work is done
+    /// (content changes) but nobody tracks it — before the migration's dirty log started.
+    /// </summary>
+    long Write(double from, double to, PageBitmap? into);
+
+    /// <summary>Page writes done by the work up to progress time <paramref name="t"/> (the guest's progress counter).</summary>
+    double WritesUpTo(double t);
+
+    /// <summary>Page writes per second at progress time <paramref name="t"/> (what a dirty limit is compared with).</summary>
+    double RateAt(double t);
+}
+
+/// <summary>One phase of a hand-given dirty model, in force from <see cref="At"/> (progress seconds) until the next.</summary>
+/// <param name="Rate">Page writes per second, all vCPUs together.</param>
+/// <param name="WorkingSet">Pages the writes fall on (the writable working set): pages [0, WorkingSet).</param>
+/// <param name="HotShare">Fraction of the working set that is hot (its first pages); 0 for uniform writes.</param>
+/// <param name="HotWrites">Fraction of the writes that fall on the hot pages.</param>
+public sealed record DirtyPhase(double At, double Rate, long WorkingSet, double HotShare = 0, double HotWrites = 0)
+{
+    internal void Check(long pageCount)
+    {
+        if (!(At >= 0)) throw new ArgumentOutOfRangeException(nameof(At), At, "a phase starts at a time ≥ 0");
+        if (!(Rate >= 0) || double.IsInfinity(Rate)) throw new ArgumentOutOfRangeException(nameof(Rate), Rate, "must be a finite number of page writes/s ≥ 0");
+        if (WorkingSet < 1 || WorkingSet > pageCount) throw new ArgumentOutOfRangeException(nameof(WorkingSet), WorkingSet, $"must be 1..{pageCount} pages (the memory)");
+        if (!(HotShare >= 0 && HotShare <= 1)) throw new ArgumentOutOfRangeException(nameof(HotShare), HotShare, "must be 0..1");
+        if (!(HotWrites >= 0 && HotWrites <= 1)) throw new ArgumentOutOfRangeException(nameof(HotWrites), HotWrites, "must be 0..1");
+    }
+}
+
+/// <summary>
+/// A dirty model given by hand: phases of (rate, writable working set, hot set and its share of
+/// the writes). Within a phase the writes fall uniformly on the hot pages and on the rest of the
+/// working set, each with its share: w writes on s pages leave each page written with
+/// probability 1 − e^(−w/s) (Poisson), drawn page by page with geometric skips (cost per page
+/// written, not per page of memory) from a seeded generator, so a run is deterministic for a seed.
+/// Every page of memory is present from the start.
+/// </summary>
+public sealed class DirtyModel : IDirtyProcess
+{
+    private readonly DirtyPhase[] _phases;
+    private readonly double[] _writesBefore; // page writes done before each phase starts
+    private Xoshiro256 _rng;
+
+    public DirtyModel(long pageCount, IReadOnlyList<DirtyPhase> phases, ulong seed)
+    {
+        if (pageCount < 1) throw new ArgumentOutOfRangeException(nameof(pageCount), pageCount, "must be at least one page");
+        if (phases.Count == 0 || phases[0].At != 0) throw new ArgumentException("the first phase starts at 0", nameof(phases));
+        for (int i = 0; i < phases.Count; i++)
+        {
+            phases[i].Check(pageCount);
+            if (i > 0 && !(phases[i].At > phases[i - 1].At)) throw new ArgumentException($"phase {i} starts at {phases[i].At} s, not after the one before", nameof(phases));
+        }
+        PageCount = pageCount;
+        _phases = [.. phases];
+        _writesBefore = new double[_phases.Length];
+        for (int i = 1; i < _phases.Length; i++) _writesBefore[i] = _writesBefore[i - 1] + _phases[i - 1].Rate * (_phases[i].At - _phases[i - 1].At);
+        _rng = new Xoshiro256(seed);
+    }
+
+    /// <summary>A constant rate over a working set, uniform (the simplest model: SimGrid's, per page).</summary>
+    public static DirtyModel Constant(long pageCount, double rate, long? workingSet = null, ulong seed = 1) =>
+        new(pageCount, [new DirtyPhase(0, rate, workingSet ?? pageCount)], seed);
+
+    public long PageCount { get; }
+    public IReadOnlyList<DirtyPhase> Phases => _phases;
+
+    public void Populated(PageBitmap into) => into.SetRange(0, PageCount);
+
+    private int PhaseAt(double t)
+    {
+        int i = _phases.Length - 1;
+        while (i > 0 && _phases[i].At > t) i--;
+        return i;
+    }
+
+    public double RateAt(double t) => _phases[PhaseAt(t)].Rate;
+
+    public double WritesUpTo(double t)
+    {
+        if (t <= 0) return 0;
+        int i = PhaseAt(t);
+        return _writesBefore[i] + _phases[i].Rate * (t - _phases[i].At);
+    }
+
+    public long Write(double from, double to, PageBitmap? into)
+    {
+        if (into is null) return 0; // nothing to track: the model keeps no content of its own
+        long newly = 0;
+        for (int i = PhaseAt(from); i < _phases.Length && from < to; i++)
+        {
+            var p = _phases[i];
+            double end = i + 1 < _phases.Length ? Math.Min(to, _phases[i + 1].At) : to;
+            if (end <= from) continue;
+            double writes = p.Rate * (end - from);
+            long hot = p.HotShare > 0 ? Math.Clamp((long)Math.Round(p.WorkingSet * p.HotShare), 1, p.WorkingSet) : 0;
+            double hotWrites = hot > 0 ? writes * p.HotWrites : 0;
+            newly += Scatter(into, 0, hot, hotWrites);
+            newly += Scatter(into, hot, p.WorkingSet - hot, writes - hotWrites);
+            from = end;
+        }
+        return newly;
+    }
+
+    /// <summary>Marks each page of [first, first + size) with probability 1 − e^(−writes/size), by geometric skips; returns the pages newly set.</summary>
+    private long Scatter(PageBitmap into, long first, long size, double writes)
+    {
+        if (size <= 0 || !(writes > 0)) return 0;
+        double q = -double.ExpM1(-writes / size);
+        if (q >= 1 - 1e-12) return SetAll(into, first, size);
+        double logMiss = double.LogP1(-q);
+        ulong[] words = into.Words;
+        long newly = 0, end = first + size, page = first - 1;
+        while (true)
+        {
+            double u = 1 - _rng.NextDouble(); // (0, 1]
+            double skip = Math.Floor(Math.Log(u) / logMiss);
+            if (skip >= end - page - 1) break;
+            page += 1 + (long)skip;
+            ulong bit = 1UL << (int)(page & 63);
+            ref ulong w = ref words[page >> 6];
+            if ((w & bit) == 0)
+            {
+                w |= bit;
+                newly++;
+            }
+        }
+        return newly;
+    }
+
+    private static long SetAll(PageBitmap into, long first, long size)
+    {
+        long before = CountRange(into, first, size);
+        into.SetRange(first, size);
+        return size - before;
+    }
+
+    internal static long CountRange(PageBitmap b, long first, long size)
+    {
+        ulong[] words = b.Words;
+        long n = 0, end = first + size, p = first;
+        while (p < end && (p & 63) != 0) { if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++; p++; }
+        for (; p + 64 <= end; p += 64) n += BitOperations.PopCount(words[p >> 6]);
+        for (; p < end; p++) if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++;
+        return n;
+    }
+}
