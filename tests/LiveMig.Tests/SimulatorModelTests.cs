@@ -368,6 +368,28 @@ public sealed class SimulatorModelTests
         Assert.Equal(c.Count(), b.Count());
     }
 
+    [Theory]
+    [InlineData(0.01)]   // sparse: geometric skips
+    [InlineData(0.3)]    // dense: 64-page words
+    [InlineData(0.9)]
+    [InlineData(0.99999)]
+    public void The_hand_model_dirties_the_expected_share_of_its_working_set_and_nothing_outside_it(double share)
+    {
+        // A working set of 100,003 pages (not a multiple of 64) after a hot set of 1,001, in 2^18 pages.
+        const long pages = 1 << 18, wws = 101_004, hot = 1_001;
+        double writes = -Math.Log(1 - share) * (wws - hot);
+        var m = new DirtyModel(pages, [new DirtyPhase(0, writes, wws, HotShare: hot / (double)wws, HotWrites: 0)], seed: 11);
+        var b = new PageBitmap(pages);
+        long n = m.Write(0, 1, b);
+        Assert.Equal(b.Count(), n);
+        double expected = share * (wws - hot);
+        Assert.InRange(n, expected - 5 * Math.Sqrt(expected) - 1, expected + 5 * Math.Sqrt(expected) + 1);
+        for (long p = b.NextSet(0); p >= 0; p = b.NextSet(p + 1)) Assert.InRange(p, hot, wws - 1);
+        // A second span ORs into the same bitmap and counts only pages it newly set.
+        long again = m.Write(1, 2, b);
+        Assert.Equal(b.Count(), n + again);
+    }
+
     [Fact]
     public void The_hand_model_is_deterministic_for_a_seed_and_differs_across_seeds()
     {

@@ -56,8 +56,8 @@ public sealed record DirtyPhase(double At, double Rate, long WorkingSet, double 
 /// A dirty model given by hand: phases of (rate, writable working set, hot set and its share of
 /// the writes). Within a phase the writes fall uniformly on the hot pages and on the rest of the
 /// working set, each with its share: w writes on s pages leave each page written with
-/// probability 1 − e^(−w/s) (Poisson), drawn page by page with geometric skips (cost per page
-/// written, not per page of memory) from a seeded generator, so a run is deterministic for a seed.
+/// probability 1 − e^(−w/s) (Poisson), drawn page by page from a seeded generator (by geometric
+/// skips when few pages are written, by 64-page words when many), so a run is deterministic for a seed.
 /// Every page of memory is present from the start.
 /// </summary>
 public sealed class DirtyModel : IDirtyProcess
@@ -126,12 +126,23 @@ public sealed class DirtyModel : IDirtyProcess
         return newly;
     }
 
-    /// <summary>Marks each page of [first, first + size) with probability 1 − e^(−writes/size), by geometric skips; returns the pages newly set.</summary>
+    /// <summary>
+    /// Marks each page of [first, first + size) with probability q = 1 − e^(−writes/size); returns
+    /// the pages newly set. Sparse (q under 1/16: a few pages a word) by geometric skips, one draw
+    /// per page written; dense by whole 64-page words, each bit a Bernoulli(q) draw built from 16
+    /// random words (q to 1/65536), so a round that dirties most of a large working set costs a
+    /// pass over its words, not a logarithm per page.
+    /// </summary>
     private long Scatter(PageBitmap into, long first, long size, double writes)
     {
         if (size <= 0 || !(writes > 0)) return 0;
         double q = -double.ExpM1(-writes / size);
         if (q >= 1 - 1e-12) return SetAll(into, first, size);
+        return q < 1.0 / 16 ? ScatterSparse(into, first, size, q) : ScatterDense(into, first, size, q);
+    }
+
+    private long ScatterSparse(PageBitmap into, long first, long size, double q)
+    {
         double logMiss = double.LogP1(-q);
         ulong[] words = into.Words;
         long newly = 0, end = first + size, page = first - 1;
@@ -148,6 +159,28 @@ public sealed class DirtyModel : IDirtyProcess
                 w |= bit;
                 newly++;
             }
+        }
+        return newly;
+    }
+
+    private long ScatterDense(PageBitmap into, long first, long size, double q)
+    {
+        const int Bits = 16;
+        uint fraction = (uint)Math.Round(q * (1 << Bits));
+        if (fraction >= 1 << Bits) return SetAll(into, first, size); // q rounds to 1 at this precision
+        ulong[] words = into.Words;
+        long newly = 0, end = first + size;
+        for (long w = first >> 6; w <= (end - 1) >> 6; w++)
+        {
+            // Bits of q from the least significant up: OR with a random word for a 1, AND for a 0 — each bit ends 1 with probability q.
+            ulong mask = 0;
+            for (int i = 0; i < Bits; i++)
+                mask = ((fraction >> i) & 1) != 0 ? mask | _rng.Next() : mask & _rng.Next();
+            long lo = Math.Max(first, w << 6) - (w << 6), hi = Math.Min(end, (w + 1) << 6) - (w << 6); // [lo, hi) within the word
+            ulong inRange = (hi == 64 ? ~0UL : (1UL << (int)hi) - 1) & ~((1UL << (int)lo) - 1);
+            mask &= inRange;
+            newly += BitOperations.PopCount(mask & ~words[w]);
+            words[w] |= mask;
         }
         return newly;
     }
