@@ -59,6 +59,12 @@ public class QemuCliTests
         }
         var agentErr = agent.StandardError.ReadToEndAsync();
         var agentOut = agent.StandardOutput.ReadToEndAsync();
+        try { MigrateTo(port, image, agent, agentErr, agentOut); }
+        finally { if (!agent.HasExited) agent.Kill(entireProcessTree: true); } // a failed test leaves no agent waiting
+    }
+
+    private static void MigrateTo(int port, string image, Process agent, Task<string> agentErr, Task<string> agentOut)
+    {
         var (code, output, err) = Run("migrate", "--qemu", image, "--memory", "64MiB", "--vcpus", "1", "--warmup", "500ms", "--to", $"127.0.0.1:{port}",
             "--max-rounds", "3", "--on-stall", "pause", "--max-downtime", "20s", "--json", "--control", Path.Combine(Path.GetTempPath(), $"lm-qm-{Guid.NewGuid():N}.sock"));
         Assert.True(code == 0, $"migrate --qemu failed ({code}): {err}");

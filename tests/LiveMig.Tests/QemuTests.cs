@@ -95,6 +95,61 @@ internal static class QemuGuest
     }
 }
 
+/// <summary>The Linux guest (guests/linux/build.sh: Debian's cloud kernel, busybox and redis), built once per run of its script.</summary>
+internal static class LinuxGuest
+{
+    private static readonly Lazy<(string? Dir, string? Why)> Built = new(Build);
+
+    /// <summary>The directory holding vmlinuz and initrd.gz; skips, saying why, when it cannot be built (QEMU missing, no Debian archive reachable).</summary>
+    public static string Directory()
+    {
+        QemuGuest.ImageDirectory(); // QEMU and nasm, or skip
+        var (dir, why) = Built.Value;
+        Skip.If(dir is null, why);
+        return dir!;
+    }
+
+    private static (string?, string?) Build()
+    {
+        string script = Path.Combine(AppContext.BaseDirectory, "guests", "linux", "build.sh");
+        string dir = Path.Combine(Path.GetTempPath(), "livemig-qemu-test-linux");
+        string initrd = Path.Combine(dir, "initrd.gz");
+        if (File.Exists(initrd) && File.GetLastWriteTimeUtc(initrd) > File.GetLastWriteTimeUtc(script)) return (dir, null);
+        var psi = new ProcessStartInfo("bash") { RedirectStandardError = true, RedirectStandardOutput = true };
+        psi.ArgumentList.Add(script);
+        psi.ArgumentList.Add(dir);
+        using var p = Process.Start(psi)!;
+        var err = p.StandardError.ReadToEndAsync();
+        p.StandardOutput.ReadToEnd();
+        if (!p.WaitForExit(300_000)) { p.Kill(); return (null, "guests/linux/build.sh did not finish within 5 minutes"); }
+        return p.ExitCode == 0 ? (dir, null) : (null, $"guests/linux/build.sh could not build the Linux guest (it fetches Debian packages with apt-get download): {err.Result.Trim().Split('\n').LastOrDefault()}");
+    }
+
+    public static QemuVmSpec Spec(string dir) => new()
+    {
+        MemoryBytes = 256 << 20, Kernel = Path.Combine(dir, "vmlinuz"), Initrd = Path.Combine(dir, "initrd.gz"), Append = "console=ttyS0 quiet", Network = "user",
+    };
+
+    /// <summary>The last heartbeat ("livemig-linux: alive N") in a serial log, or 0.</summary>
+    public static long LastHeartbeat(string serialLog)
+    {
+        long last = 0;
+        foreach (var line in BootSectorSerial.Read(serialLog).Split('\n'))
+            if (line.StartsWith("livemig-linux: alive ") && long.TryParse(line.AsSpan(21).Trim(), out long n)) last = n;
+        return last;
+    }
+
+    public static void WaitFor(Func<bool> condition, string what, TimeSpan within)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!condition())
+        {
+            Assert.True(sw.Elapsed < within, $"{what} within {within.TotalSeconds:0} s");
+            Thread.Sleep(100);
+        }
+    }
+}
+
 /// <summary>Real QEMU guests migrated by LiveMig (trait qemu: .ci/run runs them with qemu.runsettings; they skip without QEMU or nasm).</summary>
 [Trait("Category", "Qemu")]
 public class QemuTests
@@ -279,6 +334,28 @@ public class QemuTests
         var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
         Assert.Equal(0, QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
         Assert.Empty(factory.WaitingProcesses);
+    }
+
+    [SkippableFact]
+    public void A_Linux_guest_running_redis_migrates_and_keeps_running_on_the_destination()
+    {
+        string dir = LinuxGuest.Directory();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-linux", LinuxGuest.Spec(dir), QemuGuest.Host(dir));
+        LinuxGuest.WaitFor(() => BootSectorSerial.Read(source.SerialLog).Contains("Ready to accept connections"), "redis came up in the guest", TimeSpan.FromSeconds(90));
+        LinuxGuest.WaitFor(() => LinuxGuest.LastHeartbeat(source.SerialLog) >= 2, "the guest's heartbeat", TimeSpan.FromSeconds(60));
+
+        var (report, arrived) = loop.Migrate(source, Options());
+
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        Assert.Equal(source.RamHashAtPause, dest.RamHashBeforeDeviceLoad);
+        // The kernel, its timers and its init go on at the destination: the heartbeat counts on from the source's.
+        long before = LinuxGuest.LastHeartbeat(source.SerialLog);
+        LinuxGuest.WaitFor(() => LinuxGuest.LastHeartbeat(dest.SerialLog) >= before + 2, $"the heartbeat going on past {before} at the destination", TimeSpan.FromSeconds(60));
+        Assert.DoesNotContain("Kernel panic", BootSectorSerial.Read(dest.SerialLog));
     }
 
     /// <summary>Kills the QEMU waiting at the destination as the source pauses for the stop-and-copy.</summary>

@@ -134,6 +134,13 @@ public class QemuUnitTests
         Assert.Contains("vcpus is not an integer", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"vcpus":"2","bootImage":"/a.img"}""")).Message);
         Assert.Contains("not valid JSON", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("{")).Message);
         Assert.Contains("longer than 4096", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse(new string(' ', 5000))).Message);
+        var linux = new QemuVmSpec { MemoryBytes = 256 << 20, Kernel = "/g/vmlinuz", Initrd = "/g/initrd.gz", Append = "console=ttyS0 quiet", Network = "user" };
+        Assert.Equal(linux, QemuVmSpec.Parse(linux.ToJson()));
+        Assert.Contains("either bootImage or kernel", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"bootImage":"/a.img","kernel":"/k"}""")).Message);
+        Assert.Contains("either bootImage or kernel", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728}""")).Message);
+        Assert.Contains("append must be", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","append":"a\nb"}""")).Message);
+        Assert.Contains("initrd needs a kernel", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"bootImage":"/a.img","initrd":"/i"}""")).Message);
+        Assert.Contains("network 'tap'", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"tap"}""")).Message);
     }
 
     [Fact]

@@ -46,21 +46,29 @@ public sealed record QemuHostOptions
     {
         if (spec.Error() is { } bad) return bad;
         if (AllowedImageDirectories.Count == 0) return "this destination runs no QEMU guests (give it directories for their images: livemig listen --qemu-allow DIR)";
-        string? image = Native.RealPath(spec.BootImage);
-        if (image is null || !File.Exists(image)) return $"boot image {spec.BootImage} does not exist here";
+        foreach (string file in spec.Files)
+            if (FileRefusal(file) is { } why) return why;
+        return null;
+    }
+
+    private string? FileRefusal(string file)
+    {
+        string? real = Native.RealPath(file);
+        if (real is null || !File.Exists(real)) return $"boot file {file} does not exist here";
         foreach (string dir in AllowedImageDirectories)
         {
             string? allowed = Native.RealPath(dir);
-            if (allowed is not null && image.StartsWith(allowed.TrimEnd('/') + "/", StringComparison.Ordinal)) return null;
+            if (allowed is not null && real.StartsWith(allowed.TrimEnd('/') + "/", StringComparison.Ordinal)) return null;
         }
-        return $"boot image {spec.BootImage} is outside the directories this destination allows ({string.Join(", ", AllowedImageDirectories)})";
+        return $"boot file {file} is outside the directories this destination allows ({string.Join(", ", AllowedImageDirectories)})";
     }
 }
 
 /// <summary>
 /// QEMU's command line for a <see cref="QemuVmSpec"/>, built the same way on both sides: no
 /// default devices, guest RAM in a shared file (so LiveMig maps the pages QEMU runs on), the boot
-/// image as a read-only floppy, the first serial port into a log file, QMP on a Unix socket, and
+/// image as a read-only floppy or a kernel and initramfs QEMU loads, user networking if asked,
+/// the first serial port into a log file, QMP on a Unix socket, and
 /// at a destination <c>-incoming defer -S</c> (the device state comes later, over QMP; the guest
 /// runs only when LiveMig says <c>cont</c>). Arguments are passed as a list, never through a shell.
 /// </summary>
@@ -79,12 +87,16 @@ public static class QemuCommandLine
             "-m", $"{spec.MemoryBytes >> 20}M",
             "-smp", spec.Vcpus.ToString(System.Globalization.CultureInfo.InvariantCulture),
             "-object", $"memory-backend-file,id=ram0,size={spec.MemoryBytes},mem-path={ramFile},share=on",
-            "-drive", $"file={spec.BootImage},format=raw,if=floppy,readonly=on",
             "-chardev", $"file,id=serial0,path={serialLog}",
             "-serial", "chardev:serial0",
             "-display", "none",
             "-qmp", $"unix:{qmpSocket},server=on,wait=off",
         };
+        if (spec.BootImage is not null) a.AddRange(["-drive", $"file={spec.BootImage},format=raw,if=floppy,readonly=on"]);
+        if (spec.Kernel is not null) a.AddRange(["-kernel", spec.Kernel]);
+        if (spec.Initrd is not null) a.AddRange(["-initrd", spec.Initrd]);
+        if (spec.Append is not null) a.AddRange(["-append", spec.Append]);
+        if (spec.Network == "user") a.AddRange(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
         if (incoming) a.AddRange(["-incoming", "defer", "-S"]);
         return a;
     }

@@ -72,7 +72,7 @@ public sealed class QemuVm : IVirtualMachine
     public string Kind => KindName;
     public int VcpuCount { get; }
     public string Spec => _qemu.Spec.ToJson();
-    public string Description => $"qemu {_qemu.Spec.Machine}/{_qemu.Spec.Accel}, boot image {Path.GetFileName(_qemu.Spec.BootImage)}";
+    public string Description => $"qemu {_qemu.Spec.Machine}/{_qemu.Spec.Accel}, " + (_qemu.Spec.Kernel is { } k ? $"kernel {Path.GetFileName(k)}" : $"boot image {Path.GetFileName(_qemu.Spec.BootImage)}");
     public VmBrakes Brakes => VmBrakes.None;
     public GuestMemory Memory => _memory ?? throw new ObjectDisposedException(nameof(QemuVm));
     public IDirtyLog DirtyLog => _dirtyLog.Value;

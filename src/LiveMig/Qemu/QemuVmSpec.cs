@@ -10,7 +10,10 @@ namespace LiveMig.Qemu;
 /// same devices from the same description, which QEMU's device-state stream needs.
 /// <code>
 /// {"machine":"pc","accel":"tcg","memoryBytes":134217728,"vcpus":1,"bootImage":"/path/bootsector.img"}
+/// {"machine":"pc","accel":"tcg","memoryBytes":536870912,"vcpus":1,"kernel":"/p/vmlinuz","initrd":"/p/initrd.gz","append":"console=ttyS0 quiet","network":"user"}
 /// </code>
+/// The guest boots either a raw image (<see cref="BootImage"/>) or a kernel (<see cref="Kernel"/>,
+/// optionally <see cref="Initrd"/> and <see cref="Append"/>), never both.
 /// </summary>
 public sealed record QemuVmSpec
 {
@@ -28,7 +31,20 @@ public sealed record QemuVmSpec
     public required long MemoryBytes { get; init; }
     public int Vcpus { get; init; } = 1;
     /// <summary>A raw boot image (the boot-sector guest), attached as a read-only floppy; an absolute path.</summary>
-    public required string BootImage { get; init; }
+    public string? BootImage { get; init; }
+    /// <summary>A Linux kernel QEMU loads itself (<c>-kernel</c>; the Linux guest, guests/linux); an absolute path.</summary>
+    public string? Kernel { get; init; }
+    /// <summary>With <see cref="Kernel"/>: its initramfs (<c>-initrd</c>).</summary>
+    public string? Initrd { get; init; }
+    /// <summary>With <see cref="Kernel"/>: its command line (printable ASCII, at most 512 characters).</summary>
+    public string? Append { get; init; }
+    /// <summary>"none", or "user": a virtio-net card on QEMU's user networking (no forwarded ports yet).</summary>
+    public string Network { get; init; } = "none";
+
+    public static readonly IReadOnlyList<string> Networks = ["none", "user"];
+
+    /// <summary>The files the guest boots from (the destination checks each against its allowed directories).</summary>
+    public IEnumerable<string> Files => new[] { BootImage, Kernel, Initrd }.OfType<string>();
 
     /// <summary>Why this description cannot run, or null. <paramref name="where"/> names it in the message.</summary>
     public string? Error(string where = "QEMU VM description")
@@ -37,7 +53,13 @@ public sealed record QemuVmSpec
         if (!Accelerators.Contains(Accel)) return $"{where}: accel '{Printable(Accel)}' is not one of {string.Join(", ", Accelerators)}";
         if (MemoryBytes < MinMemoryBytes || MemoryBytes % (1 << 20) != 0) return $"{where}: memory {MemoryBytes} bytes is not a whole number of MiB of at least 2 MiB";
         if (Vcpus < 1 || Vcpus > MaxVcpus) return $"{where}: {Vcpus} vCPUs is out of range (1..{MaxVcpus})";
-        if (PathError(BootImage) is { } bad) return $"{where}: bootImage {bad}";
+        if (!Networks.Contains(Network)) return $"{where}: network '{Printable(Network)}' is not one of {string.Join(", ", Networks)}";
+        if ((BootImage is null) == (Kernel is null)) return $"{where}: give either bootImage or kernel (and not both)";
+        if (BootImage is not null && PathError(BootImage) is { } bad) return $"{where}: bootImage {bad}";
+        if (Kernel is not null && PathError(Kernel) is { } badKernel) return $"{where}: kernel {badKernel}";
+        if (Initrd is not null && (Kernel is null || PathError(Initrd) is not null)) return $"{where}: initrd {(Kernel is null ? "needs a kernel" : PathError(Initrd))}";
+        if (Append is not null && (Kernel is null || Append.Length > 512 || Append.Any(c => c is < ' ' or > '~')))
+            return $"{where}: append {(Kernel is null ? "needs a kernel" : "must be at most 512 printable ASCII characters")}";
         return null;
     }
 
@@ -68,7 +90,11 @@ public sealed record QemuVmSpec
             w.WriteString("accel", Accel);
             w.WriteNumber("memoryBytes", MemoryBytes);
             w.WriteNumber("vcpus", Vcpus);
-            w.WriteString("bootImage", BootImage);
+            if (BootImage is not null) w.WriteString("bootImage", BootImage);
+            if (Kernel is not null) w.WriteString("kernel", Kernel);
+            if (Initrd is not null) w.WriteString("initrd", Initrd);
+            if (Append is not null) w.WriteString("append", Append);
+            if (Network != "none") w.WriteString("network", Network);
             w.WriteEndObject();
         }
         return Encoding.UTF8.GetString(m.ToArray());
@@ -89,7 +115,7 @@ public sealed record QemuVmSpec
         using (doc)
         {
             if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{where} is not a JSON object");
-            string? machine = null, accel = null, image = null;
+            string? machine = null, accel = null, image = null, kernel = null, initrd = null, append = null, network = null;
             long? memory = null;
             int? vcpus = null;
             foreach (var p in doc.RootElement.EnumerateObject())
@@ -99,6 +125,10 @@ public sealed record QemuVmSpec
                     case "machine": machine = Text(p); break;
                     case "accel": accel = Text(p); break;
                     case "bootImage": image = Text(p); break;
+                    case "kernel": kernel = Text(p); break;
+                    case "initrd": initrd = Text(p); break;
+                    case "append": append = Text(p); break;
+                    case "network": network = Text(p); break;
                     case "memoryBytes": memory = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt64(out long m) ? m : throw new InvalidDataException($"{where}: memoryBytes is not an integer"); break;
                     case "vcpus": vcpus = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt32(out int v) ? v : throw new InvalidDataException($"{where}: vcpus is not an integer"); break;
                     default: throw new InvalidDataException($"{where}: unknown field '{Printable(p.Name)}'");
@@ -109,7 +139,7 @@ public sealed record QemuVmSpec
                 Machine = machine ?? "pc", Accel = accel ?? "tcg",
                 MemoryBytes = memory ?? throw new InvalidDataException($"{where}: memoryBytes is missing"),
                 Vcpus = vcpus ?? 1,
-                BootImage = image ?? throw new InvalidDataException($"{where}: bootImage is missing"),
+                BootImage = image, Kernel = kernel, Initrd = initrd, Append = append, Network = network ?? "none",
             };
             if (spec.Error(where) is { } why) throw new InvalidDataException(why);
             return spec;
