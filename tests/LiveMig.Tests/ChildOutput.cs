@@ -24,3 +24,23 @@ internal static class ChildOutput
         throw new TimeoutException($"'livemig {args}' did not {what} within {Bound.TotalSeconds:0} s; killed");
     }
 }
+
+/// <summary>The <c>livemig</c> command as a child process of a test, its output redirected.</summary>
+internal static class CliChild
+{
+    public static readonly string Dll = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
+
+    public static Process Start(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(Dll);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        // A migrate of its own: the default control socket would collide with tests (or users) running beside it.
+        if (args is ["migrate", ..] && !args.Contains("--control") && !args.Contains("--vm") && !args.Contains("--resume"))
+        {
+            psi.ArgumentList.Add("--control");
+            psi.ArgumentList.Add(Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock"));
+        }
+        return Process.Start(psi)!;
+    }
+}

@@ -8,21 +8,8 @@ namespace LiveMig.Tests;
 [Trait("Category", "Heavy")]
 public class CliProcessTests
 {
-    private static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
 
-    private static Process Start(params string[] args)
-    {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.ArgumentList.Add(CliDll);
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        // A migrate of its own: the default control socket would collide with tests (or users) running beside it.
-        if (args is ["migrate", ..] && !args.Contains("--control") && !args.Contains("--vm") && !args.Contains("--resume"))
-        {
-            psi.ArgumentList.Add("--control");
-            psi.ArgumentList.Add(Path.Combine(Path.GetTempPath(), $"lm-{Guid.NewGuid():N}.sock"));
-        }
-        return Process.Start(psi)!;
-    }
+    private static Process Start(params string[] args) => CliChild.Start(args);
 
     [Fact]
     public void Listen_and_migrate_in_two_processes_verify_and_agree()

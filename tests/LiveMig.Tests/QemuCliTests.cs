@@ -7,15 +7,8 @@ namespace LiveMig.Tests;
 [Trait("Category", "Qemu")]
 public class QemuCliTests
 {
-    private static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll");
 
-    private static Process Start(params string[] args)
-    {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.ArgumentList.Add(CliDll);
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        return Process.Start(psi)!;
-    }
+    private static Process Start(params string[] args) => CliChild.Start(args);
 
     private static (int Code, string Out, string Err) Run(params string[] args)
     {
