@@ -94,6 +94,21 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
 
     private static Running Run(Func<MigrationReport> migrate) => new(migrate);
 
+    /// <summary>
+    /// Starts a post-copy migration of <paramref name="vm"/> to <paramref name="loop"/> whose link
+    /// fails at the switch (and stays down), and waits until the source says it is post-copy paused.
+    /// </summary>
+    private (PostCopyMigration Engine, Running Run, Link Link, Phases Phases) CutAtTheSwitch(PostCopyLoopback loop, BuiltInVm vm)
+    {
+        var link = new Link(loop);
+        var phases = new Phases(output);
+        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = link.Connect };
+        phases.OnPhase = p => { if (p == "post-copy") link.Fail(); };
+        var run = Run(() => engine.MigrateTo("127.0.0.1", loop.Port));
+        Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused"), Bound), "the source never said it is post-copy paused");
+        return (engine, run, link, phases);
+    }
+
     [Fact]
     public void Destination_lost_after_the_switch_the_source_keeps_the_paused_vm_and_starts_over_elsewhere_verified()
     {
@@ -101,13 +116,7 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
         using var second = new PostCopyLoopback();
         using var vm = SweepingVm();
         vm.Start();
-        var link = new Link(first);
-        var phases = new Phases(output);
-        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = link.Connect };
-        phases.OnPhase = p => { if (p == "post-copy") link.Fail(); };
-        var run = Run(() => engine.MigrateTo("127.0.0.1", first.Port));
-
-        Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused"), Bound), "the source never said it is post-copy paused");
+        var (engine, run, link, phases) = CutAtTheSwitch(first, vm);
         Assert.False(run.Wait(TimeSpan.FromMilliseconds(500)), "the source ended on its own after losing its destination");
         Assert.Equal(VmRunState.Paused, vm.State);
         ulong paused = vm.Memory.ComputeHash();
@@ -139,12 +148,7 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
         using var first = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable } });
         using var vm = SweepingVm();
         vm.Start();
-        var link = new Link(first);
-        var phases = new Phases(output);
-        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = link.Connect };
-        phases.OnPhase = p => { if (p == "post-copy") link.Fail(); };
-        var run = Run(() => engine.MigrateTo("127.0.0.1", first.Port));
-        Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused"), Bound), "the source never said it is post-copy paused");
+        var (engine, run, link, phases) = CutAtTheSwitch(first, vm);
 
         engine.Target!.Abandon();
         Assert.True(run.Wait(Bound), "discarding did not end the migration");
@@ -198,12 +202,7 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
         using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable, RecoveryTimeout = Timeout.InfiniteTimeSpan } });
         using var vm = SweepingVm();
         vm.Start();
-        var link = new Link(loop);
-        var phases = new Phases(output);
-        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = link.Connect };
-        phases.OnPhase = p => { if (p == "post-copy") link.Fail(); };
-        var run = Run(() => engine.MigrateTo("127.0.0.1", loop.Port));
-        Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused"), Bound), "the source never said it is post-copy paused");
+        var (engine, run, link, phases) = CutAtTheSwitch(loop, vm);
         Assert.True(SpinWait.SpinUntil(() => loop.Listener.Sessions.WaitingForSource.Count == 1, Bound), "the destination does not wait for its source");
         Assert.False(run.IsCompleted);
 
