@@ -538,13 +538,13 @@ public sealed class PostCopyMigration
 
     private void Handshake(Link link)
     {
-        Span<byte> small = stackalloc byte[512];
+        Span<byte> small = stackalloc byte[512 + HelloMessage.MaxSpecBytes];
         // Hybrid's rounds need Sync and the page pipeline's stages; every stage asked for is required.
         var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0)
             | _options.Pipeline.Capabilities | (_rounds is not null ? Capabilities.RoundSync : 0);
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
-            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
+            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind, _vm.Spec); // the description a QEMU guest's destination starts its QEMU from
         link.MainFrames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");

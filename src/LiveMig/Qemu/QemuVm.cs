@@ -24,7 +24,8 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>Largest device state accepted from QEMU (the boot-sector guest's is about 0.3 MB).</summary>
     public const int MaxStateBytes = 256 << 20;
     public const string NoBrakes = "a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM's dirty ring, which TCG has not";
-    public const string NoPostCopy = "post-copy and hybrid are not supported for QEMU guests yet (issue 13): a QEMU vCPU touching a page that has not arrived would read a zero page instead of waiting for it; use --strategy precopy";
+    public const string NoPostCopyOverTls = "the destination's native fault loop, which serves QEMU's page faults, reads the page-request connection itself and needs it plain TCP (post-copy of a QEMU guest over TLS is not done yet); use --strategy precopy with --tls";
+    public const string DemandPagingIsQemus = "a QEMU guest's missing pages are always caught where QEMU faults on them (userfaultfd registered by the agent in the destination QEMU) and served by LiveMig's native fault loop";
 
     private readonly QemuProcess _qemu;
     private readonly QemuHostOptions _host;
@@ -79,7 +80,6 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>Why the dirty log is not the agent's, when it could not be (null otherwise, or before <see cref="DirtyLog"/> was chosen).</summary>
     public string? DirtyLogNote { get; private set; }
     public VmRunState State { get; private set; }
-    public string? PostCopyRefusal => NoPostCopy;
     public long StateSizeHint => 512 << 10;
 
     /// <summary>The QEMU process (pid, run directory, serial log).</summary>
