@@ -1,4 +1,7 @@
 using LiveMig.Engine;
+using LiveMig.Protocol;
+using LiveMig.Reporting;
+using LiveMig.Transport;
 using LiveMig.Policies;
 using LiveMig.Qemu;
 using LiveMig.Vm;
@@ -11,7 +14,7 @@ namespace LiveMig.Tests;
 /// by LiveMig's native fault loop (trait qemu; they skip without QEMU, nasm or the native helpers).
 /// </summary>
 [Trait("Category", "Qemu")]
-public class QemuPostCopyTests
+public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
 {
     private static void SkipWithoutHelpers()
     {
@@ -52,6 +55,7 @@ public class QemuPostCopyTests
         Assert.True(report.PagesRequested > 0, "no page was requested on demand");
         Assert.True(report.PagesPushed > 0, "no page was pushed");
         if (strategy == MigrationStrategy.Hybrid) Assert.NotEmpty(report.Rounds); // pre-copy rounds ran first
+        CheckPostCopyFigures(report, arrived);
         Assert.Equal(VmRunState.Stopped, source.State);
         // The guest goes on at the destination where it stopped, and finds every page as it left it.
         using var dest = Assert.IsType<QemuVm>(arrived.Vm);
@@ -59,5 +63,117 @@ public class QemuPostCopyTests
         var there = QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60));
         Assert.Equal(0, there.Errors);
         Assert.Null(dest.CheckInvariant());
+    }
+
+    /// <summary>The report's post-copy figures, as the destination's fault loop measured QEMU's faults and the source counted the pages.</summary>
+    private static void CheckPostCopyFigures(MigrationReport report, ArrivedVm arrived)
+    {
+        var d = arrived.Report;
+        Assert.Equal(d.Faults, report.Faults); // the destination's count, told to the source in PostCopyDone
+        Assert.NotNull(d.FaultLatencyUs);
+        Assert.True(d.FaultLatencyUs!.P50 > 0, "no fault latency was measured");
+        Assert.True(d.FaultLatencyUs.P50 <= d.FaultLatencyUs.P99 && d.FaultLatencyUs.P99 <= d.FaultLatencyUs.Max, $"latency p50 {d.FaultLatencyUs.P50} p99 {d.FaultLatencyUs.P99} max {d.FaultLatencyUs.Max}");
+        Assert.Equal(report.FaultLatencyUs!.P99, d.FaultLatencyUs.P99, 0.01);
+        Assert.InRange(report.PagesPrepaged, 0, report.PagesPushed);
+        Assert.True(d.PagesRequested > 0 && d.PagesPushed > 0, $"the destination placed {d.PagesPushed} pushed and {d.PagesRequested} requested pages");
+        Assert.True(report.TimeToResumeMs > 0 && report.TimeToResumeMs < report.TotalTimeMs, $"time to resume {report.TimeToResumeMs} ms of {report.TotalTimeMs} ms");
+        Assert.True(report.PostCopyMs > 0);
+    }
+
+    [SkippableTheory]
+    [InlineData(ChannelKind.Main)]
+    [InlineData(ChannelKind.Priority)]
+    public void A_connection_cut_mid_post_copy_is_recovered_and_the_guest_arrives_verified(ChannelKind broken)
+    {
+        string image = QemuGuest.Image(48);
+        string dir = QemuGuest.ImageDirectory();
+        SkipWithoutHelpers();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-pc-cut", QemuGuest.Spec(image, 64), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(60));
+        FaultInjectingStream? injected = null;
+        Stream Connect(ChannelKind kind, int attempt)
+        {
+            var s = loop.Connect();
+            // The first connection of the kind dies inside post-copy: after the VM state and some
+            // pushed pages (main), or after a few hundred answers to QEMU's faults (page requests).
+            if (kind == broken && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = 1L << 20 });
+            return s;
+        }
+        var options = Options(MigrationStrategy.PostCopy, 32L << 20) with { PostCopy = new PostCopyOptions { FirstRetryDelay = TimeSpan.FromMilliseconds(20), MaxRetryDelay = TimeSpan.FromMilliseconds(200) } };
+
+        var (report, arrived) = loop.Migrate(source, options, Connect);
+
+        Assert.True(injected!.Triggered, "the connection was never cut");
+        PostCopyTests.CheckVerified(report, arrived);
+        Assert.Equal(1, report.NetworkFaults);
+        Assert.Equal(1, arrived.Report.NetworkFaults);
+        Assert.Equal($"{source.RamHashAtPause:x16}", report.SourceHash);
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
+        Assert.Equal(0, QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
+    }
+
+    [SkippableFact]
+    public void The_destination_QEMU_killed_mid_post_copy_the_source_keeps_the_paused_VM_and_every_page_and_says_so()
+    {
+        string image = QemuGuest.Image(48);
+        string dir = QemuGuest.ImageDirectory();
+        SkipWithoutHelpers();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        QemuVm? first = null;
+        using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory], BeforeResume = vm => first ??= (QemuVm)vm });
+        var failures = new System.Collections.Concurrent.ConcurrentQueue<string>(); // the migration's, and its source's refused reattaches
+        loop.Listener.Failed += f => failures.Enqueue(f.Message);
+        using var source = QemuVm.Start("qemu-pc-dest-dies", QemuGuest.Spec(image, 64), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(60));
+        var phases = new Phases(output);
+        // Once the push is under way (the guest runs at the destination), its QEMU is killed.
+        phases.OnProgress = (round, done) => { if (done >= 256 && first is { } q && !phases.Killed) { phases.Killed = true; q.Process.Kill(); } };
+        var engine = new PostCopyMigration(source, Options(MigrationStrategy.PostCopy, 16L << 20) with
+        {
+            PostCopy = new PostCopyOptions { RecoveryTimeout = TimeSpan.FromMilliseconds(500), FirstRetryDelay = TimeSpan.FromMilliseconds(20), MaxRetryDelay = TimeSpan.FromMilliseconds(100) },
+        }, phases);
+        MigrationReport? result = null;
+        var run = new Thread(() => result = engine.MigrateTo("127.0.0.1", loop.Port)) { IsBackground = true };
+        run.Start();
+
+        // The destination fails the migration naming what happened; the source says it keeps the paused VM and every page.
+        Wait.Until(() => failures.Any(f => f.Contains("destination QEMU")));
+        Assert.True(phases.Killed, "the destination QEMU was never killed");
+        Assert.Contains(failures, f => f.Contains($"destination QEMU (pid {first!.Process.Pid}) was killed by signal 9"));
+        Wait.Until(() => phases.Saw("post-copy paused"));
+        Assert.Contains(phases.Seen, p => p.StartsWith("post-copy paused") && p.Contains("this source keeps the paused VM, all 16384 of its pages"));
+        Assert.Equal(VmRunState.Paused, source.State);
+        Assert.True(run.IsAlive, "the source ended on its own after losing its destination");
+
+        // Every page is still here: starting over from the paused VM brings the guest up elsewhere, consistent.
+        engine.Target!.Restart("127.0.0.1", loop.Port);
+        Assert.True(run.Join(TimeSpan.FromSeconds(120)), "starting over did not finish");
+        Assert.Equal("completed", result!.Outcome);
+        Assert.True(result.Verified);
+        Assert.Equal($"{source.RamHashAtPause:x16}", result.SourceHash);
+        var arrived = loop.WaitArrived();
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
+        Assert.Equal(0, QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
+    }
+
+    /// <summary>The source's phases and push progress, for a test to act on.</summary>
+    private sealed class Phases(Xunit.Abstractions.ITestOutputHelper output) : IMigrationObserver
+    {
+        private readonly List<string> _seen = [];
+        public Action<int, long>? OnProgress;
+        public volatile bool Killed;
+
+        public IReadOnlyList<string> Seen { get { lock (_seen) return [.. _seen]; } }
+        public bool Saw(string prefix) { lock (_seen) return _seen.Any(p => p.StartsWith(prefix, StringComparison.Ordinal)); }
+        public void Phase(string phase)
+        {
+            lock (_seen) _seen.Add(phase);
+            output.WriteLine($"{DateTime.Now:HH:mm:ss.fff} {phase}");
+        }
+        public void Progress(int round, long pagesSentInRound, long pagesToSend, long bytesOnWire) => OnProgress?.Invoke(round, pagesSentInRound);
     }
 }

@@ -773,7 +773,7 @@ public sealed class PostCopyMigration
     /// <summary>Post-copy paused: said once, in the progress and the report, with what the operator can do.</summary>
     private void EnterPaused(ReconnectTarget target, string why)
     {
-        string line = $"post-copy paused: {why}; this source keeps the paused VM and the {_pending!.Count()} pages the destination lacks. " +
+        string line = $"post-copy paused: {why}; this source keeps the paused VM, all {_vm.Memory.PageCount} of its pages ({_pending!.Count()} of them not sent yet). " +
                       $"Recover with 'livemig migrate --resume {_id} [--to HOST:PORT]'; start over from the paused VM elsewhere with 'livemig migrate --resume {_id} --to HOST:PORT --restart' " +
                       $"(only if that destination is gone for good: what the VM did there since the switch is lost); or discard it with 'livemig destroy {_id}'";
         _pausedNotes.Add(line);

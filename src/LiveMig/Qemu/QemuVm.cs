@@ -32,6 +32,8 @@ public sealed class QemuVm : IVirtualMachine
     private GuestMemory? _memory;
     private readonly Lazy<IDirtyLog> _dirtyLog;
     private int _stateSaves;
+    /// <summary>The device state saved since the last pause, while the VM has not run since: QEMU refuses to migrate again from "postmigrate", and the state has not changed.</summary>
+    private byte[]? _savedState;
 
     internal QemuVm(string name, QemuProcess qemu, GuestMemory memory, QemuHostOptions host, VmRunState state, int vcpus)
     {
@@ -105,6 +107,7 @@ public sealed class QemuVm : IVirtualMachine
     {
         Run("cont");
         State = VmRunState.Running;
+        _savedState = null; // it runs again: its device state moves on
     }
 
     /// <summary>After a completed switch-over: QEMU quits (it runs elsewhere now); the RAM file stays mapped until Dispose.</summary>
@@ -123,6 +126,8 @@ public sealed class QemuVm : IVirtualMachine
     public byte[] SaveState()
     {
         if (State != VmRunState.Paused) throw new InvalidOperationException("SaveState: the VM must be paused");
+        // Paused since it was saved (e.g. a post-copy source starting over from its paused VM): the same state.
+        if (_savedState is { } saved) return saved;
         if (_host.HashRamAtSwitchover) RamHashAtPause = Memory.ComputeHash();
         string path = Path.Combine(_qemu.RunDirectory, $"state-out-{++_stateSaves}.sock");
         var deadline = TimeSpan.FromTicks(_host.DeviceStateTimeout.Ticks);
@@ -138,7 +143,7 @@ public sealed class QemuVm : IVirtualMachine
                 state = ReadAll(connection, cancel.Token);
             string status = AwaitMigration(cancel.Token, out string? error);
             if (status != "completed") throw new QmpException($"QEMU's device-state migration ended '{status}'{(error is null ? "" : ": " + error)}");
-            return state;
+            return _savedState = state;
         }
         catch (OperationCanceledException) { throw new QmpException($"QEMU did not save its device state within {deadline.TotalSeconds:0.#} s{Gone()}"); }
         catch (SocketException e) { throw new QmpException($"QEMU's device state could not be read from {path}: {e.Message}{Gone()}", e); }
