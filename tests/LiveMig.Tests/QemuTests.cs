@@ -327,6 +327,8 @@ public class QemuTests
         Assert.Equal("completed", report.Outcome);
         Assert.True(report.Verified);
         Assert.Equal(1, report.Reconnects);
+        // The destination lists the VM once its own side of the Commit is done: a moment after the source's report, sometimes.
+        Wait.Until(() => loop.Listener.Vms.Count == 1);
         var dest = Assert.IsType<QemuVm>(Assert.Single(loop.Listener.Vms));
         Assert.Equal(source.RamHashAtPause, dest.RamHashBeforeDeviceLoad);
         var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
