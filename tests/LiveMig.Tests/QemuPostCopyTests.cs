@@ -65,6 +65,32 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.Null(dest.CheckInvariant());
     }
 
+    [SkippableTheory]
+    [InlineData(MigrationStrategy.PostCopy)]
+    [InlineData(MigrationStrategy.Hybrid)]
+    public void A_Linux_guest_running_redis_moves_by_demand_paging_and_keeps_running_on_the_destination(MigrationStrategy strategy)
+    {
+        string dir = LinuxGuest.Directory();
+        SkipWithoutHelpers();
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start($"qemu-linux-{Migrations.Name(strategy)}", LinuxGuest.Spec(dir), QemuGuest.Host(dir));
+        LinuxGuest.WaitFor(() => BootSectorSerial.Read(source.SerialLog).Contains("Ready to accept connections"), "redis came up in the guest", TimeSpan.FromSeconds(90));
+        LinuxGuest.WaitFor(() => LinuxGuest.LastHeartbeat(source.SerialLog) >= 2, "the guest's heartbeat", TimeSpan.FromSeconds(60));
+
+        var (report, arrived) = loop.Migrate(source, Options(strategy, 128L << 20));
+
+        PostCopyTests.CheckVerified(report, arrived);
+        Assert.Equal($"{source.RamHashAtPause:x16}", report.SourceHash);
+        Assert.Equal("userfaultfd-remote", arrived.Report.DemandPaging);
+        Assert.True(arrived.Report.Faults > 0, "the destination QEMU never faulted on a missing page");
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        // The kernel, its timers and its init go on at the destination: the heartbeat counts on from the source's.
+        long before = LinuxGuest.LastHeartbeat(source.SerialLog);
+        LinuxGuest.WaitFor(() => LinuxGuest.LastHeartbeat(dest.SerialLog) >= before + 2, $"the heartbeat going on past {before} at the destination", TimeSpan.FromSeconds(60));
+        Assert.DoesNotContain("Kernel panic", BootSectorSerial.Read(dest.SerialLog));
+    }
+
     /// <summary>The report's post-copy figures, as the destination's fault loop measured QEMU's faults and the source counted the pages.</summary>
     private static void CheckPostCopyFigures(MigrationReport report, ArrivedVm arrived)
     {
