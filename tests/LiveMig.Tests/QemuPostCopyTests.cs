@@ -22,6 +22,12 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
         Skip.If(!File.Exists(Path.Combine(AppContext.BaseDirectory, "liblivemig_uffd.so")), "the native fault loop (liblivemig_uffd.so) was not built: gcc or libxxhash0 is missing");
     }
 
+    /// <summary>The three ways into post-copy: "postcopy", "hybrid", and "onstall" (pre-copy that switches when its rounds stall, --on-stall postcopy).</summary>
+    private static MigrationOptions Options(string way, long bandwidth) => way == "onstall"
+        // The guest rewrites its range faster than any round sends it: after three rounds pre-copy calls it a stall.
+        ? Options(MigrationStrategy.PreCopy, bandwidth) with { PreCopy = new PreCopyOptions { MaxRounds = 3, OnStall = StallAction.PostCopy } }
+        : Options(way == "hybrid" ? MigrationStrategy.Hybrid : MigrationStrategy.PostCopy, bandwidth);
+
     internal static MigrationOptions Options(MigrationStrategy strategy, long bandwidth) => new()
     {
         Strategy = strategy,
@@ -31,30 +37,32 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
     };
 
     [SkippableTheory]
-    [InlineData(MigrationStrategy.PostCopy)]
-    [InlineData(MigrationStrategy.Hybrid)]
-    public void A_guest_that_keeps_writing_moves_by_demand_paging_verified_and_checks_itself_on_the_destination(MigrationStrategy strategy)
+    [InlineData("postcopy")]
+    [InlineData("hybrid")]
+    [InlineData("onstall")]
+    public void A_guest_that_keeps_writing_moves_by_demand_paging_verified_and_checks_itself_on_the_destination(string way)
     {
         string image = QemuGuest.Image(100);
         string dir = QemuGuest.ImageDirectory();
         SkipWithoutHelpers();
         var factory = new QemuVmFactory(QemuGuest.Host(dir));
         using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
-        using var source = QemuVm.Start($"qemu-{Migrations.Name(strategy)}", QemuGuest.Spec(image, 128), QemuGuest.Host(dir));
+        using var source = QemuVm.Start($"qemu-{way}", QemuGuest.Spec(image, 128), QemuGuest.Host(dir));
         QemuGuest.WaitForReports(source.SerialLog, 0, 2, TimeSpan.FromSeconds(60));
 
         // 64 MiB/s: the push of ~100 MiB takes over a second, while the guest, running at the destination, touches every page.
-        var (report, arrived) = loop.Migrate(source, Options(strategy, 64L << 20));
+        var (report, arrived) = loop.Migrate(source, Options(way, 64L << 20));
 
         PostCopyTests.CheckVerified(report, arrived);
-        Assert.Equal(Migrations.Name(strategy), report.Strategy);
+        Assert.Equal(way == "onstall" ? "precopy" : way, report.Strategy);
         // The source's paused RAM file, hashed from scratch, is what the destination's pages hash to as placed.
         Assert.Equal($"{source.RamHashAtPause:x16}", report.SourceHash);
         Assert.Equal("userfaultfd-remote", arrived.Report.DemandPaging);
         Assert.True(arrived.Report.Faults > 0, "the destination QEMU never faulted on a missing page");
         Assert.True(report.PagesRequested > 0, "no page was requested on demand");
         Assert.True(report.PagesPushed > 0, "no page was pushed");
-        if (strategy == MigrationStrategy.Hybrid) Assert.NotEmpty(report.Rounds); // pre-copy rounds ran first
+        if (way != "postcopy") Assert.NotEmpty(report.Rounds); // pre-copy rounds ran first
+        if (way == "onstall") Assert.Contains(report.Escalations, e => e.Contains("switched to post-copy"));
         CheckPostCopyFigures(report, arrived);
         Assert.Equal(VmRunState.Stopped, source.State);
         // The guest goes on at the destination where it stopped, and finds every page as it left it.
