@@ -187,6 +187,15 @@ internal sealed class MtdScenarioReader(string file, string directory)
     {
         var kind = f.Choice("kind", ("none", PolicyKind.None), ("periodic", PolicyKind.Periodic), ("poisson", PolicyKind.Poisson), ("threat", PolicyKind.Threat), ("cost-aware", PolicyKind.CostAware))
             ?? throw f.Fail(f.Node, "kind", "missing (required): none, periodic, poisson, threat or cost-aware");
+        // A misspelt field is named before a field it may have been meant to be is missed.
+        f.CheckNoOthers(kind switch
+        {
+            PolicyKind.Periodic => ["every", "destination"],
+            PolicyKind.Poisson => ["mean", "destination"],
+            PolicyKind.Threat => ["destination"],
+            PolicyKind.CostAware => ["min", "max", "check-every", "cheap-within", "by", "destination"],
+            _ => ["destination"],
+        });
         var destinations = Destinations(f);
         List<PolicySpec> specs;
         switch (kind)
