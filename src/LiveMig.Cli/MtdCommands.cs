@@ -9,10 +9,11 @@ namespace LiveMig.Cli;
 /// <summary><c>livemig mtd simulate</c> and <c>livemig mtd run</c> (issue 16): moving target defence, modelled and for real.</summary>
 internal static class MtdCommands
 {
-    public static Command Create(Func<ParseResult, Func<int>, int> guard)
+    public static Command Create(CliOptions o, Func<ParseResult, Func<int>, int> guard)
     {
         var mtd = new Command("mtd", "Moving target defence: keep a VM moving so that an attacker cannot stay beside it long enough. 'mtd simulate' weighs policies against a modelled attacker; 'mtd run' moves a real VM between agents on a schedule.");
         mtd.Add(Simulate());
+        mtd.Add(MtdRunCommand.Create(o, guard));
         return mtd;
     }
 

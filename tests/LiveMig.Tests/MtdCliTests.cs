@@ -52,6 +52,21 @@ public class MtdCliTests
         finally { Directory.Delete(dir, recursive: true); }
     }
 
+    [Theory]
+    [InlineData("give the schedule: --interval TIME or --poisson MEAN", "mtd", "run", "--moves", "3")]
+    [InlineData("give when to stop: --moves N or --duration TIME", "mtd", "run", "--interval", "1s")]
+    [InlineData("--workload 'hotcold': mtd run needs kv", "mtd", "run", "--interval", "1s", "--moves", "2", "--workload", "hotcold")]
+    [InlineData("--qemu: mtd run moves the built-in VM only", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img")]
+    [InlineData("--interval 'often': expected a duration", "mtd", "run", "--interval", "often", "--moves", "2")]
+    public void Mtd_run_refuses_bad_options_in_one_line_with_exit_code_2(string expected, params string[] args)
+    {
+        var (code, output, error) = Cli(args);
+        Assert.Equal(2, code);
+        Assert.Equal("", output);
+        Assert.StartsWith("livemig: " + expected, error.Trim());
+        Assert.DoesNotContain('\n', error.Trim());
+    }
+
     internal static (int Code, string Out, string Err) Cli(params string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
