@@ -176,6 +176,21 @@ public class MtdModelTests
         Assert.Equal(24, doc.RootElement.GetProperty("configurations")[0].GetProperty("compromisedBy").GetArrayLength());
     }
 
+    [Fact]
+    public void A_recorded_trace_prices_each_move_by_where_its_replay_is_when_the_move_starts()
+    {
+        string trace = Path.Combine(Repo.Root, "traces", "redis.lmtrace");
+        Skip.IfNot(File.Exists(trace), $"{trace} is not there");
+        var s = Parse($"runs: 10\nhorizon: 1d\nvictim: {{memory: 256MiB, trace: {trace}, cost-step: 15s, migration: {{compress: lz4}}}}\n" +
+                      "attacker: {launch-every: 10m, max-vms: 2, attack-time: 2h}\npolicies: [{kind: periodic, every: 1h}]\n");
+        var r = MtdSweep.Run(s);
+        double seconds = LiveMig.Traces.TraceFile.Load(trace).End.Duration.TotalSeconds; // about 60 s
+        Assert.Equal((int)Math.Ceiling(seconds / 15), r.MoveCosts.Count); // one state per 15 s step of the replay
+        Assert.All(r.MoveCosts, m => Assert.Equal("completed", m.Outcome));
+        Assert.True(r.MoveCosts.Max(m => m.Bytes) > r.MoveCosts.Min(m => m.Bytes) * 1.2, "the replay's busy and quiet stretches cost differently");
+        Assert.Equal(0, Only(r).Compromised);
+    }
+
     [Theory]
     [InlineData("victim: {memory: 1GiB}\nattacker: {attack-time: 1h}\npolicies: [none]\nrunz: 3\n", "test.yaml:4: runz: unknown field (expected one of:")]
     [InlineData("victim: {memory: 1GiB}\nattacker: {attack-time: soon}\npolicies: [none]\n", "test.yaml:2: attacker.attack-time: expected a duration such as 30s, 5ms, 2h or 7d, got 'soon'")]
