@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Buffers.Binary;
 using System.Security.Cryptography;
 using LiveMig.Protocol;
@@ -31,8 +30,9 @@ public sealed class AeadStream : Stream
     private readonly AesGcm _send, _receive;
     private readonly byte[] _sendIv, _receiveIv;
     private ulong _sendSeq, _receiveSeq;
-    private readonly byte[] _out = ArrayPool<byte>.Shared.Rent(HeaderSize + MaxRecord + TagSize);
-    private readonly byte[] _in = ArrayPool<byte>.Shared.Rent(HeaderSize + MaxRecord + TagSize);
+    // 2 × 256 KiB per secured connection, made when its handshake is done (not pooled: the pool would round them up to 512 KiB).
+    private readonly byte[] _out = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxRecord + TagSize);
+    private readonly byte[] _in = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxRecord + TagSize);
     private int _plainStart, _plainEnd; // decrypted bytes not yet read, in _in
     private bool _disposed;
 
@@ -188,7 +188,6 @@ public sealed class AeadStream : Stream
             _owner?.Dispose();
             _send.Dispose();
             _receive.Dispose();
-            // The buffers are not returned to the pool: a reader blocked on another thread may still hold them.
         }
         base.Dispose(disposing);
     }
