@@ -126,20 +126,24 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
         using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
         using var source = QemuVm.Start("qemu-pc-cut", QemuGuest.Spec(image, 64), QemuGuest.Host(dir));
         QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(60));
-        FaultInjectingStream? injected = null;
+        Func<bool>? cut = null;
         Stream Connect(ChannelKind kind, int attempt)
         {
             var s = loop.Connect();
-            // The first connection of the kind dies inside post-copy: after the VM state and some
-            // pushed pages (main), or after a few hundred answers to QEMU's faults (page requests).
-            if (kind == broken && attempt == 0) return injected = new FaultInjectingStream(s, new FaultPlan { DropAfter = 1L << 20 });
-            return s;
+            if (kind != broken || attempt != 0) return s;
+            // The first connection of the kind dies inside post-copy: at the 4th frame of pushed
+            // pages (main; pure post-copy sends no pages before the switch), or after a few hundred
+            // answers to QEMU's faults (page requests).
+            if (kind == ChannelKind.Main) { var c = new ResumeTests.CutAt(s, FrameType.PageBatch, 4); cut = () => c.Cut; return c; }
+            var f = new FaultInjectingStream(s, new FaultPlan { DropAfter = 1L << 20 });
+            cut = () => f.Triggered;
+            return f;
         }
         var options = Options(MigrationStrategy.PostCopy, 32L << 20) with { PostCopy = new PostCopyOptions { FirstRetryDelay = TimeSpan.FromMilliseconds(20), MaxRetryDelay = TimeSpan.FromMilliseconds(200) } };
 
         var (report, arrived) = loop.Migrate(source, options, Connect);
 
-        Assert.True(injected!.Triggered, "the connection was never cut");
+        Assert.True(cut!(), "the connection was never cut");
         PostCopyTests.CheckVerified(report, arrived);
         Assert.Equal(1, report.NetworkFaults);
         Assert.Equal(1, arrived.Report.NetworkFaults);
