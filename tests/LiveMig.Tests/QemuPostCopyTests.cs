@@ -198,6 +198,29 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.Equal(0, QemuGuest.WaitForReports(dest.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
     }
 
+    [SkippableFact]
+    public void Without_the_agent_in_the_destination_QEMU_post_copy_fails_before_the_switch_and_the_source_runs_on()
+    {
+        string image = QemuGuest.Image(24);
+        string dir = QemuGuest.ImageDirectory();
+        SkipWithoutHelpers();
+        // A destination whose QEMU runs without LiveMig's agent cannot catch QEMU's faults: it must not take the VM.
+        var factory = new QemuVmFactory(QemuGuest.Host(dir) with { AgentLibrary = "/nonexistent/liblivemig_qemu_agent.so" });
+        using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-pc-no-agent", QemuGuest.Spec(image, 32), QemuGuest.Host(dir));
+        QemuGuest.WaitForReports(source.SerialLog, 0, 1, TimeSpan.FromSeconds(60));
+
+        var e = Assert.Throws<MigrationFailedException>(() => new PostCopyMigration(source, Options(MigrationStrategy.PostCopy, 0)).MigrateTo("127.0.0.1", loop.Port));
+
+        Assert.Contains("needs LiveMig's agent in the destination QEMU", e.Message);
+        Assert.Contains("needs LiveMig's agent in the destination QEMU", loop.DestinationFailure().Message);
+        Assert.Empty(factory.WaitingProcesses); // its QEMU is gone
+        // Never committed: the source resumed its guest, which counts on error-free.
+        Assert.Equal(VmRunState.Running, source.State);
+        var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;
+        Assert.Equal(0, QemuGuest.WaitForReports(source.SerialLog, last.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
+    }
+
     /// <summary>The source's phases and push progress, for a test to act on.</summary>
     private sealed class Phases(Xunit.Abstractions.ITestOutputHelper output) : IMigrationObserver
     {
