@@ -109,6 +109,7 @@ public static class Program
         root.Add(CertsCommand(o));
         root.Add(TraceCommands.Create());
         root.Add(SimulateCommand.Create());
+        root.Add(ValidateCommand.Create());
         foreach (var c in OperatorCommands.All((r, body) => Guard(r, o, body))) root.Add(c);
 
         var parsed = root.Parse(args);
