@@ -121,13 +121,15 @@ public sealed class ClassMixModel : IContentModel
         return [.. shares];
     }
 
-    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into)
+    public bool NeedsWrittenPages => !_image.SequenceEqual(_written);
+
+    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null)
     {
         into.Clear();
-        var s = initialImage ? _image : _written;
+        long rewritten = initialImage ? WrittenPages.Among(pages, written) : count;
         for (int c = 0; c < RoundContent.Classes; c++)
         {
-            into.Pages[c] = count * s[c];
+            into.Pages[c] = (count - rewritten) * _image[c] + rewritten * _written[c];
             if (c != (int)PageContent.Zero) into.BytesChanged[c] = into.Pages[c] * BytesChangedPerPage;
         }
     }
