@@ -23,7 +23,7 @@ public sealed record VmSpec
     public int Count { get; init; } = 1;
     /// <summary>Phases of the hand model (null: a trace drives the VM).</summary>
     public IReadOnlyList<DirtyPhase>? Phases { get; init; }
-    public ContentMixModel? Content { get; init; }
+    public IContentModel? Content { get; init; }
     /// <summary>A recorded trace (absolute path), with where the replay starts and whether it loops.</summary>
     public string? Trace { get; init; }
     public bool Loop { get; init; } = true;

@@ -204,7 +204,7 @@ public static class ScenarioValidator
     /// and first-use costs of the engine's code (a few hundred milliseconds here), which neither an
     /// agent that has run before nor the model has.
     /// </summary>
-    private static void WarmUp()
+    public static void WarmUp()
     {
         var vm = new VmSpec { Name = "validate-warmup", Host = "source", Pages = (64L << 20) / Memory.GuestMemory.PageSize, BuiltIn = "random:rate=2000", Fill = MemoryFill.Mixed, Seed = 1 };
         var (report, _) = RunReal(vm, new SimMigrationOptions(), TimeSpan.FromMilliseconds(100));
