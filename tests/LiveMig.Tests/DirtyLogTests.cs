@@ -64,6 +64,51 @@ public class DirtyLogTests
     }
 
     [Fact]
+    public void Kernel_log_harvest_of_a_large_memory_walks_both_halves_and_reports_exactly_the_writes()
+    {
+        // 2 GiB, sparse: large enough for the two-thread walk; the writes straddle its split.
+        using var mem = GuestMemory.Create(2L << 30);
+        using var log = DirtyLogFactory.Create(mem, DirtyLogKind.Kernel, out _);
+        log.Start();
+        long half = mem.PageCount / 2;
+        long[] written = [0, 63, 64, half - 1, half, half + 1, mem.PageCount - 1];
+        foreach (long p in written) mem.Page(p)[7] = 1;
+        var got = new PageBitmap(mem.PageCount);
+        Assert.Equal(written.Length, log.Harvest(got));
+        Assert.Equal(written, got.Runs().SelectMany(r => Enumerable.Range(0, (int)r.Count).Select(i => r.First + i)));
+        Assert.Equal(0, log.Harvest(new PageBitmap(mem.PageCount)));
+    }
+
+    [Fact]
+    public void Kernel_log_harvest_within_ranges_reports_the_writes_inside_them()
+    {
+        using var mem = GuestMemory.Create(16L << 20);
+        using var log = DirtyLogFactory.Create(mem, DirtyLogKind.Kernel, out _);
+        log.Start();
+        foreach (long p in new long[] { 5, 100, 101, 2000, 4095 }) mem.Page(p)[0] = 1;
+        var got = new PageBitmap(mem.PageCount);
+        long n = log.HarvestWithin([(100, 2), (1000, 1001), (4095, 1)], got);
+        Assert.Equal(4, n);
+        Assert.Equal([(100L, 2L), (2000L, 1L), (4095L, 1L)], got.Runs());
+        // Outside the ranges nothing was asked: page 5's write is still there for the next harvest.
+        var rest = new PageBitmap(mem.PageCount);
+        Assert.Equal(1, log.Harvest(rest));
+        Assert.True(rest.IsSet(5));
+    }
+
+    [Fact]
+    public void Software_log_harvest_within_ranges_reports_at_least_the_writes_inside_them()
+    {
+        using var mem = GuestMemory.Create(16L << 20);
+        using var log = DirtyLogFactory.Create(mem, DirtyLogKind.Software, out _);
+        log.Start();
+        foreach (long p in new long[] { 5, 100 }) { mem.Page(p)[0] = 1; mem.NoteWrite(p); }
+        var got = new PageBitmap(mem.PageCount);
+        log.HarvestWithin([(100, 1)], got);
+        Assert.True(got.IsSet(100)); // a superset is allowed (the default harvests everything)
+    }
+
+    [Fact]
     public void Harvest_racing_writers_loses_no_write()
     {
         // Writers keep writing while the harvester runs; every page written must appear in some harvest.

@@ -104,6 +104,25 @@ public class NegotiationTests
     }
 
     [Fact]
+    public void Post_copy_preamble_sync_before_any_round_is_acknowledged()
+    {
+        // Pure post-copy's Sync(-1): the destination provisions at it (not at PostCopyStart, in the pause) and says so.
+        using var loop = new Loopback();
+        using var client = new TcpClient("127.0.0.1", loop.Port) { NoDelay = true };
+        using var s = client.GetStream();
+        s.ReadTimeout = (int)Guard.TotalMilliseconds;
+        using var w = new FrameWriter(s);
+        using var r = new FrameReader(s);
+        var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | Capabilities.RoundSync;
+        SendHello(w, Hello(caps, caps));
+        Assert.Equal(FrameType.HelloAck, r.Read(out _));
+        Span<byte> buf = stackalloc byte[8];
+        w.Send(FrameType.Sync, buf[..new SyncMessage(SyncMessage.BeforeRounds).Write(buf)]);
+        Assert.Equal(FrameType.SyncAck, r.Read(out var payload));
+        Assert.Equal(SyncMessage.BeforeRounds, SyncMessage.Parse(payload, "SyncAck").Round);
+    }
+
+    [Fact]
     public void Extents_without_the_extents_capability_are_refused()
     {
         using var loop = new Loopback();

@@ -150,7 +150,7 @@ public sealed class SimulatorScenarioTests
     {
         string dir = Path.Combine(Repo.Root, "scenarios");
         Skip.IfNot(Directory.Exists(dir), $"{dir} is not there");
-        foreach (string f in Directory.GetFiles(dir, "*.yaml"))
+        foreach (string f in Directory.GetFiles(dir, "*.yaml").Where(f => !Path.GetFileName(f).StartsWith("mtd-", StringComparison.Ordinal))) // mtd-*: livemig mtd simulate's (MtdModelTests)
         {
             var r = ScenarioRunner.Run(Scenario.Load(f));
             Assert.NotEmpty(r.Migrations);

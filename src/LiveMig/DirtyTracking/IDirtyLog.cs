@@ -19,6 +19,15 @@ public interface IDirtyLog : IDisposable
     /// <summary>ORs the pages written since the last harvest into <paramref name="into"/>, clears them, returns how many.</summary>
     long Harvest(PageBitmap into);
 
+    /// <summary>
+    /// As <see cref="Harvest"/>, but only what must be known of <paramref name="ranges"/> (page
+    /// ranges, ascending): the pages written there are ORed into <paramref name="into"/>. Pages
+    /// outside may be reported too (the default harvests everything: a superset, only slower), and
+    /// may stay unreported until a later harvest. Post-copy's pause asks only about the pages that
+    /// were holes when it scanned the populated ones.
+    /// </summary>
+    long HarvestWithin(IReadOnlyList<(long First, long Count)> ranges, PageBitmap into) => Harvest(into);
+
     void Stop();
 
     /// <summary>True when <see cref="WrittenSinceHarvest"/> can answer cheaply (a memory read, no system call).</summary>

@@ -101,11 +101,37 @@ public sealed unsafe class UffdWriteProtectDirtyLog : IDirtyLog
     public long Harvest(PageBitmap into)
     {
         if (!IsTracking) return 0;
-        ulong baseAddr = (ulong)_memory.Base, end = baseAddr + (ulong)_memory.Size;
+        long pages = _memory.PageCount;
+        if (pages < ParallelFromPages || Environment.ProcessorCount < 2) return Scan(0, pages, into, _regions);
+        // The walk costs ~2 ns a page (10 ms for 4 GiB here) and it is downtime at a switch,
+        // when the vCPUs are paused and the cores idle: two halves at once. The split is on a
+        // 64-page boundary, so the halves set different words of the bitmap.
+        long half = (pages / 2) & ~63L;
+        var second = Task.Run(() => Scan(half, pages - half, into, _regions2 ??= new PageRegion[RegionBatch]));
+        long first = Scan(0, half, into, _regions);
+        return first + second.GetAwaiter().GetResult();
+    }
+
+    private const long ParallelFromPages = 1L << 18; // 1 GiB
+    private PageRegion[]? _regions2;
+
+    /// <summary>One PAGEMAP_SCAN walk per range: its cost is the page-table walk, so a few ranges (the holes of a populated guest) cost far less than the whole mapping.</summary>
+    public long HarvestWithin(IReadOnlyList<(long First, long Count)> ranges, PageBitmap into)
+    {
+        if (!IsTracking) return 0;
         long pages = 0;
-        fixed (PageRegion* vec = _regions)
+        foreach (var (first, count) in ranges) pages += Scan(first, count, into, _regions);
+        return pages;
+    }
+
+    private long Scan(long firstPage, long pageCount, PageBitmap into, PageRegion[] regions)
+    {
+        ulong baseAddr = (ulong)_memory.Base;
+        ulong end = baseAddr + ((ulong)(firstPage + pageCount) << GuestMemory.PageShift);
+        long pages = 0;
+        fixed (PageRegion* vec = regions)
         {
-            ulong start = baseAddr;
+            ulong start = baseAddr + ((ulong)firstPage << GuestMemory.PageShift);
             while (start < end)
             {
                 var arg = new PmScanArg

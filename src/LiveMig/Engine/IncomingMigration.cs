@@ -267,6 +267,11 @@ public sealed class IncomingMigration
                             streams?.SetPlaced(prefaulter.Placed);
                         }
                         break;
+                    case (State.Live, FrameType.Sync) when currentRound < 0 && postCopy is not null && SyncMessage.Parse(payload, "Sync").Round == SyncMessage.BeforeRounds:
+                        // Pure post-copy's preamble: this first frame after the Hello provisioned the
+                        // migration (above) while the source still runs; the acknowledgement tells it so.
+                        frames.Send(FrameType.SyncAck, small[..new SyncMessage(SyncMessage.BeforeRounds).Write(small)]);
+                        break;
                     case (State.Live, FrameType.Sync):
                         var sync = SyncMessage.Parse(payload, "Sync");
                         if (sync.Round != currentRound) throw new ProtocolException($"Sync (frame {frame}) for round {sync.Round} inside round {currentRound}");

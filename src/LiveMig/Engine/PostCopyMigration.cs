@@ -194,7 +194,7 @@ public sealed class PostCopyMigration
                 return done;
             }
             ((IAsyncResult)warmup).AsyncWaitHandle.WaitOne(TimeSpan.FromSeconds(1)); // pure post-copy: a few ms before the pause
-            if (_controller is null) ScanPopulated();
+            if (_controller is null) { ProvisionDestination(link); ScanPopulated(); }
             StartServer(link); // before the pause: a thread start is not downtime (it serves requests only after PostCopyStart)
             var pendingAtSwitch = Switch(link); // kept for recovery: what the destination must end up with from us
             _observer.Phase("post-copy");
@@ -375,7 +375,9 @@ public sealed class PostCopyMigration
         // Populated before the pause (ScanPopulated), or written since.
         var pending = _populated!;
         _populated = null;
-        _vm.DirtyLog.Harvest(pending);
+        // Every page populated at the scan is pending anyway: only the holes of then need asking about.
+        if (_holesAtScan is { } holes) _vm.DirtyLog.HarvestWithin(holes, pending);
+        else _vm.DirtyLog.Harvest(pending);
         long populated = pending.Count();
         _holes.AddPages(PageEncoding.Zero, _vm.Memory.PageCount - populated);
         // Free pages are not to come: the destination keeps them zero (and both sides hash them as zero pages).
@@ -384,6 +386,22 @@ public sealed class PostCopyMigration
     }
 
     private PageBitmap? _populated;
+
+    /// <summary>
+    /// Pure post-copy, before the pause: one Sync before any round. The destination makes what
+    /// grows with the VM — its page-hash array, its parked vCPU threads — at the first frame after
+    /// the Hello; without this frame that is PostCopyStart, and the 20–45 ms it takes here were
+    /// downtime. Hybrid's rounds do it already.
+    /// </summary>
+    private void ProvisionDestination(Link link)
+    {
+        Span<byte> small = stackalloc byte[16];
+        link.MainFrames.Send(FrameType.Sync, small[..new SyncMessage(SyncMessage.BeforeRounds).Write(small)]);
+        var type = link.MainReader.Read(out var payload);
+        if (type == FrameType.Error) throw new MigrationAbort($"destination aborted: {ErrorMessage.Parse(payload).Text}");
+        if (type != FrameType.SyncAck || SyncMessage.Parse(payload, "SyncAck").Round != SyncMessage.BeforeRounds)
+            throw new ProtocolException($"expected SyncAck for the post-copy preamble, got {type}");
+    }
 
     /// <summary>
     /// Pure post-copy, before the pause: the populated pages (one SEEK_DATA/SEEK_HOLE pair per
@@ -395,8 +413,21 @@ public sealed class PostCopyMigration
     {
         if (!_vm.DirtyLog.IsTracking) _vm.DirtyLog.Start();
         _populated = new PageBitmap(_vm.Memory.PageCount);
-        _vm.Memory.MarkPopulated(_populated);
+        _holesAtScan = new List<(long First, long Count)>();
+        long next = 0;
+        foreach (var (first, count) in _vm.Memory.DataExtents())
+        {
+            _populated.SetRange(first, count);
+            if (first > next) _holesAtScan.Add((next, first - next));
+            next = first + count;
+        }
+        if (next < _vm.Memory.PageCount) _holesAtScan.Add((next, _vm.Memory.PageCount - next));
+        // A walk per hole costs a system call each: past a few hundred, one walk of everything is cheaper.
+        if (_holesAtScan.Count > MaxHoleWalks) _holesAtScan = null;
     }
+
+    private const int MaxHoleWalks = 256;
+    private List<(long First, long Count)>? _holesAtScan; // the holes at the scan, for the pause's harvest (null: harvest everything)
 
     /// <summary>After the switch: push every page still to come while the request server answers faults, end with PostCopyEnd; reconnect after any link failure.</summary>
     private Link PostCopy(Link link, Func<ChannelKind, int, Stream> connect, PageBitmap pendingAtSwitch, CancellationToken cancel)
@@ -539,9 +570,9 @@ public sealed class PostCopyMigration
     private void Handshake(Link link)
     {
         Span<byte> small = stackalloc byte[512];
-        // Hybrid's rounds need Sync and the page pipeline's stages; every stage asked for is required.
-        var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | (_options.Verify ? Capabilities.Verify : 0)
-            | _options.Pipeline.Capabilities | (_rounds is not null ? Capabilities.RoundSync : 0);
+        // Sync: hybrid's rounds, and pure post-copy's preamble (ProvisionDestination); every stage asked for is required.
+        var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0)
+            | _options.Pipeline.Capabilities;
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);

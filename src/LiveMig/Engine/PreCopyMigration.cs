@@ -117,6 +117,7 @@ public sealed class PreCopyMigration
         _stream = stream;
         SetTimeouts(stream);
         var frames = new FrameWriter(stream, Limiter, _time);
+        frames.SendOnOwnThread(); // the pages' copy and hash overlap the socket
         _sender = new ConnectionRoundSender(new PageBatchWriter(frames, _vm.Memory), _vm.DirtyLog, _observer, _time) { Bandwidth = Bandwidth };
         _sender.Bind(frames, new FrameReader(stream));
         _sender.StateBytes = _vm.StateSizeHint;

@@ -90,6 +90,7 @@ internal sealed class SourceStreams : IDisposable
                     s.WriteTimeout = (int)ioTimeout.TotalMilliseconds;
                 }
                 var frames = new FrameWriter(s, limiter);
+                frames.SendOnOwnThread();
                 var reader = new FrameReader(s);
                 // A data connection is secured like the control one, so the check negotiated there holds here.
                 var batches = new PageBatchWriter(frames, memory) { Hashes = hashes, Check = check };

@@ -35,11 +35,19 @@ public abstract unsafe class DemandPager : IDisposable
         Memory = memory;
         Present = present;
         _remaining = memory.PageCount - present.Count();
+        if (initialHashes is not null)
+        {
+            // The pages' hashes so far are the array to go on with: borrowed (pinned), not copied.
+            if (initialHashes.Values.Length != memory.PageCount) throw new ArgumentException("hashes and memory differ in size", nameof(initialHashes));
+            _borrowed = initialHashes;
+            _hashes = initialHashes.Pointer;
+            return;
+        }
         _hashes = (ulong*)NativeMemory.Alloc((nuint)(memory.PageCount * 8));
-        var h = new Span<ulong>(_hashes, checked((int)memory.PageCount));
-        if (initialHashes is not null) initialHashes.Values.CopyTo(h);
-        else h.Fill(PageHashes.ZeroPageHash);
+        new Span<ulong>(_hashes, checked((int)memory.PageCount)).Fill(PageHashes.ZeroPageHash);
     }
+
+    private readonly PageHashes? _borrowed; // keeps the borrowed array alive (and says not to free it)
 
     public GuestMemory Memory { get; }
     /// <summary>Pages whose content is final here.</summary>
@@ -148,7 +156,7 @@ public abstract unsafe class DemandPager : IDisposable
     {
         ulong* h = _hashes;
         _hashes = null;
-        if (h != null) NativeMemory.Free(h);
+        if (h != null && _borrowed is null) NativeMemory.Free(h);
         Present.Dispose();
     }
 

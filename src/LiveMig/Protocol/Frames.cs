@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.IO.Hashing;
+using System.Runtime.ExceptionServices;
 
 namespace LiveMig.Protocol;
 
@@ -175,7 +176,18 @@ public sealed class FrameWriter : IDisposable
     public long BytesWritten { get; private set; }
     public long FramesWritten { get; private set; }
     /// <summary>Ticks of <see cref="Time"/> spent inside the stream's Write (blocked on the socket), rate-limiter waits not included.</summary>
-    public long WriteTicks { get; private set; }
+    public long WriteTicks => Volatile.Read(ref _writeTicks);
+    private long _writeTicks;
+    private FrameSendThread? _sendThread;
+
+    /// <summary>
+    /// From now on PageBatch frames are written by a thread of its own: <see cref="Commit"/> hands
+    /// the filled buffer to it and returns the other one to fill, so building the next frame (the
+    /// pages' copy and hash) overlaps sending this one. Frames keep their order (any other frame
+    /// waits for the pages before it, then is written by the caller); a page write's failure is
+    /// thrown at the next Commit or <see cref="Flush"/>. Call on the thread that writes frames.
+    /// </summary>
+    public void SendOnOwnThread() => _sendThread ??= new FrameSendThread(this);
     /// <summary>The clock <see cref="WriteTicks"/> is measured with.</summary>
     public TimeProvider Time { get; }
 
@@ -222,11 +234,24 @@ public sealed class FrameWriter : IDisposable
         BinaryPrimitives.WriteUInt32LittleEndian(h[12..], checksum ?? FrameFormat.Checksum(h[..8], _buffer.AsSpan(FrameFormat.HeaderSize, payloadLength)));
         int total = FrameFormat.HeaderSize + payloadLength;
         Limiter?.Consume(total);
-        long t0 = Time.GetTimestamp();
-        _stream.Write(_buffer, 0, total);
-        WriteTicks += Time.GetTimestamp() - t0;
+        // Only pages go through the send thread: every other frame is written here, after those
+        // before it, so its write's outcome is known when Commit returns (the switch-over
+        // depends on whether Commit reached the socket).
+        if (_sendThread is { } thread && _type == FrameType.PageBatch) _buffer = thread.Hand(_buffer, total);
+        else
+        {
+            _sendThread?.Drain();
+            WriteOut(_buffer, total);
+        }
         BytesWritten += total;
         FramesWritten++;
+    }
+
+    private void WriteOut(byte[] frame, int length)
+    {
+        long t0 = Time.GetTimestamp();
+        _stream.Write(frame, 0, length);
+        Interlocked.Add(ref _writeTicks, Time.GetTimestamp() - t0);
     }
 
     public void Abandon() => _open = false;
@@ -268,12 +293,104 @@ public sealed class FrameWriter : IDisposable
         return bytes.ToArray();
     }
 
-    public void Flush() => _stream.Flush();
+    /// <summary>Waits until every frame is written (with a send thread), then flushes the stream.</summary>
+    public void Flush()
+    {
+        _sendThread?.Drain();
+        _stream.Flush();
+    }
 
     public void Dispose()
     {
+        _sendThread?.Stop();
         byte[] b = Interlocked.Exchange(ref _buffer, []);
         if (b.Length > 0) ArrayPool<byte>.Shared.Return(b);
+    }
+
+    /// <summary>
+    /// The writer's second buffer and the thread that writes it (<see cref="SendOnOwnThread"/>).
+    /// Ownership: a buffer is either the writer's (being filled), queued, being written, or the
+    /// spare; <see cref="Hand"/> swaps the filled one for the spare, waiting until the write of
+    /// the previous frame has finished with it.
+    /// </summary>
+    private sealed class FrameSendThread
+    {
+        private readonly FrameWriter _writer;
+        private readonly object _lock = new();
+        private readonly Thread _thread;
+        private byte[]? _spare = ArrayPool<byte>.Shared.Rent(FrameFormat.HeaderSize + FrameFormat.MaxPayload(FrameType.PageBatch));
+        private byte[]? _queued;
+        private int _queuedLength;
+        private bool _writing, _stop;
+        private ExceptionDispatchInfo? _failure;
+
+        public FrameSendThread(FrameWriter writer)
+        {
+            _writer = writer;
+            _thread = new Thread(Loop) { IsBackground = true, Name = "livemig-send" };
+            _thread.Start();
+        }
+
+        public byte[] Hand(byte[] filled, int length)
+        {
+            lock (_lock)
+            {
+                while (_spare is null && _failure is null && !_stop) Monitor.Wait(_lock);
+                _failure?.Throw();
+                ObjectDisposedException.ThrowIf(_stop, _writer);
+                (_queued, _queuedLength) = (filled, length);
+                byte[] next = _spare!;
+                _spare = null;
+                Monitor.PulseAll(_lock);
+                return next;
+            }
+        }
+
+        public void Drain()
+        {
+            lock (_lock)
+            {
+                while ((_queued is not null || _writing) && _failure is null) Monitor.Wait(_lock);
+                _failure?.Throw();
+            }
+        }
+
+        private void Loop()
+        {
+            while (true)
+            {
+                byte[] frame;
+                int length;
+                lock (_lock)
+                {
+                    while (_queued is null && !_stop) Monitor.Wait(_lock);
+                    if (_queued is null) return;
+                    (frame, length, _queued, _writing) = (_queued, _queuedLength, null, true);
+                }
+                ExceptionDispatchInfo? failed = null;
+                try { _writer.WriteOut(frame, length); }
+                catch (Exception e) { failed = ExceptionDispatchInfo.Capture(e); }
+                lock (_lock)
+                {
+                    (_spare, _writing, _failure) = (frame, false, _failure ?? failed);
+                    Monitor.PulseAll(_lock);
+                    if (failed is not null) return;
+                }
+            }
+        }
+
+        /// <summary>Ends the thread once the queued frame is written (bounded: a write blocked on a dead peer fails at the stream's timeout, and the thread is a background one).</summary>
+        public void Stop()
+        {
+            lock (_lock)
+            {
+                _stop = true;
+                Monitor.PulseAll(_lock);
+            }
+            if (!_thread.Join(TimeSpan.FromSeconds(5))) return; // still writing: its buffers go to the collector
+            byte[]? spare = Interlocked.Exchange(ref _spare, null);
+            if (spare is not null) ArrayPool<byte>.Shared.Return(spare);
+        }
     }
 }
 

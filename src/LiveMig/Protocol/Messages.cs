@@ -268,6 +268,9 @@ public readonly record struct ErrorMessage(ushort Code, string Text)
 /// <summary>Sync (S→D) and SyncAck (D→S): the round being synchronised.</summary>
 public readonly record struct SyncMessage(int Round)
 {
+    /// <summary>The round of pure post-copy's preamble Sync, sent before any round (docs/protocol.md, "Post-copy").</summary>
+    public const int BeforeRounds = -1;
+
     public int Write(Span<byte> into) { var w = new SpanWriter(into); w.U32((uint)Round); return w.Position; }
 
     public static SyncMessage Parse(ReadOnlySpan<byte> payload, string what)

@@ -208,7 +208,7 @@ internal sealed class ScenarioReader(string file, string directory)
         catch (FormatException e) { throw f.Fail(node, "workload", YamlFields.Printable(e.Message, 240)); }
     }
 
-    private List<DirtyPhase> ReadWorkload(YamlFields? w, long pages)
+    internal List<DirtyPhase> ReadWorkload(YamlFields? w, long pages)
     {
         if (w is null) return [new DirtyPhase(0, 0, pages)]; // idle
         var first = ReadPhase(w, pages, new DirtyPhase(0, 0, pages), isFirst: true);
@@ -244,7 +244,7 @@ internal sealed class ScenarioReader(string file, string directory)
         return new DirtyPhase(at, rate, wws, hot, hotWrites);
     }
 
-    private ContentMixModel ReadContent(YamlFields? c)
+    internal ContentMixModel ReadContent(YamlFields? c)
     {
         if (c is null) return new ContentMixModel(new ContentShares());
         var image = ReadShares(c);
@@ -305,7 +305,7 @@ internal sealed class ScenarioReader(string file, string directory)
     }
 
     /// <summary>The engine's options, each from the migration's own fields, else from defaults.</summary>
-    private SimMigrationOptions ReadOptions(YamlFields own, YamlFields? defaults)
+    internal SimMigrationOptions ReadOptions(YamlFields own, YamlFields? defaults)
     {
         YamlFields Src(string key) => own.Has(key) || defaults is null || !defaults.Has(key) ? own : defaults;
         var strategy = Src("strategy");

@@ -96,7 +96,22 @@ internal sealed class YamlFields
 
     public double? Rate(string key) => Parse(key, "a rate such as 1Gbit or 100MiB/s", t => Units.TryParseRate(t, out long r) && r > 0 ? r : (double?)null);
 
-    public TimeSpan? Duration(string key) => Parse(key, "a duration such as 30s or 5ms", t => Units.TryParseDuration(t, out var d) ? d : (TimeSpan?)null);
+    public TimeSpan? Duration(string key) => Parse(key, "a duration such as 30s, 5ms, 2h or 7d", t => TryParseDuration(t, out var d) ? d : (TimeSpan?)null);
+
+    /// <summary>The command line's durations (us, ms, s, m; bare: seconds), and hours and days (h, d), which scenarios spanning days need.</summary>
+    public static bool TryParseDuration(string text, out TimeSpan value)
+    {
+        string s = text.Trim().ToLowerInvariant();
+        foreach (var (suffix, hours) in new[] { ("h", 1.0), ("d", 24.0) })
+        {
+            if (!s.EndsWith(suffix, StringComparison.Ordinal)) continue;
+            value = default;
+            if (!double.TryParse(s[..^1], NumberStyles.Float, CultureInfo.InvariantCulture, out double v) || !(v >= 0) || v * hours > 24 * 365 * 100) return false;
+            value = TimeSpan.FromHours(v * hours);
+            return true;
+        }
+        return Units.TryParseDuration(s, out value);
+    }
 
     public bool? Bool(string key) => Parse(key, "true or false", t => t.ToLowerInvariant() switch { "true" or "yes" or "on" => true, "false" or "no" or "off" => false, _ => (bool?)null });
 

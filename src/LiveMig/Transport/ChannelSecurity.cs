@@ -30,8 +30,8 @@ public sealed class ChannelSecurity
 
     public static ChannelSecurity None { get; } = new();
 
-    /// <summary>A connection whose every byte TLS authenticates (an authenticated <see cref="System.Net.Security.SslStream"/>).</summary>
-    public static bool IsSecured(Stream stream) => stream is SslStream { IsAuthenticated: true } || stream is ReplayStream r && IsSecured(r.Connection);
+    /// <summary>A connection whose every byte is authenticated: the record layer after a TLS handshake (or an authenticated <see cref="System.Net.Security.SslStream"/>).</summary>
+    public static bool IsSecured(Stream stream) => stream is AeadStream or SslStream { IsAuthenticated: true } || stream is ReplayStream r && IsSecured(r.Connection);
 
     public bool Enabled => Certificate is not null;
     public X509Certificate2? Certificate { get; private init; }
@@ -110,7 +110,33 @@ public sealed class ChannelSecurity
         using (var deadline = new CancellationTokenSource(timeout))
             Authenticate(ssl, () => ssl.AuthenticateAsClientAsync(options, deadline.Token), deadline.Token, timeout, Why, $"destination {targetHost}").GetAwaiter().GetResult();
         if (PreSharedKey is not null) ProvePsk(ssl, client: true, CancellationToken.None).GetAwaiter().GetResult();
-        return ssl;
+        using var exchange = new CancellationTokenSource(timeout);
+        return SwitchToRecords(ssl, inner, client: true, exchange.Token, $"destination {targetHost}").GetAwaiter().GetResult();
+    }
+
+    /// <summary>
+    /// The last step of securing a connection: each side sends 32 random bytes through TLS,
+    /// strictly in turn (the source first, as it speaks first on every connection), and both go
+    /// on in <see cref="AeadStream"/> records on the socket itself. In turn matters: neither side
+    /// sends a record until it has read the other's last TLS bytes, so no SslStream can have read
+    /// record bytes ahead into its own buffer.
+    /// </summary>
+    private async Task<Stream> SwitchToRecords(SslStream ssl, Stream socket, bool client, CancellationToken cancel, string who)
+    {
+        byte[] mine = RandomNumberGenerator.GetBytes(DataKeys.SecretSize), theirs = new byte[DataKeys.SecretSize];
+        try
+        {
+            if (client) { await ssl.WriteAsync(mine, cancel); await ssl.FlushAsync(cancel); await ssl.ReadExactlyAsync(theirs, cancel); }
+            else { await ssl.ReadExactlyAsync(theirs, cancel); await ssl.WriteAsync(mine, cancel); await ssl.FlushAsync(cancel); }
+        }
+        catch (Exception e) when (e is IOException or OperationCanceledException)
+        {
+            ssl.Dispose();
+            throw new AuthenticationFailedException($"TLS with the {who} failed while agreeing on the data keys: {(e is OperationCanceledException ? "timed out" : e.Message)}", e);
+        }
+        byte[] binding = SHA256.HashData(client ? ssl.RemoteCertificate!.GetRawCertData() : Certificate!.RawData);
+        var keys = DataKeys.Derive(client ? mine : theirs, client ? theirs : mine, binding, PreSharedKey ?? []);
+        return new AeadStream(socket, keys, client, owner: ssl);
     }
 
     /// <summary>
@@ -144,7 +170,8 @@ public sealed class ChannelSecurity
         };
         await Authenticate(ssl, () => ssl.AuthenticateAsServerAsync(options, cancel), cancel, timeout, () => null, "source");
         if (PreSharedKey is not null) { await ProvePsk(ssl, client: false, cancel); name = "psk"; }
-        return new ServerChannel(ssl, refusal is null ? name : null, refusal);
+        var records = await SwitchToRecords(ssl, inner, client: false, cancel, "source");
+        return new ServerChannel(records, refusal is null ? name : null, refusal);
     }
 
     /// <summary>Why a source's certificate is not accepted (the peer is told the first part; the local log also gets the trust list), or null; its name when it is.</summary>
