@@ -26,7 +26,7 @@ internal static class PlainCopy
     /// migration's source VM holds its memory while the destination fills fresh memory: on this
     /// machine fresh memory costs more per first touch the more memory is already in use.
     /// </summary>
-    public static (double Seconds, ThreadCpu Sender, ThreadCpu Receiver) Measure(long bytes, bool intoFreshGuestMemory, bool populateFirst, long ballastBytes)
+    public static (double Seconds, ThreadCpu Sender, ThreadCpu Receiver, double ProcessCpuSeconds) Measure(long bytes, bool intoFreshGuestMemory, bool populateFirst, long ballastBytes)
     {
         using var ballast = ballastBytes > 0 ? GuestMemory.Create(RoundUpToPage(ballastBytes), "livemig-bench-ballast") : null;
         ballast?.Populate(0, ballast.PageCount);
@@ -66,6 +66,7 @@ internal static class PlainCopy
         }) { IsBackground = true, Name = "plain-sender" };
 
         var r0 = ThreadCpu.Now();
+        var p0 = Process.GetCurrentProcess().TotalProcessorTime;
         long t0 = Stopwatch.GetTimestamp();
         sender.Start();
         long received = 0, page = 0;
@@ -92,8 +93,9 @@ internal static class PlainCopy
         double seconds = Stopwatch.GetElapsedTime(t0).TotalSeconds;
         var receiverCpu = ThreadCpu.Now() - r0;
         sender.Join();
+        double processCpu = (Process.GetCurrentProcess().TotalProcessorTime - p0).TotalSeconds;
         if (senderError is not null) throw new IOException("plain sender failed", senderError);
-        return (seconds, senderCpu, receiverCpu);
+        return (seconds, senderCpu, receiverCpu, processCpu);
     }
 
     private static long RoundUpToPage(long b) => (b + GuestMemory.PageSize - 1) / GuestMemory.PageSize * GuestMemory.PageSize;

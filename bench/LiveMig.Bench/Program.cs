@@ -10,6 +10,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench profile    [--memory 1GiB] [--reps 3]
 /// LiveMig.Bench streams    [--memory 1GiB] [--reps 3]
 /// LiveMig.Bench round0     [--memory 1GiB] [--reps 5]
+/// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
 /// LiveMig.Bench qemu-postcopy [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
 /// LiveMig.Bench simulate   --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit] [--rate P] (bench/sim-speed.sh)
@@ -55,7 +56,7 @@ public static class Program
             }
         }
 
-        if (scenario is not ("throughput" or "downtime" or "profile" or "streams" or "round0" or "all"))
+        if (scenario is not ("throughput" or "downtime" or "profile" or "streams" or "round0" or "stage-cost" or "all"))
         {
             Console.Error.WriteLine($"unknown scenario '{scenario}'");
             return Usage(2);
@@ -74,7 +75,7 @@ public static class Program
         output.WriteLine(MachineInfo.Markdown());
         output.WriteLine($"Load average at start: {MachineInfo.LoadAverage()} (other work shares this machine).");
         output.WriteLine();
-        if (scenario is "throughput" or "downtime" or "streams" or "round0" or "all") Warmup.Run();
+        if (scenario is "throughput" or "downtime" or "streams" or "round0" or "stage-cost" or "all") Warmup.Run();
         switch (scenario)
         {
             case "throughput":
@@ -88,6 +89,9 @@ public static class Program
                 break;
             case "round0":
                 Round0Scenario.Run(memory ?? 1L << 30, reps, output);
+                break;
+            case "stage-cost":
+                StageCostScenario.Run(memory ?? 1L << 30, reps, output);
                 break;
             case "profile":
                 ProfileScenario.Run(memory ?? 1L << 30, reps, output);
@@ -113,6 +117,7 @@ public static class Program
               downtime     1 GiB guests (idle, sweep:rate=100000, sweep, hotcold), unlimited and 1 Gbit/s
               profile      each step of the page path timed alone (default 1 GiB): where the time goes
               round0       round 0 against its plain copy: prepared and fresh destination memory, verify on/off (default 1 GiB)
+              stage-cost   1 GiB random-filled idle guest, no stage vs --optimize all, alternating (default 1 GiB)
               streams      1 GiB random-filled idle guest at 1, 2, 4 data streams, TLS off/on, vs plain TCP copies over 1, 2, 4 sockets
               all          throughput and downtime, default sizes
               qemu-postcopy  the boot-sector guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,

@@ -12,7 +12,12 @@ namespace LiveMig.Bench;
 /// clean figure, as bench/sim-speed.sh does). Nothing here is a test; figures need a quiet machine.
 /// <code>
 /// LiveMig.Bench simulate --count 1000 --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
-///                        [--rate PAGES_PER_S] [--working-set SIZE] [--seed N] [--header]
+///                        [--rate PAGES_PER_S | --intensity X] [--working-set SIZE] [--latency TIME]
+///                        [--downtime-limit TIME] [--state SIZE] [--seed N] [--header]
+/// </code>
+/// <c>--intensity X</c> is SimGrid's dirty page intensity: dirty bytes per second = X × the link's
+/// rate (the migration speed), so page writes per second = X × bandwidth ÷ 4096 (bench/simgrid).
+/// <code>
 /// </code>
 /// </summary>
 internal static class SimulateScenario
@@ -22,7 +27,10 @@ internal static class SimulateScenario
         int count = 1000;
         bool concurrent = false, header = false;
         long memory = 2L << 30, workingSet = 0;
-        double bandwidth = 125e6, rate = 0;
+        double bandwidth = 125e6, rate = 0, intensity = -1;
+        long state = 64 << 10;
+        var latency = TimeSpan.FromMilliseconds(0.1);
+        var precopy = new PreCopyOptions();
         ulong seed = 1;
         for (int i = 0; i < args.Length; i++)
         {
@@ -40,6 +48,10 @@ internal static class SimulateScenario
                     case "--working-set": workingSet = Units.TryParseBytes(Next(), out long w) && w >= 4096 ? w : throw new ArgumentException("--working-set: a size such as 256MiB"); break;
                     case "--bandwidth": bandwidth = Units.TryParseRate(Next(), out long b) && b > 0 ? b : throw new ArgumentException("--bandwidth: a rate such as 1Gbit"); break;
                     case "--rate": rate = double.TryParse(Next(), System.Globalization.CultureInfo.InvariantCulture, out double r) && r >= 0 ? r : throw new ArgumentException("--rate: page writes per second per VM, ≥ 0"); break;
+                    case "--intensity": intensity = double.TryParse(Next(), System.Globalization.CultureInfo.InvariantCulture, out double x) && x >= 0 ? x : throw new ArgumentException("--intensity: SimGrid's dirty page intensity, ≥ 0 (0.1 = dirty bytes/s a tenth of the link)"); break;
+                    case "--latency": latency = Units.TryParseDuration(Next(), out var l) ? l : throw new ArgumentException("--latency: a duration such as 0.1ms"); break;
+                    case "--downtime-limit": precopy = precopy with { DowntimeLimit = Units.TryParseDuration(Next(), out var d) && d > TimeSpan.Zero ? d : throw new ArgumentException("--downtime-limit: a positive duration such as 30ms") }; break;
+                    case "--state": state = Units.TryParseBytes(Next(), out long st) ? st : throw new ArgumentException("--state: a size such as 64KiB"); break;
                     case "--seed": seed = ulong.TryParse(Next(), out ulong s) ? s : throw new ArgumentException("--seed: a whole number"); break;
                     case "--header": header = true; break;
                     default: throw new ArgumentException($"unknown option {a}");
@@ -51,15 +63,16 @@ internal static class SimulateScenario
                 return 2;
             }
         }
+        if (intensity >= 0) rate = intensity * bandwidth / 4096;
         long pages = memory / 4096;
         long wws = workingSet > 0 ? Math.Min(pages, workingSet / 4096) : Math.Max(1, pages / 10);
         var scenario = new Scenario
         {
             Seed = seed,
             Hosts = ["src", "dst"],
-            Links = [new LinkSpec("shared", bandwidth, TimeSpan.FromMilliseconds(0.1), ("src", "dst"))],
-            Vms = [new VmSpec { Name = "vm", Host = "src", Pages = pages, Count = count, StateBytes = 64 << 10, Phases = [new DirtyPhase(0, rate, wws)], Content = new ContentMixModel(new ContentShares()) }],
-            Evacuations = [new EvacuationSpec("src", ["dst"], concurrent, concurrent ? int.MaxValue : 1, TimeSpan.Zero, new SimMigrationOptions { PreCopy = new PreCopyOptions() })],
+            Links = [new LinkSpec("shared", bandwidth, latency, ("src", "dst"))],
+            Vms = [new VmSpec { Name = "vm", Host = "src", Pages = pages, Count = count, StateBytes = state, Phases = [new DirtyPhase(0, rate, wws)], Content = new ContentMixModel(new ContentShares()) }],
+            Evacuations = [new EvacuationSpec("src", ["dst"], concurrent, concurrent ? int.MaxValue : 1, TimeSpan.Zero, new SimMigrationOptions { PreCopy = precopy })],
             Horizon = TimeSpan.FromDays(3650),
         };
         var wall = Stopwatch.StartNew();
@@ -67,12 +80,13 @@ internal static class SimulateScenario
         wall.Stop();
         int completed = result.Migrations.Count(m => m.Outcome == "completed");
         double meanRounds = result.Migrations.Average(m => m.Rounds);
+        double meanTotal = result.Migrations.Average(m => m.TotalS);
         if (header)
         {
-            Console.WriteLine("| mode | migrations | memory | link | page writes/s per VM | completed | mean rounds | virtual time s | events | wall s | migrations / wall s | peak RSS |");
-            Console.WriteLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            Console.WriteLine("| mode | migrations | memory | link | page writes/s per VM | completed | mean rounds | mean total s | virtual time s | events | wall s | migrations / wall s | peak RSS |");
+            Console.WriteLine("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
-        Console.WriteLine($"| {(concurrent ? "concurrent" : "sequential")} | {count:N0} | {Units.Bytes(memory)} | {Units.Rate(bandwidth)} | {rate:N0} | {completed:N0} | {meanRounds:0.0} | {result.EndS:N1} | {result.Events:N0} | {wall.Elapsed.TotalSeconds:0.000} | {count / wall.Elapsed.TotalSeconds:N0} | {Units.Bytes(PeakResidentBytes())} |");
+        Console.WriteLine($"| {(concurrent ? "concurrent" : "sequential")} | {count:N0} | {Units.Bytes(memory)} | {Units.Rate(bandwidth)} | {rate:N0} | {completed:N0} | {meanRounds:0.0} | {meanTotal:0.000} | {result.EndS:N1} | {result.Events:N0} | {wall.Elapsed.TotalSeconds:0.000} | {count / wall.Elapsed.TotalSeconds:N0} | {Units.Bytes(PeakResidentBytes())} |");
         return 0;
     }
 

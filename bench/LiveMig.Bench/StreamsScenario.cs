@@ -93,6 +93,9 @@ internal static class StreamsScenario
             }
         }
         output.WriteLine();
+        output.WriteLine("TLS ÷ clear, whole-migration time, per repetition then the median: " +
+                         string.Join("; ", Counts.Select(n => $"{n} stream{(n > 1 ? "s" : "")} {Stats.Median(results.Select(r => r[MigName(n, true)].Total.Seconds / r[MigName(n, false)].Total.Seconds)):0.00}")) + ".");
+        output.WriteLine();
         output.WriteLine("<details><summary>Per repetition (round-0 seconds)</summary>");
         output.WriteLine();
         var names = Counts.Select(PlainName).Concat(new[] { false, true }.SelectMany(t => Counts.Select(n => MigName(n, t)))).ToList();

@@ -45,7 +45,7 @@ internal static class ThroughputScenario
             AddMigration(rep, on, OnRound0, OnTotal);
             foreach (var (name, fresh, populate, ballast) in new[] { (Plain, false, false, 0L), (PlainMemfd, true, false, 0L), (PlainMemfdBallast, true, false, memoryBytes), (PlainPopulated, false, true, 0L) })
             {
-                var (s, sender, receiver) = PlainCopy.Measure(bytes, fresh, populate, ballast);
+                var (s, sender, receiver, _) = PlainCopy.Measure(bytes, fresh, populate, ballast);
                 rep[name] = new Transfer(s, bytes, sender, receiver);
                 Progress($"rep {r + 1}/{reps}: {name}: {s:0.000} s, {Stats.GB(bytes) / s:0.00} GB/s, CPU sender {sender.TotalSeconds:0.00} s, receiver {receiver.TotalSeconds:0.00} s ({receiver.SystemSeconds:0.00} sys), {receiver.MinorFaults} faults");
             }

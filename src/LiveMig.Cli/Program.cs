@@ -109,6 +109,8 @@ public static class Program
         root.Add(CertsCommand(o));
         root.Add(TraceCommands.Create());
         root.Add(SimulateCommand.Create());
+        root.Add(ValidateCommand.Create());
+        root.Add(PredictCommand.Create(o, (r, body) => Guard(r, o, body)));
         root.Add(MtdCommands.Create(o, (r, body) => Guard(r, o, body)));
         foreach (var c in OperatorCommands.All((r, body) => Guard(r, o, body))) root.Add(c);
 

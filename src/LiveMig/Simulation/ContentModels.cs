@@ -30,10 +30,28 @@ public interface IContentModel
     /// <paramref name="into"/> (cleared first). <paramref name="initialImage"/>: round 0, the pages
     /// as they were when the migration began; else pages written since.
     /// </summary>
-    void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into);
+    /// <param name="written">With <paramref name="initialImage"/>: the pages the guest has written since it started (null when <see cref="NeedsWrittenPages"/> is false): those hold written content, not the image's.</param>
+    void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null);
+
+    /// <summary>Whether round 0 must know which pages the guest wrote before it (a statistical model whose written pages differ from the image: a fill's zero page written once is no longer zero).</summary>
+    bool NeedsWrittenPages => false;
 
     /// <summary>The pages went on the wire: their bytes changed count from zero again.</summary>
     void Sent(PageBitmap pages) { }
+}
+
+/// <summary>Counting the pages of a round the guest wrote before (statistical content models).</summary>
+internal static class WrittenPages
+{
+    /// <summary>Pages set in both; 0 without <paramref name="written"/>.</summary>
+    public static long Among(PageBitmap pages, PageBitmap? written)
+    {
+        if (written is null) return 0;
+        ulong[] a = pages.Words, b = written.Words;
+        long n = 0;
+        for (int i = 0; i < a.Length; i++) n += BitOperations.PopCount(a[i] & b[i]);
+        return n;
+    }
 }
 
 /// <summary>Shares of pages by content (the rest is incompressible); <see cref="Compressible"/> pages are like the micro-benchmarks' text pages.</summary>
@@ -72,15 +90,23 @@ public sealed class ContentMixModel : IContentModel
     public ContentShares Written { get; }
     public double BytesChangedPerPage { get; }
 
-    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into)
+    public bool NeedsWrittenPages => Image != Written;
+
+    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null)
     {
         into.Clear();
-        var s = initialImage ? Image : Written;
-        into.Pages[(int)PageContent.Zero] = count * s.Zero;
-        into.Pages[(int)PageContent.Duplicate] = count * s.Duplicate;
-        into.Pages[(int)PageContent.SomewhatCompressible] = count * s.Compressible;
-        into.Pages[(int)PageContent.Incompressible] = count * s.Incompressible;
+        long rewritten = initialImage ? WrittenPages.Among(pages, written) : count;
+        Add(into, Image, count - rewritten);
+        Add(into, Written, rewritten);
         for (int c = 1; c < RoundContent.Classes; c++) into.BytesChanged[c] = into.Pages[c] * BytesChangedPerPage;
+    }
+
+    private static void Add(RoundContent into, ContentShares s, long count)
+    {
+        into.Pages[(int)PageContent.Zero] += count * s.Zero;
+        into.Pages[(int)PageContent.Duplicate] += count * s.Duplicate;
+        into.Pages[(int)PageContent.SomewhatCompressible] += count * s.Compressible;
+        into.Pages[(int)PageContent.Incompressible] += count * s.Incompressible;
     }
 }
 
@@ -246,7 +272,7 @@ public sealed class TraceDirtyProcess : IDirtyProcess, IContentModel
         return iv.Duration > TimeSpan.Zero ? iv.Count / iv.Duration.TotalSeconds : 0;
     }
 
-    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into)
+    public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null)
     {
         into.Clear();
         ulong[] words = pages.Words;

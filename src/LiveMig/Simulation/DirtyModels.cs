@@ -64,7 +64,7 @@ public sealed class DirtyModel : IDirtyProcess
 {
     private readonly DirtyPhase[] _phases;
     private readonly double[] _writesBefore; // page writes done before each phase starts
-    private Xoshiro256 _rng;
+    private readonly PageScatter _scatter;
 
     public DirtyModel(long pageCount, IReadOnlyList<DirtyPhase> phases, ulong seed)
     {
@@ -79,7 +79,7 @@ public sealed class DirtyModel : IDirtyProcess
         _phases = [.. phases];
         _writesBefore = new double[_phases.Length];
         for (int i = 1; i < _phases.Length; i++) _writesBefore[i] = _writesBefore[i - 1] + _phases[i - 1].Rate * (_phases[i].At - _phases[i - 1].At);
-        _rng = new Xoshiro256(seed);
+        _scatter = new PageScatter(seed);
     }
 
     /// <summary>A constant rate over a working set, uniform (the simplest model: SimGrid's, per page).</summary>
@@ -119,12 +119,28 @@ public sealed class DirtyModel : IDirtyProcess
             double writes = p.Rate * (end - from);
             long hot = p.HotShare > 0 ? Math.Clamp((long)Math.Round(p.WorkingSet * p.HotShare), 1, p.WorkingSet) : 0;
             double hotWrites = hot > 0 ? writes * p.HotWrites : 0;
-            newly += Scatter(into, 0, hot, hotWrites);
-            newly += Scatter(into, hot, p.WorkingSet - hot, writes - hotWrites);
+            newly += _scatter.Scatter(into, 0, hot, hotWrites);
+            newly += _scatter.Scatter(into, hot, p.WorkingSet - hot, writes - hotWrites);
             from = end;
         }
         return newly;
     }
+
+    internal static long CountRange(PageBitmap b, long first, long size)
+    {
+        ulong[] words = b.Words;
+        long n = 0, end = first + size, p = first;
+        while (p < end && (p & 63) != 0) { if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++; p++; }
+        for (; p + 64 <= end; p += 64) n += BitOperations.PopCount(words[p >> 6]);
+        for (; p < end; p++) if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++;
+        return n;
+    }
+}
+
+/// <summary>Seeded per-page draws of which pages some writes hit: the dirty models' one random source.</summary>
+internal sealed class PageScatter(ulong seed)
+{
+    private Xoshiro256 _rng = new(seed);
 
     /// <summary>
     /// Marks each page of [first, first + size) with probability q = 1 − e^(−writes/size); returns
@@ -133,7 +149,7 @@ public sealed class DirtyModel : IDirtyProcess
     /// random words (q to 1/65536), so a round that dirties most of a large working set costs a
     /// pass over its words, not a logarithm per page.
     /// </summary>
-    private long Scatter(PageBitmap into, long first, long size, double writes)
+    public long Scatter(PageBitmap into, long first, long size, double writes)
     {
         if (size <= 0 || !(writes > 0)) return 0;
         double q = -double.ExpM1(-writes / size);
@@ -185,20 +201,10 @@ public sealed class DirtyModel : IDirtyProcess
         return newly;
     }
 
-    private static long SetAll(PageBitmap into, long first, long size)
+    internal static long SetAll(PageBitmap into, long first, long size)
     {
-        long before = CountRange(into, first, size);
+        long before = DirtyModel.CountRange(into, first, size);
         into.SetRange(first, size);
         return size - before;
-    }
-
-    internal static long CountRange(PageBitmap b, long first, long size)
-    {
-        ulong[] words = b.Words;
-        long n = 0, end = first + size, p = first;
-        while (p < end && (p & 63) != 0) { if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++; p++; }
-        for (; p + 64 <= end; p += 64) n += BitOperations.PopCount(words[p >> 6]);
-        for (; p < end; p++) if ((words[p >> 6] & (1UL << (int)(p & 63))) != 0) n++;
-        return n;
     }
 }

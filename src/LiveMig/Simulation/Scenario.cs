@@ -1,6 +1,8 @@
 using LiveMig.Memory;
 using LiveMig.Policies;
 using LiveMig.Traces;
+using LiveMig.Vm;
+using LiveMig.Workloads;
 using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
@@ -21,11 +23,16 @@ public sealed record VmSpec
     public int Count { get; init; } = 1;
     /// <summary>Phases of the hand model (null: a trace drives the VM).</summary>
     public IReadOnlyList<DirtyPhase>? Phases { get; init; }
-    public ContentMixModel? Content { get; init; }
+    public IContentModel? Content { get; init; }
     /// <summary>A recorded trace (absolute path), with where the replay starts and whether it loops.</summary>
     public string? Trace { get; init; }
     public bool Loop { get; init; } = true;
     public TimeSpan TraceOffset { get; init; }
+    /// <summary>A built-in VM's workload (<c>random:rate=20000,range=32MiB</c>; <see cref="BuiltInModels"/>) and memory fill: what <c>validate</c> runs for real. Null: a hand model or a trace.</summary>
+    public string? BuiltIn { get; init; }
+    public MemoryFill Fill { get; init; } = MemoryFill.Mixed;
+    /// <summary>The VM's own seed (its dirty draws; a built-in VM's fill and workload); null: drawn from the scenario's seed.</summary>
+    public ulong? Seed { get; init; }
 
     public IEnumerable<string> Names() => Count == 1 ? [Name] : Enumerable.Range(1, Count).Select(i => $"{Name}-{i}");
 }
@@ -158,8 +165,8 @@ internal sealed class ScenarioReader(string file, string directory)
         long state = f.Bytes("state") ?? 64 << 10;
         int count = f.Int("count", 1, 1_000_000) ?? 1;
         string? trace = f.String("trace");
-        var workload = f.Map("workload");
-        if (trace is not null && workload is not null) throw f.Fail(f.Get("workload")!, "workload", "give either workload or trace, not both");
+        var workload = f.Get("workload") is YamlScalarNode ? null : f.Map("workload");
+        if (trace is not null && f.Has("workload")) throw f.Fail(f.Get("workload")!, "workload", "give either workload or trace, not both");
         var spec = new VmSpec { Name = name, Host = host, Pages = pages, Vcpus = vcpus, StateBytes = state, Count = count };
         if (trace is not null)
         {
@@ -171,14 +178,34 @@ internal sealed class ScenarioReader(string file, string directory)
             spec = spec with { Trace = path, Loop = f.Bool("loop") ?? true, TraceOffset = f.Duration("offset") ?? TimeSpan.Zero };
             if (f.Get("content") is { } c) throw f.Fail(c, "content", "a trace brings its own content; leave content out");
         }
+        else if (f.Get("workload") is YamlScalarNode builtIn)
+        {
+            spec = ReadBuiltIn(f, builtIn, spec);
+        }
         else
         {
             spec = spec with { Phases = ReadWorkload(workload, pages), Content = ReadContent(f.Map("content")) };
         }
+        if (spec.BuiltIn is null && f.Get("fill") is { } fillNode) throw f.Fail(fillNode, "fill", "only with a built-in workload (workload: \"random:rate=20000\")");
         f.CheckNoOthers();
         foreach (string n in spec.Names())
             if (!_vmByName.TryAdd(n, spec)) throw f.Fail(f.Get("name")!, "name", $"VM '{n}' given twice");
         return spec;
+    }
+
+    /// <summary>A built-in VM's workload, as <c>--workload</c> takes it, and its fill: modelled by <see cref="BuiltInModels"/> (checked here, so a workload it cannot model is refused where it is).</summary>
+    private VmSpec ReadBuiltIn(YamlFields f, YamlScalarNode node, VmSpec spec)
+    {
+        string text = f.Text(node, "workload");
+        var fill = f.Choice("fill", ("mixed", MemoryFill.Mixed), ("zero", MemoryFill.Zero), ("random", MemoryFill.Random)) ?? MemoryFill.Mixed;
+        if (f.Get("content") is { } c) throw f.Fail(c, "content", "a built-in workload's content is its fill (fill: mixed, zero or random); leave content out");
+        try
+        {
+            var w = WorkloadSpec.Parse(text);
+            BuiltInModels.Dirty(w, spec.Pages, spec.Vcpus, 1);
+            return spec with { BuiltIn = w.ToString(), Fill = fill };
+        }
+        catch (FormatException e) { throw f.Fail(node, "workload", YamlFields.Printable(e.Message, 240)); }
     }
 
     internal List<DirtyPhase> ReadWorkload(YamlFields? w, long pages)

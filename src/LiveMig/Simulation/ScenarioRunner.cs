@@ -79,15 +79,28 @@ public sealed class ScenarioRunner
         // Explicit routes win over a link's between.
         foreach (var r in _scenario.Routes)
             _routes[(_hosts[r.From], _hosts[r.To])] = new SimRoute(_hosts[r.From], _hosts[r.To], r.Via.Select(v => links[v]).ToList());
-        ulong mix = Seed;
+        var seeds = VmSeeds(_scenario, Seed);
         foreach (var spec in _scenario.Vms)
             foreach (string name in spec.Names())
             {
-                ulong vmSeed = Xoshiro256.SplitMix(ref mix);
-                var vm = MakeVm(spec, name, vmSeed);
+                var vm = MakeVm(spec, name, seeds[name]);
                 _vms[name] = vm;
                 _vmOrder.Add(vm);
             }
+    }
+
+    /// <summary>Each VM's seed: its own if it has one, else drawn in the file's order from the scenario's (so adding a seed to one VM does not change the others').</summary>
+    public static IReadOnlyDictionary<string, ulong> VmSeeds(Scenario scenario, ulong seed)
+    {
+        var seeds = new Dictionary<string, ulong>();
+        ulong mix = seed;
+        foreach (var spec in scenario.Vms)
+            foreach (string name in spec.Names())
+            {
+                ulong drawn = Xoshiro256.SplitMix(ref mix);
+                seeds[name] = spec.Seed ?? drawn;
+            }
+        return seeds;
     }
 
     private SimVm MakeVm(VmSpec spec, string name, ulong seed)
@@ -98,6 +111,11 @@ public sealed class ScenarioRunner
             var trace = TraceCache.Load(path);
             var process = new TraceDirtyProcess(trace, spec.Loop, spec.TraceOffset.TotalSeconds);
             return new SimVm(name, host, spec.Pages, spec.Vcpus, process, process, spec.StateBytes, _scheduler.Clock);
+        }
+        if (spec.BuiltIn is { } builtIn)
+        {
+            var w = WorkloadSpec.Parse(builtIn);
+            return new SimVm(name, host, spec.Pages, spec.Vcpus, BuiltInModels.Dirty(w, spec.Pages, spec.Vcpus, seed), BuiltInModels.Content(spec.Fill, w.Name), spec.StateBytes, _scheduler.Clock);
         }
         var dirty = new DirtyModel(spec.Pages, spec.Phases!, seed);
         return new SimVm(name, host, spec.Pages, spec.Vcpus, dirty, spec.Content!, spec.StateBytes, _scheduler.Clock);

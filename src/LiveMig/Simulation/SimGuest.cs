@@ -24,8 +24,10 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
     private bool _paused;
 
     /// <param name="startProgress">Work the guest has done when this model of it starts (where a trace starts, or how long the VM ran before).</param>
-    public SimGuest(TimeProvider time, IDirtyProcess process, int vcpus, long pageCount, double startProgress = 0)
+    /// <param name="trackWritten">Keep <see cref="EverWritten"/> (for a content model that must know which pages are no longer as the image had them).</param>
+    public SimGuest(TimeProvider time, IDirtyProcess process, int vcpus, long pageCount, double startProgress = 0, bool trackWritten = false)
     {
+        if (trackWritten) EverWritten = new PageBitmap(pageCount);
         ArgumentOutOfRangeException.ThrowIfLessThan(vcpus, 1);
         if (process.PageCount > pageCount) throw new ArgumentException($"the dirty process uses {process.PageCount} pages, the memory has {pageCount}", nameof(process));
         _time = time;
@@ -42,6 +44,8 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
     public bool IsTracking { get; private set; }
     public bool Paused => _paused;
     public IDirtyProcess Process => _process;
+    /// <summary>Every page the guest has written since it started (tracked or not), when asked for; else null.</summary>
+    public PageBitmap? EverWritten { get; }
 
     /// <summary>Progress now: seconds of work done.</summary>
     public double Progress
@@ -76,7 +80,7 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
     public void Start()
     {
         Settle();
-        _process.Write(_writtenUpTo, _progress, null); // the work done before tracking: content moves on, no page is dirty
+        _process.Write(_writtenUpTo, _progress, EverWritten); // the work done before tracking: content moves on, no page is dirty
         _writtenUpTo = _progress;
         IsTracking = true;
     }
@@ -89,6 +93,7 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
         Settle();
         long n = _process.Write(_writtenUpTo, _progress, into);
         _writtenUpTo = _progress;
+        EverWritten?.Or(into); // into may hold more than this harvest (the final one goes into the pending set): pages written before anyway
         return n;
     }
 

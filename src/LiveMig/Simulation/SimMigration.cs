@@ -17,7 +17,7 @@ public sealed class SimVm
         PageCount = pageCount;
         Content = content;
         StateBytes = stateBytes;
-        Guest = new SimGuest(time, dirty, vcpus, pageCount, startProgress);
+        Guest = new SimGuest(time, dirty, vcpus, pageCount, startProgress, trackWritten: content.NeedsWrittenPages);
     }
 
     public string Name { get; }
@@ -128,6 +128,7 @@ public sealed class SimMigration
         _sender = new SimRoundSender(Vm.Content, _options.Pipeline, Vm.PageCount)
         {
             StateBytes = Vm.StateBytes,
+            WrittenPages = Vm.Guest.EverWritten,
             LinkEstimate = _options.BandwidthCap > 0 ? Math.Min(_options.BandwidthCap, Route.BottleneckBytesPerSecond) : Route.BottleneckBytesPerSecond,
         };
         _controller = new RoundController(_policy, _sender, Vm.Guest, Vm.Guest, Clock);

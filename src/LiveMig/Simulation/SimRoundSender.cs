@@ -40,6 +40,8 @@ public sealed class SimRoundSender : IRoundSender
     public SimPipeline Pipeline { get; }
     /// <summary>The link speed the adaptive stage assumes (bytes/s): set by the driver as rounds measure it.</summary>
     public double LinkEstimate { get; set; } = AdaptivePolicy.UnknownLinkBytesPerSecond;
+    /// <summary>The pages the guest has written since it started (for a content model that needs them), or null.</summary>
+    public PageBitmap? WrittenPages { get; set; }
     /// <summary>The VM state's size: part of the switch-over's cost.</summary>
     public long StateBytes { get; set; }
     /// <summary>The bandwidth the state is sent at, bytes/s (0: unknown, the state's time is left out).</summary>
@@ -52,7 +54,7 @@ public sealed class SimRoundSender : IRoundSender
 
     public RoundSent SendRound(int round, bool final, PageBitmap pages, long count, bool skipZero, PageBitmap? rewritten, CancellationToken cancel)
     {
-        _content.Classify(pages, count, initialImage: round == 0, _classes);
+        _content.Classify(pages, count, initialImage: round == 0, _classes, WrittenPages);
         double hitShare = round >= 1 && _cached is not null ? CacheHitShare(pages, count) : 0;
         double entries = 0, zeroMarkers = 0, payload = 0, cpu = 0;
         for (int c = 0; c < RoundContent.Classes; c++)

@@ -159,10 +159,10 @@ internal sealed class YamlFields
     }
 
     /// <summary>File text as it may be printed: control characters escaped, long values cut.</summary>
-    public static string Printable(string s)
+    public static string Printable(string s, int max = 80)
     {
         var sb = new System.Text.StringBuilder();
-        foreach (char c in s.Length > 80 ? s[..80] + "…" : s)
+        foreach (char c in s.Length > max ? s[..max] + "…" : s)
             sb.Append(char.IsControl(c) ? $"\\x{(int)c:x2}" : c);
         return sb.ToString();
     }
