@@ -1,11 +1,12 @@
-// LiveMig's dirty-page agent inside QEMU (LD_PRELOAD), for a QEMU guest's RAM file.
+// LiveMig's agent inside QEMU (LD_PRELOAD), for a QEMU guest's RAM file: dirty-page tracking
+// (pre-copy, the source) and the userfaultfd of post-copy's demand paging (the destination).
 //
 // Why inside QEMU: userfaultfd asynchronous write-protect with PAGEMAP_SCAN finds exactly the
 // pages written since the last scan, cheaply (0.1 ms per 64 MiB here), but only for a mapping
 // in the process that registered it: writes through QEMU's own mapping of the RAM file are
 // invisible to a registration in LiveMig's process (shared/field-notes.md). So this small
 // library is preloaded into QEMU (QemuProcess sets LD_PRELOAD) and serves LiveMig on a Unix
-// socket; LiveMig's side is src/LiveMig/Qemu/QemuAgentDirtyLog.cs. Without it (or where the
+// socket; LiveMig's side is src/LiveMig/Qemu/QemuAgentDirtyLog.cs (and QemuAgentFaults.cs for 'U'/'R'). Without it (or where the
 // kernel lacks the mechanism) LiveMig compares page hashes instead (PageHashDirtyLog).
 //
 // Environment (set by LiveMig; without both the agent does nothing):
@@ -20,6 +21,15 @@
 //                answers with n >= 1 ranges each (u64 first page | u64 page count, pages of the
 //                mapping), then one answer with n = 0 that ends the harvest.
 //   'X' stop:    unregister; n = 0.
+//   'U' faults:  (post-copy destination, before QEMU loads the device state) register the mapping
+//                with a new userfaultfd in MISSING mode and hand LiveMig the descriptor
+//                (SCM_RIGHTS on this answer's header, as CRIU's lazy-pages daemon receives one);
+//                n = 2, payload u64 mapping address | u64 mapping length in bytes. LiveMig serves
+//                QEMU's faults from its native loop (native/uffd_serve.c) with UFFDIO_COPY at
+//                these addresses: the descriptor carries QEMU's address space. The agent keeps its
+//                own copy open until 'R': should LiveMig die, QEMU's faulting threads keep waiting
+//                (until QEMU is killed) rather than being woken onto zero pages.
+//   'R' release: unregister the MISSING range and close the agent's copy (every page has arrived); n = 0.
 //   An error's payload is n bytes of text (one line). The thread never touches guest memory.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,6 +45,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -60,6 +71,8 @@ struct lm_pm_scan_arg {
 static char ram_path[4096];
 static uint64_t base, length;
 static int uffd = -1, pagemap = -1;
+static int fault_uffd = -1;   // 'U': MISSING registration, kept until 'R'
+static uint64_t fault_base, fault_length;
 static struct lm_page_region regions[REGIONS];
 static uint64_t out[2 * REGIONS];
 
@@ -161,6 +174,57 @@ static int harvest(int fd) {
     return answer(fd, 'O', 0, NULL, 0);
 }
 
+static void release_faults(void) {
+    if (fault_uffd < 0) return;
+    struct uffdio_range r = { .start = fault_base, .len = fault_length };
+    ioctl(fault_uffd, UFFDIO_UNREGISTER, &r);
+    close(fault_uffd);
+    fault_uffd = -1;
+}
+
+// The answer to 'U', with the descriptor attached to its header.
+static int answer_with_fd(int fd, int passed) {
+    char head[9] = { 'O' };
+    uint64_t n = 2, payload[2] = { fault_base, fault_length };
+    memcpy(head + 1, &n, 8);
+    struct iovec io = { .iov_base = head, .iov_len = sizeof head };
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr m = { .msg_iov = &io, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &passed, sizeof passed);
+    ssize_t w;
+    do w = sendmsg(fd, &m, MSG_NOSIGNAL); while (w < 0 && errno == EINTR);
+    if (w != (ssize_t)sizeof head) return -1;
+    return write_all(fd, payload, sizeof payload);
+}
+
+static int open_faults(int fd) {
+    release_faults();
+    if (find_mapping() != 0) return fail(fd, "no shared writable mapping of the RAM file in QEMU");
+    // Not UFFD_USER_MODE_ONLY: QEMU may touch guest RAM inside a system call, and that fault must wait too.
+    int u = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (u < 0) return fail(fd, "userfaultfd (needs root or vm.unprivileged_userfaultfd=1)");
+    struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MISSING_SHMEM };
+    if (ioctl(u, UFFDIO_API, &api) != 0) { int e = errno; close(u); errno = e; return fail(fd, "UFFDIO_API (MISSING_SHMEM)"); }
+    struct uffdio_register reg = { .range = { .start = base, .len = length }, .mode = UFFDIO_REGISTER_MODE_MISSING };
+    if (ioctl(u, UFFDIO_REGISTER, &reg) != 0) { int e = errno; close(u); errno = e; return fail(fd, "UFFDIO_REGISTER(MISSING) of the RAM mapping"); }
+    const uint64_t need = (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE);
+    if ((reg.ioctls & need) != need) {
+        ioctl(u, UFFDIO_UNREGISTER, &reg.range);
+        close(u);
+        errno = EOPNOTSUPP;
+        return fail(fd, "this kernel offers no UFFDIO_COPY/UFFDIO_ZEROPAGE on shared memory");
+    }
+    fault_uffd = u;
+    fault_base = base;
+    fault_length = length;
+    return answer_with_fd(fd, u);
+}
+
 static void serve(int client) {
     char cmd;
     for (;;) {
@@ -172,6 +236,8 @@ static void serve(int client) {
             case 'S': rc = start_tracking(client); break;
             case 'H': rc = harvest(client); break;
             case 'X': stop_tracking(); rc = answer(client, 'O', 0, NULL, 0); break;
+            case 'U': rc = open_faults(client); break;
+            case 'R': release_faults(); rc = answer(client, 'O', 0, NULL, 0); break;
             default: errno = EINVAL; rc = fail(client, "unknown request");
         }
         if (rc != 0) break;

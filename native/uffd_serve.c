@@ -15,6 +15,9 @@
 //   present  one bit per page, set (atomically) after a page was placed; pages present from the
 //            start whose memory is a hole are zero pages: their faults get UFFDIO_ZEROPAGE here.
 //   hashes   xxHash3-64 of each page as this thread placed it (verification).
+// The faulting threads may be another process's (a QEMU guest's vCPUs: the userfaultfd is the one
+// the agent in QEMU registered, native/qemu_dirty_agent.c 'U', and base is QEMU's address of the
+// RAM mapping); nothing here depends on whose they are.
 // Wire format: LiveMig frames (docs/protocol.md): PageRequest out, PageBatch (raw/zero) in.
 #define _GNU_SOURCE
 #include <errno.h>
@@ -316,9 +319,17 @@ static void *serve(void *arg) {
             rx_len -= at;
         }
 
-        // Faults resolved by the background push (managed UFFDIO_COPY woke the vCPU): forget them.
+        // Faults resolved by the background push (managed UFFDIO_COPY woke the vCPU): timed as
+        // they are noticed here — at the latest when their own answer arrives (the source answers
+        // every request), so an upper bound — and forgotten.
+        uint64_t noticed = 0;
         for (int j = 0; j < n_out;) {
-            if (test_bit(c->present, out[j].page)) out[j] = out[--n_out];
+            if (test_bit(c->present, out[j].page)) {
+                if (!noticed) noticed = now_ns();
+                uint64_t idx = __atomic_fetch_add(&c->lat_count, 1, __ATOMIC_RELAXED);
+                if (idx < c->lat_cap) c->lat_ns[idx] = (int64_t)(noticed - out[j].t);
+                out[j] = out[--n_out];
+            }
             else j++;
         }
     }

@@ -12,6 +12,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench round0     [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
+/// LiveMig.Bench qemu-postcopy [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
 /// LiveMig.Bench simulate   --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit] [--rate P] (bench/sim-speed.sh)
 /// </code>
 /// </summary>
@@ -22,6 +23,7 @@ public static class Program
         if (args.Length == 0 || args[0] is "-h" or "--help" or "help") return Usage(0);
         string scenario = args[0];
         if (scenario == "simulate") return SimulateScenario.Run(args[1..]); // options of its own
+        if (scenario == "qemu-postcopy") return QemuPostCopyScenario.Run(args[1..]); // options of its own
         long? memory = null;
         int reps = 3;
         string[]? workloads = null;
@@ -118,6 +120,8 @@ public static class Program
               stage-cost   1 GiB random-filled idle guest, no stage vs --optimize all, alternating (default 1 GiB)
               streams      1 GiB random-filled idle guest at 1, 2, 4 data streams, TLS off/on, vs plain TCP copies over 1, 2, 4 sockets
               all          throughput and downtime, default sizes
+              qemu-postcopy  the boot-sector guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,
+                           same cap, bytes counted at the socket: [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
               simulate     the simulator's speed: --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
                            [--rate PAGE_WRITES_PER_S] [--working-set SIZE] [--seed N] [--header] (one Markdown row; bench/sim-speed.sh)
             options:

@@ -287,6 +287,8 @@ public static class Program
         if (report.Outcome != "completed") return Finish(r, o, report);
         if (!arrived.Task.Wait(TimeSpan.FromSeconds(30))) throw new UsageException("destination did not report the arrival");
         using var dest = arrived.Task.Result.Vm;
+        // Post-copy: how the destination caught QEMU's faults (its report; the fault figures came in PostCopyDone).
+        if (arrived.Task.Result.Report.DemandPaging is { } paging) report = report with { DemandPaging = paging };
         // Let the guest run at the destination for a moment, then read its own verdict there.
         Thread.Sleep(TimeSpan.FromSeconds(2));
         string? broken = dest.CheckInvariant();

@@ -23,7 +23,7 @@ internal static class QemuCommands
         }
         foreach (var opt in o.BuiltInVmOptions)
             if (r.GetResult(opt) is { Implicit: false }) throw new UsageException($"{opt.Name}: not with --qemu: it is the built-in VM's (a QEMU guest runs its image; its writes are found by page hashes)");
-        Refuse(r, options);
+        Refuse(o, r, options);
         string path = Path.GetFullPath(image);
         if (!File.Exists(path)) throw new UsageException($"--qemu {PeerText.Escape(image)}: no such file (guests/bootsector/build.sh builds the boot-sector guest)");
         string memText = r.GetValue(o.Memory)!;
@@ -34,12 +34,12 @@ internal static class QemuCommands
         return spec;
     }
 
-    /// <summary>What a QEMU guest cannot do yet: post-copy (issue 13) and brakes (none under QEMU that LiveMig can apply).</summary>
-    private static void Refuse(ParseResult r, MigrationOptions options)
+    /// <summary>What a QEMU guest cannot do (yet): brakes (none under QEMU that LiveMig can apply), post-copy over TLS, another demand paging than QEMU's own faults.</summary>
+    private static void Refuse(CliOptions o, ParseResult r, MigrationOptions options)
     {
-        string? strategy = r.GetValue<string>("--strategy")?.ToLowerInvariant();
-        if (options.Strategy != MigrationStrategy.PreCopy) throw new UsageException($"--strategy {strategy}: not with --qemu: {QemuVm.NoPostCopy}");
-        if (options.PreCopy.OnStall == StallAction.PostCopy) throw new UsageException($"--on-stall postcopy: not with --qemu: {QemuVm.NoPostCopy}");
+        bool postCopy = options.Strategy != MigrationStrategy.PreCopy || options.PreCopy.OnStall == StallAction.PostCopy;
+        if (postCopy && r.GetValue(o.Tls)) throw new UsageException($"--tls: not with --qemu and post-copy: {QemuVm.NoPostCopyOverTls}");
+        if (r.GetResult(o.DemandPaging) is { Implicit: false }) throw new UsageException($"--demand-paging: not with --qemu: {QemuVm.DemandPagingIsQemus}");
         if (options.PreCopy.OnStall == StallAction.Throttle) throw new UsageException($"--on-stall throttle: not with --qemu: {QemuVm.NoBrakes}");
         if (options.PreCopy.AutoConverge is not null) throw new UsageException($"--auto-converge: not with --qemu: {QemuVm.NoBrakes}");
         if (options.PreCopy.DirtyLimit > 0) throw new UsageException($"--dirty-limit: not with --qemu: {QemuVm.NoBrakes}");

@@ -20,9 +20,8 @@ public class QemuCliTests
     }
 
     [Theory]
-    [InlineData("--strategy postcopy", "--strategy postcopy: not with --qemu: post-copy and hybrid are not supported for QEMU guests yet (issue 13)")]
-    [InlineData("--strategy hybrid", "--strategy hybrid: not with --qemu")]
-    [InlineData("--on-stall postcopy", "--on-stall postcopy: not with --qemu")]
+    [InlineData("--strategy postcopy --tls --psk-file PSK", "--tls: not with --qemu and post-copy: the destination's native fault loop, which serves QEMU's page faults, reads the page-request connection itself and needs it plain TCP")]
+    [InlineData("--strategy hybrid --tls --psk-file PSK", "--tls: not with --qemu and post-copy")]
     [InlineData("--auto-converge", "--auto-converge: not with --qemu: a QEMU guest has no brakes")]
     [InlineData("--dirty-limit 100", "--dirty-limit: not with --qemu: a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM")]
     [InlineData("--workload sweep", "--workload: not with --qemu")]
@@ -30,10 +29,22 @@ public class QemuCliTests
     {
         string image = Path.Combine(Directory.CreateTempSubdirectory("lmqemu-cli").FullName, "boot.img");
         File.WriteAllBytes(image, new byte[512]);
-        var (code, _, err) = Run(["migrate", "--qemu", image, "--to", "127.0.0.1:1", .. extra.Split(' ')]);
+        string psk = Path.Combine(Path.GetDirectoryName(image)!, "psk");
+        File.WriteAllText(psk, "a pre-shared key of enough bytes for --tls\n");
+        var (code, _, err) = Run(["migrate", "--qemu", image, "--to", "127.0.0.1:1", .. extra.Replace("PSK", psk).Split(' ')]);
         Assert.Equal(2, code);
         Assert.StartsWith("livemig: " + expected, err);
         Assert.Single(err.TrimEnd().Split('\n'));
+    }
+
+    [Fact]
+    public void Demo_refuses_another_demand_paging_for_a_QEMU_guest()
+    {
+        string image = Path.Combine(Directory.CreateTempSubdirectory("lmqemu-cli").FullName, "boot.img");
+        File.WriteAllBytes(image, new byte[512]);
+        var (code, _, err) = Run("demo", "--qemu", image, "--strategy", "postcopy", "--demand-paging", "portable");
+        Assert.Equal(2, code);
+        Assert.StartsWith("livemig: --demand-paging: not with --qemu: a QEMU guest's missing pages are always caught where QEMU faults on them", err);
     }
 
     [SkippableFact]

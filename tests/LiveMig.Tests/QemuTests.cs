@@ -241,15 +241,13 @@ public class QemuTests
     }
 
     [SkippableFact]
-    public void Post_copy_and_brakes_are_refused_for_a_QEMU_guest()
+    public void Brakes_are_refused_for_a_QEMU_guest_and_without_the_agent_page_hashes_find_its_writes()
     {
         string image = QemuGuest.Image(24);
         // Without the agent library the guest's writes are found by page hashes, and the VM says why.
         using var vm = QemuVm.Start("qemu-refuses", QemuGuest.Spec(image, 32), QemuGuest.Host(QemuGuest.ImageDirectory()) with { AgentLibrary = "/nonexistent/liblivemig_qemu_agent.so" });
         Assert.Equal("page-hash", vm.DirtyLog.Name);
         Assert.Contains("agent library", vm.DirtyLogNote);
-        var post = Assert.Throws<ArgumentException>(() => new PostCopyMigration(vm, new MigrationOptions { Strategy = MigrationStrategy.PostCopy }));
-        Assert.Contains("issue 13", post.Message);
         var throttle = Assert.Throws<ArgumentException>(() => new PreCopyMigration(vm, new MigrationOptions { PreCopy = new PreCopyOptions { OnStall = StallAction.Throttle } }));
         Assert.Contains("cannot throttle", throttle.Message);
     }
@@ -329,6 +327,8 @@ public class QemuTests
         Assert.Equal("completed", report.Outcome);
         Assert.True(report.Verified);
         Assert.Equal(1, report.Reconnects);
+        // The destination lists the VM once its own side of the Commit is done: a moment after the source's report, sometimes.
+        Wait.Until(() => loop.Listener.Vms.Count == 1);
         var dest = Assert.IsType<QemuVm>(Assert.Single(loop.Listener.Vms));
         Assert.Equal(source.RamHashAtPause, dest.RamHashBeforeDeviceLoad);
         var last = BootSectorSerial.Last(BootSectorSerial.Read(source.SerialLog))!.Value;

@@ -365,7 +365,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             for (long w = 0; w < present.WordCount; w++) present.SetWord(w, ~pending.Word(w));
             lock (_lock)
             {
-                _pager = CreatePager(memory, present, pending, h.Placer.Hashes);
+                _pager = CreatePager(h, present, pending);
                 memory.AttachPager(_pager);
                 if (_priority is { } ch && !ch.Broken) StartPriorityService(ch);
             }
@@ -447,6 +447,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
                 if (!readySent || e is SourceAbort || e is RecoveryFailed) { }
                 if (e is ProtocolException) TrySendError(main.Frames, ErrorMessage.BadStream, e.Message);
             }
+            if (e is VmFailedException) TrySendError(main.Frames, ErrorMessage.BadStream, e.Message); // e.g. the destination QEMU died
         }
         finally
         {
@@ -467,7 +468,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         {
             if (!_resumed) vm?.Dispose();
             else if (vm is not null) vm.Dispose(); // ran here with pages that can no longer come: its vCPUs stopped at the missing pages
-            if (vm is null) { h.Threads?.Dispose(); memory.Dispose(); }
+            if (vm is null) { h.Threads?.Dispose(); h.Factory.Discard(h.Vm); memory.Dispose(); }
             throw new MigrationFailedException(error, built);
         }
         return new ArrivedVm(vm!, built);
@@ -522,24 +523,41 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         try { main.Frames.Send(FrameType.Resumed, []); } catch (Exception e) when (LinkFailure.Is(e)) { }
     }
 
-    private DemandPager CreatePager(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)
+    private DemandPager CreatePager(PostCopyHandover h, NativePageBitmap present, NativePageBitmap pending)
     {
+        var (memory, hashes) = (h.Memory, h.Placer.Hashes);
+        // vCPUs of another process (QEMU): its faults, in its mapping, served by the native thread — no portable fallback.
+        if (h.Factory.OpenRemoteFaults(h.Vm) is { } remote) return RemotePager(memory, remote, present, pending, hashes);
         var mode = _options.PostCopy.Mode;
         // Auto = userfaultfd where it can work (docs/reliability.md: why it is safe in a .NET
         // process), else the portable pager with a note.
         if (mode is DemandPagingMode.Userfaultfd or DemandPagingMode.Auto)
         {
-            // The source sends PostCopyStart only after our Attached, but this side records the
-            // connection just after sending Attached: wait for that, or the choice would be a race.
-            if (_priority is null) _priorityArrived.Wait(_options.IoTimeout);
-            string? why = _priority is null ? "the page-request connection is not attached"
-                : _priority.Stream is NetworkStream ? null : "the page-request connection is not a plain TCP socket (TLS)";
+            string? why = PriorityProblem();
             if (why is null && UffdDemandPager.TryCreate(memory, present, pending, hashes, _options.PostCopy.CheckAccess, out var u, out why)) return u!;
             if (mode == DemandPagingMode.Userfaultfd) throw new ProtocolException($"userfaultfd demand paging unavailable: {why}");
             _options.PostCopy.Note?.Invoke($"demand paging: portable (userfaultfd unavailable: {why})");
             Trace?.Invoke($"auto demand paging falls back to portable: {why}");
         }
         return new PortableDemandPager(memory, present, hashes, this);
+    }
+
+    /// <summary>Why the native fault thread cannot serve the page-request connection, or null.</summary>
+    private string? PriorityProblem()
+    {
+        // The source sends PostCopyStart only after our Attached, but this side records the
+        // connection just after sending Attached: wait for that, or the choice would be a race.
+        if (_priority is null) _priorityArrived.Wait(_options.IoTimeout);
+        return _priority is null ? "the page-request connection is not attached"
+            : _priority.Stream is NetworkStream ? null : "the page-request connection is not a plain TCP socket (TLS)";
+    }
+
+    private UffdDemandPager RemotePager(GuestMemory memory, RemoteFaults remote, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)
+    {
+        string? why = PriorityProblem();
+        if (why is not null) Linux.Native.close(remote.Userfaultfd);
+        else if (UffdDemandPager.TryCreate(memory, remote, present, pending, hashes, out var pager, out why)) return pager!;
+        throw new VmFailedException($"post-copy of this VM needs userfaultfd demand paging of the process that runs it: {why}");
     }
 
     /// <summary>

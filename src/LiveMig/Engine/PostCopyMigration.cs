@@ -569,13 +569,13 @@ public sealed class PostCopyMigration
 
     private void Handshake(Link link)
     {
-        Span<byte> small = stackalloc byte[512];
+        Span<byte> small = stackalloc byte[512 + HelloMessage.MaxSpecBytes];
         // Sync: hybrid's rounds, and pure post-copy's preamble (ProvisionDestination); every stage asked for is required.
         var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0)
             | _options.Pipeline.Capabilities;
         var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
-            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind);
+            _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind, _vm.Spec); // the description a QEMU guest's destination starts its QEMU from
         link.MainFrames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
         var type = link.MainReader.Read(out var payload);
         if (type == FrameType.Error) throw new MigrationAbort($"destination {ErrorMessage.Parse(payload).Text}");
@@ -804,7 +804,7 @@ public sealed class PostCopyMigration
     /// <summary>Post-copy paused: said once, in the progress and the report, with what the operator can do.</summary>
     private void EnterPaused(ReconnectTarget target, string why)
     {
-        string line = $"post-copy paused: {why}; this source keeps the paused VM and the {_pending!.Count()} pages the destination lacks. " +
+        string line = $"post-copy paused: {why}; this source keeps the paused VM, all {_vm.Memory.PageCount} of its pages ({_pending!.Count()} of them not sent yet). " +
                       $"Recover with 'livemig migrate --resume {_id} [--to HOST:PORT]'; start over from the paused VM elsewhere with 'livemig migrate --resume {_id} --to HOST:PORT --restart' " +
                       $"(only if that destination is gone for good: what the VM did there since the switch is lost); or discard it with 'livemig destroy {_id}'";
         _pausedNotes.Add(line);

@@ -85,6 +85,31 @@ internal static unsafe partial class Native
 
     public const int StatxSize = 256, StatxModeOffset = 28, StatxInoOffset = 32, StatxDevMajorOffset = 136, StatxDevMinorOffset = 140;
 
+    // recvmsg with one descriptor passed as SCM_RIGHTS (the QEMU agent's userfaultfd, Qemu/QemuAgentFaults.cs).
+    public const int SOL_SOCKET = 1, SCM_RIGHTS = 1, MSG_CMSG_CLOEXEC = 0x40000000;
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct IoVec { public void* Base; public nuint Length; }
+
+    /// <summary>struct msghdr (x86_64; the layout inserts the padding after NameLength and Flags).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct MsgHdr
+    {
+        public void* Name;
+        public uint NameLength;
+        public IoVec* Iov;
+        public nuint IovLength;
+        public void* Control;
+        public nuint ControlLength;
+        public int Flags;
+    }
+
+    /// <summary>struct cmsghdr carrying one int: CMSG_SPACE(sizeof(int)) = 24 bytes on x86_64, the descriptor at offset 16.</summary>
+    public const int CmsgOneFdSpace = 24, CmsgHeaderLength = 16;
+
+    [LibraryImport(Libc, SetLastError = true)]
+    public static partial nint recvmsg(int fd, MsgHdr* msg, int flags);
+
     public static int Errno => Marshal.GetLastPInvokeError();
 
     public static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno) + $" (errno {errno})";

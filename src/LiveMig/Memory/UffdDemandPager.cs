@@ -25,6 +25,12 @@ namespace LiveMig.Memory;
 /// for a long time, and the new connection is attached by managed code) a collection never
 /// waits for a vCPU. Raw faults (any other access, or <c>checkAccess</c> off) need a source in
 /// another process: a source in this process answers from managed threads.
+/// <para>
+/// For a VM whose vCPUs are another process's (QEMU) the userfaultfd is that process's
+/// (<see cref="RemoteFaults"/>): its faults are served the same way, by address in its mapping;
+/// this process's own mapping is never touched for a missing page. Abandoning does not release
+/// its faulting threads onto zero pages: they wait until that process is ended.
+/// </para>
 /// </summary>
 public sealed unsafe class UffdDemandPager : DemandPager
 {
@@ -33,6 +39,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
     private const ulong UFFD_FEATURE_MISSING_SHMEM = 1UL << 5;
     private const ulong UFFDIO_COPY = 0xC028AA03, UFFDIO_ZEROPAGE = 0xC020AA04;
     private const int EFD_CLOEXEC = 0x80000;
+    private const int ESRCH = 3;
 
     [StructLayout(LayoutKind.Sequential)]
     private struct UffdioCopy { public ulong Dst, Src, Len, Mode; public long Copy; }
@@ -74,20 +81,25 @@ public sealed unsafe class UffdDemandPager : DemandPager
 
     private Ctx* _ctx;
     private readonly bool _checkAccess;
+    /// <summary>Where the registered range starts in the address space the userfaultfd carries: this process's mapping, or the remote owner's.</summary>
+    private readonly ulong _base;
+    private readonly RemoteFaults? _remote;
     private readonly Thread _watcher;
     private volatile bool _stopped;
     private Action? _onBroken;
     private readonly Lock _connLock = new();
 
-    private UffdDemandPager(GuestMemory memory, NativePageBitmap present, PageHashes? hashes, bool checkAccess, int uffd)
+    private UffdDemandPager(GuestMemory memory, NativePageBitmap present, PageHashes? hashes, bool checkAccess, int uffd, RemoteFaults? remote = null)
         : base(memory, present, hashes)
     {
-        _checkAccess = checkAccess;
+        _remote = remote;
+        _checkAccess = checkAccess && remote is null;
+        _base = remote?.Address ?? (ulong)memory.Base;
         _ctx = (Ctx*)NativeMemory.AllocZeroed((nuint)sizeof(Ctx));
         _ctx->Uffd = uffd;
         _ctx->Ctl = eventfd(0, EFD_CLOEXEC);
         _ctx->Notify = eventfd(0, EFD_CLOEXEC);
-        _ctx->Base = (ulong)memory.Base;
+        _ctx->Base = _base;
         _ctx->PageCount = (ulong)memory.PageCount;
         _ctx->Present = present.Words;
         _ctx->Hashes = Hashes;
@@ -102,7 +114,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
         _watcher.Start();
     }
 
-    public override string Mode => "userfaultfd";
+    public override string Mode => _remote is null ? "userfaultfd" : "userfaultfd-remote";
 
     public override long Remaining => base.Remaining - (long)Volatile.Read(ref _ctx->Placed);
 
@@ -153,17 +165,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
         {
             var api = new UffdioApi { Api = UFFD_API, Features = UFFD_FEATURE_MISSING_SHMEM };
             if (Native.ioctl(fd, UFFDIO_API, &api) != 0) { why = $"UFFDIO_API (MISSING_SHMEM): {Native.ErrorText(Native.Errno)}"; return false; }
-            // Pages still to come may hold an older copy (hybrid): make them holes, so they fault.
-            foreach (var (first, count) in memory.DataExtents())
-            {
-                for (long p = pending.NextSet(first); p >= 0 && p < first + count;)
-                {
-                    long end = p;
-                    while (end + 1 < first + count && pending.IsSet(end + 1)) end++;
-                    if (memory.PunchHole(p, end - p + 1) is { } failed) { why = failed; return false; }
-                    p = pending.NextSet(end + 1);
-                }
-            }
+            if (PunchPending(memory, pending) is { } failed) { why = failed; return false; }
             var reg = new UffdioRegister { Range = new UffdioRange { Start = (ulong)memory.Base, Len = (ulong)memory.Size }, Mode = UFFDIO_REGISTER_MODE_MISSING };
             if (Native.ioctl(fd, UFFDIO_REGISTER, &reg) != 0) { why = $"UFFDIO_REGISTER(MISSING): {Native.ErrorText(Native.Errno)}"; return false; }
             const ulong need = (1UL << 3) | (1UL << 4); // _UFFDIO_COPY, _UFFDIO_ZEROPAGE
@@ -181,6 +183,39 @@ public sealed unsafe class UffdDemandPager : DemandPager
         {
             if (!ok) Native.close(fd);
         }
+    }
+
+    /// <summary>Pages still to come may hold an older copy (hybrid): make them holes, so that they fault.</summary>
+    private static string? PunchPending(GuestMemory memory, NativePageBitmap pending)
+    {
+        foreach (var (first, count) in memory.DataExtents())
+        {
+            for (long p = pending.NextSet(first); p >= 0 && p < first + count;)
+            {
+                long end = p;
+                while (end + 1 < first + count && pending.IsSet(end + 1)) end++;
+                if (memory.PunchHole(p, end - p + 1) is { } failed) return failed;
+                p = pending.NextSet(end + 1);
+            }
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Demand paging over another process's faults (<see cref="RemoteFaults"/>, registered there
+    /// in MISSING mode): the pages still to come become holes of the shared file (so that they
+    /// fault in that process's mapping too), and the native thread starts. The pager owns the
+    /// descriptor from here on, also when this fails (it is closed).
+    /// </summary>
+    public static bool TryCreate(GuestMemory memory, RemoteFaults remote, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes, out UffdDemandPager? pager, out string? why)
+    {
+        pager = null;
+        why = LibraryProblem.Value ?? (remote.Length != memory.Size ? $"the registered range is {remote.Length} bytes, the guest memory {memory.Size}" : null)
+            ?? PunchPending(memory, pending);
+        if (why is not null) { Native.close(remote.Userfaultfd); return false; }
+        try { pager = new UffdDemandPager(memory, present, hashes, checkAccess: false, remote.Userfaultfd, remote); }
+        catch (IOException e) { Native.close(remote.Userfaultfd); why = e.Message; return false; }
+        return true;
     }
 
     /// <summary>Gives the native thread the page-request connection; <paramref name="onBroken"/> runs (on a managed thread) if it fails.</summary>
@@ -214,6 +249,8 @@ public sealed unsafe class UffdDemandPager : DemandPager
 
     public override void Fault(long page)
     {
+        // The faulting threads are another process's: nothing here touches a missing page (it would read a zero page), it can only wait.
+        if (_remote is not null) { WaitPlaced(page); return; }
         // Raw mode: the access itself faults and the kernel blocks it until the native thread places the page.
         if (!_checkAccess) return;
         long t0 = Stopwatch.GetTimestamp();
@@ -235,10 +272,29 @@ public sealed unsafe class UffdDemandPager : DemandPager
         Latency.Record(Stopwatch.GetTimestamp() - t0);
     }
 
+    /// <summary>Waits (preemptively) until the page is placed, by either placer; native placements pulse nothing, so it polls.</summary>
+    private void WaitPlaced(long page)
+    {
+        var spin = new SpinWait();
+        while (!Present.IsSet(page))
+        {
+            if (IsAbandoned) throw new PageUnavailableException($"guest page {page} cannot arrive: the migration was abandoned");
+            spin.SpinOnce();
+        }
+    }
+
+    /// <summary>A placement failed: the remote owner's address space is gone (ESRCH) — the VM failed, not the link — or another error.</summary>
+    private Exception PlaceFailed(string what, int errno)
+    {
+        if (_remote is not null && errno == ESRCH)
+            return new Vm.VmFailedException(_remote.OwnerGone() ?? "the process that runs the VM has ended (its address space is gone)");
+        return new IOException($"{what}: {Native.ErrorText(errno)}");
+    }
+
     public override bool Place(long page, ReadOnlySpan<byte> content)
     {
         if (Present.IsSet(page)) return false;
-        ulong dst = (ulong)Memory.Base + ((ulong)page << GuestMemory.PageShift);
+        ulong dst = _base + ((ulong)page << GuestMemory.PageShift);
         while (true)
         {
             int r;
@@ -259,7 +315,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
             int e = Native.Errno;
             if (e == Native.EEXIST) return false; // the native thread placed it first
             if (e is Native.EAGAIN or Native.EINTR) continue;
-            throw new IOException($"placing guest page {page} (UFFDIO_{(content.IsEmpty ? "ZEROPAGE" : "COPY")}): {Native.ErrorText(e)}");
+            throw PlaceFailed($"placing guest page {page} (UFFDIO_{(content.IsEmpty ? "ZEROPAGE" : "COPY")})", e);
         }
         RecordHash(page, content);
         Present.Set(page);
@@ -282,7 +338,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
             while (at < count)
             {
                 if (Present.IsSet(first + at)) { at++; continue; }
-                ulong dst = (ulong)Memory.Base + ((ulong)(first + at) << GuestMemory.PageShift);
+                ulong dst = _base + ((ulong)(first + at) << GuestMemory.PageShift);
                 var c = new UffdioCopy { Dst = dst, Src = (ulong)(src + at * GuestMemory.PageSize), Len = (ulong)((count - at) * GuestMemory.PageSize) };
                 int r = Native.ioctl((int)_ctx->Uffd, UFFDIO_COPY, &c);
                 int e = r == 0 ? 0 : Native.Errno;
@@ -299,7 +355,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
                 if (r == 0 || done > 0) continue;
                 if (e == Native.EEXIST) { at++; continue; } // the native thread placed this one first
                 if (e is Native.EAGAIN or Native.EINTR) continue;
-                throw new IOException($"placing guest pages {first + at}..{first + count - 1} (UFFDIO_COPY): {Native.ErrorText(e)}");
+                throw PlaceFailed($"placing guest pages {first + at}..{first + count - 1} (UFFDIO_COPY)", e);
             }
         }
         return placed;
@@ -308,7 +364,8 @@ public sealed unsafe class UffdDemandPager : DemandPager
     public override void Abandon(string why)
     {
         base.Abandon(why);
-        if (!_stopped) lm_uffd_abandon(_ctx);
+        // Another process's threads are not released onto zero pages: they wait until it is ended.
+        if (!_stopped && _remote is null) lm_uffd_abandon(_ctx);
     }
 
     /// <summary>Stops the native thread, adds its latencies, unregisters the memory (from now on holes fault as zero pages).</summary>
@@ -321,9 +378,17 @@ public sealed unsafe class UffdDemandPager : DemandPager
         // With the access check every fault on a missing page was timed already, around its madvise.
         int n = (int)Math.Min(_ctx->LatCount, _ctx->LatCap);
         if (!_checkAccess) Latency.RecordNanoseconds(new ReadOnlySpan<long>(_ctx->LatNs, n));
-        var range = new UffdioRange { Start = (ulong)Memory.Base, Len = (ulong)Memory.Size };
+        if (_remote is not null && IsAbandoned)
+        {
+            // Its threads must not run on with pages that never came: the registration stays (the
+            // owner's copy of the descriptor holds it) until the owner is ended.
+            Native.close((int)_ctx->Uffd);
+            return;
+        }
+        var range = new UffdioRange { Start = _base, Len = (ulong)Memory.Size };
         Native.ioctl((int)_ctx->Uffd, UFFDIO_UNREGISTER, &range);
         Native.close((int)_ctx->Uffd);
+        _remote?.Release();
     }
 
     protected override void Dispose(bool disposing)

@@ -85,9 +85,10 @@ public sealed class QemuProcess : IDisposable
         };
         foreach (string a in QemuCommandLine.Build(spec, ramFile, Path.Combine(runDir, "qmp.sock"), Path.Combine(runDir, "serial.log"), incoming)) psi.ArgumentList.Add(a);
         string? agentSocket = null;
-        if (host.DirtyLog != QemuDirtyLog.PageHash && File.Exists(host.AgentLibrary))
+        // A destination preloads the agent whatever the dirty log: post-copy's demand paging needs it.
+        if ((host.DirtyLog != QemuDirtyLog.PageHash || incoming) && File.Exists(host.AgentLibrary))
         {
-            // The dirty-page agent (native/qemu_dirty_agent.c) runs inside QEMU: it alone sees QEMU's writes through QEMU's mapping.
+            // The agent (native/qemu_dirty_agent.c) runs inside QEMU: it alone sees QEMU's writes through QEMU's mapping, and registers it for post-copy's faults.
             agentSocket = Path.Combine(runDir, "dirty.sock");
             string? preload = Environment.GetEnvironmentVariable("LD_PRELOAD");
             psi.Environment["LD_PRELOAD"] = string.IsNullOrEmpty(preload) ? host.AgentLibrary : $"{host.AgentLibrary}:{preload}";

@@ -24,13 +24,16 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>Largest device state accepted from QEMU (the boot-sector guest's is about 0.3 MB).</summary>
     public const int MaxStateBytes = 256 << 20;
     public const string NoBrakes = "a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM's dirty ring, which TCG has not";
-    public const string NoPostCopy = "post-copy and hybrid are not supported for QEMU guests yet (issue 13): a QEMU vCPU touching a page that has not arrived would read a zero page instead of waiting for it; use --strategy precopy";
+    public const string NoPostCopyOverTls = "the destination's native fault loop, which serves QEMU's page faults, reads the page-request connection itself and needs it plain TCP (post-copy of a QEMU guest over TLS is not done yet); use --strategy precopy with --tls";
+    public const string DemandPagingIsQemus = "a QEMU guest's missing pages are always caught where QEMU faults on them (userfaultfd registered by the agent in the destination QEMU) and served by LiveMig's native fault loop";
 
     private readonly QemuProcess _qemu;
     private readonly QemuHostOptions _host;
     private GuestMemory? _memory;
     private readonly Lazy<IDirtyLog> _dirtyLog;
     private int _stateSaves;
+    /// <summary>The device state saved since the last pause, while the VM has not run since: QEMU refuses to migrate again from "postmigrate", and the state has not changed.</summary>
+    private byte[]? _savedState;
 
     internal QemuVm(string name, QemuProcess qemu, GuestMemory memory, QemuHostOptions host, VmRunState state, int vcpus)
     {
@@ -79,7 +82,6 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>Why the dirty log is not the agent's, when it could not be (null otherwise, or before <see cref="DirtyLog"/> was chosen).</summary>
     public string? DirtyLogNote { get; private set; }
     public VmRunState State { get; private set; }
-    public string? PostCopyRefusal => NoPostCopy;
     public long StateSizeHint => 512 << 10;
 
     /// <summary>The QEMU process (pid, run directory, serial log).</summary>
@@ -105,6 +107,7 @@ public sealed class QemuVm : IVirtualMachine
     {
         Run("cont");
         State = VmRunState.Running;
+        _savedState = null; // it runs again: its device state moves on
     }
 
     /// <summary>After a completed switch-over: QEMU quits (it runs elsewhere now); the RAM file stays mapped until Dispose.</summary>
@@ -123,6 +126,8 @@ public sealed class QemuVm : IVirtualMachine
     public byte[] SaveState()
     {
         if (State != VmRunState.Paused) throw new InvalidOperationException("SaveState: the VM must be paused");
+        // Paused since it was saved (e.g. a post-copy source starting over from its paused VM): the same state.
+        if (_savedState is { } saved) return saved;
         if (_host.HashRamAtSwitchover) RamHashAtPause = Memory.ComputeHash();
         string path = Path.Combine(_qemu.RunDirectory, $"state-out-{++_stateSaves}.sock");
         var deadline = TimeSpan.FromTicks(_host.DeviceStateTimeout.Ticks);
@@ -138,7 +143,7 @@ public sealed class QemuVm : IVirtualMachine
                 state = ReadAll(connection, cancel.Token);
             string status = AwaitMigration(cancel.Token, out string? error);
             if (status != "completed") throw new QmpException($"QEMU's device-state migration ended '{status}'{(error is null ? "" : ": " + error)}");
-            return state;
+            return _savedState = state;
         }
         catch (OperationCanceledException) { throw new QmpException($"QEMU did not save its device state within {deadline.TotalSeconds:0.#} s{Gone()}"); }
         catch (SocketException e) { throw new QmpException($"QEMU's device state could not be read from {path}: {e.Message}{Gone()}", e); }

@@ -14,6 +14,8 @@ namespace LiveMig.Qemu;
 /// page placed, so the RAM file is complete — QEMU loads the device state from a Unix socket
 /// (<c>migrate-incoming</c>) and stays paused until <see cref="IVirtualMachine.Resume"/> says <c>cont</c>.
 /// A failure before that kills the waiting QEMU and deletes its files (<see cref="Discard"/>).
+/// In post-copy the device state loads before the pages have arrived: QEMU's faults on them are
+/// caught in QEMU's own mapping and served by LiveMig (<see cref="OpenRemoteFaults"/>).
 /// </summary>
 public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
 {
@@ -53,12 +55,29 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
         }
     }
 
+    /// <summary>
+    /// Post-copy: the agent in the waiting QEMU registers QEMU's mapping of the RAM file with
+    /// userfaultfd (MISSING) and passes the descriptor (<see cref="QemuAgentFaults"/>), before
+    /// the device state is loaded — loading reads guest RAM, and those reads fault and wait too.
+    /// </summary>
+    public RemoteFaults? OpenRemoteFaults(IncomingVm vm)
+    {
+        if (!_waiting.TryGetValue(vm.MigrationId, out var qemu)) throw new VmFailedException($"no QEMU is waiting for migration {vm.MigrationId}");
+        var faults = QemuAgentFaults.Open(qemu, vm.MemoryBytes);
+        _demandPaged[vm.MigrationId] = true;
+        return faults;
+    }
+
+    /// <summary>Arrivals in post-copy: their RAM file is not complete when the device state loads (pages arrive on demand).</summary>
+    private readonly ConcurrentDictionary<Guid, bool> _demandPaged = new();
+
     public string? ArrivalFailure(IncomingVm vm) =>
         _waiting.TryGetValue(vm.MigrationId, out var qemu) && qemu.ExitReason is { } gone
             ? $"destination QEMU (pid {qemu.Pid}) {gone} while the VM was arriving" : null;
 
     public void Discard(IncomingVm vm)
     {
+        _demandPaged.TryRemove(vm.MigrationId, out _);
         if (_waiting.TryRemove(vm.MigrationId, out var qemu)) qemu.Dispose();
     }
 
@@ -73,7 +92,9 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
         var arrived = new QemuVm(vm.Name, qemu, memory, host, VmRunState.Paused, vm.Vcpus) { Arrival = vm };
         try
         {
-            if (host.HashRamAtSwitchover) arrived.RamHashBeforeDeviceLoad = memory.ComputeHash();
+            // In post-copy the file is not complete yet (the pages' hashes as placed are compared at the end instead).
+            bool demandPaged = _demandPaged.TryRemove(vm.MigrationId, out _);
+            if (host.HashRamAtSwitchover && !demandPaged) arrived.RamHashBeforeDeviceLoad = memory.ComputeHash();
             LoadDeviceState(qemu, state);
             return arrived;
         }

@@ -64,9 +64,9 @@ public interface IVirtualMachine : IGuestBrakes, IDisposable
     string? CheckInvariant() => null;
 
     /// <summary>
-    /// Why this VM cannot be moved by post-copy or hybrid, or null when it can. A QEMU guest
-    /// cannot yet: its vCPUs are QEMU's threads, and one touching a page that has not arrived
-    /// would read a zero page instead of waiting for it.
+    /// Why this VM cannot be moved by post-copy or hybrid, or null when it can. (A QEMU guest can:
+    /// its vCPUs are QEMU's threads, whose faults on missing pages the destination catches in
+    /// QEMU's own mapping, <see cref="IVmFactory.OpenRemoteFaults"/>.)
     /// </summary>
     string? PostCopyRefusal => null;
 

@@ -66,6 +66,16 @@ public interface IVmFactory
     ParkedThreads? PrepareThreads(IncomingVm vm) => null;
 
     /// <summary>
+    /// Post-copy: where the VM's page faults are caught when its vCPUs are another process's
+    /// threads (QEMU's) — a userfaultfd that process registered over its own mapping of the guest
+    /// memory, asked for before <see cref="Restore"/> (restoring may read guest memory). Null, the
+    /// default: the vCPUs are this process's, and the destination registers its own mapping. A
+    /// factory whose VMs need one and cannot have it throws a <see cref="VmFailedException"/>
+    /// saying why (the migration then fails before the switch: the source resumes the VM).
+    /// </summary>
+    RemoteFaults? OpenRemoteFaults(IncomingVm vm) => null;
+
+    /// <summary>
     /// Rebuilds the VM, paused, over <paramref name="memory"/> (which it then owns) from the
     /// state the source saved, running its vCPUs on <paramref name="threads"/> when given.
     /// Hostile state bytes get an <see cref="InvalidDataException"/> whose message says what is wrong.
