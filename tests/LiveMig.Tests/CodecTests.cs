@@ -408,6 +408,43 @@ public class CodecTests
         Assert.Equal(probes, pipeline.Report()["adaptive"].Counters["probes"]);
     }
 
+    /// <summary>
+    /// Incompressible memory costs the adaptive stage almost nothing: a run of incompressible
+    /// samples makes it look at fewer pages (up to 1 in 64), and the first compressible page it
+    /// samples brings it back to every page — at most 63 compressible pages go raw on the way.
+    /// </summary>
+    [Fact]
+    public void Codec_adaptive_encoder_samples_sparsely_inside_incompressible_memory_and_recovers_at_once()
+    {
+        const int Random = 2000, Text = 200;
+        // Every timed compression takes 8 ticks of the scripted clock (as in the test above): fast codecs, whatever the JIT does.
+        var clock = new ScriptedClock(read => read % 2 == 0 ? 1 : 8);
+        using var pipeline = new SourcePipeline(new PipelineOptions { Compression = CompressionKind.Adaptive }, Random + Text, time: clock);
+        pipeline.Link.Set(125e6);
+        var enc = pipeline.CreateEncoder();
+        var buf = new byte[PageCodec.MaxEncodedSize];
+        var rng = new Random(5);
+        var page = new byte[GuestMemory.PageSize];
+        var counts = new EncodingCounters();
+        enc.BeginRound(0);
+        for (int p = 0; p < Random; p++) { rng.NextBytes(page); counts.Add(enc.Encode(p, page, buf, out int n), n); }
+        Assert.Equal(Random, counts.Pages(PageEncoding.Raw));
+        long unsampled = pipeline.Report()["adaptive"].Counters["unsampled"];
+        Assert.InRange(unsampled, Random * 0.8, Random - 8); // most pages not looked at, the first eight always
+        var textCounts = new EncodingCounters();
+        for (int p = 0; p < Text; p++) textCounts.Add(enc.Encode(Random + p, Pages.Text(p), buf, out int n), n);
+        long compressed = textCounts.Pages(PageEncoding.Lz4) + textCounts.Pages(PageEncoding.Zstd);
+        Assert.True(compressed >= Text - 63, $"{compressed} of {Text} compressed; raw {textCounts.Pages(PageEncoding.Raw)}; adaptive {string.Join(", ", pipeline.Report()["adaptive"].Counters.Select(kv => $"{kv.Key}={kv.Value}"))}");
+        // Interleaved memory never forms a run: every compressible page is looked at and compressed.
+        var mixed = new EncodingCounters();
+        for (int p = 0; p < 400; p++)
+        {
+            if (p % 2 == 0) { rng.NextBytes(page); enc.Encode(p, page, buf, out _); }
+            else mixed.Add(enc.Encode(p, Pages.Text(p), buf, out int n), n);
+        }
+        Assert.Equal(200, mixed.Pages(PageEncoding.Lz4) + mixed.Pages(PageEncoding.Zstd));
+    }
+
     [Fact]
     public void Codec_link_estimate_takes_the_cap_or_the_measured_rate()
     {
