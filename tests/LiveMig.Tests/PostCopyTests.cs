@@ -152,7 +152,7 @@ public class PostCopyTests(ITestOutputHelper output)
     public void Hybrid_with_every_stage_sends_compressed_delta_and_dedup_pages_and_counts_them()
     {
         using var loop = new PostCopyLoopback();
-        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 48L << 20, Vcpus = 2, Workload = "sweep:rate=40000,range=50%", Fill = MemoryFill.Mixed, Seed = 3 });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 48L << 20, Vcpus = 2, Workload = "random:rate=40000,range=50%", Fill = MemoryFill.Mixed, Seed = 3 });
         for (int i = 0; i < 500; i++) Pages.Text(i % 10).CopyTo(vm.Memory.Page(vm.Memory.PageCount - 1 - i)); // above the range: duplicates, and free
         for (int i = 0; i < 200; i++) Pages.Text(i % 5).CopyTo(vm.Memory.Page(1000 + i));                     // inside it: duplicates that are sent
         vm.Start();
