@@ -354,7 +354,7 @@ public sealed class PostCopyMigration
         // From here on the destination may run the VM: the source never resumes it.
         if (!_gate.TryCommit()) throw new OperationCanceledException(_gate.Token);
         link.MainFrames.Send(FrameType.Commit, []);
-        _committed = true;
+        Volatile.Write(ref _committed, true);
         _switchClock.Mark("send-commit");
         return pending;
     }
@@ -661,9 +661,11 @@ public sealed class PostCopyMigration
         {
             // Wakes the pusher (its writes fail) so that recovery starts. After PostCopyEnd the
             // destination closes this connection when it is done; if it still needed pages it
-            // notices the failure itself and breaks the main connection.
+            // notices the failure itself and breaks the main connection. Before Commit there is
+            // no pusher: the switch's own read finds the destination's Error (or its close),
+            // which breaking the main connection under it would turn into "disposed object".
             link.ServerError ??= e;
-            if (!Volatile.Read(ref _endSent)) link.Break();
+            if (!Volatile.Read(ref _endSent) && Volatile.Read(ref _committed)) link.Break();
         }
     }
 
