@@ -28,14 +28,16 @@ echo
 echo "| Guest | Downtime ms (median) | min–max | Source phases (median ms) | Destination phases (median ms) | Verified |"
 echo "|---|---:|---|---|---|---|"
 for mem in 512MiB 4GiB; do
-  for r in $(seq "$reps"); do ./livemig demo --strategy postcopy --memory "$mem" --json 2>/dev/null | tr -d '\n'; echo; done | python3 -c '
-import json, sys, statistics
+  for r in $(seq "$reps"); do ./livemig demo --strategy postcopy --memory "$mem" --json 2>/dev/null | tr -d '\n'; echo; done | MEM="$mem" python3 -c '
+import json, os, statistics, sys
 rs = [json.loads(l) for l in sys.stdin if l.strip().startswith("{")]
+def ms(r, side, name):
+    return next(p["ms"] for p in r["downtimeBreakdown"][side] if p["phase"] == name)
 def phases(side):
     names = [p["phase"] for p in rs[0]["downtimeBreakdown"][side]]
-    return ", ".join(f"{n} {statistics.median(next(p["ms"] for p in r["downtimeBreakdown"][side] if p["phase"] == n) for r in rs):.1f}" for n in names)
+    return ", ".join("%s %.1f" % (n, statistics.median(ms(r, side, n) for r in rs)) for n in names)
 d = [r["downtimeMs"] for r in rs]
-print(f"| '"$mem"' | {statistics.median(d):.1f} | {min(d):.1f}–{max(d):.1f} | {phases(\"source\")} | {phases(\"destination\")} | {all(r[\"verified\"] for r in rs)} |")'
+print("| %s | %.1f | %.1f–%.1f | %s | %s | %s |" % (os.environ["MEM"], statistics.median(d), min(d), max(d), phases("source"), phases("destination"), all(r["verified"] for r in rs)))'
 done
 echo
 echo "Load average after: $(load)."
