@@ -44,7 +44,7 @@ echo "Load average after: $(load)."
 echo
 echo "### Post-copy fault service: \`PostCopyBench --strategies ,\` (1 GiB, random writes at 20,000 pages/s, no cap)"
 echo
-dotnet bench/PostCopyBench/bin/Release/net10.0/PostCopyBench.dll --strategies , | grep -v '^{'
+dotnet bench/PostCopyBench/bin/Release/net10.0/PostCopyBench.dll --strategies , | grep -v -e '^{' -e '^# ' -e '^## .*link capped' -e '^| strategy' -e '^|---|---|---|'
 echo
 "${bench[@]}" downtime --memory 1GiB --reps "$reps"
 echo "Load average at the end: $(load)."
