@@ -27,36 +27,25 @@ internal static class MtdCommands
         {
             file, json, seed, png,
         };
-        cmd.SetAction(r =>
+        cmd.SetAction(r => SimulateCommand.RunScenario("mtd simulate", r.GetValue(file)!, path =>
         {
-            string path = r.GetValue(file)!;
-            try
+            var scenario = MtdScenario.Load(path);
+            var wall = Stopwatch.StartNew();
+            var result = MtdSweep.Run(scenario, r.GetValue(seed));
+            wall.Stop();
+            if (r.GetValue(png) is { } pngPath)
             {
-                var scenario = MtdScenario.Load(path);
-                var wall = Stopwatch.StartNew();
-                var result = MtdSweep.Run(scenario, r.GetValue(seed));
-                wall.Stop();
-                if (r.GetValue(png) is { } pngPath) DrawPng(result, pngPath);
-                if (r.GetValue(json)) Console.WriteLine(result.ToJson());
-                else Render(result, wall.Elapsed, Console.Out);
-                return 0;
+                try { DrawPng(result, pngPath); }
+                catch (IOException e)
+                {
+                    Console.Error.WriteLine($"livemig: mtd simulate: --png: {PeerText.Escape(e.Message.ReplaceLineEndings(" "))}");
+                    return 2;
+                }
             }
-            catch (ScenarioException e)
-            {
-                Console.Error.WriteLine($"livemig: mtd simulate: {PeerText.Escape(e.Message)}");
-                return 2;
-            }
-            catch (ArgumentException e)
-            {
-                Console.Error.WriteLine($"livemig: mtd simulate: {PeerText.Escape(path)}: {PeerText.Escape(e.Message.Split('\n')[0])}");
-                return 2;
-            }
-            catch (IOException e)
-            {
-                Console.Error.WriteLine($"livemig: mtd simulate: --png: {PeerText.Escape(e.Message.ReplaceLineEndings(" "))}");
-                return 2;
-            }
-        });
+            if (r.GetValue(json)) Console.WriteLine(result.ToJson());
+            else Render(result, wall.Elapsed, Console.Out);
+            return 0;
+        }));
         return cmd;
     }
 

@@ -17,32 +17,37 @@ internal static class SimulateCommand
         {
             file, json, seed,
         };
-        cmd.SetAction(r =>
+        cmd.SetAction(r => RunScenario("simulate", r.GetValue(file)!, path =>
         {
-            string path = r.GetValue(file)!;
-            try
-            {
-                var scenario = Scenario.Load(path);
-                var wall = Stopwatch.StartNew();
-                var result = ScenarioRunner.Run(scenario, r.GetValue(seed));
-                wall.Stop();
-                if (r.GetValue(json)) Console.WriteLine(result.ToJson());
-                else Render(result, wall.Elapsed, Console.Out);
-                return 0;
-            }
-            catch (ScenarioException e)
-            {
-                Console.Error.WriteLine($"livemig: simulate: {PeerText.Escape(e.Message)}");
-                return 2;
-            }
-            catch (ArgumentException e)
-            {
-                // A value the reader let through but a model refused: still one line, naming the file.
-                Console.Error.WriteLine($"livemig: simulate: {PeerText.Escape(path)}: {PeerText.Escape(e.Message.Split('\n')[0])}");
-                return 2;
-            }
-        });
+            var scenario = Scenario.Load(path);
+            var wall = Stopwatch.StartNew();
+            var result = ScenarioRunner.Run(scenario, r.GetValue(seed));
+            wall.Stop();
+            if (r.GetValue(json)) Console.WriteLine(result.ToJson());
+            else Render(result, wall.Elapsed, Console.Out);
+            return 0;
+        }));
         return cmd;
+    }
+
+    /// <summary>
+    /// Runs the body of a command that reads a scenario file (simulate, validate, mtd simulate):
+    /// a bad file — or a value the reader let through but a model refused — is one line on
+    /// stderr naming the file, exit 2.
+    /// </summary>
+    internal static int RunScenario(string verb, string path, Func<string, int> body)
+    {
+        try { return body(path); }
+        catch (ScenarioException e)
+        {
+            Console.Error.WriteLine($"livemig: {verb}: {PeerText.Escape(e.Message)}");
+            return 2;
+        }
+        catch (ArgumentException e)
+        {
+            Console.Error.WriteLine($"livemig: {verb}: {PeerText.Escape(path)}: {PeerText.Escape(e.Message.Split('\n')[0])}");
+            return 2;
+        }
     }
 
     /// <summary>Plain aligned text, one line a migration, whatever the terminal's width (so it pipes and greps).</summary>

@@ -16,27 +16,16 @@ internal static class ValidateCommand
         {
             file, json, seed,
         };
-        cmd.SetAction(r =>
+        cmd.SetAction(r => SimulateCommand.RunScenario("validate", r.GetValue(file)!, path =>
         {
-            string path = r.GetValue(file)!;
             bool asJson = r.GetValue(json);
+            var scenario = Scenario.Load(path);
             try
             {
-                var scenario = Scenario.Load(path);
                 var result = ScenarioValidator.Run(scenario, path, r.GetValue(seed), progress: asJson ? null : line => Console.Error.WriteLine(PeerText.Escape(line)));
                 if (asJson) Console.WriteLine(result.ToJson());
                 else Render(result, Console.Out);
                 return result.Migrations.All(m => m.Real.Outcome == "completed" && m.Verified == true) ? 0 : 1;
-            }
-            catch (ScenarioException e)
-            {
-                Console.Error.WriteLine($"livemig: validate: {PeerText.Escape(e.Message)}");
-                return 2;
-            }
-            catch (ArgumentException e)
-            {
-                Console.Error.WriteLine($"livemig: validate: {PeerText.Escape(path)}: {PeerText.Escape(e.Message.Split('\n')[0])}");
-                return 2;
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or TimeoutException or InvalidOperationException)
             {
@@ -44,7 +33,7 @@ internal static class ValidateCommand
                 Console.Error.WriteLine($"livemig: validate: {PeerText.Escape(e.Message.Split('\n')[0])}");
                 return 1;
             }
-        });
+        }));
         return cmd;
     }
 

@@ -1,7 +1,6 @@
 using LiveMig.Memory;
 using LiveMig.Simulation;
 using LiveMig.Traces;
-using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
 namespace LiveMig.Mtd;
@@ -17,24 +16,12 @@ internal sealed class MtdScenarioReader(string file, string directory)
 
     public static MtdScenario Load(string path)
     {
-        string text;
-        try { text = File.ReadAllText(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new ScenarioException($"{path}: cannot read it: {e.Message}"); }
-        return Parse(text, path, Path.GetDirectoryName(Path.GetFullPath(path)) ?? ".");
+        return Parse(ScenarioYaml.ReadFile(path), path, ScenarioYaml.DirectoryOf(path));
     }
 
     public static MtdScenario Parse(string yaml, string file, string? directory)
     {
-        var stream = new YamlStream();
-        try { stream.Load(new StringReader(yaml)); }
-        catch (YamlException e)
-        {
-            string why = e.InnerException?.Message ?? e.Message;
-            int cut = why.IndexOf("): ", StringComparison.Ordinal);
-            throw new ScenarioException($"{file}:{e.Start.Line}: YAML: {(cut >= 0 ? why[(cut + 3)..] : why)}");
-        }
-        if (stream.Documents.Count != 1) throw new ScenarioException($"{file}:1: expected one YAML document, found {stream.Documents.Count}");
-        return new MtdScenarioReader(file, directory ?? Directory.GetCurrentDirectory()).Read(stream.Documents[0].RootNode);
+        return new MtdScenarioReader(file, directory ?? Directory.GetCurrentDirectory()).Read(ScenarioYaml.Root(yaml, file));
     }
 
     private MtdScenario Read(YamlNode root)

@@ -3,7 +3,6 @@ using LiveMig.Policies;
 using LiveMig.Traces;
 using LiveMig.Vm;
 using LiveMig.Workloads;
-using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
 namespace LiveMig.Simulation;
@@ -62,25 +61,13 @@ public sealed record Scenario
 
     public static Scenario Load(string path)
     {
-        string text;
-        try { text = File.ReadAllText(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new ScenarioException($"{path}: cannot read it: {e.Message}"); }
-        return Parse(text, path, Path.GetDirectoryName(Path.GetFullPath(path)) ?? ".");
+        return Parse(ScenarioYaml.ReadFile(path), path, ScenarioYaml.DirectoryOf(path));
     }
 
     /// <summary>Reads a scenario from YAML text; <paramref name="file"/> names it in errors, relative trace paths are taken from <paramref name="directory"/>.</summary>
     public static Scenario Parse(string yaml, string file = "scenario", string? directory = null)
     {
-        var stream = new YamlStream();
-        try { stream.Load(new StringReader(yaml)); }
-        catch (YamlException e)
-        {
-            string why = e.InnerException?.Message ?? e.Message;
-            int cut = why.IndexOf("): ", StringComparison.Ordinal);
-            throw new ScenarioException($"{file}:{e.Start.Line}: YAML: {(cut >= 0 ? why[(cut + 3)..] : why)}");
-        }
-        if (stream.Documents.Count != 1) throw new ScenarioException($"{file}:1: expected one YAML document, found {stream.Documents.Count}");
-        return new ScenarioReader(file, directory ?? Directory.GetCurrentDirectory()).Read(stream.Documents[0].RootNode);
+        return new ScenarioReader(file, directory ?? Directory.GetCurrentDirectory()).Read(ScenarioYaml.Root(yaml, file));
     }
 }
 

@@ -1,10 +1,40 @@
 using System.Globalization;
+using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
 namespace LiveMig.Simulation;
 
 /// <summary>A scenario file that cannot be used: one line, <c>FILE:LINE: FIELD: what is wrong</c>.</summary>
 public sealed class ScenarioException(string message) : Exception(message);
+
+/// <summary>The one YAML document of a scenario file (the simulator's and moving target defence's), or its error in one line.</summary>
+internal static class ScenarioYaml
+{
+    /// <summary>The file's text, or a <see cref="ScenarioException"/> saying why it cannot be read.</summary>
+    public static string ReadFile(string path)
+    {
+        try { return File.ReadAllText(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new ScenarioException($"{path}: cannot read it: {e.Message}"); }
+    }
+
+    /// <summary>The directory relative paths in <paramref name="path"/> are taken from.</summary>
+    public static string DirectoryOf(string path) => Path.GetDirectoryName(Path.GetFullPath(path)) ?? ".";
+
+    /// <summary>The root node of <paramref name="yaml"/>'s only document; <paramref name="file"/> names it in errors.</summary>
+    public static YamlNode Root(string yaml, string file)
+    {
+        var stream = new YamlStream();
+        try { stream.Load(new StringReader(yaml)); }
+        catch (YamlException e)
+        {
+            string why = e.InnerException?.Message ?? e.Message;
+            int cut = why.IndexOf("): ", StringComparison.Ordinal);
+            throw new ScenarioException($"{file}:{e.Start.Line}: YAML: {(cut >= 0 ? why[(cut + 3)..] : why)}");
+        }
+        if (stream.Documents.Count != 1) throw new ScenarioException($"{file}:1: expected one YAML document, found {stream.Documents.Count}");
+        return stream.Documents[0].RootNode;
+    }
+}
 
 /// <summary>
 /// Typed, checked reading of one YAML mapping of a scenario: every value read names its field
