@@ -61,26 +61,14 @@ internal static class SimulateCommand
                 done ? $"{m.DowntimeMs:0.0}" : "-", Units.Bytes(m.BytesOnWire), m.Rounds.ToString(), m.StopReason.Length > 0 ? m.StopReason : "-",
                 m.Outcome + (m.Error is { } e && !done ? $": {Short(e)}" : "")]);
         }
-        Write(o, rows, rightAligned: [2, 3, 4, 5, 6]);
+        TextTable.Write(o, rows, rightAligned: [2, 3, 4, 5, 6]);
         o.WriteLine();
         var links = new List<string[]> { new[] { "link", "bandwidth", "carried", "mean utilisation" } };
         foreach (var l in result.Links) links.Add([PeerText.Escape(l.Name), Units.Rate(l.BytesPerSecond), Units.Bytes(l.BytesCarried), $"{l.Utilisation * 100:0.0}%"]);
-        Write(o, links, rightAligned: [1, 2, 3]);
+        TextTable.Write(o, links, rightAligned: [1, 2, 3]);
         o.WriteLine();
         int completed = result.Migrations.Count(m => m.Outcome == "completed");
         o.WriteLine($"{completed} of {result.Migrations.Count} migrations completed; {result.EndS:0.###} s of virtual time (seed {result.Seed}), {result.Events:N0} events in {wall.TotalMilliseconds:0} ms of wall time");
-    }
-
-    private static void Write(TextWriter o, List<string[]> rows, int[] rightAligned)
-    {
-        int[] width = new int[rows[0].Length];
-        foreach (var r in rows)
-            for (int i = 0; i < r.Length; i++) width[i] = Math.Max(width[i], r[i].Length);
-        foreach (var r in rows)
-        {
-            var cells = r.Select((c, i) => i == r.Length - 1 ? c : rightAligned.Contains(i) ? c.PadLeft(width[i]) : c.PadRight(width[i]));
-            o.WriteLine(string.Join("  ", cells).TrimEnd());
-        }
     }
 
     /// <summary>The first clause of a long reason: the table keeps one line a migration (the JSON has it whole).</summary>

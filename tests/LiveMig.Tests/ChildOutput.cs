@@ -43,4 +43,14 @@ internal static class CliChild
         }
         return Process.Start(psi)!;
     }
+
+    /// <summary>Runs <c>livemig ARGS</c> to its end (bounded): its exit code, standard output and standard error.</summary>
+    public static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        using var p = Start(args);
+        var err = p.StandardError.ReadToEndAsync();
+        string output = ChildOutput.All(p, p.StandardOutput);
+        Assert.True(p.WaitForExit(ChildOutput.Bound), $"livemig {string.Join(' ', args)} did not exit");
+        return (p.ExitCode, output, err.Result);
+    }
 }

@@ -67,15 +67,5 @@ public class MtdCliTests
         Assert.DoesNotContain('\n', error.Trim());
     }
 
-    internal static (int Code, string Out, string Err) Cli(params string[] args)
-    {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"));
-        foreach (string a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var err = p.StandardError.ReadToEndAsync();
-        string output = ChildOutput.All(p, p.StandardOutput);
-        Assert.True(p.WaitForExit(ChildOutput.Bound), $"livemig {string.Join(' ', args)} did not exit");
-        return (p.ExitCode, output, err.Result);
-    }
+    internal static (int Code, string Out, string Err) Cli(params string[] args) => CliChild.Run(args);
 }

@@ -184,15 +184,5 @@ public sealed class SimulatorScenarioTests
         finally { Directory.Delete(dir, recursive: true); }
     }
 
-    private static (int Code, string Out, string Err) Cli(params string[] args)
-    {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LiveMig.Cli.dll"));
-        foreach (string a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var err = p.StandardError.ReadToEndAsync();
-        string output = ChildOutput.All(p, p.StandardOutput);
-        Assert.True(p.WaitForExit(ChildOutput.Bound), "livemig simulate did not exit");
-        return (p.ExitCode, output, err.Result);
-    }
+    private static (int Code, string Out, string Err) Cli(params string[] args) => CliChild.Run(args);
 }
