@@ -565,6 +565,84 @@ public class CodecTests
     }
 
     [Fact]
+    public void Codec_dedup_steps_aside_in_memory_without_duplicates_and_comes_back_at_a_hit()
+    {
+        // 8,192 unique pages, then 256 copies of the very first, then unique again.
+        const int Unique = 8192, Copies = 256, N = Unique + Copies + 2048;
+        using var src = GuestMemory.Create((long)N * Size, "codec-dedup-sample");
+        for (int p = 0; p < N; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
+        for (int p = Unique; p < Unique + Copies; p++) src.Page(0).CopyTo(src.Page(p));
+        using var dst = GuestMemory.Create((long)N * Size, "codec-dedup-sample-dst");
+        var options = new PipelineOptions { Dedup = true };
+        using var pipeline = new SourcePipeline(options, N);
+        var enc = pipeline.CreateEncoder();
+        using var dec = new PipelineDecoder(dst, options.Capabilities | Capabilities.Raw | Capabilities.ZeroPages);
+        var buf = new byte[PageCodec.MaxEncodedSize];
+        enc.BeginRound(0);
+        var encodings = new PageEncoding[N];
+        for (int p = 0; p < N; p++)
+        {
+            encodings[p] = enc.Encode(p, src.Page(p), buf, out int n);
+            dec.Decode(p, encodings[p], buf.AsSpan(0, n), dst.Page(p));
+        }
+        var c = pipeline.Report()["dedup"];
+        long unsampled = c.Counters["unsampled"];
+        Assert.Equal(N, c.PagesOffered);
+        // Past 512 misses it passes pages by, more and more of them (63 in 64 after 3,072 misses).
+        Assert.InRange(unsampled, Unique / 2, Unique);
+        // Page 0 was looked at (and indexed): the first copy dedup looks at is found (within 64
+        // pages), and from that hit on it looks at every page again, so all the later copies too.
+        int firstHit = Array.IndexOf(encodings, PageEncoding.Dedup);
+        Assert.InRange(firstHit, Unique, Unique + 63);
+        Assert.All(encodings[firstHit..(Unique + Copies)], e => Assert.Equal(PageEncoding.Dedup, e));
+        Assert.Equal(Unique + Copies - firstHit, c.Counters["withinVm"]);
+        Assert.Equal(src.ComputeHash(), dst.ComputeHash()); // …and nothing passed by is wrong at the destination
+    }
+
+    [Fact]
+    public void Codec_dedup_never_refers_to_a_page_it_passed_by()
+    {
+        // Unique pages until dedup steps aside, then every page a copy of one passed by: none may be
+        // named as a holder (its content was never hashed into the index).
+        const int N = 6000;
+        using var src = GuestMemory.Create((long)N * Size, "codec-dedup-passed");
+        for (int p = 0; p < 5000; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
+        for (int p = 5000; p < N; p++) src.Page(4000 + (p - 5000) % 1000).CopyTo(src.Page(p));
+        using var dst = GuestMemory.Create((long)N * Size, "codec-dedup-passed-dst");
+        var options = new PipelineOptions { Dedup = true };
+        using var pipeline = new SourcePipeline(options, N);
+        var enc = pipeline.CreateEncoder();
+        using var dec = new PipelineDecoder(dst, options.Capabilities | Capabilities.Raw | Capabilities.ZeroPages);
+        var buf = new byte[PageCodec.MaxEncodedSize];
+        enc.BeginRound(0);
+        for (int p = 0; p < N; p++)
+        {
+            var e = enc.Encode(p, src.Page(p), buf, out int n);
+            dec.Decode(p, e, buf.AsSpan(0, n), dst.Page(p)); // a reference to an unindexed page would throw here
+        }
+        var c = pipeline.Report()["dedup"];
+        Assert.True(c.Counters["unsampled"] > 0);
+        Assert.True(c.Counters["withinVm"] > 0); // the copies of pages it did look at are still found
+        Assert.Equal(src.ComputeHash(), dst.ComputeHash());
+    }
+
+    [Fact]
+    public void Codec_destination_can_index_a_vm_once_it_arrived_instead_of_page_by_page()
+    {
+        const int N = 16;
+        using var dst = GuestMemory.Create(N * Size, "codec-arrived");
+        var store = new DedupStore();
+        using var dec = new PipelineDecoder(dst, Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Dedup, store) { IndexPlacedPages = false };
+        for (int p = 0; p < N - 4; p++) dec.Decode(p, PageEncoding.Raw, Pages.Text(p), dst.Page(p));
+        dec.Decode(N - 4, PageEncoding.Zero, [], dst.Page(N - 4));
+        Assert.Equal(0, store.Count); // nothing while the pages arrive
+        Assert.Equal(N - 4, store.AddArrived(dst, dec.Received)); // placed, non-zero pages only
+        var target = new byte[Size];
+        Assert.True(store.TryFill(ContentHash.Of(Pages.Text(3)), target, out _));
+        Assert.Equal(Pages.Text(3), target);
+    }
+
+    [Fact]
     public void Codec_dedup_index_drops_a_holder_whose_content_was_resent()
     {
         var index = new DedupSourceIndex(8);
