@@ -63,6 +63,9 @@ internal sealed class RedisProbe : IDisposable
         _prefix = prefix;
     }
 
+    /// <summary>Replies so far (read while it runs).</summary>
+    public long Requests => Interlocked.Read(ref _requests);
+
     /// <summary>Connects (bounded by <paramref name="within"/>) and starts the request loop on a thread of its own.</summary>
     public void Start(TimeSpan within)
     {

@@ -55,6 +55,14 @@ public sealed record QemuVmSpec
     /// </summary>
     public IReadOnlyList<int> Forward { get; init; } = [];
 
+    /// <summary>Field by field, <see cref="Forward"/> by its ports (a record compares lists by reference).</summary>
+    public bool Equals(QemuVmSpec? other) =>
+        other is not null && Machine == other.Machine && Accel == other.Accel && MemoryBytes == other.MemoryBytes && Vcpus == other.Vcpus
+        && BootImage == other.BootImage && Kernel == other.Kernel && Initrd == other.Initrd && Append == other.Append
+        && Network == other.Network && Forward.SequenceEqual(other.Forward);
+
+    public override int GetHashCode() => HashCode.Combine(Machine, MemoryBytes, Vcpus, BootImage, Kernel, Network, Forward.Count);
+
     /// <summary>The files the guest boots from (the destination checks each against its allowed directories).</summary>
     public IEnumerable<string> Files => new[] { BootImage, Kernel, Initrd }.OfType<string>();
 
