@@ -26,7 +26,7 @@ internal static class QemuBenchPlot
         var multi = new Multiplot();
         multi.AddPlots(3);
         Panel(multi.GetPlot(0), medians.Select(m => (m.Name, m.Converged, m.Total)).ToList(), "total time (s)", $"QEMU's migration and LiveMig's side by side: {subtitle}");
-        Panel(multi.GetPlot(1), medians.Select(m => (m.Name, m.Converged, m.Downtime)).ToList(), "downtime (ms)", "downtime (each system's own figure; none where it did not converge)");
+        Panel(multi.GetPlot(1), medians.Select(m => (m.Name, m.Converged, m.Downtime)).ToList(), "downtime (ms)", "downtime (each system's own figure; n/c: did not converge)");
         Panel(multi.GetPlot(2), medians.Select(m => (m.Name, m.Converged, m.MiB)).ToList(), "MiB at the socket", "bytes at the socket (both directions); grey: did not converge in the time given");
         multi.SavePng(path, Width, PanelHeight * 3);
     }
@@ -40,7 +40,8 @@ internal static class QemuBenchPlot
         {
             var (name, converged, value) = bars[i];
             var color = !converged ? Colors.LightGray : name.StartsWith("QEMU", StringComparison.Ordinal) ? qemu : ours;
-            list.Add(new Bar { Position = i, Value = value, FillColor = color, Label = value >= 100 ? value.ToString("0") : value.ToString("0.0") });
+            string label = !converged && value == 0 ? "n/c" : value >= 100 ? value.ToString("0") : value.ToString("0.0");
+            list.Add(new Bar { Position = i, Value = value, FillColor = color, Label = label });
         }
         var series = plot.Add.Bars(list);
         series.ValueLabelStyle.FontSize = 11;
@@ -51,6 +52,7 @@ internal static class QemuBenchPlot
         plot.Axes.Bottom.TickLabelStyle.Alignment = Alignment.MiddleLeft;
         plot.Axes.Bottom.TickLabelStyle.FontSize = 11;
         plot.Axes.Bottom.MinimumSize = 150;
+        plot.Axes.Right.MinimumSize = 170; // the last rotated label runs past the last bar
         plot.Axes.Margins(bottom: 0, top: 0.15);
         plot.YLabel(yLabel);
         plot.Title(title, size: 13);

@@ -41,12 +41,13 @@ internal static class QemuPreCopyScenario
         }
 
         var o = Console.Out;
+        string loadAtStart = MachineInfo.LoadAverage();
         o.WriteLine("## QEMU pre-copy side by side: QEMU's own migration and LiveMig's, same guest, workload and cap");
         o.WriteLine();
         o.WriteLine($"Command: `LiveMig.Bench qemu-precopy {string.Join(' ', args)}`");
         o.WriteLine();
         o.WriteLine(MachineInfo.Markdown());
-        o.WriteLine($"Guest: {guest.Describe}; cap {Units.Bytes(s.Bandwidth)}/s; downtime target 300 ms on both (QEMU's default); each system gets {s.GiveUp.TotalSeconds:0} s to converge; QEMU's post-copy switches after {s.SwitchAfter.TotalSeconds:0.#} s. Load average at start: {MachineInfo.LoadAverage()}.");
+        o.WriteLine($"Guest: {guest.Describe}; cap {Units.Bytes(s.Bandwidth)}/s; downtime target 300 ms on both (QEMU's default); each system gets {s.GiveUp.TotalSeconds:0} s to converge; QEMU's post-copy switches after {s.SwitchAfter.TotalSeconds:0.#} s. Load average at start: {loadAtStart}.");
         o.WriteLine();
         bool linux = guest is LinuxBenchGuest;
         o.WriteLine(linux
@@ -69,7 +70,8 @@ internal static class QemuPreCopyScenario
         o.WriteLine($"\n_Load average at the end: {MachineInfo.LoadAverage()}._");
         if (s.Png is not null)
         {
-            QemuBenchPlot.Draw(all, s.Png, $"{guest.Describe}, cap {Units.Bytes(s.Bandwidth)}/s, {s.Reps} repetition(s), median");
+            // The load goes into the picture: a figure from a busy machine must say so where it is seen.
+            QemuBenchPlot.Draw(all, s.Png, $"{guest.Describe}, cap {Units.Bytes(s.Bandwidth)}/s, {s.Reps} repetition(s), median; load average {loadAtStart} at start");
             Console.Error.WriteLine($"qemu-precopy: wrote {s.Png}");
         }
         return 0;

@@ -32,7 +32,8 @@ internal static class MtdRunCommand
 
     private static LiveMtdOptions Options(ParseResult r, CliOptions o, Option<int> agents, Option<string?> interval, Option<string?> poisson, Option<int?> moves, Option<string?> duration)
     {
-        if (r.GetResult(o.Qemu) is { Implicit: false }) throw new UsageException("--qemu: mtd run moves the built-in VM only (a QEMU guest is not done yet: docs/mtd.md)");
+        foreach (var q in new Option[] { o.Qemu, o.QemuKernel, o.QemuInitrd, o.QemuAppend, o.QemuForward, o.QemuAccel })
+            if (r.GetResult(q) is { Implicit: false }) throw new UsageException($"{q.Name}: mtd run moves the built-in VM only (a QEMU guest is not done yet: docs/mtd.md)");
         if (r.GetResult(o.MemoryFile) is { Implicit: false }) throw new UsageException("--memory-file: not with mtd run (the VM's memory moves from agent to agent)");
         var config = o.VmConfig(r);
         if (r.GetResult(o.Workload) is null or { Implicit: true }) config = config with { Workload = "kv" };
