@@ -13,7 +13,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
 /// LiveMig.Bench qemu-postcopy [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
-/// LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE]
+/// LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE] [--systems TEXT,...]
 /// LiveMig.Bench simulate   --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit] [--rate P] (bench/sim-speed.sh)
 /// </code>
 /// </summary>
@@ -138,6 +138,7 @@ public static class Program
                            --switch-after) and by LiveMig (best, each stage alone), alternating, same cap, bytes at the socket;
                            QEMU cancelled after --give-up: [--guest bootsector|linux] [--image IMG] [--kernel-dir guests/linux/out]
                            [--memory 128MiB (linux 256MiB)] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE]
+                           [--systems TEXT,...] (only the rows whose name contains one of them)
               simulate     the simulator's speed: --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
                            [--rate PAGE_WRITES_PER_S] [--working-set SIZE] [--seed N] [--header] (one Markdown row; bench/sim-speed.sh)
             options:

@@ -19,6 +19,8 @@ internal sealed record GuestOutcome(long GuestErrors, RedisProbeResult? Client =
 internal abstract class BenchGuest
 {
     public abstract string Describe { get; }
+    /// <summary>A few words for a picture's title.</summary>
+    public abstract string Short { get; }
     public abstract QemuVmSpec Spec { get; }
     public abstract QemuHostOptions Host { get; }
     /// <summary>Blocks (bounded) until the source guest is ready for the move.</summary>
@@ -35,6 +37,7 @@ internal abstract class BenchGuest
 internal sealed class BootSectorBenchGuest(string image, long memory) : BenchGuest
 {
     public override string Describe => $"the boot-sector guest ({Path.GetFileName(image)}), {Units.Bytes(memory)}, 1 vCPU, TCG";
+    public override string Short => $"boot-sector guest, {Units.Bytes(memory)}";
     public override QemuVmSpec Spec { get; } = new() { MemoryBytes = memory, BootImage = image };
     public override QemuHostOptions Host { get; } = new() { AllowedImageDirectories = [Path.GetDirectoryName(image)!] };
 
@@ -65,6 +68,7 @@ internal sealed class LinuxBenchGuest(string directory, long memory) : BenchGues
     private RedisProbe? _probe;
 
     public override string Describe => $"the Linux guest (guests/linux, redis), {Units.Bytes(memory)}, 1 vCPU, TCG, a redis client of ours (SET+GET pairs, 500/s)";
+    public override string Short => $"Linux guest + redis client, {Units.Bytes(memory)}";
     public override QemuVmSpec Spec { get; } = new()
     {
         MemoryBytes = memory, Kernel = Path.Combine(directory, "vmlinuz"), Initrd = Path.Combine(directory, "initrd.gz"),

@@ -25,7 +25,7 @@ internal static class QemuBenchPlot
         }).ToList();
         var multi = new Multiplot();
         multi.AddPlots(3);
-        Panel(multi.GetPlot(0), medians.Select(m => (m.Name, m.Converged, m.Total)).ToList(), "total time (s)", $"QEMU's migration and LiveMig's side by side: {subtitle}");
+        Panel(multi.GetPlot(0), medians.Select(m => (m.Name, m.Converged, m.Total)).ToList(), "total time (s)", $"QEMU's pre-copy and LiveMig's: {subtitle}");
         Panel(multi.GetPlot(1), medians.Select(m => (m.Name, m.Converged, m.Downtime)).ToList(), "downtime (ms)", "downtime (each system's own figure; n/c: did not converge)");
         Panel(multi.GetPlot(2), medians.Select(m => (m.Name, m.Converged, m.MiB)).ToList(), "MiB at the socket", "bytes at the socket (both directions); grey: did not converge in the time given");
         multi.SavePng(path, Width, PanelHeight * 3);

@@ -15,13 +15,16 @@ namespace LiveMig.Bench;
 /// on a stall. Bytes are counted at the socket (<see cref="CountingRelay"/>), both directions.
 /// With <c>--guest linux</c> a redis client of ours runs through every move and its longest gap
 /// between replies, requests, errors and the keys read back afterwards are reported.
-/// <code>LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE]</code>
+/// <code>LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE] [--systems TEXT,...]</code>
 /// </summary>
 internal static class QemuPreCopyScenario
 {
     internal sealed record Row(string System, string Outcome, bool Completed, double TotalS, double DowntimeMs, long SocketBytes, long Rounds, GuestOutcome Guest, string Notes);
 
-    private sealed record Settings(string GuestKind, string Image, string KernelDir, long Memory, long Bandwidth, TimeSpan GiveUp, TimeSpan SwitchAfter, int Reps, string? Png);
+    private sealed record Settings(string GuestKind, string Image, string KernelDir, long Memory, long Bandwidth, TimeSpan GiveUp, TimeSpan SwitchAfter, int Reps, string? Png, string[]? Systems);
+
+    /// <summary>With --systems: only the rows whose name contains one of the given texts (to re-run a few).</summary>
+    private static bool Selected(Settings s, string name) => s.Systems is null || s.Systems.Any(t => name.Contains(t, StringComparison.OrdinalIgnoreCase));
 
     public static int Run(string[] args)
     {
@@ -57,8 +60,8 @@ internal static class QemuPreCopyScenario
         for (int rep = 1; rep <= s.Reps; rep++)
         {
             // QEMU's and LiveMig's configurations alternate, so that a change in the machine's load hits both.
-            var natives = NativeConfigurations(s);
-            var ours = LiveMigConfigurations(s);
+            var natives = NativeConfigurations(s).Where(n => Selected(s, n.Name)).ToList();
+            var ours = LiveMigConfigurations(s).Where(c => Selected(s, c.Name)).ToList();
             for (int i = 0; i < Math.Max(natives.Count, ours.Count); i++)
             {
                 if (i < natives.Count) Emit(o, rep, Native(guest, natives[i]), linux, all);
@@ -71,7 +74,7 @@ internal static class QemuPreCopyScenario
         if (s.Png is not null)
         {
             // The load goes into the picture: a figure from a busy machine must say so where it is seen.
-            QemuBenchPlot.Draw(all, s.Png, $"{guest.Describe}, cap {Units.Bytes(s.Bandwidth)}/s, {s.Reps} repetition(s), median; load average {loadAtStart} at start");
+            QemuBenchPlot.Draw(all, s.Png, $"{guest.Short}, cap {Units.Bytes(s.Bandwidth)}/s, {s.Reps} rep(s), medians; load {loadAtStart.Split(' ')[0]} at start");
             Console.Error.WriteLine($"qemu-precopy: wrote {s.Png}");
         }
         return 0;
@@ -86,6 +89,7 @@ internal static class QemuPreCopyScenario
         var switchAfter = TimeSpan.FromSeconds(5);
         int reps = 1;
         string? png = null;
+        string[]? systems = null;
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -101,13 +105,14 @@ internal static class QemuPreCopyScenario
                 case "--switch-after": if (!Units.TryParseDuration(Next(), out switchAfter) || switchAfter < TimeSpan.Zero) throw new ArgumentException("--switch-after: a duration, e.g. 5s"); break;
                 case "--reps": if (!int.TryParse(Next(), out reps) || reps < 1) throw new ArgumentException("--reps: a positive whole number"); break;
                 case "--png": png = Path.GetFullPath(Next()); break;
+                case "--systems": systems = Next().Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries); break;
                 default: throw new ArgumentException($"unknown option {a}");
             }
         }
         if (guest == "bootsector" && args.Contains("--kernel-dir")) throw new ArgumentException("--kernel-dir is for --guest linux");
         if (guest == "linux" && args.Contains("--image")) throw new ArgumentException("--image is for --guest bootsector (the Linux guest boots --kernel-dir's vmlinuz and initrd.gz)");
         if (switchAfter >= giveUp) throw new ArgumentException("--switch-after must be shorter than --give-up");
-        return new Settings(guest, Path.GetFullPath(image), Path.GetFullPath(kernelDir), memory ?? (guest == "linux" ? 256L << 20 : 128L << 20), bandwidth, giveUp, switchAfter, reps, png);
+        return new Settings(guest, Path.GetFullPath(image), Path.GetFullPath(kernelDir), memory ?? (guest == "linux" ? 256L << 20 : 128L << 20), bandwidth, giveUp, switchAfter, reps, png, systems);
     }
 
     private static void Emit(TextWriter o, int rep, Row r, bool linux, List<Row> all)
