@@ -370,7 +370,7 @@ public class QemuTests
         LinuxGuest.WaitFor(() => BootSectorSerial.Read(source.SerialLog).Contains("Ready to accept connections"), "redis came up in the guest", TimeSpan.FromSeconds(90));
         int sourcePort = source.Process.ForwardedPorts[6379];
         int? destPort = null;
-        using var probe = new LiveMig.Bench.RedisProbe(() =>
+        using var probe = new RedisProbe(() =>
         {
             destPort ??= factory.WaitingProcesses.FirstOrDefault()?.ForwardedPorts[6379] ?? (loop.Listener.Vms.OfType<QemuVm>().FirstOrDefault()?.Process.ForwardedPorts[6379]);
             return destPort is int d ? [sourcePort, d] : [sourcePort];

@@ -3,7 +3,7 @@ using System.Net;
 using System.Net.Sockets;
 using System.Text;
 
-namespace LiveMig.Bench;
+namespace LiveMig.Qemu;
 
 /// <summary>What a <see cref="RedisProbe"/> saw through a migration.</summary>
 /// <param name="Requests">Replies received (each SET and each GET is one).</param>
@@ -15,11 +15,11 @@ namespace LiveMig.Bench;
 /// <param name="KeysWritten">Keys whose SET was acknowledged.</param>
 /// <param name="KeysInDoubt">Keys whose SET was sent but not acknowledged (the connection broke): they may or may not be there, and are not checked.</param>
 /// <param name="PortsUsed">The ports that answered, in the order the probe used them.</param>
-internal sealed record RedisProbeResult(long Requests, long Errors, long WrongAnswers, double LongestGapMs, double GapStartS, int Reconnects,
+public sealed record RedisProbeResult(long Requests, long Errors, long WrongAnswers, double LongestGapMs, double GapStartS, int Reconnects,
     int KeysWritten, int KeysInDoubt, IReadOnlyList<int> PortsUsed);
 
 /// <summary>The check after the move: every acknowledged key read back.</summary>
-internal sealed record RedisKeyCheck(int Checked, int Missing, int Wrong)
+public sealed record RedisKeyCheck(int Checked, int Missing, int Wrong)
 {
     public bool AllThere => Missing == 0 && Wrong == 0;
     public override string ToString() => $"{Checked:N0} keys read back, {Missing} missing, {Wrong} wrong";
@@ -35,7 +35,7 @@ internal sealed record RedisKeyCheck(int Checked, int Missing, int Wrong)
 /// be given). After the move, <see cref="CheckKeys"/> reads every acknowledged key back.
 /// RESP is written by hand: a few commands, no dependency.
 /// </summary>
-internal sealed class RedisProbe : IDisposable
+public sealed class RedisProbe : IDisposable
 {
     private readonly Func<IReadOnlyList<int>> _ports;
     private readonly TimeSpan _requestTimeout;
@@ -50,6 +50,9 @@ internal sealed class RedisProbe : IDisposable
     private long _requests, _errors, _wrong;
     private int _reconnects, _inDoubt;
     private double _lastReplyMs = -1, _longestGapMs, _gapStartMs;
+    // The window since MarkWindow: replies, errors, wrong answers at the mark, and its longest gap.
+    private long _markRequests, _markErrors, _markWrong;
+    private double _windowGapMs, _markMs;
 
     /// <param name="ports">The host ports to try, asked anew at each reconnection (a destination's port may appear later).</param>
     /// <param name="requestTimeout">A reply later than this counts as an error and the probe reconnects.</param>
@@ -65,6 +68,33 @@ internal sealed class RedisProbe : IDisposable
 
     /// <summary>Replies so far (read while it runs).</summary>
     public long Requests => Interlocked.Read(ref _requests);
+
+    /// <summary>Milliseconds since the probe started at which the last reply came (−1: none yet).</summary>
+    public double LastReplyMs => Volatile.Read(ref _lastReplyMs);
+
+    /// <summary>Milliseconds since the probe started.</summary>
+    public double NowMs => _clock.Elapsed.TotalMilliseconds;
+
+    /// <summary>Starts a window (e.g. a move): <see cref="Window"/> reports what came since.</summary>
+    public void MarkWindow()
+    {
+        lock (_written)
+        {
+            (_markRequests, _markErrors, _markWrong) = (Interlocked.Read(ref _requests), Interlocked.Read(ref _errors), Interlocked.Read(ref _wrong));
+            _markMs = _clock.Elapsed.TotalMilliseconds;
+            _windowGapMs = 0;
+        }
+    }
+
+    /// <summary>Since <see cref="MarkWindow"/>: replies, errors, wrong answers, and the longest time without a reply (a gap still open counts up to now).</summary>
+    public (long Requests, long Errors, long WrongAnswers, double LongestGapMs) Window()
+    {
+        lock (_written)
+        {
+            double open = _clock.Elapsed.TotalMilliseconds - Math.Max(_lastReplyMs, _markMs);
+            return (Interlocked.Read(ref _requests) - _markRequests, Interlocked.Read(ref _errors) - _markErrors, Interlocked.Read(ref _wrong) - _markWrong, Math.Max(_windowGapMs, open));
+        }
+    }
 
     /// <summary>Connects (bounded by <paramref name="within"/>) and starts the request loop on a thread of its own.</summary>
     public void Start(TimeSpan within)
@@ -150,10 +180,15 @@ internal sealed class RedisProbe : IDisposable
 
     private void Replied()
     {
-        double now = _clock.Elapsed.TotalMilliseconds;
-        Interlocked.Increment(ref _requests);
-        if (_lastReplyMs >= 0 && now - _lastReplyMs > _longestGapMs) { _longestGapMs = now - _lastReplyMs; _gapStartMs = _lastReplyMs; }
-        _lastReplyMs = now;
+        lock (_written)
+        {
+            double now = _clock.Elapsed.TotalMilliseconds;
+            Interlocked.Increment(ref _requests);
+            if (_lastReplyMs >= 0 && now - _lastReplyMs > _longestGapMs) { _longestGapMs = now - _lastReplyMs; _gapStartMs = _lastReplyMs; }
+            double gapInWindow = now - Math.Max(_lastReplyMs, _markMs);
+            if (gapInWindow > _windowGapMs) _windowGapMs = gapInWindow;
+            Volatile.Write(ref _lastReplyMs, now);
+        }
     }
 
     /// <summary>The first port of <c>ports()</c> whose redis answers PING, or null; each try bounded by a short timeout.</summary>
