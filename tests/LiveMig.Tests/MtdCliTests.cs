@@ -58,7 +58,7 @@ public class MtdCliTests
     [InlineData("--workload 'hotcold': mtd run needs kv", "mtd", "run", "--interval", "1s", "--moves", "2", "--workload", "hotcold")]
     [InlineData("--qemu /x.img: no such file", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img")]
     [InlineData("--workload: not with --qemu", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img", "--workload", "kv")]
-    [InlineData("--qemu-kernel: mtd run moves the built-in VM or the boot-sector guest (--qemu IMAGE) only", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu-kernel", "/x/vmlinuz")]
+    [InlineData("--qemu-kernel /x/vmlinuz: no such file", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu-kernel", "/x/vmlinuz")]
     [InlineData("--interval 'often': expected a duration", "mtd", "run", "--interval", "often", "--moves", "2")]
     public void Mtd_run_refuses_bad_options_in_one_line_with_exit_code_2(string expected, params string[] args)
     {
@@ -67,6 +67,22 @@ public class MtdCliTests
         Assert.Equal("", output);
         Assert.StartsWith("livemig: " + expected, error.Trim());
         Assert.DoesNotContain('\n', error.Trim());
+    }
+
+    [Fact]
+    public void Mtd_run_with_a_linux_guest_needs_its_redis_port_forwarded()
+    {
+        string dir = Directory.CreateTempSubdirectory("lmmtd-kernel").FullName;
+        try
+        {
+            File.WriteAllBytes(Path.Combine(dir, "vmlinuz"), new byte[64]);
+            File.WriteAllBytes(Path.Combine(dir, "initrd.gz"), new byte[64]);
+            var (code, output, error) = Cli("mtd", "run", "--interval", "1s", "--moves", "2", "--qemu-kernel", Path.Combine(dir, "vmlinuz"), "--qemu-initrd", Path.Combine(dir, "initrd.gz"));
+            Assert.Equal(2, code);
+            Assert.Equal("", output);
+            Assert.Equal("livemig: --qemu-kernel: mtd run's client uses the Linux guest's redis: give --qemu-forward 6379", error.Trim());
+        }
+        finally { Directory.Delete(dir, recursive: true); }
     }
 
     internal static (int Code, string Out, string Err) Cli(params string[] args) => CliChild.Run(args);

@@ -49,3 +49,43 @@ public class QemuMtdTests(ITestOutputHelper output)
         Assert.True(result.Clean);
     }
 }
+
+/// <summary>Moving target defence with the Linux guest: a redis client keeps using it through every move.</summary>
+[Trait("Category", "Qemu")]
+public class QemuLinuxMtdTests(ITestOutputHelper output)
+{
+    [SkippableFact]
+    public void The_linux_guest_keeps_moving_while_a_redis_client_uses_it_and_loses_no_acknowledged_key()
+    {
+        string dir = LinuxGuest.Directory();
+        var options = new LiveMtdOptions
+        {
+            Vm = new VmConfig { Name = "mtd-linux-" + Guid.NewGuid().ToString("N")[..6] },
+            Qemu = LinuxGuest.Spec(dir) with { Forward = [LiveMtdOptions.RedisPort] },
+            QemuHost = QemuGuest.Host(dir),
+            Migration = new MigrationOptions { PreCopy = new PreCopyOptions { MaxRounds = 5, OnStall = StallAction.Pause, MaxDowntime = TimeSpan.FromSeconds(30) } },
+            Interval = TimeSpan.FromSeconds(1),
+            Moves = 4,
+            GuestProgressBound = TimeSpan.FromSeconds(60),
+        };
+        using var mtd = new LiveMtd(options);
+        var result = mtd.Run(m => output.WriteLine($"{m.Index}: {m.From} → {m.To} {m.TotalMs:0} ms, downtime {m.DowntimeMs:0.0} ms, verified {m.Verified}, redis replies {m.ClientRequests}, errors {m.ClientErrors}, longest gap {m.ClientLongestGapMs:0} ms{(m.Error is null ? "" : " " + m.Error)}"));
+        output.WriteLine($"redis: {result.Redis}; checks: {result.Checks}");
+
+        Assert.Null(result.Stopped);
+        Assert.Equal(4, result.Completed);
+        Assert.All(result.Moves, m => Assert.True(m.Verified, $"move {m.Index} not verified"));
+        Assert.NotNull(result.Redis);
+        var r = result.Redis!;
+        Assert.Equal(0, r.Stalls);
+        Assert.Equal(0, r.WrongAnswers);
+        Assert.True(r.KeysChecked > 100, $"only {r.KeysChecked} keys were acknowledged");
+        Assert.Equal(0, r.KeysMissing);
+        Assert.Equal(0, r.KeysWrong);
+        Assert.True(r.Reconnects >= 4, $"{r.Reconnects} reconnections for 4 moves: the client did not follow the guest");
+        Assert.All(result.Moves, m => Assert.True(m.ClientRequests > 0, $"no redis reply around move {m.Index}"));
+        Assert.Equal(0, result.Checks.TwoRunning);
+        Assert.Equal(0, result.Checks.Lost);
+        Assert.True(result.Clean);
+    }
+}

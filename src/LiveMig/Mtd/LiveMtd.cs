@@ -19,6 +19,9 @@ public sealed record LiveMtdOptions
     /// </summary>
     public QemuVmSpec? Qemu { get; init; }
     public QemuHostOptions? QemuHost { get; init; }
+    /// <summary>The Linux guest's redis port (guests/linux).</summary>
+    public const int RedisPort = 6379;
+
     /// <summary>How long after a move the QEMU guest has to report progress on the destination.</summary>
     public TimeSpan GuestProgressBound { get; init; } = TimeSpan.FromSeconds(30);
     public MigrationOptions Migration { get; init; } = new();
@@ -46,7 +49,8 @@ public sealed record LiveMtdOptions
         if (Qemu is { } q)
         {
             if (q.Error("qemu") is { } why) throw new ArgumentException(why);
-            if (q.BootImage is null) throw new ArgumentException("qemu: mtd run moves the boot-sector guest (a boot image): it checks its own memory after every move");
+            if (q.Kernel is not null && !q.Forward.Contains(RedisPort))
+                throw new ArgumentException($"a Linux guest in mtd run needs its redis port forwarded (forward {RedisPort}): the client keeps using it through the moves");
             return;
         }
         if (WorkloadSpec.Parse(Vm.Workload).Name != "kv") throw new ArgumentException($"the workload must be kv (a client keeps using the VM's key-value store throughout), not '{Vm.Workload}'");
@@ -77,6 +81,8 @@ public sealed record LiveMove
     /// <summary>A QEMU guest: the passes its self-check made from before the move to its first report after it, and the stale or lost pages it found since the last move.</summary>
     public long GuestPasses { get; init; }
     public long GuestErrors { get; init; }
+    /// <summary>The client fields are the redis client's (Linux guest): replies, errors (a broken connection at the move counts), the longest gap.</summary>
+    public bool Redis { get; init; }
 }
 
 /// <summary>What the monitor saw of the agents' registries: the VM on exactly one host at every look.</summary>
@@ -108,6 +114,8 @@ public sealed record LiveMtdResult
     public KvClientStats? Client { get; init; }
     /// <summary>The boot-sector guest's own view (QEMU guest), or null for the built-in VM.</summary>
     public GuestChecks? Guest { get; init; }
+    /// <summary>The redis client's view (the Linux QEMU guest), or null.</summary>
+    public RedisChecks? Redis { get; init; }
     public required HostChecks Checks { get; init; }
     /// <summary>The workload's own invariant, checked on the VM at the end where it is.</summary>
     public string? InvariantBroken { get; init; }
@@ -116,7 +124,8 @@ public sealed record LiveMtdResult
 
     /// <summary>Every move verified and completed, no request lost or answered wrong, the VM on exactly one host at every look.</summary>
     public bool Clean => Failed == 0 && Moves.All(m => m.Verified)
-                         && (Client is null || Client is { Errors: 0, Mismatches: 0, Failure: null }) && (Guest is null || Guest is { Errors: 0, Stalls: 0 }) && (Client ?? (object?)Guest) is not null
+                         && (Client is null || Client is { Errors: 0, Mismatches: 0, Failure: null }) && (Guest is null || Guest is { Errors: 0, Stalls: 0 })
+                         && (Redis is null || Redis is { WrongAnswers: 0, KeysMissing: 0, KeysWrong: 0, Stalls: 0 }) && (Client ?? Guest ?? (object?)Redis) is not null
                          && Checks is { TwoRunning: 0, Lost: 0, WrongAfterMove: 0 } && InvariantBroken is null && Stopped is null;
 }
 
@@ -143,8 +152,14 @@ public sealed class LiveMtd : IDisposable
     {
         options.Check();
         _o = options;
-        _witness = options.Qemu is null ? new KvWitness(options.Seed) : new BootSectorWitness(options.GuestProgressBound);
-        IReadOnlyList<IVmFactory> factories = options.Qemu is null ? IVmFactory.Defaults : [BuiltInVmFactory.Instance, new QemuVmFactory(options.QemuHost ?? new QemuHostOptions())];
+        var qemu = options.Qemu is null ? null : new QemuVmFactory(options.QemuHost ?? new QemuHostOptions());
+        _witness = options.Qemu switch
+        {
+            null => new KvWitness(options.Seed),
+            { Kernel: not null } => new RedisWitness(() => RedisPorts(qemu!), options.GuestProgressBound),
+            _ => new BootSectorWitness(options.GuestProgressBound),
+        };
+        IReadOnlyList<IVmFactory> factories = qemu is null ? IVmFactory.Defaults : [BuiltInVmFactory.Instance, qemu];
         for (int i = 0; i < options.Agents; i++)
         {
             var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions
@@ -219,9 +234,20 @@ public sealed class LiveMtd : IDisposable
         {
             Vm = vm.Name, Agents = AgentNames, Moves = moves, Completed = done.Count, Failed = moves.Count - done.Count, ElapsedS = clock.Elapsed.TotalSeconds,
             TotalDowntimeMs = done.Sum(m => m.DowntimeMs), MaxDowntimeMs = done.Select(m => m.DowntimeMs).DefaultIfEmpty(0).Max(), TotalBytes = moves.Sum(m => m.BytesOnWire),
-            Client = (_witness as KvWitness)?.Stats, Guest = (_witness as BootSectorWitness)?.Checks, InvariantBroken = broken, Stopped = stopped,
+            Client = (_witness as KvWitness)?.Stats, Guest = (_witness as BootSectorWitness)?.Checks, Redis = (_witness as RedisWitness)?.Checks, InvariantBroken = broken, Stopped = stopped,
             Checks = new HostChecks { Looks = _looks, TwoRunning = _twoRunning, Lost = _lost, NoneRunning = _noneRunning, WrongAfterMove = _wrongAfterMove },
         };
+    }
+
+    /// <summary>The host ports forwarded to the guest's redis: the QEMU that runs it first, then any QEMU waiting for it to arrive.</summary>
+    private List<int> RedisPorts(QemuVmFactory factory)
+    {
+        var ports = new List<int>();
+        foreach (var a in _agents)
+            if (a.Registry.Find(_o.Vm.Name) is QemuVm { Process: var p } && p.ForwardedPorts.TryGetValue(LiveMtdOptions.RedisPort, out int port)) ports.Add(port);
+        foreach (var p in factory.WaitingProcesses)
+            if (p.ForwardedPorts.TryGetValue(LiveMtdOptions.RedisPort, out int port) && !ports.Contains(port)) ports.Add(port);
+        return ports;
     }
 
     /// <summary>The VM that moves: the built-in kv VM, or the QEMU guest (started here, its first report awaited by the witness).</summary>
@@ -243,6 +269,7 @@ public sealed class LiveMtd : IDisposable
     private LiveMove Move(string name, int from, int to, int index, Stopwatch clock, CancellationToken cancel)
     {
         double startS = clock.Elapsed.TotalSeconds;
+        _witness.BeforeMove();
         long t0 = Stopwatch.GetTimestamp();
         MigrationReport report;
         string? error = null;
@@ -255,12 +282,14 @@ public sealed class LiveMtd : IDisposable
         var where = _agents[error is null ? to : from].Registry;
         var seen = _witness.Moved(t0, Stopwatch.GetTimestamp(), () => where.Find(name));
         bool guest = _witness is BootSectorWitness;
+        bool redis = _witness is RedisWitness;
         return new LiveMove
         {
             Index = index, From = AgentNames[from], To = AgentNames[to], MigrationId = report.MigrationId, StartS = startS,
             TotalMs = report.TotalTimeMs, DowntimeMs = report.DowntimeMs, BytesOnWire = report.BytesOnWire, Rounds = report.Rounds.Count,
             Verified = report.Verified == true, Outcome = error is null ? report.Outcome : "failed", Error = error ?? report.Error,
             ClientRequests = guest ? 0 : seen.Requests, ClientErrors = guest ? 0 : seen.Errors, ClientMaxLatencyMs = seen.MaxLatencyMs, ClientLongestGapMs = seen.LongestGapMs,
+            Redis = redis,
             GuestPasses = guest ? seen.Requests : 0, GuestErrors = guest ? seen.Errors : 0,
         };
     }

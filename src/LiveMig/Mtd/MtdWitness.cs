@@ -29,10 +29,91 @@ internal interface IMtdWitness : IDisposable
     /// <summary>Starts watching the VM where it first runs.</summary>
     void Start(IVirtualMachine vm);
 
+    /// <summary>A move is about to start.</summary>
+    void BeforeMove() { }
+
     /// <summary>What it saw of the move between the two <see cref="Stopwatch"/> timestamps; <paramref name="at"/> finds the VM where it runs now (null until that agent has listed it).</summary>
     ServiceView Moved(long t0, long t1, Func<IVirtualMachine?> at);
 
     void Stop();
+}
+
+/// <summary>What the redis client saw through the moves of the Linux guest.</summary>
+public sealed record RedisChecks
+{
+    public long Requests { get; init; }
+    /// <summary>Requests that got no good reply (the connection broke at a move, a reply came late): the client reconnected.</summary>
+    public long Errors { get; init; }
+    public long WrongAnswers { get; init; }
+    public double LongestGapMs { get; init; }
+    public int Reconnects { get; init; }
+    /// <summary>Every key whose SET redis acknowledged, read back at the end from wherever the guest was.</summary>
+    public int KeysChecked { get; init; }
+    public int KeysMissing { get; init; }
+    public int KeysWrong { get; init; }
+    /// <summary>Moves after which redis did not answer again within the bound.</summary>
+    public int Stalls { get; init; }
+}
+
+/// <summary>
+/// The Linux guest's redis (guests/linux), used by a <see cref="RedisProbe"/> through the moves:
+/// SET and GET pairs at a steady pace; when the source's QEMU stops answering, the probe
+/// reconnects to whichever forwarded port answers (each agent's QEMU forwards the guest's redis
+/// port from a host port of its own: slirp's forwards do not move with the guest). After each move
+/// it waits (bounded) for redis to answer again and reports the replies, errors and the longest
+/// gap since the move began; at the end every acknowledged key is read back.
+/// </summary>
+internal sealed class RedisWitness(Func<IReadOnlyList<int>> ports, TimeSpan bound) : IMtdWitness
+{
+    private readonly RedisProbe _probe = new(ports);
+    private int _stalls;
+
+    public RedisChecks? Checks { get; private set; }
+
+    public void Arrived(IVirtualMachine vm) { }
+
+    public void Start(IVirtualMachine vm)
+    {
+        var qemu = (QemuVm)vm;
+        var sw = Stopwatch.StartNew();
+        // The guest boots: redis is up when its log says so.
+        while (!BootSectorSerial.Read(qemu.SerialLog).Contains("Ready to accept connections"))
+        {
+            if (sw.Elapsed > bound) throw new InvalidOperationException($"redis did not come up in the guest within {bound.TotalSeconds:0} s (serial log {qemu.SerialLog})");
+            Thread.Sleep(100); // polling a file another process writes
+        }
+        _probe.Start(bound);
+    }
+
+    public void BeforeMove() => _probe.MarkWindow();
+
+    public ServiceView Moved(long t0, long t1, Func<IVirtualMachine?> at)
+    {
+        // The move is over for the engine; the client is back once redis answers after this instant.
+        double after = _probe.NowMs;
+        var sw = Stopwatch.StartNew();
+        while (_probe.LastReplyMs < after)
+        {
+            if (sw.Elapsed > bound) { _stalls++; break; }
+            Thread.Sleep(5);
+        }
+        var (requests, errors, wrong, gap) = _probe.Window();
+        return new ServiceView(requests, errors + wrong, gap, gap);
+    }
+
+    public void Stop()
+    {
+        if (Checks is not null) return;
+        var seen = _probe.Stop();
+        var keys = _probe.CheckKeys(bound);
+        Checks = new RedisChecks
+        {
+            Requests = seen.Requests, Errors = seen.Errors, WrongAnswers = seen.WrongAnswers, LongestGapMs = seen.LongestGapMs, Reconnects = seen.Reconnects,
+            KeysChecked = keys.Checked, KeysMissing = keys.Missing, KeysWrong = keys.Wrong, Stalls = _stalls,
+        };
+    }
+
+    public void Dispose() => _probe.Dispose();
 }
 
 /// <summary>The built-in VM's kv store used by a <see cref="KvClient"/> through one address that follows the VM.</summary>
