@@ -53,15 +53,16 @@ internal static class SimulateCommand
     /// <summary>Plain aligned text, one line a migration, whatever the terminal's width (so it pipes and greps).</summary>
     private static void Render(SimulationResult result, TimeSpan wall, TextWriter o)
     {
-        var rows = new List<string[]> { new[] { "VM", "from → to", "start s", "total s", "downtime ms", "bytes", "rounds", "stop reason", "outcome" } };
+        var rows = new List<string[]> { new[] { "VM", "strategy", "from → to", "start s", "total s", "downtime ms", "bytes", "rounds", "faults", "stop reason", "outcome" } };
         foreach (var m in result.Migrations)
         {
             bool done = m.Outcome == "completed";
-            rows.Add([PeerText.Escape(m.Vm), $"{m.From} → {m.To}", $"{m.StartS:0.###}", m.Outcome == "skipped" ? "-" : $"{m.TotalS:0.###}",
-                done ? $"{m.DowntimeMs:0.0}" : "-", Units.Bytes(m.BytesOnWire), m.Rounds.ToString(), m.StopReason.Length > 0 ? m.StopReason : "-",
+            rows.Add([PeerText.Escape(m.Vm), m.Strategy, $"{m.From} → {m.To}", $"{m.StartS:0.###}", m.Outcome == "skipped" ? "-" : $"{m.TotalS:0.###}",
+                done ? $"{m.DowntimeMs:0.0}" : "-", Units.Bytes(m.BytesOnWire), m.Rounds.ToString(), m.SwitchedToPostCopy ? Faults(m) : "-",
+                m.StopReason.Length > 0 ? m.StopReason : "-",
                 m.Outcome + (m.Error is { } e && !done ? $": {Short(e)}" : "")]);
         }
-        TextTable.Write(o, rows, rightAligned: [2, 3, 4, 5, 6]);
+        TextTable.Write(o, rows, rightAligned: [3, 4, 5, 6, 7, 8]);
         o.WriteLine();
         var links = new List<string[]> { new[] { "link", "bandwidth", "carried", "mean utilisation" } };
         foreach (var l in result.Links) links.Add([PeerText.Escape(l.Name), Units.Rate(l.BytesPerSecond), Units.Bytes(l.BytesCarried), $"{l.Utilisation * 100:0.0}%"]);
@@ -70,6 +71,10 @@ internal static class SimulateCommand
         int completed = result.Migrations.Count(m => m.Outcome == "completed");
         o.WriteLine($"{completed} of {result.Migrations.Count} migrations completed; {result.EndS:0.###} s of virtual time (seed {result.Seed}), {result.Events:N0} events in {wall.TotalMilliseconds:0} ms of wall time");
     }
+
+    /// <summary>Post-copy's demand faults: how many, their median latency and the vCPU time they cost.</summary>
+    private static string Faults(SimMigrationResult m) => m.PagesRequested == 0 ? "0"
+        : $"{m.PagesRequested:N0} (p50 {m.FaultLatencyUs?.P50 / 1000:0.##} ms, waits {m.FaultWaitMs:0} ms)";
 
     /// <summary>The first clause of a long reason: the table keeps one line a migration (the JSON has it whole).</summary>
     private static string Short(string why)

@@ -203,7 +203,7 @@ public sealed class SimulatorModelTests
     [Theory]
     [InlineData(StallAction.Abort, "aborted")]
     [InlineData(StallAction.Throttle, "completed")]
-    [InlineData(StallAction.PostCopy, "postcopy-not-simulated")]
+    [InlineData(StallAction.PostCopy, "completed")]
     [InlineData(StallAction.Pause, "completed")]
     public void A_stall_ends_as_on_stall_says(StallAction onStall, string outcome)
     {
@@ -218,6 +218,7 @@ public sealed class SimulatorModelTests
         Assert.Equal(outcome == "completed" ? B : A, vm.Host);
         if (onStall == StallAction.Pause) Assert.True(m.Result.DowntimeMs > 300);
         if (onStall == StallAction.Throttle) Assert.True(m.Result.MaxThrottle > 0);
+        Assert.Equal(onStall == StallAction.PostCopy, m.Result.SwitchedToPostCopy);
         Assert.False(vm.Migrating);
         Assert.Equal(0, vm.Guest.ThrottleFraction);
     }
