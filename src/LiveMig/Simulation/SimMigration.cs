@@ -304,23 +304,26 @@ public sealed class SimMigration
     {
         _pauseTs = _scheduler.Now;
         Vm.Guest.Pause();
-        PageBitmap pending;
-        int round = 0;
         if (_controller is { } c)
         {
             c.ReleaseBrakes();
             c.HarvestFinal();
-            pending = c.Pending;
-            round = c.Round + 1;
+            _postCopy = new SimPostCopy(_scheduler, _network, Vm, Route, _options);
+            _postCopy.Switch(c.Pending, c.Pending, skipZero: false, c.Round + 1, MoveGuest, PostCopyDone);
+            return;
         }
-        else
-        {
-            pending = new PageBitmap(Vm.PageCount);
-            Vm.Guest.Process.Populated(pending);
-            Vm.Guest.Harvest(pending);
-        }
+        // Priced as pre-copy's round 0 prices the image (zero pages cost nothing); the image's holes are not to come.
+        var image = new PageBitmap(Vm.PageCount);
+        Vm.Guest.Process.Populated(image);
+        var written = new PageBitmap(Vm.PageCount);
+        Vm.Guest.Harvest(written);
+        var pending = new PageBitmap(Vm.PageCount);
+        pending.CopyFrom(image);
+        ImageHoles.Remove(pending, Vm.Content.HoleShare, Vm.Guest.EverWritten);
+        pending.Or(written);
+        image.Or(written);
         _postCopy = new SimPostCopy(_scheduler, _network, Vm, Route, _options);
-        _postCopy.Switch(pending, round, MoveGuest, PostCopyDone);
+        _postCopy.Switch(pending, image, skipZero: true, 0, MoveGuest, PostCopyDone);
     }
 
     private void PostCopyDone()

@@ -89,13 +89,15 @@ internal sealed class SimPostCopy : IDisposable
     /// The VM is paused with <paramref name="pendingAtSwitch"/> still to come; <paramref name="guestResumes"/>
     /// runs when the destination resumes it, <paramref name="done"/> when PostCopyDone is back.
     /// </summary>
-    public void Switch(PageBitmap pendingAtSwitch, int round, Action guestResumes, Action done)
+    /// <param name="priced">The pages whose content the bytes are counted over (<paramref name="pendingAtSwitch"/>, or with the holes of the image it leaves out).</param>
+    /// <param name="skipZero">Zero pages cost nothing (pure post-copy's image: its zero pages are holes).</param>
+    public void Switch(PageBitmap pendingAtSwitch, PageBitmap priced, bool skipZero, int round, Action guestResumes, Action done)
     {
         _guestResumes = guestResumes;
         _done = done;
         _pending.CopyFrom(pendingAtSwitch);
         _left = PagesAtSwitch = _pending.Count();
-        Price(pendingAtSwitch, round);
+        Price(priced, skipZero, round);
         long words = (_vm.PageCount + 63) / 64, bitmapFrames = (words + PageBitmapChunks.MaxWords - 1) / PageBitmapChunks.MaxWords;
         long state = _vm.StateBytes + (_vm.StateBytes + StateChunkBytes - 1) / StateChunkBytes * FrameFormat.HeaderSize;
         SwitchBytes = StartFrameBytes + words * 8 + bitmapFrames * (FrameFormat.HeaderSize + 12) + state;
@@ -112,7 +114,7 @@ internal sealed class SimPostCopy : IDisposable
     /// on the destination's pages now); a requested page goes as the request server sends it (raw
     /// or a zero marker).
     /// </summary>
-    private void Price(PageBitmap pending, int round)
+    private void Price(PageBitmap priced, bool skipZero, int round)
     {
         long count = PagesAtSwitch;
         var sender = new SimRoundSender(_vm.Content, _options.Pipeline with { XbzrleCacheBytes = 0, Dedup = false }, _vm.PageCount)
@@ -120,12 +122,12 @@ internal sealed class SimPostCopy : IDisposable
             WrittenPages = _vm.Guest.EverWritten,
             LinkEstimate = LinkRate,
         };
-        var sent = sender.SendRound(round, final: true, pending, count, skipZero: false, null, CancellationToken.None);
+        var sent = sender.SendRound(round, final: true, priced, priced.Count(), skipZero, null, CancellationToken.None);
         PagesByEncoding = sender.PagesByEncoding;
         if (count == 0) return;
         _pushBytesPerPage = (double)sent.Bytes / count;
         _pushCpuPerPage = sender.LastCpuSeconds / count;
-        double zero = sender.PagesByEncoding["zero"];
+        double zero = Math.Min(count, sender.PagesByEncoding["zero"]);
         // Each request is answered at once in a batch of its own: its framing with it.
         _requestBytesPerPage = (zero * CodecModel.EntryHeaderBytes + (count - zero) * (CodecModel.EntryHeaderBytes + CodecModel.PageSize)) / count + CodecModel.BatchFramingBytes;
         _chunkPages = (int)Math.Clamp(LinkRate * ChunkSeconds / _pushBytesPerPage, Math.Max(1, _options.PostCopy.PushBatchPages), 4096);
