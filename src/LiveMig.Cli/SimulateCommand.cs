@@ -13,16 +13,27 @@ internal static class SimulateCommand
         var file = new Argument<string>("FILE") { Description = "The scenario (YAML: hosts, links, routes, VMs with their workloads, migrations or an evacuation; docs/simulator.md)." };
         var json = new Option<bool>("--json") { Description = "Print the result as one JSON object on stdout (every migration with its rounds, every link's load)." };
         var seed = new Option<ulong?>("--seed") { Description = "Seed for the dirty models (default: the scenario's seed, else 1); the same scenario and seed give the same result.", HelpName = "N" };
-        var cmd = new Command("simulate", "Simulates the migrations of a scenario file: the engine's own round controller and pre-copy policy (stop conditions, --on-stall, hot-page deferral, auto-converge, dirty limit) on a virtual clock, over modelled links shared max-min fairly, guests (by hand or a recorded trace) and codecs. Prints a table per migration: total time, downtime, bytes, rounds, stop reason.")
+        var png = new Option<string?>("--png") { Description = "Also draw a timeline of the migrations (handshake, rounds, downtime, post-copy phase) and each link's utilisation over time into this PNG file.", HelpName = "FILE" };
+        var cmd = new Command("simulate", "Simulates the migrations of a scenario file: the engine's own round controller and policies (pre-copy's stop conditions, --on-stall, hot-page deferral, auto-converge, dirty limit; hybrid's budget; post-copy's push order) on a virtual clock, over modelled links shared max-min fairly, guests (by hand or a recorded trace) and codecs. Pre-copy, post-copy (switch, background push, demand faults) and hybrid. Prints a table per migration: strategy, total time, downtime, bytes, rounds, post-copy's faults, stop reason.")
         {
-            file, json, seed,
+            file, json, seed, png,
         };
         cmd.SetAction(r => RunScenario("simulate", r.GetValue(file)!, path =>
         {
             var scenario = Scenario.Load(path);
+            string? pngPath = r.GetValue(png);
             var wall = Stopwatch.StartNew();
-            var result = ScenarioRunner.Run(scenario, r.GetValue(seed));
+            var result = new ScenarioRunner(scenario, r.GetValue(seed)) { RecordTimeline = pngPath is not null }.Run();
             wall.Stop();
+            if (pngPath is not null)
+            {
+                try { SimulationPlots.Draw(result, pngPath); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    Console.Error.WriteLine($"livemig: simulate: --png: {PeerText.Escape(e.Message.ReplaceLineEndings(" "))}");
+                    return 2;
+                }
+            }
             if (r.GetValue(json)) Console.WriteLine(result.ToJson());
             else Render(result, wall.Elapsed, Console.Out);
             return 0;
