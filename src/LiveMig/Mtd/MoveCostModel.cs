@@ -85,6 +85,7 @@ public sealed class MoveCostModel
         var r = migration.Result ?? throw new ArgumentException($"the victim's migration over a {Units.Rate(link.BytesPerSecond)} link does not end within a day of virtual time; the model cannot price a move");
         bool done = r.Outcome == "completed";
         double lostS = r.OperationsLost is { } lost && rate > 0 ? lost / rate : 0;
+        lostS += r.GuestStallMs / 1000; // post-copy: the work the guest did not do while its vCPUs waited for pages
         return new MoveCost(r.TotalS, done ? r.DowntimeMs : 0, r.BytesOnWire, (done ? r.DowntimeMs / 1000 : 0) + lostS, done, r.Outcome, r.Rounds);
     }
 

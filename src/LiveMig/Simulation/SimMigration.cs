@@ -86,6 +86,8 @@ public sealed record SimMigrationResult
     public LatencySummary? FaultLatencyUs { get; init; }
     /// <summary>vCPU-milliseconds spent waiting on faults (the degradation post-copy costs the guest).</summary>
     public double FaultWaitMs { get; init; }
+    /// <summary>The guest's progress lost to those waits: <see cref="FaultWaitMs"/> ÷ its vCPUs (milliseconds of its work).</summary>
+    public double GuestStallMs { get; init; }
     /// <summary>From Resumed to PostCopyDone (the push and the faults).</summary>
     public double PostCopyMs { get; init; }
     /// <summary>What the migration did when, for a timeline: handshake, each round, the stop-and-copy or the switch, the post-copy phase.</summary>
@@ -382,6 +384,7 @@ public sealed class SimMigration
             PagesPrepaged = p?.PagesPrepaged ?? 0,
             FaultLatencyUs = p?.FaultLatency(),
             FaultWaitMs = (p?.WaitSeconds ?? 0) * 1000,
+            GuestStallMs = (p?.WaitSeconds ?? 0) * 1000 / Vm.Guest.Vcpus,
             PostCopyMs = p is null ? 0 : Clock.GetElapsedTime(p.ResumedTs, p.DoneTs).TotalMilliseconds,
             Phases = RecordPhases ? [.. _phases] : null,
         };
