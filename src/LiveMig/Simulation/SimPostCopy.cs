@@ -20,15 +20,14 @@ namespace LiveMig.Simulation;
 /// <item>demand faults: between chunks the guest (running at the destination) writes the pages its
 /// dirty model says; each one still pending is a fault — claimed by the request server
 /// (<see cref="PrepagingOrder.OnFault"/> told), answered after half a round trip and any request
-/// ahead of it, one page's time on the link, and half a round trip back — and the vCPUs wait that
-/// long (the guest's progress stalls by the wait ÷ vCPUs);</item>
+/// ahead of it, one page's time on what the links have free (the request server charges the cap
+/// but never waits for it; beside a push that fills the link, half the push's rate), and half a
+/// round trip back — and the vCPUs wait that long (the guest's progress stalls by the wait ÷ vCPUs);</item>
 /// <item>PostCopyEnd → PostCopyDone: one round trip after the last page.</item>
 /// </list>
 /// Each page goes out once (pushed or requested), so post-copy's bytes are the memory's whatever
 /// the dirty rate. Assumed: the guest touches pages only by the writes its dirty model makes (its
-/// reads of missing pages are not modelled); a page in a chunk on the wire counts as arrived; a
-/// requested page takes a page's time at the push's measured rate (the request connection and
-/// the push share the migration's part of the link).
+/// reads of missing pages are not modelled); a page in a chunk on the wire counts as arrived.
 /// </summary>
 internal sealed class SimPostCopy : IDisposable
 {
@@ -216,7 +215,7 @@ internal sealed class SimPostCopy : IDisposable
     private void Serve(long from, long now)
     {
         int k = _faulted.Count;
-        long pageTime = EventScheduler.Nanoseconds(_requestBytesPerPage / (_pushing ? _rate : LinkRate));
+        long pageTime = EventScheduler.Nanoseconds(_requestBytesPerPage / RequestRate());
         double wait = 0;
         for (int i = 0; i < k; i++)
         {
@@ -237,6 +236,18 @@ internal sealed class SimPostCopy : IDisposable
         _faultBytes += bytes;
         WaitSeconds += wait;
         _vm.Guest.Stall(wait / _vm.Guest.Vcpus);
+    }
+
+    /// <summary>
+    /// How fast a requested page crosses: the engine's request server charges the cap but never
+    /// waits for it, so a request gets what the route's links have free — and, beside a push
+    /// that fills them, a fair share: half the push's rate.
+    /// </summary>
+    private double RequestRate()
+    {
+        double free = double.PositiveInfinity;
+        foreach (var l in _route.Links) free = Math.Min(free, Math.Max(0, l.BytesPerSecond - l.CurrentRate));
+        return Math.Max(free, (_pushing ? _rate : LinkRate) / 2);
     }
 
     /// <summary>The faults' latencies in microseconds (p50, p99, max), as the engine's report gives them.</summary>
