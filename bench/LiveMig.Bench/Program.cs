@@ -8,7 +8,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench throughput [--memory 4GiB] [--reps 3]
 /// LiveMig.Bench downtime   [--memory 1GiB] [--reps 3] [--workloads idle,sweep,...]
 /// LiveMig.Bench profile    [--memory 1GiB] [--reps 3]
-/// LiveMig.Bench streams    [--memory 1GiB] [--reps 3]
+/// LiveMig.Bench streams    [--memory 1GiB] [--reps 3] [--bandwidth RATE]
 /// LiveMig.Bench round0     [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
@@ -27,6 +27,7 @@ public static class Program
         long? memory = null;
         int reps = 3;
         string[]? workloads = null;
+        long bandwidth = 0;
         for (int i = 1; i < args.Length; i++)
         {
             string a = args[i];
@@ -41,6 +42,9 @@ public static class Program
                         break;
                     case "--reps":
                         if (!int.TryParse(Next(), out reps) || reps < 1) throw new ArgumentException("--reps must be a positive whole number");
+                        break;
+                    case "--bandwidth":
+                        if (!Units.TryParseRate(Next(), out bandwidth) || bandwidth <= 0) throw new ArgumentException("--bandwidth must be a rate, e.g. 1GiB (per second) or 10Gbit");
                         break;
                     case "--workloads":
                         workloads = Next().Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
@@ -66,6 +70,11 @@ public static class Program
             Console.Error.WriteLine("--workloads applies to the downtime scenario only");
             return Usage(2);
         }
+        if (bandwidth > 0 && scenario != "streams")
+        {
+            Console.Error.WriteLine("--bandwidth applies to the streams scenario only");
+            return Usage(2);
+        }
         var output = Console.Out;
         var sw = Stopwatch.StartNew();
         output.WriteLine("## LiveMig end-to-end benchmarks");
@@ -85,7 +94,7 @@ public static class Program
                 DowntimeScenario.Run(memory ?? 1L << 30, reps, output, workloads);
                 break;
             case "streams":
-                StreamsScenario.Run(memory ?? 1L << 30, reps, output);
+                StreamsScenario.Run(memory ?? 1L << 30, reps, output, bandwidth);
                 break;
             case "round0":
                 Round0Scenario.Run(memory ?? 1L << 30, reps, output);
@@ -119,6 +128,7 @@ public static class Program
               round0       round 0 against its plain copy: prepared and fresh destination memory, verify on/off (default 1 GiB)
               stage-cost   1 GiB random-filled idle guest, no stage vs --optimize all, alternating (default 1 GiB)
               streams      1 GiB random-filled idle guest at 1, 2, 4 data streams, TLS off/on, vs plain TCP copies over 1, 2, 4 sockets
+                           (--bandwidth RATE caps the migrations: TLS ÷ clear where the link sets the pace)
               all          throughput and downtime, default sizes
               qemu-postcopy  the boot-sector guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,
                            same cap, bytes counted at the socket: [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]

@@ -27,7 +27,8 @@ internal static class StreamsScenario
     private static string PlainName(int n) => $"Plain TCP copy, {n} socket{(n > 1 ? "s" : "")}";
     private static string MigName(int n, bool tls) => $"LiveMig, {n} stream{(n > 1 ? "s" : "")}{(tls ? ", TLS" : "")}";
 
-    public static void Run(long memoryBytes, int reps, TextWriter output)
+    /// <param name="bandwidth">A cap on the migrations (0: none), to show what TLS costs when the link, not the CPU, sets the pace; the plain copies stay uncapped.</param>
+    public static void Run(long memoryBytes, int reps, TextWriter output, long bandwidth = 0)
     {
         byte[] key = new byte[32];
         Random.Shared.NextBytes(key);
@@ -42,7 +43,7 @@ internal static class StreamsScenario
             {
                 foreach (int n in Counts)
                 {
-                    var options = new MigrationOptions { Verify = true, Streams = n, Security = tls ? psk : ChannelSecurity.None };
+                    var options = new MigrationOptions { Verify = true, Streams = n, BandwidthLimit = bandwidth, Security = tls ? psk : ChannelSecurity.None };
                     var m = LoopbackMigration.Run(config with { Name = $"streams{r}-{n}{(tls ? "t" : "")}" }, options, destination: new DestinationOptions { Security = tls ? psk : ChannelSecurity.None });
                     var r0 = m.Source.Rounds[0];
                     bytes = r0.BytesSent;
@@ -65,7 +66,7 @@ internal static class StreamsScenario
         }
 
         long wire = (long)Stats.Median(results.Select(x => (double)x[PlainName(1)].Total.Bytes));
-        output.WriteLine($"### Several data streams: {Units.Bytes(memoryBytes)} guest, every page random (incompressible), workload `idle`, loopback TCP, no bandwidth limit, verify on");
+        output.WriteLine($"### Several data streams: {Units.Bytes(memoryBytes)} guest, every page random (incompressible), workload `idle`, loopback TCP, {(bandwidth > 0 ? $"migrations capped at {Units.Bytes(bandwidth)}/s (the plain copies are not)" : "no bandwidth limit")}, verify on");
         output.WriteLine();
         output.WriteLine($"Bytes per transfer: {wire:N0} ({Stats.GB(wire):0.000} GB; LiveMig's round-0 bytes on the wire, the plain copies push the same count). " +
                          $"TLS = TLS 1.3 in pre-shared-key mode (`--tls --psk-file`) on every connection. GB = 10^9 bytes. Median of {reps}; ratios are taken per repetition (same run), then the median.");

@@ -16,7 +16,7 @@ internal static class MtdRunCommand
         var poisson = new Option<string?>("--poisson") { Description = "Moves at random, a Poisson process with this MEAN interval (seeded by --seed).", HelpName = "MEAN" };
         var moves = new Option<int?>("--moves") { Description = "Stop after N moves.", HelpName = "N" };
         var duration = new Option<string?>("--duration") { Description = "Stop after TIME (with --moves: whichever comes first).", HelpName = "TIME" };
-        var cmd = new Command("run", "Keeps one built-in VM running the kv workload moving between agents on a schedule, each move the agent's own onward migration (verified), while a client outside the VM keeps sending requests to its address; prints each move's downtime and what the client saw, then the totals, and checks at every millisecond that the VM runs on exactly one agent. Exit 0 only if every move completed verified, no request was lost or answered wrong, and the VM was never on two agents or none.")
+        var cmd = new Command("run", "Keeps one built-in VM running the kv workload (or, with --qemu, the boot-sector QEMU guest, which checks its own memory on every pass) moving between agents on a schedule, each move the agent's own onward migration (verified), while a client outside the VM keeps sending requests to its address (or the guest reports after each move); prints each move's downtime and what the client saw, then the totals, and checks at every millisecond that the VM runs on exactly one agent. Exit 0 only if every move completed verified, no request was lost or answered wrong, and the VM was never on two agents or none.")
         {
             agents, interval, poisson, moves, duration,
         };
@@ -32,10 +32,12 @@ internal static class MtdRunCommand
 
     private static LiveMtdOptions Options(ParseResult r, CliOptions o, Option<int> agents, Option<string?> interval, Option<string?> poisson, Option<int?> moves, Option<string?> duration)
     {
-        if (r.GetResult(o.Qemu) is { Implicit: false }) throw new UsageException("--qemu: mtd run moves the built-in VM only (a QEMU guest is not done yet: docs/mtd.md)");
         if (r.GetResult(o.MemoryFile) is { Implicit: false }) throw new UsageException("--memory-file: not with mtd run (the VM's memory moves from agent to agent)");
+        var migration = o.MigrationOptions(r);
+        var qemu = QemuCommands.Spec(o, r, migration);
         var config = o.VmConfig(r);
-        if (r.GetResult(o.Workload) is null or { Implicit: true }) config = config with { Workload = "kv" };
+        if (qemu is not null) { } // the boot-sector guest checks itself: no workload, no client
+        else if (r.GetResult(o.Workload) is null or { Implicit: true }) config = config with { Workload = "kv" };
         else if (WorkloadSpec.Parse(config.Workload).Name != "kv") throw new UsageException($"--workload '{PeerText.Escape(config.Workload)}': mtd run needs kv (a client keeps using the VM's store), e.g. kv or kv:keys=4096");
         TimeSpan? Duration(Option<string?> opt)
         {
@@ -56,7 +58,8 @@ internal static class MtdRunCommand
         if (n is < 3 or > 64) throw new UsageException($"--agents {n}: 3 to 64");
         return new LiveMtdOptions
         {
-            Vm = config, Migration = o.MigrationOptions(r), Agents = n, Interval = every, PoissonMean = mean, Moves = count, Duration = stopAfter,
+            Vm = config, Migration = migration, Agents = n,
+            Qemu = qemu, QemuHost = qemu is null ? null : new Qemu.QemuHostOptions { AllowedImageDirectories = [Path.GetDirectoryName(qemu.BootImage!)!] }, Interval = every, PoissonMean = mean, Moves = count, Duration = stopAfter,
             Seed = r.GetValue(o.Seed), Warmup = o.WarmupTime(r),
         };
     }
@@ -72,26 +75,33 @@ internal static class MtdRunCommand
         using var mtd = new LiveMtd(options);
         if (!json)
         {
-            Console.Error.WriteLine($"VM {options.Vm.Name}: {Units.Bytes(options.Vm.MemoryBytes)}, {options.Vm.Vcpus} vCPUs, workload {options.Vm.Workload}; agents {string.Join(", ", mtd.AgentNames)}");
-            Console.WriteLine("move  from → to                          total ms  downtime ms       bytes  rounds  verified  client: requests  max latency ms  errors");
+            Console.Error.WriteLine(options.Qemu is { } q
+                ? $"VM {options.Vm.Name}: QEMU guest {Path.GetFileName(q.BootImage)}, {Units.Bytes(q.MemoryBytes)}, {q.Vcpus} vCPUs (it checks its own memory on every pass); agents {string.Join(", ", mtd.AgentNames)}"
+                : $"VM {options.Vm.Name}: {Units.Bytes(options.Vm.MemoryBytes)}, {options.Vm.Vcpus} vCPUs, workload {options.Vm.Workload}; agents {string.Join(", ", mtd.AgentNames)}");
+            Console.WriteLine(options.Qemu is null
+                ? "move  from → to                          total ms  downtime ms       bytes  rounds  verified  client: requests  max latency ms  errors"
+                : "move  from → to                          total ms  downtime ms       bytes  rounds  verified  guest: passes  errors");
         }
-        var result = mtd.Run(m => { if (!json) Console.WriteLine(Line(m)); }, cancel.Token);
+        var result = mtd.Run(m => { if (!json) Console.WriteLine(Line(m, options.Qemu is not null)); }, cancel.Token);
         if (json) Console.WriteLine(JsonSerializer.Serialize(result, MtdCliJson.Default.LiveMtdResult));
         else Totals(result, Console.Out);
         if (result.Stopped is { } why) Console.Error.WriteLine($"livemig: mtd run: {PeerText.Escape(why)}");
         return result.Clean ? 0 : 1;
     }
 
-    private static string Line(LiveMove m) =>
-        $"{m.Index,4}  {m.From} → {m.To}  {m.TotalMs,11:0.0}  {m.DowntimeMs,11:0.0}  {Units.Bytes(m.BytesOnWire),10}  {m.Rounds,6}  {(m.Verified ? "yes" : "NO"),8}  {m.ClientRequests,16}  {m.ClientMaxLatencyMs,14:0.0}  {m.ClientErrors,6}" +
+    private static string Line(LiveMove m, bool guest) =>
+        $"{m.Index,4}  {m.From} → {m.To}  {m.TotalMs,11:0.0}  {m.DowntimeMs,11:0.0}  {Units.Bytes(m.BytesOnWire),10}  {m.Rounds,6}  {(m.Verified ? "yes" : "NO"),8}  " +
+        (guest ? $"{m.GuestPasses,13}  {m.GuestErrors,6}" : $"{m.ClientRequests,16}  {m.ClientMaxLatencyMs,14:0.0}  {m.ClientErrors,6}") +
         (m.Outcome == "completed" ? "" : $"  {m.Outcome}: {PeerText.Escape(m.Error)}");
 
     private static void Totals(LiveMtdResult r, TextWriter o)
     {
         o.WriteLine();
         o.WriteLine($"{r.Completed} moves completed, {r.Failed} failed, in {r.ElapsedS:0.0} s; downtime {r.TotalDowntimeMs:0.0} ms in all (longest {r.MaxDowntimeMs:0.0} ms); {Units.Bytes(r.TotalBytes)} on the wire");
-        var c = r.Client;
-        o.WriteLine($"client: {c.Count} requests, {c.Errors} errors, {c.Mismatches} wrong answers; p50 {c.P50Us / 1000:0.00} ms, p99 {c.P99Us / 1000:0.00} ms, longest {c.MaxUs / 1000:0.0} ms{(c.Failure is { } f ? $"; stopped: {PeerText.Escape(f)}" : "")}");
+        if (r.Client is { } c)
+            o.WriteLine($"client: {c.Count} requests, {c.Errors} errors, {c.Mismatches} wrong answers; p50 {c.P50Us / 1000:0.00} ms, p99 {c.P99Us / 1000:0.00} ms, longest {c.MaxUs / 1000:0.0} ms{(c.Failure is { } f ? $"; stopped: {PeerText.Escape(f)}" : "")}");
+        if (r.Guest is { } g)
+            o.WriteLine($"guest: {g.Passes} passes over its range through the moves, {g.Errors} stale or lost pages found, {g.Stalls} moves after which it reported no progress");
         var k = r.Checks;
         o.WriteLine($"hosts: {k.Looks} looks at the agents' registries: on two at once {k.TwoRunning}, on none {k.Lost}, running nowhere (inside a switch-over) {k.NoneRunning}; not exactly on its destination after a move {k.WrongAfterMove}");
         o.WriteLine(r.InvariantBroken is null ? "the workload's invariant holds on the VM where it ended" : $"workload invariant BROKEN: {PeerText.Escape(r.InvariantBroken)}");

@@ -24,10 +24,11 @@ internal static partial class TraceCommands
         var output = new Option<string>("--out") { Description = "Trace file to write (written as FILE.partial and renamed when complete).", DefaultValueFactory = _ => "trace.lmtrace", HelpName = "FILE" };
         var pid = new Option<int?>("--pid") { Description = "Record this running process.", HelpName = "PID" };
         var children = new Option<bool>("--children") { Description = "Also record the target's descendant processes (multi-process programs such as PostgreSQL or make); pages they share count once." };
+        var mapping = new Option<string?>("--mapping") { Description = "Record only the target's writable mappings of this file, e.g. a QEMU guest's RAM file (/dev/shm/...): the guest's whole RAM, its page cache included, none of QEMU's own memory.", HelpName = "FILE" };
         var command = new Argument<string[]>("COMMAND") { Description = "After --: a command to start and record.", Arity = ArgumentArity.ZeroOrMore };
         var record = new Command("record", "Records which pages of a live process change, interval by interval, by reading its writable mappings from outside (process_vm_readv) and comparing page hashes; needs ptrace access to it.")
         {
-            interval, duration, output, pid, children, command,
+            interval, duration, output, pid, children, mapping, command,
         };
         record.SetAction(r => Guard(() =>
         {
@@ -45,7 +46,9 @@ internal static partial class TraceCommands
             int? target = r.GetValue(pid);
             if ((target is not null) == (argv.Length > 0)) throw new UsageException("give either --pid PID or -- COMMAND..., not both or neither");
             if (target is <= 0) throw new UsageException($"--pid {target}: expected a process ID");
-            var options = new RecorderOptions { Interval = every, Duration = length, Children = r.GetValue(children) };
+            string? only = r.GetValue(mapping);
+            if (only is not null && (only.Length == 0 || only[0] != '/')) throw new UsageException($"--mapping '{Printable(only)}': expected an absolute file path as /proc/PID/maps shows it, such as /dev/shm/NAME");
+            var options = new RecorderOptions { Interval = every, Duration = length, Children = r.GetValue(children), Mapping = only };
             return Record(target, argv, options, r.GetValue(output)!);
         }));
         return record;

@@ -564,6 +564,82 @@ public class CodecTests
         foreach (var d in decoders) d.Dispose();
     }
 
+    /// <summary>
+    /// One round 0 of <paramref name="src"/> through a dedup-only encoder and a decoder into fresh
+    /// memory (a reference to a page the decoder cannot verify throws); the encodings, the dedup
+    /// stage's report, and whether the destination ended equal to the source.
+    /// </summary>
+    private static (PageEncoding[] Encodings, LiveMig.Reporting.StageReport Dedup, bool Equal) DedupRound0(GuestMemory src)
+    {
+        long n = src.PageCount;
+        using var dst = GuestMemory.Create(src.Size, "codec-dedup-dst");
+        var options = new PipelineOptions { Dedup = true };
+        using var pipeline = new SourcePipeline(options, n);
+        var enc = pipeline.CreateEncoder();
+        using var dec = new PipelineDecoder(dst, options.Capabilities | Capabilities.Raw | Capabilities.ZeroPages);
+        var buf = new byte[PageCodec.MaxEncodedSize];
+        enc.BeginRound(0);
+        var encodings = new PageEncoding[n];
+        for (long p = 0; p < n; p++)
+        {
+            encodings[p] = enc.Encode(p, src.Page(p), buf, out int written);
+            dec.Decode(p, encodings[p], buf.AsSpan(0, written), dst.Page(p));
+        }
+        return (encodings, pipeline.Report()["dedup"], src.ComputeHash() == dst.ComputeHash());
+    }
+
+    [Fact]
+    public void Codec_dedup_steps_aside_in_memory_without_duplicates_and_comes_back_at_a_hit()
+    {
+        // 8,192 unique pages, then 256 copies of the very first, then unique again.
+        const int Unique = 8192, Copies = 256, N = Unique + Copies + 2048;
+        using var src = GuestMemory.Create((long)N * Size, "codec-dedup-sample");
+        for (int p = 0; p < N; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
+        for (int p = Unique; p < Unique + Copies; p++) src.Page(0).CopyTo(src.Page(p));
+        var (encodings, c, equal) = DedupRound0(src);
+        Assert.Equal(N, c.PagesOffered);
+        // Past 512 misses it passes pages by, more and more of them (63 in 64 after 3,072 misses).
+        Assert.InRange(c.Counters["unsampled"], Unique / 2, Unique);
+        // Page 0 was looked at (and indexed): the first copy dedup looks at is found (within 64
+        // pages), and from that hit on it looks at every page again, so all the later copies too.
+        int firstHit = Array.IndexOf(encodings, PageEncoding.Dedup);
+        Assert.InRange(firstHit, Unique, Unique + 63);
+        Assert.All(encodings[firstHit..(Unique + Copies)], e => Assert.Equal(PageEncoding.Dedup, e));
+        Assert.Equal(Unique + Copies - firstHit, c.Counters["withinVm"]);
+        Assert.True(equal, "the destination differs from the source");
+    }
+
+    [Fact]
+    public void Codec_dedup_never_refers_to_a_page_it_passed_by()
+    {
+        // Unique pages until dedup steps aside, then every page a copy of one passed by or looked
+        // at: only the latter may be named as holders (the others were never hashed into the index).
+        const int N = 6000;
+        using var src = GuestMemory.Create((long)N * Size, "codec-dedup-passed");
+        for (int p = 0; p < 5000; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
+        for (int p = 5000; p < N; p++) src.Page(4000 + (p - 5000) % 1000).CopyTo(src.Page(p));
+        var (_, c, equal) = DedupRound0(src);
+        Assert.True(c.Counters["unsampled"] > 0);
+        Assert.True(c.Counters["withinVm"] > 0); // the copies of pages it did look at are still found
+        Assert.True(equal, "the destination differs from the source");
+    }
+
+    [Fact]
+    public void Codec_destination_can_index_a_vm_once_it_arrived_instead_of_page_by_page()
+    {
+        const int N = 16;
+        using var dst = GuestMemory.Create(N * Size, "codec-arrived");
+        var store = new DedupStore();
+        using var dec = new PipelineDecoder(dst, Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Dedup, store) { IndexPlacedPages = false };
+        for (int p = 0; p < N - 4; p++) dec.Decode(p, PageEncoding.Raw, Pages.Text(p), dst.Page(p));
+        dec.Decode(N - 4, PageEncoding.Zero, [], dst.Page(N - 4));
+        Assert.Equal(0, store.Count); // nothing while the pages arrive
+        Assert.Equal(N - 4, store.AddArrived(dst, dec.Received)); // placed, non-zero pages only
+        var target = new byte[Size];
+        Assert.True(store.TryFill(ContentHash.Of(Pages.Text(3)), target, out _));
+        Assert.Equal(Pages.Text(3), target);
+    }
+
     [Fact]
     public void Codec_dedup_index_drops_a_holder_whose_content_was_resent()
     {

@@ -30,7 +30,9 @@ public class LiveMtdTests
         // Each move leaves from where the last one arrived; all three agents are used.
         for (int i = 1; i < r.Moves.Count; i++) Assert.Equal(r.Moves[i - 1].To, r.Moves[i].From);
         Assert.Equal(3, r.Moves.Select(m => m.To).Append(r.Moves[0].From).Distinct().Count());
-        Assert.Equal(0, r.Client.Errors);
+        Assert.NotNull(r.Client);
+        Assert.Null(r.Guest);
+        Assert.Equal(0, r.Client!.Errors);
         Assert.Equal(0, r.Client.Mismatches);
         Assert.Null(r.Client.Failure);
         Assert.True(r.Client.Count > 100, $"{r.Client.Count} requests");

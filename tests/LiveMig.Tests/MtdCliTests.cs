@@ -56,7 +56,8 @@ public class MtdCliTests
     [InlineData("give the schedule: --interval TIME or --poisson MEAN", "mtd", "run", "--moves", "3")]
     [InlineData("give when to stop: --moves N or --duration TIME", "mtd", "run", "--interval", "1s")]
     [InlineData("--workload 'hotcold': mtd run needs kv", "mtd", "run", "--interval", "1s", "--moves", "2", "--workload", "hotcold")]
-    [InlineData("--qemu: mtd run moves the built-in VM only", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img")]
+    [InlineData("--qemu /x.img: no such file", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img")]
+    [InlineData("--workload: not with --qemu", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img", "--workload", "kv")]
     [InlineData("--interval 'often': expected a duration", "mtd", "run", "--interval", "often", "--moves", "2")]
     public void Mtd_run_refuses_bad_options_in_one_line_with_exit_code_2(string expected, params string[] args)
     {

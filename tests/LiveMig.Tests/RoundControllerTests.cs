@@ -54,7 +54,8 @@ public sealed class RoundControllerTests
         var final = c.SendFinalRound(0);
         Assert.Equal(0, final.PagesSent);
         Assert.Equal(expected, clock.Elapsed.TotalSeconds, 3);
-        Assert.True(wall.Elapsed < TimeSpan.FromSeconds(1), $"a 64 GiB model migration took {wall.Elapsed.TotalMilliseconds:0} ms of wall time");
+        // A bound, not a speed check (speed is bench/simgrid's): the model walks no pages one by one.
+        Assert.True(wall.Elapsed < TimeSpan.FromSeconds(20), $"a 64 GiB model migration took {wall.Elapsed.TotalMilliseconds:0} ms of wall time");
     }
 
     [Fact]
@@ -92,7 +93,8 @@ public sealed class RoundControllerTests
 
         long final = c.HarvestFinal();
         Assert.Equal(pending, final);
-        Assert.True(wall.Elapsed < TimeSpan.FromSeconds(1), $"a 64 GiB model migration took {wall.Elapsed.TotalMilliseconds:0} ms of wall time");
+        // A bound, not a speed check (speed is bench/simgrid's): the model walks no pages one by one.
+        Assert.True(wall.Elapsed < TimeSpan.FromSeconds(20), $"a 64 GiB model migration took {wall.Elapsed.TotalMilliseconds:0} ms of wall time");
     }
 
     [Fact]

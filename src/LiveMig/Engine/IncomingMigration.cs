@@ -169,7 +169,11 @@ public sealed class IncomingMigration
                         (report.Hello, report.Accepted) = (hello, accepted);
                         if ((accepted & CodecBits) != 0)
                         {
-                            decoder = new PipelineDecoder(memory, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null);
+                            // Pre-copy only: the store is filled once the VM runs here, off the migration's clock.
+                            decoder = new PipelineDecoder(memory, accepted, (accepted & Capabilities.Dedup) != 0 ? _options.DedupStore : null)
+                            {
+                                IndexPlacedPages = (hello.Requested & Capabilities.PostCopy) != 0,
+                            };
                             placer.Decoder = decoder;
                         }
                         var ack = new HelloAckMessage(Math.Min(hello.MaxVersion, ProtocolVersion.Version), accepted);
@@ -350,7 +354,10 @@ public sealed class IncomingMigration
                         streams?.DisposeDecoders();
                         // A source that could have switched to post-copy (--on-stall postcopy) did not: its page-request connection goes.
                         postCopy?.Abort();
-                        return new ArrivedVm(vm, report.Build(null));
+                        var arrived = new ArrivedVm(vm, report.Build(null));
+                        // The source has its Resumed: what the decoders deferred goes into the store now, for later gang migrations.
+                        if (decoder is { IndexPlacedPages: false } && (accepted & Capabilities.Dedup) != 0) _options.DedupStore.AddArrived(vm.Memory, decoder.Received);
+                        return arrived;
                     case (State.ReceivingState, _):
                         throw stateChunks.Interrupted(type, frame);
                     default:

@@ -66,7 +66,7 @@ public sealed class IncomingStreams
             {
                 // Own decompressor and counters; the received-pages bitmap is shared (XBZRLE bases,
                 // dedup holders and gang-filled pages are checked against it).
-                decoder = new PipelineDecoder(memory, accepted, store, controlDecoder.Received);
+                decoder = new PipelineDecoder(memory, accepted, store, controlDecoder.Received) { IndexPlacedPages = controlDecoder.IndexPlacedPages };
                 placer.Decoder = decoder;
             }
             _slots[i] = new Slot { Placer = placer, Decoder = decoder };

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Net;
 using LiveMig.Engine;
+using LiveMig.Qemu;
 using LiveMig.Reporting;
 using LiveMig.Vm;
 using LiveMig.Workloads;
@@ -10,8 +11,16 @@ namespace LiveMig.Mtd;
 /// <summary>How <see cref="LiveMtd"/> keeps a VM moving: the VM, the agents, the schedule and when to stop.</summary>
 public sealed record LiveMtdOptions
 {
-    /// <summary>The built-in VM; its workload must be <c>kv</c> (a client outside it keeps using it).</summary>
+    /// <summary>The built-in VM; its workload must be <c>kv</c> (a client outside it keeps using it). With <see cref="Qemu"/>: its name only.</summary>
     public required VmConfig Vm { get; init; }
+    /// <summary>
+    /// Move a QEMU guest instead: the boot-sector guest (guests/bootsector), which checks its own
+    /// memory on every pass; the agents receive it with <see cref="QemuHost"/>'s settings.
+    /// </summary>
+    public QemuVmSpec? Qemu { get; init; }
+    public QemuHostOptions? QemuHost { get; init; }
+    /// <summary>How long after a move the QEMU guest has to report progress on the destination.</summary>
+    public TimeSpan GuestProgressBound { get; init; } = TimeSpan.FromSeconds(30);
     public MigrationOptions Migration { get; init; } = new();
     /// <summary>Agents (in-process <see cref="MigrationListener"/>s on 127.0.0.1, real TCP): at least 3.</summary>
     public int Agents { get; init; } = 3;
@@ -34,6 +43,12 @@ public sealed record LiveMtdOptions
         if (Moves is null && Duration is null) throw new ArgumentException("give when to stop: a number of moves or a duration");
         if (Moves is < 1 or > 1_000_000) throw new ArgumentException("moves: 1 to 1,000,000");
         if (Duration is { } d && (d <= TimeSpan.Zero || d > TimeSpan.FromDays(30))) throw new ArgumentException("duration: more than 0, at most 30 days");
+        if (Qemu is { } q)
+        {
+            if (q.Error("qemu") is { } why) throw new ArgumentException(why);
+            if (q.BootImage is null) throw new ArgumentException("qemu: mtd run moves the boot-sector guest (a boot image): it checks its own memory after every move");
+            return;
+        }
         if (WorkloadSpec.Parse(Vm.Workload).Name != "kv") throw new ArgumentException($"the workload must be kv (a client keeps using the VM's key-value store throughout), not '{Vm.Workload}'");
     }
 }
@@ -59,6 +74,9 @@ public sealed record LiveMove
     public long ClientErrors { get; init; }
     public double ClientMaxLatencyMs { get; init; }
     public double ClientLongestGapMs { get; init; }
+    /// <summary>A QEMU guest: the passes its self-check made from before the move to its first report after it, and the stale or lost pages it found since the last move.</summary>
+    public long GuestPasses { get; init; }
+    public long GuestErrors { get; init; }
 }
 
 /// <summary>What the monitor saw of the agents' registries: the VM on exactly one host at every look.</summary>
@@ -86,7 +104,10 @@ public sealed record LiveMtdResult
     public double TotalDowntimeMs { get; init; }
     public double MaxDowntimeMs { get; init; }
     public long TotalBytes { get; init; }
-    public required KvClientStats Client { get; init; }
+    /// <summary>The kv client's view (built-in VM), or null for a QEMU guest.</summary>
+    public KvClientStats? Client { get; init; }
+    /// <summary>The boot-sector guest's own view (QEMU guest), or null for the built-in VM.</summary>
+    public GuestChecks? Guest { get; init; }
     public required HostChecks Checks { get; init; }
     /// <summary>The workload's own invariant, checked on the VM at the end where it is.</summary>
     public string? InvariantBroken { get; init; }
@@ -94,24 +115,26 @@ public sealed record LiveMtdResult
     public string? Stopped { get; init; }
 
     /// <summary>Every move verified and completed, no request lost or answered wrong, the VM on exactly one host at every look.</summary>
-    public bool Clean => Failed == 0 && Moves.All(m => m.Verified) && Client is { Errors: 0, Mismatches: 0, Failure: null }
+    public bool Clean => Failed == 0 && Moves.All(m => m.Verified)
+                         && (Client is null || Client is { Errors: 0, Mismatches: 0, Failure: null }) && (Guest is null || Guest is { Errors: 0, Stalls: 0 }) && (Client ?? (object?)Guest) is not null
                          && Checks is { TwoRunning: 0, Lost: 0, WrongAfterMove: 0 } && InvariantBroken is null && Stopped is null;
 }
 
 /// <summary>
-/// Moving target defence for real: a built-in VM with the <c>kv</c> workload, moved on a schedule
-/// between agents — in-process <see cref="MigrationListener"/>s on loopback TCP, the real engine —
-/// each move the agent's own onward migration (<see cref="VmRegistry.MigrateAway"/>, verified),
-/// while a <see cref="KvClient"/> keeps using the VM's store through its one address
-/// (<see cref="KvEndpoint"/>, re-attached to the VM where it resumes, like the gratuitous ARP after
-/// a migration). A monitor thread reads the agents' registries about every millisecond: the VM
+/// Moving target defence for real: a built-in VM with the <c>kv</c> workload (or the boot-sector
+/// QEMU guest), moved on a schedule between agents — in-process <see cref="MigrationListener"/>s
+/// on loopback TCP, the real engine — each move the agent's own onward migration
+/// (<see cref="VmRegistry.MigrateAway"/>, verified), while a <see cref="KvClient"/> keeps using the
+/// VM's store through its one address (<see cref="KvEndpoint"/>, re-attached to the VM where it
+/// resumes, like the gratuitous ARP after a migration), or the QEMU guest's own check reports on
+/// each destination (<see cref="BootSectorWitness"/>). A monitor thread reads the agents' registries about every millisecond: the VM
 /// must never run on two of them and never be on none. A failed move leaves the VM where it was
 /// (the engine's promise) and ends the run.
 /// </summary>
 public sealed class LiveMtd : IDisposable
 {
     private readonly LiveMtdOptions _o;
-    private readonly KvEndpoint _endpoint = new();
+    private readonly IMtdWitness _witness;
     private readonly List<MigrationListener> _agents = [];
     private readonly CancellationTokenSource _stopMonitor = new();
     private long _looks, _twoRunning, _lost, _noneRunning, _wrongAfterMove;
@@ -120,14 +143,16 @@ public sealed class LiveMtd : IDisposable
     {
         options.Check();
         _o = options;
+        _witness = options.Qemu is null ? new KvWitness(options.Seed) : new BootSectorWitness(options.GuestProgressBound);
+        IReadOnlyList<IVmFactory> factories = options.Qemu is null ? IVmFactory.Defaults : [BuiltInVmFactory.Instance, new QemuVmFactory(options.QemuHost ?? new QemuHostOptions())];
         for (int i = 0; i < options.Agents; i++)
         {
             var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions
             {
                 DirtyLog = options.Vm.DirtyLog,
                 Security = options.Migration.Security,
-                // The VM's address follows it: requests go to the store where it resumes.
-                BeforeResume = v => _endpoint.Attach((v as BuiltInVm)?.Workload as KvWorkload),
+                VmFactories = factories,
+                BeforeResume = _witness.Arrived,
             });
             _agents.Add(listener);
             listener.Start();
@@ -142,12 +167,9 @@ public sealed class LiveMtd : IDisposable
     /// <summary>Runs the schedule; <paramref name="moved"/> hears of each move as it ends (on this thread).</summary>
     public LiveMtdResult Run(Action<LiveMove>? moved = null, CancellationToken cancel = default)
     {
-        var vm = BuiltInVm.Create(_o.Vm);
-        _endpoint.Attach((KvWorkload)vm.Workload);
-        vm.Start();
+        IVirtualMachine vm = StartVm();
         _agents[0].Registry.Add(vm); // it starts on agent 0 (the agent owns it from now on)
-        var client = new KvClient(_endpoint.EndPoint, new KvClientOptions { Seed = _o.Seed, MaxValueLength = Math.Min(256, ((KvWorkload)vm.Workload).ValueSize), MaxDuration = TimeSpan.FromDays(30) });
-        client.Start();
+        _witness.Start(vm);
         int at = 0; // the agent the VM is on
         var monitor = new Thread(Monitor) { IsBackground = true, Name = "mtd-monitor" };
         monitor.Start();
@@ -167,7 +189,7 @@ public sealed class LiveMtd : IDisposable
                 if (wait > 0 && cancel.WaitHandle.WaitOne(TimeSpan.FromSeconds(wait))) break; // the schedule's pause (cancellable), not a synchronisation
                 if (_o.Duration is { } d2 && clock.Elapsed >= d2) break;
                 int to = OtherAgent(at, ref rng);
-                var move = Move(vm.Name, at, to, moves.Count, clock, client, cancel);
+                var move = Move(vm.Name, at, to, moves.Count, clock, cancel);
                 moves.Add(move);
                 moved?.Invoke(move);
                 if (move.Outcome != "completed")
@@ -190,17 +212,25 @@ public sealed class LiveMtd : IDisposable
             _stopMonitor.Cancel();
             monitor.Join();
         }
-        var stats = client.StopAsync().GetAwaiter().GetResult();
-        client.Dispose();
+        _witness.Stop();
         string? broken = CheckInvariant(vm.Name, at);
         var done = moves.Where(m => m.Outcome == "completed").ToList();
         return new LiveMtdResult
         {
             Vm = vm.Name, Agents = AgentNames, Moves = moves, Completed = done.Count, Failed = moves.Count - done.Count, ElapsedS = clock.Elapsed.TotalSeconds,
             TotalDowntimeMs = done.Sum(m => m.DowntimeMs), MaxDowntimeMs = done.Select(m => m.DowntimeMs).DefaultIfEmpty(0).Max(), TotalBytes = moves.Sum(m => m.BytesOnWire),
-            Client = stats, InvariantBroken = broken, Stopped = stopped,
+            Client = (_witness as KvWitness)?.Stats, Guest = (_witness as BootSectorWitness)?.Checks, InvariantBroken = broken, Stopped = stopped,
             Checks = new HostChecks { Looks = _looks, TwoRunning = _twoRunning, Lost = _lost, NoneRunning = _noneRunning, WrongAfterMove = _wrongAfterMove },
         };
+    }
+
+    /// <summary>The VM that moves: the built-in kv VM, or the QEMU guest (started here, its first report awaited by the witness).</summary>
+    private IVirtualMachine StartVm()
+    {
+        if (_o.Qemu is { } spec) return QemuVm.Start(_o.Vm.Name, spec, _o.QemuHost);
+        var vm = BuiltInVm.Create(_o.Vm);
+        vm.Start();
+        return vm;
     }
 
     private int OtherAgent(int at, ref Xoshiro256 rng)
@@ -209,8 +239,8 @@ public sealed class LiveMtd : IDisposable
         return k >= at ? k + 1 : k;
     }
 
-    /// <summary>One move by the agent's onward migration; the client's view is its replies that arrived meanwhile.</summary>
-    private LiveMove Move(string name, int from, int to, int index, Stopwatch clock, KvClient client, CancellationToken cancel)
+    /// <summary>One move by the agent's onward migration; the service's view: the client's replies that arrived meanwhile, or the guest's first report after it.</summary>
+    private LiveMove Move(string name, int from, int to, int index, Stopwatch clock, CancellationToken cancel)
     {
         double startS = clock.Elapsed.TotalSeconds;
         long t0 = Stopwatch.GetTimestamp();
@@ -222,13 +252,16 @@ public sealed class LiveMtd : IDisposable
             report = e.Report;
             error = e.Message;
         }
-        var seen = client.GetStats(t0, Stopwatch.GetTimestamp());
+        var where = _agents[error is null ? to : from].Registry;
+        var seen = _witness.Moved(t0, Stopwatch.GetTimestamp(), () => where.Find(name));
+        bool guest = _witness is BootSectorWitness;
         return new LiveMove
         {
             Index = index, From = AgentNames[from], To = AgentNames[to], MigrationId = report.MigrationId, StartS = startS,
             TotalMs = report.TotalTimeMs, DowntimeMs = report.DowntimeMs, BytesOnWire = report.BytesOnWire, Rounds = report.Rounds.Count,
             Verified = report.Verified == true, Outcome = error is null ? report.Outcome : "failed", Error = error ?? report.Error,
-            ClientRequests = seen.Count, ClientErrors = seen.Errors + seen.Mismatches, ClientMaxLatencyMs = seen.MaxUs / 1000, ClientLongestGapMs = seen.LongestGapUs / 1000,
+            ClientRequests = guest ? 0 : seen.Requests, ClientErrors = guest ? 0 : seen.Errors, ClientMaxLatencyMs = seen.MaxLatencyMs, ClientLongestGapMs = seen.LongestGapMs,
+            GuestPasses = guest ? seen.Requests : 0, GuestErrors = guest ? seen.Errors : 0,
         };
     }
 
@@ -286,6 +319,6 @@ public sealed class LiveMtd : IDisposable
     {
         _stopMonitor.Cancel();
         foreach (var a in _agents) a.Dispose();
-        _endpoint.Dispose();
+        _witness.Dispose();
     }
 }

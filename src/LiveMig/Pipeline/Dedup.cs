@@ -137,6 +137,26 @@ public sealed class DedupStore
     }
 
     /// <summary>
+    /// Indexes the placed, non-zero pages (<paramref name="placed"/>) of a VM that arrived, after
+    /// it resumed: what its decoders deferred (<see cref="PipelineDecoder.IndexPlacedPages"/>) so
+    /// that hashing every page for later gang migrations is not part of this migration's time.
+    /// The VM runs meanwhile: a page it rewrites is indexed with whatever it holds then — a hint,
+    /// like every entry, checked when used. Returns the pages indexed.
+    /// </summary>
+    public long AddArrived(GuestMemory memory, PageBitmap placed)
+    {
+        long n = 0;
+        for (long p = placed.NextSet(0); p >= 0; p = placed.NextSet(p + 1))
+        {
+            ReadOnlySpan<byte> page = memory.Page(p);
+            if (PageCodec.IsZero(page)) continue;
+            Add(ContentHash.Of(page), memory, p);
+            n++;
+        }
+        return n;
+    }
+
+    /// <summary>
     /// Fills <paramref name="target"/> with content of hash <paramref name="h"/> from any memory
     /// indexed here; true when the copy was made and verified. On false, <paramref name="touched"/>
     /// says whether <paramref name="target"/> was written (it then holds garbage: the caller restores it).

@@ -10,6 +10,12 @@ public sealed record RecorderOptions
     public TimeSpan? Duration { get; init; }
     /// <summary>Also read the target's descendant processes (multi-process programs: PostgreSQL, make).</summary>
     public bool Children { get; init; }
+    /// <summary>
+    /// Read only the writable mappings of this file (e.g. a QEMU guest's RAM file on /dev/shm):
+    /// the guest's whole RAM, its kernel's page cache included, and none of QEMU's own memory.
+    /// Null: every writable mapping.
+    /// </summary>
+    public string? Mapping { get; init; }
 }
 
 public sealed record RecordingResult
@@ -136,6 +142,13 @@ public sealed class TraceRecorder(int pid, RecorderOptions options)
         var maps = ProcessMemory.WritableMappings(target);
         // A zombie (exited, not yet reaped) still has a /proc entry but no mappings.
         if (maps.Count == 0) throw new TargetExitedException(target);
+        if (options.Mapping is { } only)
+        {
+            // The kernel shows a removed file as "PATH (deleted)": still the same memory.
+            maps = maps.FindAll(m => m.Name == only || m.Name == only + " (deleted)");
+            if (maps.Count == 0 && target == pid)
+                throw new InvalidOperationException($"process {pid} has no writable mapping of {only} (see /proc/{pid}/maps)");
+        }
         SafeFileHandle pagemap;
         try { pagemap = File.OpenHandle($"/proc/{target}/pagemap"); }
         catch (UnauthorizedAccessException) { throw ProcessMemory.NoPermission(target); }

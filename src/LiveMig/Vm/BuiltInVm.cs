@@ -51,9 +51,7 @@ public sealed class BuiltInVm : IVirtualMachine
     private long _resumedTs, _firstRunTs;
 
     /// <summary>Wall time a throttled vCPU runs between sleeps (QEMU's CPU_THROTTLE_TIMESLICE_NS).</summary>
-    public static readonly TimeSpan ThrottleTimeslice = TimeSpan.FromMilliseconds(10);
-    /// <summary>Page writes a dirty-limited vCPU may bank while it writes less than its limit.</summary>
-    private const double DirtyLimitBurstSeconds = 0.01;
+    public static TimeSpan ThrottleTimeslice => VcpuPacer.Timeslice;
 
     private readonly Lazy<IDirtyLog> _dirtyLog;
 
@@ -341,10 +339,8 @@ public sealed class BuiltInVm : IVirtualMachine
     private void RunVcpu(int index)
     {
         VcpuProgram program = _programs[index];
-        long sliceStart = _time.GetTimestamp();
-        long budgetTs = sliceStart;
-        double budget = 0; // dirty-limit credit, in page writes
-        long timeslice = (long)(ThrottleTimeslice.TotalSeconds * _time.TimestampFrequency);
+        var pacer = new VcpuPacer(_time.TimestampFrequency);
+        pacer.Restart(_time.GetTimestamp());
         try
         {
             while (true)
@@ -352,8 +348,7 @@ public sealed class BuiltInVm : IVirtualMachine
                 if (Volatile.Read(ref _pauseRequested) || Volatile.Read(ref _stopping))
                 {
                     if (!Park()) return;
-                    sliceStart = budgetTs = _time.GetTimestamp();
-                    budget = 0;
+                    pacer.Restart(_time.GetTimestamp());
                     continue;
                 }
                 int done = program.Step(Memory);
@@ -363,26 +358,13 @@ public sealed class BuiltInVm : IVirtualMachine
                     lock (_gate) { if (!_pauseRequested && !_stopping) Monitor.Wait(_gate, 1); }
                 }
                 long now = _time.GetTimestamp();
-                double limit = Volatile.Read(ref _dirtyLimit);
-                if (limit > 0)
+                double debtMs = pacer.DirtyLimitDoze(done, now, Volatile.Read(ref _dirtyLimit));
+                if (debtMs > 0) Doze(debtMs);
+                double throttleMs = pacer.ThrottleDoze(now, Volatile.Read(ref _throttle));
+                if (throttleMs > 0)
                 {
-                    budget = Math.Min(budget + (now - budgetTs) * limit / _time.TimestampFrequency, Math.Max(1, limit * DirtyLimitBurstSeconds)) - done;
-                    budgetTs = now;
-                    // In debt: sleep until the budget has grown back (only debts of a millisecond or more, as sleeps are that coarse).
-                    double debtMs = -budget / limit * 1000;
-                    if (debtMs >= 1) Doze(debtMs);
-                }
-                else
-                {
-                    budget = 0;
-                    budgetTs = now;
-                }
-                double throttle = Volatile.Read(ref _throttle);
-                if (throttle <= 0) sliceStart = now;
-                else if (now - sliceStart >= timeslice)
-                {
-                    Doze(ThrottleTimeslice.TotalMilliseconds * throttle / (1 - throttle));
-                    sliceStart = _time.GetTimestamp();
+                    Doze(throttleMs);
+                    pacer.SliceStarted(_time.GetTimestamp());
                 }
             }
         }
