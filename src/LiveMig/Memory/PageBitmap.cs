@@ -85,6 +85,7 @@ public sealed class PageBitmap
     }
 
     /// <summary>ORs <paramref name="other"/> into this bitmap (single-threaded).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public void Or(PageBitmap other)
     {
         if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
@@ -105,6 +106,7 @@ public sealed class PageBitmap
     }
 
     /// <summary>Clears every page set in <paramref name="other"/>; returns how many were set here (single-threaded).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public long AndNot(PageBitmap other)
     {
         if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
@@ -121,6 +123,7 @@ public sealed class PageBitmap
         return cleared;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public long Count()
     {
         long n0 = 0, n1 = 0;

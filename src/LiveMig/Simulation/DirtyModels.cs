@@ -161,6 +161,7 @@ internal sealed class PageScatter(ulong seed)
         return q < DenseFrom ? ScatterWrites(into, first, size, writes) : ScatterDense(into, first, size, q);
     }
 
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)] // a hot loop: straight to optimised code, no tier-0 pass
     private long ScatterWrites(PageBitmap into, long first, long size, double writes)
     {
         long n = Poisson(ref _rng, writes), newly = 0;
@@ -186,6 +187,7 @@ internal sealed class PageScatter(ulong seed)
     /// its bits, least significant up — OR with a random word for a 1, AND for a 0 — then e ANDs
     /// halving it.
     /// </summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)] // a hot loop: straight to optimised code, no tier-0 pass
     private long ScatterDense(PageBitmap into, long first, long size, double q)
     {
         int e = 0;
