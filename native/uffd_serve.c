@@ -18,7 +18,11 @@
 // The faulting threads may be another process's (a QEMU guest's vCPUs: the userfaultfd is the one
 // the agent in QEMU registered, native/qemu_dirty_agent.c 'U', and base is QEMU's address of the
 // RAM mapping); nothing here depends on whose they are.
-// Wire format: LiveMig frames (docs/protocol.md): PageRequest out, PageBatch (raw/zero) in.
+// Wire format: LiveMig frames (docs/protocol.md): PageRequest out, PageBatch (raw/zero) in; on a
+// connection secured by TLS, inside the record layer that follows the handshake (docs/protocol.md,
+// "After TLS"; src/LiveMig/Transport/AeadStream.cs): u32 length n | n bytes AES-256-GCM | 16-byte
+// tag, the length as associated data, nonce = IV xor the record's sequence number. The managed
+// stream lends this thread its keys and sequence numbers with the socket.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/userfaultfd.h>
@@ -46,6 +50,25 @@ extern unsigned long long XXH3_64bits_withSeed(const void *data, size_t len, uns
 #define MAX_FRAME ((2 << 20) + 16)
 #define MAX_OUT 65536
 #define MAX_REQ 4096
+#define MAX_RECORD (256 * 1024)
+#define TAG 16
+
+// libcrypto (OpenSSL 3, always there: .NET itself needs it): AES-256-GCM through EVP. Declared here
+// rather than taken from <openssl/evp.h> so the build needs no -dev package.
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+extern EVP_CIPHER_CTX *EVP_CIPHER_CTX_new(void);
+extern void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *c);
+extern const EVP_CIPHER *EVP_aes_256_gcm(void);
+extern int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *c, int type, int arg, void *ptr);
+extern int EVP_EncryptInit_ex(EVP_CIPHER_CTX *c, const EVP_CIPHER *t, void *impl, const unsigned char *key, const unsigned char *iv);
+extern int EVP_EncryptUpdate(EVP_CIPHER_CTX *c, unsigned char *out, int *outl, const unsigned char *in, int inl);
+extern int EVP_EncryptFinal_ex(EVP_CIPHER_CTX *c, unsigned char *out, int *outl);
+extern int EVP_DecryptInit_ex(EVP_CIPHER_CTX *c, const EVP_CIPHER *t, void *impl, const unsigned char *key, const unsigned char *iv);
+extern int EVP_DecryptUpdate(EVP_CIPHER_CTX *c, unsigned char *out, int *outl, const unsigned char *in, int inl);
+extern int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *c, unsigned char *out, int *outl);
+#define EVP_CTRL_GCM_GET_TAG 0x10
+#define EVP_CTRL_GCM_SET_TAG 0x11
 
 // Keep in step with UffdDemandPager.Ctx (sequential layout, 8-byte fields).
 typedef struct {
@@ -68,7 +91,72 @@ typedef struct {
     uint64_t thread;        // pthread_t
     char error[256];
     char why[256];          // why the last connection was dropped
+    // The record layer of the next socket (set with it, read when the thread adopts it).
+    int64_t next_aead;      // 1: TLS records, with the keys below; 0: plain frames
+    uint64_t next_send_seq, next_recv_seq;
+    uint8_t next_send_key[32], next_recv_key[32];
+    uint8_t next_send_iv[16], next_recv_iv[16]; // 12 bytes used
 } lm_uffd_ctx;
+
+// One connection's record layer, as this thread keeps it.
+typedef struct {
+    int on;
+    EVP_CIPHER_CTX *enc, *dec;
+    uint8_t send_iv[12], recv_iv[12];
+    uint64_t send_seq, recv_seq;
+} aead;
+
+static void aead_nonce(uint8_t *nonce, const uint8_t *iv, uint64_t seq) {
+    memcpy(nonce, iv, 12);
+    for (int i = 0; i < 8; i++) nonce[11 - i] ^= (uint8_t)(seq >> (8 * i)); // big-endian seq into the last 8 bytes
+}
+
+// Adopts the socket's record layer from the context (under mu); 0, or -1 when libcrypto refuses.
+static int aead_adopt(aead *a, lm_uffd_ctx *c) {
+    a->on = (int)c->next_aead;
+    if (!a->on) return 0;
+    memcpy(a->send_iv, c->next_send_iv, 12);
+    memcpy(a->recv_iv, c->next_recv_iv, 12);
+    a->send_seq = c->next_send_seq;
+    a->recv_seq = c->next_recv_seq;
+    if (!a->enc) a->enc = EVP_CIPHER_CTX_new();
+    if (!a->dec) a->dec = EVP_CIPHER_CTX_new();
+    if (!a->enc || !a->dec) return -1;
+    if (EVP_EncryptInit_ex(a->enc, EVP_aes_256_gcm(), NULL, c->next_send_key, NULL) != 1) return -1;
+    if (EVP_DecryptInit_ex(a->dec, EVP_aes_256_gcm(), NULL, c->next_recv_key, NULL) != 1) return -1;
+    return 0;
+}
+
+// Seals plain[0..n) as one record into out (4 + n + 16 bytes); the record's size, or -1.
+static int aead_seal(aead *a, const uint8_t *plain, int n, uint8_t *out) {
+    uint8_t nonce[12];
+    int l = 0;
+    uint32_t len = (uint32_t)n;
+    memcpy(out, &len, 4);
+    aead_nonce(nonce, a->send_iv, a->send_seq);
+    if (EVP_EncryptInit_ex(a->enc, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (EVP_EncryptUpdate(a->enc, NULL, &l, out, 4) != 1) return -1;
+    if (EVP_EncryptUpdate(a->enc, out + 4, &l, plain, n) != 1 || l != n) return -1;
+    if (EVP_EncryptFinal_ex(a->enc, out + 4 + n, &l) != 1) return -1;
+    if (EVP_CIPHER_CTX_ctrl(a->enc, EVP_CTRL_GCM_GET_TAG, TAG, out + 4 + n) != 1) return -1;
+    a->send_seq++;
+    return 4 + n + TAG;
+}
+
+// Opens the record at rec (its header says n bytes) into plain; 0, or -1 when it fails authentication.
+static int aead_open(aead *a, const uint8_t *rec, int n, uint8_t *plain) {
+    uint8_t nonce[12], tag[TAG];
+    int l = 0;
+    aead_nonce(nonce, a->recv_iv, a->recv_seq);
+    memcpy(tag, rec + 4 + n, TAG);
+    if (EVP_DecryptInit_ex(a->dec, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (EVP_DecryptUpdate(a->dec, NULL, &l, rec, 4) != 1) return -1;
+    if (EVP_DecryptUpdate(a->dec, plain, &l, rec + 4, n) != 1 || l != n) return -1;
+    if (EVP_CIPHER_CTX_ctrl(a->dec, EVP_CTRL_GCM_SET_TAG, TAG, tag) != 1) return -1;
+    if (EVP_DecryptFinal_ex(a->dec, plain + n, &l) != 1) return -1;
+    a->recv_seq++;
+    return 0;
+}
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
@@ -154,8 +242,8 @@ static int send_all(int sock, const uint8_t *b, size_t n) {
 #define REQ_BUF (16 + 4 + MAX_REQ * 4)
 
 // One PageRequest frame for pages[0..n), built in buf (REQ_BUF bytes; one per thread: several
-// pagers may serve at once in one process).
-static int send_request(uint8_t *buf, int sock, const uint64_t *pages, int n) {
+// pagers may serve at once in one process), sealed into sealed (REQ_BUF + 4 + TAG bytes) under TLS.
+static int send_request(uint8_t *buf, uint8_t *sealed, aead *a, int sock, const uint64_t *pages, int n) {
     uint32_t len = 4 + 4 * (uint32_t)n;
     uint8_t *p = buf + 16;
     uint32_t cnt = (uint32_t)n;
@@ -167,25 +255,35 @@ static int send_request(uint8_t *buf, int sock, const uint64_t *pages, int n) {
     memcpy(buf + 8, &len, 4);
     uint32_t sum = (uint32_t)XXH3_64bits_withSeed(p, len, rd64(buf));
     memcpy(buf + 12, &sum, 4);
-    return send_all(sock, buf, 16 + len);
+    if (!a->on) return send_all(sock, buf, 16 + len);
+    int r = aead_seal(a, buf, (int)(16 + len), sealed);
+    if (r < 0) { errno = EPROTO; return -1; }
+    return send_all(sock, sealed, (size_t)r);
 }
 
 typedef struct { uint64_t page, t; } outstanding;
 
 static void *serve(void *arg) {
     lm_uffd_ctx *c = arg;
-    uint8_t *rx = malloc(MAX_FRAME);
+    // Room for the largest frame, and under TLS one more record after a partial frame (so every record opens).
+    uint8_t *rx = malloc(MAX_FRAME + MAX_RECORD);
     uint8_t *bounce = aligned_alloc(PAGE, PAGE);
     uint8_t *zero = aligned_alloc(PAGE, PAGE);
     outstanding *out = malloc(sizeof(outstanding) * MAX_OUT);
     uint64_t *req = malloc(sizeof(uint64_t) * MAX_REQ);
     uint8_t *reqbuf = malloc(REQ_BUF);
+    uint8_t *sealed = malloc(REQ_BUF + 4 + TAG);
+    // Under TLS: records as they come off the socket, before they are opened into rx.
+    const size_t crx_cap = 2 * (4 + MAX_RECORD + TAG);
+    uint8_t *crx = malloc(crx_cap);
+    size_t crx_len = 0;
+    aead tls = { 0 };
     size_t rx_len = 0;
     int n_out = 0, sock = -1, abandoned = 0;
     uint64_t my_gen = 0;
     memset(zero, 0, PAGE);
     uint64_t zero_hash = XXH3_64bits(zero, PAGE);
-    if (!rx || !bounce || !zero || !out || !req || !reqbuf) { fail(c, "malloc", ENOMEM); goto done; }
+    if (!rx || !bounce || !zero || !out || !req || !reqbuf || !sealed || !crx) { fail(c, "malloc", ENOMEM); goto done; }
 
     for (;;) {
         struct pollfd p[3] = { { .fd = (int)c->uffd, .events = POLLIN }, { .fd = (int)c->ctl, .events = POLLIN }, { .fd = sock, .events = POLLIN } };
@@ -202,8 +300,10 @@ static void *serve(void *arg) {
             if (c->sock_gen != my_gen) {
                 my_gen = c->sock_gen;
                 sock = (int)c->next_sock;
+                if (sock >= 0 && aead_adopt(&tls, c) != 0) { fail(c, "libcrypto AES-256-GCM setup", EPROTO); sock = -1; }
                 c->sock = sock;
                 rx_len = 0;
+                crx_len = 0;
                 c->sock_ack = my_gen;
                 pthread_cond_broadcast(&cv);
             }
@@ -220,9 +320,9 @@ static void *serve(void *arg) {
                 for (int i = 0; i < n_out; i++) {
                     if (test_bit(c->present, out[i].page)) continue;
                     req[k++] = out[i].page;
-                    if (k == MAX_REQ) { if (send_request(reqbuf, sock, req, k) == 0) c->requests += k; k = 0; }
+                    if (k == MAX_REQ) { if (send_request(reqbuf, sealed, &tls, sock, req, k) == 0) c->requests += k; k = 0; }
                 }
-                if (k > 0 && send_request(reqbuf, sock, req, k) == 0) c->requests += k;
+                if (k > 0 && send_request(reqbuf, sealed, &tls, sock, req, k) == 0) c->requests += k;
             }
         }
 
@@ -249,74 +349,97 @@ static void *serve(void *arg) {
                 if (k < MAX_REQ) req[k++] = page;
             }
             if (k > 0 && sock >= 0) {
-                if (send_request(reqbuf, sock, req, k) == 0) __atomic_fetch_add(&c->requests, k, __ATOMIC_RELAXED);
+                if (send_request(reqbuf, sealed, &tls, sock, req, k) == 0) __atomic_fetch_add(&c->requests, k, __ATOMIC_RELAXED);
                 else { snprintf(c->why, sizeof c->why, "sending a request: %s", strerror(errno)); sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify); }
             }
         }
 
         if (sock >= 0 && (p[2].revents & POLLNVAL)) { snprintf(c->why, sizeof c->why, "socket closed under the thread"); sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify); continue; }
         if (sock >= 0 && (p[2].revents & (POLLIN | POLLHUP | POLLERR))) {
-            ssize_t n = recv(sock, rx + rx_len, MAX_FRAME - rx_len, MSG_DONTWAIT);
+            ssize_t n = tls.on ? recv(sock, crx + crx_len, crx_cap - crx_len, MSG_DONTWAIT) : recv(sock, rx + rx_len, MAX_FRAME - rx_len, MSG_DONTWAIT);
             if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
                 // The connection is gone: keep the faults, wait for the next one.
                 snprintf(c->why, sizeof c->why, "%s", n == 0 ? "end of stream" : strerror(errno));
                 sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify);
                 continue;
             }
-            if (n > 0) { rx_len += (size_t)n; __atomic_fetch_add(&c->bytes_in, (uint64_t)n, __ATOMIC_RELAXED); }
-            size_t at = 0;
+            if (n > 0) { if (tls.on) crx_len += (size_t)n; else rx_len += (size_t)n; __atomic_fetch_add(&c->bytes_in, (uint64_t)n, __ATOMIC_RELAXED); }
             int bad = 0;
-            while (rx_len - at >= 16) {
-                const uint8_t *h = rx + at;
-                uint32_t len = rd32(h + 8);
-                if (rd32(h) != FRAME_MAGIC || h[5] || h[6] || h[7] || len > MAX_FRAME - 16) { bad = 1; break; }
-                if (rx_len - at < 16 + (size_t)len) break;
-                const uint8_t *pl = h + 16;
-                if ((uint32_t)XXH3_64bits_withSeed(pl, len, rd64(h)) != rd32(h + 12) || h[4] != T_PAGEBATCH || len < 8) { bad = 1; break; }
-                c->frames_in++;
-                uint32_t count = rd32(pl + 4);
-                size_t e = 8;
-                uint64_t t = 0;
-                for (uint32_t i = 0; i < count && !bad; i++) {
-                    if (len - e < 8) { bad = 1; break; }
-                    uint64_t page = rd32(pl + e);
-                    uint8_t enc = pl[e + 4];
-                    uint16_t plen = rd16(pl + e + 6);
-                    e += 8;
-                    if (page >= c->page_count || pl[e - 3] != 0 || len - e < plen) { bad = 1; break; }
-                    int res;
-                    uint64_t hash;
-                    if (enc == 1 && plen == 0) { res = zeropage(c, page, zero); hash = zero_hash; }
-                    else if (enc == 0 && plen == PAGE) { memcpy(bounce, pl + e, PAGE); res = copypage(c, page, bounce); hash = res == 0 ? XXH3_64bits(bounce, PAGE) : 0; }
-                    else { bad = 1; break; }
-                    e += plen;
-                    if (res < 0) { bad = 1; break; }
-                    if (res == 1) { c->eexist++; continue; }
-                    if (c->hashes) c->hashes[page] = hash;
-                    set_bit(c->present, page);
-                    if (enc == 1) __atomic_fetch_add(&c->placed_zero, 1, __ATOMIC_RELAXED);
-                    __atomic_fetch_add(&c->placed, 1, __ATOMIC_SEQ_CST);
-                    for (int j = 0; j < n_out; j++) {
-                        if (out[j].page != page) continue;
-                        if (!t) t = now_ns();
-                        uint64_t idx = __atomic_fetch_add(&c->lat_count, 1, __ATOMIC_RELAXED);
-                        if (idx < c->lat_cap) c->lat_ns[idx] = (int64_t)(t - out[j].t);
-                        out[j] = out[--n_out];
-                        break;
+            char tls_bad[200] = "";
+            // Under TLS: open the records that fit into rx, place the frames they complete, and again
+            // while records wait for room (a frame may span several records; rx holds the largest frame).
+            for (int again = 1; again && !bad;) {
+                again = 0;
+                size_t at = 0;
+                if (tls.on) {
+                    size_t cat = 0;
+                    while (crx_len - cat >= 4) {
+                        uint32_t rn = rd32(crx + cat);
+                        if (rn == 0 || rn > MAX_RECORD) { bad = 1; snprintf(tls_bad, sizeof tls_bad, "TLS record %llu: length %u outside 1..%d", (unsigned long long)tls.recv_seq, rn, MAX_RECORD); break; }
+                        if (crx_len - cat < 4 + (size_t)rn + TAG) break;
+                        if (rx_len + rn > MAX_FRAME + MAX_RECORD) { again = 1; break; } // place the frames before it first
+                        if (aead_open(&tls, crx + cat, (int)rn, rx + rx_len) != 0) { bad = 1; snprintf(tls_bad, sizeof tls_bad, "TLS record %llu failed authentication: changed, dropped or replayed in transit", (unsigned long long)tls.recv_seq); break; }
+                        rx_len += rn;
+                        cat += 4 + rn + TAG;
                     }
+                    memmove(crx, crx + cat, crx_len - cat);
+                    crx_len -= cat;
                 }
-                if (bad || e != len) { bad = 1; break; }
-                at += 16 + len;
+                while (!bad && rx_len - at >= 16) {
+                    const uint8_t *h = rx + at;
+                    uint32_t len = rd32(h + 8);
+                    if (rd32(h) != FRAME_MAGIC || h[5] || h[6] || h[7] || len > MAX_FRAME - 16) { bad = 1; break; }
+                    if (rx_len - at < 16 + (size_t)len) break;
+                    const uint8_t *pl = h + 16;
+                    if ((uint32_t)XXH3_64bits_withSeed(pl, len, rd64(h)) != rd32(h + 12) || h[4] != T_PAGEBATCH || len < 8) { bad = 1; break; }
+                    c->frames_in++;
+                    uint32_t count = rd32(pl + 4);
+                    size_t e = 8;
+                    uint64_t t = 0;
+                    for (uint32_t i = 0; i < count && !bad; i++) {
+                        if (len - e < 8) { bad = 1; break; }
+                        uint64_t page = rd32(pl + e);
+                        uint8_t enc = pl[e + 4];
+                        uint16_t plen = rd16(pl + e + 6);
+                        e += 8;
+                        if (page >= c->page_count || pl[e - 3] != 0 || len - e < plen) { bad = 1; break; }
+                        int res;
+                        uint64_t hash;
+                        if (enc == 1 && plen == 0) { res = zeropage(c, page, zero); hash = zero_hash; }
+                        else if (enc == 0 && plen == PAGE) { memcpy(bounce, pl + e, PAGE); res = copypage(c, page, bounce); hash = res == 0 ? XXH3_64bits(bounce, PAGE) : 0; }
+                        else { bad = 1; break; }
+                        e += plen;
+                        if (res < 0) { bad = 1; break; }
+                        if (res == 1) { c->eexist++; continue; }
+                        if (c->hashes) c->hashes[page] = hash;
+                        set_bit(c->present, page);
+                        if (enc == 1) __atomic_fetch_add(&c->placed_zero, 1, __ATOMIC_RELAXED);
+                        __atomic_fetch_add(&c->placed, 1, __ATOMIC_SEQ_CST);
+                        for (int j = 0; j < n_out; j++) {
+                            if (out[j].page != page) continue;
+                            if (!t) t = now_ns();
+                            uint64_t idx = __atomic_fetch_add(&c->lat_count, 1, __ATOMIC_RELAXED);
+                            if (idx < c->lat_cap) c->lat_ns[idx] = (int64_t)(t - out[j].t);
+                            out[j] = out[--n_out];
+                            break;
+                        }
+                    }
+                    if (bad || e != len) { bad = 1; break; }
+                    at += 16 + len;
+                }
+                if (bad) break;
+                memmove(rx, rx + at, rx_len - at);
+                rx_len -= at;
+                if (at == 0) again = 0; // no frame completed: more bytes must come first
             }
             if (bad) {
-                snprintf(c->error, sizeof c->error, "bad frame on the page-request connection");
+                snprintf(c->error, sizeof c->error, "%s", tls_bad[0] ? tls_bad : "bad frame on the page-request connection");
                 c->errors++;
                 sock = -1; c->sock = -1; c->dropped++; signal_fd(c->notify);
                 rx_len = 0;
+                crx_len = 0;
                 continue;
             }
-            memmove(rx, rx + at, rx_len - at);
-            rx_len -= at;
         }
 
         // Faults resolved by the background push (managed UFFDIO_COPY woke the vCPU): timed as
@@ -334,7 +457,9 @@ static void *serve(void *arg) {
         }
     }
 done:
-    free(rx); free(bounce); free(zero); free(out); free(req); free(reqbuf);
+    free(rx); free(bounce); free(zero); free(out); free(req); free(reqbuf); free(sealed); free(crx);
+    if (tls.enc) EVP_CIPHER_CTX_free(tls.enc);
+    if (tls.dec) EVP_CIPHER_CTX_free(tls.dec);
     pthread_mutex_lock(&mu);
     c->sock = -1;
     c->sock_ack = c->sock_gen;

@@ -34,11 +34,9 @@ internal static class QemuCommands
         return spec;
     }
 
-    /// <summary>What a QEMU guest cannot do (yet): brakes (none under QEMU that LiveMig can apply), post-copy over TLS, another demand paging than QEMU's own faults.</summary>
+    /// <summary>What a QEMU guest cannot do (yet): brakes (none under QEMU that LiveMig can apply), another demand paging than QEMU's own faults.</summary>
     private static void Refuse(CliOptions o, ParseResult r, MigrationOptions options)
     {
-        bool postCopy = options.Strategy != MigrationStrategy.PreCopy || options.PreCopy.OnStall == StallAction.PostCopy;
-        if (postCopy && r.GetValue(o.Tls)) throw new UsageException($"--tls: not with --qemu and post-copy: {QemuVm.NoPostCopyOverTls}");
         if (r.GetResult(o.DemandPaging) is { Implicit: false }) throw new UsageException($"--demand-paging: not with --qemu: {QemuVm.DemandPagingIsQemus}");
         if (options.PreCopy.OnStall == StallAction.Throttle) throw new UsageException($"--on-stall throttle: not with --qemu: {QemuVm.NoBrakes}");
         if (options.PreCopy.AutoConverge is not null) throw new UsageException($"--auto-converge: not with --qemu: {QemuVm.NoBrakes}");

@@ -20,8 +20,6 @@ public class QemuCliTests
     }
 
     [Theory]
-    [InlineData("--strategy postcopy --tls --psk-file PSK", "--tls: not with --qemu and post-copy: the destination's native fault loop, which serves QEMU's page faults, reads the page-request connection itself and needs it plain TCP")]
-    [InlineData("--strategy hybrid --tls --psk-file PSK", "--tls: not with --qemu and post-copy")]
     [InlineData("--auto-converge", "--auto-converge: not with --qemu: a QEMU guest has no brakes")]
     [InlineData("--dirty-limit 100", "--dirty-limit: not with --qemu: a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM")]
     [InlineData("--workload sweep", "--workload: not with --qemu")]

@@ -549,7 +549,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         // connection just after sending Attached: wait for that, or the choice would be a race.
         if (_priority is null) _priorityArrived.Wait(_options.IoTimeout);
         return _priority is null ? "the page-request connection is not attached"
-            : _priority.Stream is NetworkStream ? null : "the page-request connection is not a plain TCP socket (TLS)";
+            : UffdDemandPager.CanServe(_priority.Stream) ? null : $"the page-request connection is neither a TCP socket nor TLS records on one ({_priority.Stream.GetType().Name})";
     }
 
     private UffdDemandPager RemotePager(GuestMemory memory, RemoteFaults remote, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes)

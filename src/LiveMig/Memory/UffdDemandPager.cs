@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using LiveMig.Linux;
+using LiveMig.Transport;
 using static LiveMig.Linux.Userfaultfd;
 
 namespace LiveMig.Memory;
@@ -66,6 +67,12 @@ public sealed unsafe class UffdDemandPager : DemandPager
         public ulong Thread;
         public fixed byte Error[256];
         public fixed byte Why[256];
+        public long NextAead;
+        public ulong NextSendSeq, NextRecvSeq;
+        public fixed byte NextSendKey[32];
+        public fixed byte NextRecvKey[32];
+        public fixed byte NextSendIv[16];
+        public fixed byte NextRecvIv[16];
     }
 
     [DllImport(Lib)] private static extern int lm_uffd_start(Ctx* c);
@@ -218,21 +225,59 @@ public sealed unsafe class UffdDemandPager : DemandPager
         return true;
     }
 
-    /// <summary>Gives the native thread the page-request connection; <paramref name="onBroken"/> runs (on a managed thread) if it fails.</summary>
+    /// <summary>Whether the native thread can serve <paramref name="stream"/>: a plain TCP socket, or TLS records (<see cref="AeadStream"/>) on one.</summary>
+    public static bool CanServe(Stream stream) => SocketOf(stream) is not null;
+
+    private static NetworkStream? SocketOf(Stream stream) => stream switch
+    {
+        NetworkStream ns => ns,
+        AeadStream { Inner: NetworkStream ns } => ns,
+        // The listener's look at a connection's first bytes, once they are read again: the connection itself.
+        ReplayStream { Drained: true } r => SocketOf(r.Connection),
+        _ => null,
+    };
+
+    private static AeadStream? RecordsOf(Stream stream) => stream switch
+    {
+        AeadStream a => a,
+        ReplayStream { Drained: true } r => RecordsOf(r.Connection),
+        _ => null,
+    };
+
+    /// <summary>
+    /// Gives the native thread the page-request connection; <paramref name="onBroken"/> runs (on a
+    /// managed thread) if it fails. A TLS connection's record layer goes with it (keys and sequence
+    /// numbers, <see cref="AeadStream.Lend"/>): from then on only the native thread reads and writes it.
+    /// </summary>
     public void ServeConnection(Stream stream, Action onBroken)
     {
-        if (stream is not NetworkStream ns) throw new ArgumentException("userfaultfd demand paging needs a plain TCP socket", nameof(stream));
+        var ns = SocketOf(stream) ?? throw new ArgumentException("userfaultfd demand paging needs a TCP socket, plain or with LiveMig's TLS records", nameof(stream));
         lock (_connLock)
         {
             Volatile.Write(ref _onBroken, onBroken);
+            // Written before the hand-over, which the native thread reads under its lock; no hand-over is pending now (each waits for its acknowledgement).
+            if (RecordsOf(stream) is { } tls) SetRecordLayer(tls.Lend().State);
+            else _ctx->NextAead = 0;
             lm_uffd_set_socket(_ctx, (long)ns.Socket.Handle);
         }
+    }
+
+    private void SetRecordLayer(AeadStream.RecordState s)
+    {
+        Ctx* c = _ctx;
+        c->NextAead = 1;
+        c->NextSendSeq = s.SendSeq;
+        c->NextRecvSeq = s.ReceiveSeq;
+        s.SendKey.CopyTo(new Span<byte>(c->NextSendKey, 32));
+        s.ReceiveKey.CopyTo(new Span<byte>(c->NextRecvKey, 32));
+        s.SendIv.CopyTo(new Span<byte>(c->NextSendIv, 16));
+        s.ReceiveIv.CopyTo(new Span<byte>(c->NextRecvIv, 16));
     }
 
     /// <summary>Makes the native thread stop using <paramref name="stream"/>'s socket, if it does; then the stream may be closed.</summary>
     public void Release(Stream stream)
     {
-        if (stream is not NetworkStream ns || _stopped) return;
+        if (SocketOf(stream) is not { } ns || _stopped) return;
         nint fd;
         try { fd = ns.Socket.Handle; } catch (ObjectDisposedException) { return; }
         lock (_connLock) lm_uffd_release_socket(_ctx, fd);

@@ -24,7 +24,6 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>Largest device state accepted from QEMU (the boot-sector guest's is about 0.3 MB).</summary>
     public const int MaxStateBytes = 256 << 20;
     public const string NoBrakes = "a QEMU guest has no brakes LiveMig can apply: QEMU throttles vCPUs only inside its own migration (auto-converge), and its dirty limit (set-vcpu-dirty-limit) needs KVM's dirty ring, which TCG has not";
-    public const string NoPostCopyOverTls = "the destination's native fault loop, which serves QEMU's page faults, reads the page-request connection itself and needs it plain TCP (post-copy of a QEMU guest over TLS is not done yet); use --strategy precopy with --tls";
     public const string DemandPagingIsQemus = "a QEMU guest's missing pages are always caught where QEMU faults on them (userfaultfd registered by the agent in the destination QEMU) and served by LiveMig's native fault loop";
 
     private readonly QemuProcess _qemu;

@@ -28,13 +28,13 @@ public sealed class AeadStream : Stream
     private readonly Stream _inner;
     private readonly IDisposable? _owner;
     private readonly AesGcm _send, _receive;
-    private readonly byte[] _sendIv, _receiveIv;
+    private readonly byte[] _sendKey, _receiveKey, _sendIv, _receiveIv;
     private ulong _sendSeq, _receiveSeq;
     // 2 × 256 KiB per secured connection, made when its handshake is done (not pooled: the pool would round them up to 512 KiB).
     private readonly byte[] _out = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxRecord + TagSize);
     private readonly byte[] _in = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxRecord + TagSize);
     private int _plainStart, _plainEnd; // decrypted bytes not yet read, in _in
-    private bool _disposed;
+    private bool _disposed, _lent;
 
     /// <summary>Over <paramref name="inner"/> (the socket's stream); <paramref name="owner"/> (the finished SslStream) is disposed with it.</summary>
     public AeadStream(Stream inner, DataKeys keys, bool client, IDisposable? owner = null)
@@ -44,7 +44,34 @@ public sealed class AeadStream : Stream
         var (sendKey, sendIv, receiveKey, receiveIv) = client ? (keys.ClientKey, keys.ClientIv, keys.ServerKey, keys.ServerIv) : (keys.ServerKey, keys.ServerIv, keys.ClientKey, keys.ClientIv);
         _send = new AesGcm(sendKey, TagSize);
         _receive = new AesGcm(receiveKey, TagSize);
-        (_sendIv, _receiveIv) = (sendIv, receiveIv);
+        (_sendKey, _receiveKey, _sendIv, _receiveIv) = (sendKey, receiveKey, sendIv, receiveIv);
+    }
+
+    /// <summary>The stream the records travel on (the socket's).</summary>
+    internal Stream Inner => _inner;
+
+    /// <summary>The record layer's state at a hand-over: keys, IVs and the next record's sequence number, per direction.</summary>
+    internal readonly record struct RecordState(byte[] SendKey, byte[] SendIv, ulong SendSeq, byte[] ReceiveKey, byte[] ReceiveIv, ulong ReceiveSeq);
+
+    /// <summary>
+    /// Hands the connection to code outside this object (the native fault-service thread, which
+    /// then reads and writes the records itself, native/uffd_serve.c): its state, and the socket's
+    /// stream under it. From here on this stream refuses reads and writes (two writers would reuse
+    /// a nonce; two readers would lose records), so nothing may be left unread in it.
+    /// </summary>
+    internal (RecordState State, Stream Inner) Lend()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_lent) throw new InvalidOperationException("this TLS record stream is already lent out");
+        if (_plainStart < _plainEnd) throw new InvalidOperationException($"{_plainEnd - _plainStart} decrypted bytes are still unread: the connection cannot change hands mid-record");
+        _lent = true;
+        return (new RecordState(_sendKey, _sendIv, _sendSeq, _receiveKey, _receiveIv, _receiveSeq), _inner);
+    }
+
+    private void ThrowIfUnusable()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_lent) throw new InvalidOperationException("this TLS record stream was handed to the native fault-service thread");
     }
 
     private static void Nonce(Span<byte> nonce, byte[] iv, ulong seq)
@@ -82,7 +109,7 @@ public sealed class AeadStream : Stream
     /// <summary>Encrypts the next record of <paramref name="plain"/> into <see cref="_out"/>; returns the plaintext bytes it took.</summary>
     private int Seal(ReadOnlySpan<byte> plain)
     {
-        ObjectDisposedException.ThrowIf(_disposed, this);
+        ThrowIfUnusable();
         int n = Math.Min(plain.Length, MaxRecord);
         BinaryPrimitives.WriteUInt32LittleEndian(_out, (uint)n);
         Span<byte> nonce = stackalloc byte[NonceSize];
@@ -126,7 +153,7 @@ public sealed class AeadStream : Stream
     /// <summary>Reads one record's header and sealed bytes into <see cref="_in"/>; its plaintext length, or 0 at a clean end of the connection.</summary>
     private async ValueTask<int> ReadRecordAsync(bool sync, CancellationToken cancel)
     {
-        ObjectDisposedException.ThrowIf(_disposed, this);
+        ThrowIfUnusable();
         int got = sync ? _inner.Read(_in, 0, HeaderSize) : await _inner.ReadAsync(_in.AsMemory(0, HeaderSize), cancel).ConfigureAwait(false);
         if (got == 0) return 0; // closed between records
         if (got < HeaderSize) await Fill(sync, got, HeaderSize, cancel).ConfigureAwait(false);

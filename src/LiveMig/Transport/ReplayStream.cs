@@ -14,6 +14,9 @@ public sealed class ReplayStream(byte[] first, Stream inner) : DelegatingStream(
     /// <summary>The connection under the replayed bytes (e.g. the SslStream, for <see cref="ChannelSecurity.IsSecured"/>).</summary>
     public Stream Connection => Inner;
 
+    /// <summary>Whether every replayed byte has been read (then reading this is reading <see cref="Connection"/>).</summary>
+    public bool Drained => _replay.Drained;
+
     public override int Read(Span<byte> buffer) => _replay.TryRead(buffer, out int n) ? n : Inner.Read(buffer);
 }
 
@@ -45,6 +48,8 @@ public sealed class ReplayNetworkStream(Socket socket, byte[] first) : NetworkSt
 internal sealed class Replay(byte[] first)
 {
     private int _at;
+
+    public bool Drained => _at >= first.Length;
 
     public bool TryRead(Span<byte> into, out int n)
     {
