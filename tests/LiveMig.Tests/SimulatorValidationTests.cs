@@ -93,13 +93,16 @@ public sealed class SimulatorValidationTests
         Assert.Contains("\"realRounds\"", result.ToJson());
     }
 
-    [Theory]
+    [SkippableTheory]
     [InlineData("postcopy", "")]
     [InlineData("hybrid", ", hybrid-budget: {rounds: 2}")]
     public void Validate_runs_post_copy_and_hybrid_for_real_and_simulated_and_they_agree_loosely(string strategy, string extra)
     {
         var scenario = Scenario.Parse(Small.Replace("{vm: r, to: b, at: 300ms}", $"{{vm: r, to: b, at: 300ms, strategy: {strategy}{extra}}}"));
-        var result = ScenarioValidator.Run(scenario, "small.yaml", loopback: LoopbackLink.Measure(64L << 20, 50));
+        var loopback = LoopbackLink.Measure(64L << 20, 50);
+        // On a machine loaded enough that loopback itself runs near the cap, the real run's link is not the cap the model is given.
+        Skip.If(loopback.BytesPerSecond < 2 * 400e6 / 8, $"loopback measured {Units.Rate(loopback.BytesPerSecond)} on this loaded machine: under twice the 400 Mbit/s cap, the comparison says nothing");
+        var result = ScenarioValidator.Run(scenario, "small.yaml", loopback: loopback);
         var m = Assert.Single(result.Migrations);
         Assert.Equal(strategy, m.Strategy);
         Assert.Equal("completed", m.Real.Outcome);
