@@ -13,6 +13,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
 /// LiveMig.Bench qemu-postcopy [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
+/// LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE] [--systems TEXT,...]
 /// LiveMig.Bench simulate   --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit] [--rate P] (bench/sim-speed.sh)
 /// </code>
 /// </summary>
@@ -24,6 +25,7 @@ public static class Program
         string scenario = args[0];
         if (scenario == "simulate") return SimulateScenario.Run(args[1..]); // options of its own
         if (scenario == "qemu-postcopy") return QemuPostCopyScenario.Run(args[1..]); // options of its own
+        if (scenario == "qemu-precopy") return QemuPreCopyScenario.Run(args[1..]); // options of its own
         long? memory = null;
         int reps = 3;
         string[]? workloads = null;
@@ -132,6 +134,11 @@ public static class Program
               all          throughput and downtime, default sizes
               qemu-postcopy  the boot-sector guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,
                            same cap, bytes counted at the socket: [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
+              qemu-precopy   one guest by QEMU's own migration (default, xbzrle, multifd+zstd, auto-converge, postcopy after
+                           --switch-after) and by LiveMig (best, each stage alone), alternating, same cap, bytes at the socket;
+                           QEMU cancelled after --give-up: [--guest bootsector|linux] [--image IMG] [--kernel-dir guests/linux/out]
+                           [--memory 128MiB (linux 256MiB)] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE]
+                           [--systems TEXT,...] (only the rows whose name contains one of them)
               simulate     the simulator's speed: --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
                            [--rate PAGE_WRITES_PER_S] [--working-set SIZE] [--seed N] [--header] (one Markdown row; bench/sim-speed.sh)
             options:

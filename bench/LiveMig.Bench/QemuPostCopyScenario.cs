@@ -1,6 +1,3 @@
-using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using LiveMig.Engine;
 using LiveMig.Policies;
@@ -59,15 +56,14 @@ internal static class QemuPostCopyScenario
         o.WriteLine();
         o.WriteLine("| system | outcome | total s | downtime ms | bytes at the socket | faults / page requests | guest errors after | notes |");
         o.WriteLine("|---|---|---:|---:|---:|---:|---:|---|");
-        var spec = new QemuVmSpec { MemoryBytes = memory, BootImage = image };
-        var host = new QemuHostOptions { AllowedImageDirectories = [Path.GetDirectoryName(image)!] };
-        string? preempt = PreemptCapability(spec, host);
+        var guest = new BootSectorBenchGuest(image, memory);
+        string? preempt = PreemptCapability(guest.Spec, guest.Host);
         for (int rep = 0; rep < reps; rep++)
         {
-            var rows = new List<Row> { Native(spec, host, bandwidth, switchAfter, null) };
-            if (preempt is not null) rows.Add(Native(spec, host, bandwidth, switchAfter, preempt));
-            rows.Add(LiveMig(spec, host, bandwidth, MigrationStrategy.PostCopy));
-            rows.Add(LiveMig(spec, host, bandwidth, MigrationStrategy.Hybrid));
+            var rows = new List<Row> { Native(guest, bandwidth, switchAfter, null) };
+            if (preempt is not null) rows.Add(Native(guest, bandwidth, switchAfter, preempt));
+            rows.Add(LiveMig(guest, bandwidth, MigrationStrategy.PostCopy));
+            rows.Add(LiveMig(guest, bandwidth, MigrationStrategy.Hybrid));
             foreach (var r in rows)
                 o.WriteLine($"| {r.System} | {r.Outcome} | {r.TotalS:0.00} | {r.DowntimeMs:0.0} | {Units.Bytes(r.SocketBytes)} | {r.Faults:N0} | {r.GuestErrors} | {r.Notes} |");
         }
@@ -84,171 +80,31 @@ internal static class QemuPostCopyScenario
         return caps.Select(c => c?["capability"]?.GetValue<string>()).FirstOrDefault(n => n is "postcopy-preempt" or "x-postcopy-preempt");
     }
 
-    private static void SetCapabilities(QemuProcess q, string? preempt)
-    {
-        var caps = new JsonArray(
-            new JsonObject { ["capability"] = "x-ignore-shared", ["state"] = false }, // QEMU moves the RAM itself here
-            new JsonObject { ["capability"] = "postcopy-ram", ["state"] = true });
-        if (preempt is not null) caps.Add(new JsonObject { ["capability"] = preempt, ["state"] = true });
-        q.Qmp.Execute("migrate-set-capabilities", new JsonObject { ["capabilities"] = caps });
-    }
-
     /// <summary>QEMU's own migration: pre-copy at the cap, <c>migrate-start-postcopy</c> after <paramref name="switchAfter"/>, through the relay.</summary>
-    private static Row Native(QemuVmSpec spec, QemuHostOptions host, long bandwidth, TimeSpan switchAfter, string? preempt)
+    private static Row Native(BenchGuest guest, long bandwidth, TimeSpan switchAfter, string? preempt)
     {
         string name = preempt is null ? "QEMU postcopy-ram" : $"QEMU postcopy-ram + {preempt}";
         Console.Error.WriteLine($"qemu-postcopy: {name}");
-        using var source = QemuVm.Start("bench-native-src", spec, host);
-        WaitForGuest(source.SerialLog);
-        using var dest = QemuProcess.Start(spec, host, "bench-native-dst", incoming: true);
-        SetCapabilities(source.Process, preempt);
-        SetCapabilities(dest, preempt);
-        int port = FreePort();
-        dest.Qmp.Execute("migrate-incoming", new JsonObject { ["uri"] = $"tcp:127.0.0.1:{port}" });
-        using var relay = new CountingRelay(port);
-        source.Process.Qmp.Execute("migrate-set-parameters", new JsonObject { ["max-bandwidth"] = bandwidth, ["max-postcopy-bandwidth"] = bandwidth });
-        source.Process.Qmp.Execute("migrate", new JsonObject { ["uri"] = $"tcp:127.0.0.1:{relay.Port}" });
-        var sw = Stopwatch.StartNew();
-        bool switched = false, resumed = false;
-        JsonObject info;
-        while (true)
-        {
-            info = source.Process.Qmp.Execute("query-migrate") as JsonObject ?? [];
-            string status = info["status"]?.GetValue<string>() ?? "none";
-            if (status is "completed" or "failed" or "cancelled") break;
-            if (!switched && sw.Elapsed >= switchAfter) { source.Process.Qmp.Execute("migrate-start-postcopy"); switched = true; }
-            // Started with -S, the destination comes up paused after the switch: cont it at once (as LiveMig's Commit does).
-            if (switched && !resumed && dest.Qmp.Execute("query-status")?["status"]?.GetValue<string>() == "paused") { dest.Qmp.Execute("cont"); resumed = true; }
-            if (sw.Elapsed > TimeSpan.FromMinutes(3)) { source.Process.Qmp.Execute("migrate_cancel"); return new Row(name, "timed out (3 min)", sw.Elapsed.TotalSeconds, 0, relay.Bytes, 0, -1, ""); }
-            Thread.Sleep(1);
-        }
-        if (!resumed && dest.Qmp.Execute("query-status")?["status"]?.GetValue<string>() == "paused") dest.Qmp.Execute("cont");
-        string outcome = info["status"]!.GetValue<string>();
-        var ram = info["ram"] as JsonObject;
-        long errors = GuestErrorsAfter(dest.SerialLog);
-        return new Row(name, outcome, (info["total-time"]?.GetValue<long>() ?? 0) / 1000.0, info["downtime"]?.GetValue<long>() ?? 0, relay.Bytes,
-            ram?["postcopy-requests"]?.GetValue<long>() ?? 0, errors, $"ram.transferred {Units.Bytes(ram?["transferred"]?.GetValue<long>() ?? 0)}; faults column: QEMU's postcopy-requests");
+        List<(string, bool)> caps = [("postcopy-ram", true)];
+        if (preempt is not null) caps.Add((preempt, true));
+        var settings = new NativeSettings(name, caps, new JsonObject { ["max-bandwidth"] = bandwidth, ["max-postcopy-bandwidth"] = bandwidth },
+            GiveUp: TimeSpan.FromMinutes(3), SwitchToPostCopyAfter: switchAfter);
+        var r = QemuBench.RunNative(guest, settings);
+        if (r.GaveUp) return new Row(name, "timed out (3 min) before the switch", r.Elapsed.TotalSeconds, 0, r.SocketBytes, 0, -1, "");
+        return new Row(name, r.Status, r.TotalS, r.DowntimeMs, r.SocketBytes, r.Ram?["postcopy-requests"]?.GetValue<long>() ?? 0, r.Guest.GuestErrors,
+            $"ram.transferred {Units.Bytes(r.Transferred)}; faults column: QEMU's postcopy-requests");
     }
 
     /// <summary>LiveMig's post-copy or hybrid (two rounds) of the same guest to an agent in this process, both connections through the relay.</summary>
-    private static Row LiveMig(QemuVmSpec spec, QemuHostOptions host, long bandwidth, MigrationStrategy strategy)
+    private static Row LiveMig(BenchGuest guest, long bandwidth, MigrationStrategy strategy)
     {
         string name = $"LiveMig {Migrations.Name(strategy)}";
         Console.Error.WriteLine($"qemu-postcopy: {name}");
-        var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions { VmFactories = [new QemuVmFactory(host)] });
-        listener.Arrived += a => arrived.TrySetResult(a);
-        listener.Start();
-        using var relay = new CountingRelay(listener.Port);
-        using var source = QemuVm.Start($"bench-{Migrations.Name(strategy)}", spec, host);
-        WaitForGuest(source.SerialLog);
         var options = new MigrationOptions { Strategy = strategy, BandwidthLimit = bandwidth, PostCopy = new PostCopyOptions { Hybrid = new HybridOptions { MaxRounds = 2 } } };
-        var engine = new PostCopyMigration(source, options)
-        {
-            Connector = (_, _) =>
-            {
-                var s = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-                s.Connect(IPAddress.Loopback, relay.Port);
-                return new NetworkStream(s, ownsSocket: true);
-            },
-        };
-        Reporting.MigrationReport report;
-        try { report = engine.MigrateTo("127.0.0.1", relay.Port); }
-        catch (MigrationFailedException e) { return new Row(name, "failed: " + e.Message, 0, 0, relay.Bytes, 0, -1, ""); }
-        long errors = -1;
-        if (arrived.Task.Wait(TimeSpan.FromSeconds(30)))
-        {
-            using var vm = arrived.Task.Result.Vm;
-            errors = GuestErrorsAfter(((QemuVm)vm).SerialLog);
-        }
-        return new Row(name, report.Verified == true ? "completed, verified" : report.Outcome, report.TotalTimeMs / 1000.0, report.DowntimeMs, relay.Bytes, report.Faults, errors,
+        var r = QemuBench.RunLiveMig(guest, options);
+        if (r.Failure is not null) return new Row(name, "failed: " + r.Failure, 0, 0, r.SocketBytes, 0, -1, "");
+        var report = r.Report;
+        return new Row(name, report.Verified == true ? "completed, verified" : report.Outcome, report.TotalTimeMs / 1000.0, report.DowntimeMs, r.SocketBytes, report.Faults, r.Guest.GuestErrors,
             $"pushed {report.PagesPushed:N0}, requested {report.PagesRequested:N0}; fault p50/p99 {report.FaultLatencyUs?.P50:0} / {report.FaultLatencyUs?.P99:0} µs; time to resume {report.TimeToResumeMs / 1000:0.00} s");
-    }
-
-    private static void WaitForGuest(string serialLog)
-    {
-        var sw = Stopwatch.StartNew();
-        while (BootSectorSerial.Last(BootSectorSerial.Read(serialLog)) is null)
-        {
-            if (sw.Elapsed > TimeSpan.FromSeconds(60)) throw new InvalidOperationException($"the guest reported nothing on {serialLog} within 60 s");
-            Thread.Sleep(50);
-        }
-    }
-
-    /// <summary>The guest's own count of stale or lost pages, after it ran two more seconds at the destination (-1: no report).</summary>
-    private static long GuestErrorsAfter(string serialLog)
-    {
-        Thread.Sleep(2000);
-        return BootSectorSerial.Last(BootSectorSerial.Read(serialLog))?.Errors ?? -1;
-    }
-
-    private static int FreePort()
-    {
-        var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int port = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return port;
-    }
-
-    /// <summary>A TCP relay on 127.0.0.1 to <c>target</c> that counts every byte it forwards, both ways, for any number of connections.</summary>
-    private sealed class CountingRelay : IDisposable
-    {
-        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
-        private readonly int _target;
-        private readonly CancellationTokenSource _stop = new();
-        private long _bytes;
-
-        public CountingRelay(int target)
-        {
-            _target = target;
-            _listener.Start();
-            _ = AcceptLoop();
-        }
-
-        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
-        public long Bytes => Interlocked.Read(ref _bytes);
-
-        private async Task AcceptLoop()
-        {
-            while (!_stop.IsCancellationRequested)
-            {
-                Socket a;
-                try { a = await _listener.AcceptSocketAsync(_stop.Token); }
-                catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException) { return; }
-                var b = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
-                a.NoDelay = true;
-                try { await b.ConnectAsync(IPAddress.Loopback, _target); }
-                catch (SocketException) { a.Dispose(); b.Dispose(); continue; }
-                _ = Pump(a, b);
-                _ = Pump(b, a);
-            }
-        }
-
-        private async Task Pump(Socket from, Socket to)
-        {
-            var buffer = new byte[256 << 10];
-            try
-            {
-                while (true)
-                {
-                    int n = await from.ReceiveAsync(buffer, SocketFlags.None, _stop.Token);
-                    if (n == 0) break;
-                    Interlocked.Add(ref _bytes, n);
-                    await to.SendAsync(buffer.AsMemory(0, n), SocketFlags.None, _stop.Token);
-                }
-                to.Shutdown(SocketShutdown.Send);
-            }
-            catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
-            {
-                try { to.Shutdown(SocketShutdown.Both); } catch (Exception x) when (x is SocketException or ObjectDisposedException) { }
-            }
-        }
-
-        public void Dispose()
-        {
-            _stop.Cancel();
-            _listener.Stop();
-        }
     }
 }

@@ -46,7 +46,11 @@ internal sealed class CliOptions
     public readonly Option<string?> MemoryFile = new("--memory-file") { Description = "Keep the guest's memory in this new file (e.g. /dev/shm/vm0.mem) instead of anonymous memory: it outlives this process, so if the source dies after a post-copy switch, 'livemig migrate --recover ID --memory-file PATH --to HOST:PORT' can still serve the destination the pages it lacks. Removed when the migration ends here.", HelpName = "PATH" };
     public readonly Option<string?> Name = new("--name") { Description = "The VM's name, unique on the destination agent (which refuses a name it already runs): letters, digits, '.', '_', '-', at most 63. Default: vm- and 8 random hex digits.", HelpName = "NAME" };
     public readonly Option<string?> Qemu = new("--qemu") { Description = "Run a QEMU guest booting this raw image (e.g. the boot-sector guest, guests/bootsector/build.sh) instead of the built-in VM, its RAM in a shared file LiveMig moves; --memory and --vcpus size it (--workload, --seed, --fill, --dirty-log and --memory-file are the built-in VM's). Pre-copy, post-copy and hybrid (post-copy: the destination catches QEMU's own faults with userfaultfd, also over --tls); the destination agent needs 'listen --qemu-allow' naming the image's directory. See docs/qemu.md.", HelpName = "IMAGE" };
-    public readonly Option<string> QemuAccel = new("--qemu-accel") { Description = "With --qemu: QEMU's accelerator, tcg (works everywhere) or kvm.", DefaultValueFactory = _ => "tcg", HelpName = "ACCEL" };
+    public readonly Option<string> QemuAccel = new("--qemu-accel") { Description = "With --qemu or --qemu-kernel: QEMU's accelerator, tcg (works everywhere) or kvm.", DefaultValueFactory = _ => "tcg", HelpName = "ACCEL" };
+    public readonly Option<string?> QemuKernel = new("--qemu-kernel") { Description = "Run a QEMU guest booting this Linux kernel (QEMU's -kernel; e.g. the Linux guest, guests/linux/build.sh) instead of a boot image; otherwise as --qemu. The destination agent needs 'listen --qemu-allow' naming the directories of the kernel and its initramfs.", HelpName = "KERNEL" };
+    public readonly Option<string?> QemuInitrd = new("--qemu-initrd") { Description = "With --qemu-kernel: its initramfs (QEMU's -initrd).", HelpName = "FILE" };
+    public readonly Option<string> QemuAppend = new("--qemu-append") { Description = "With --qemu-kernel: the kernel's command line (QEMU's -append; printable ASCII, at most 512 characters).", DefaultValueFactory = _ => "console=ttyS0 quiet", HelpName = "TEXT" };
+    public readonly Option<string?> QemuForward = new("--qemu-forward") { Description = "Give the QEMU guest a virtio-net card on QEMU's user networking and forward these guest TCP ports (comma-separated, e.g. 6379) from ports of 127.0.0.1 each host picks for itself (the kernel's choice; printed when the guest starts here and when it arrives at an agent): a source never chooses the destination's host ports.", HelpName = "PORTS" };
     public readonly Option<string> Warmup = new("--warmup") { Description = "How long the guest runs before the migration starts.", DefaultValueFactory = _ => "1s", HelpName = "TIME" };
 
     public readonly Option<bool> Tls = new("--tls") { Description = "Protect the connection with TLS 1.3 and mutual authentication: by certificates (--cert, --key, --ca) or by a pre-shared key (--psk-file). Without it LiveMig warns: memory crosses the network in the clear." };
@@ -112,10 +116,11 @@ internal sealed class CliOptions
     public void AddVmOptions(Command c)
     {
         c.Add(Name); c.Add(Memory); c.Add(Vcpus); c.Add(Workload); c.Add(Seed); c.Add(Fill); c.Add(DirtyLog); c.Add(MemoryFile); c.Add(Warmup); c.Add(Qemu); c.Add(QemuAccel);
+        c.Add(QemuKernel); c.Add(QemuInitrd); c.Add(QemuAppend); c.Add(QemuForward);
     }
 
     /// <summary>The options that make a VM here (none of them applies to a VM an agent already holds).</summary>
-    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, DirtyLog, MemoryFile, Warmup, Qemu, QemuAccel];
+    public IEnumerable<Option> VmOptions => [Name, Memory, Vcpus, Workload, Seed, Fill, DirtyLog, MemoryFile, Warmup, Qemu, QemuAccel, QemuKernel, QemuInitrd, QemuAppend, QemuForward];
 
     /// <summary>The built-in VM's options, refused with --qemu.</summary>
     public IEnumerable<Option> BuiltInVmOptions => [Workload, Seed, Fill, DirtyLog, MemoryFile];

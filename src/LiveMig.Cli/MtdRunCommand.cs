@@ -32,6 +32,9 @@ internal static class MtdRunCommand
 
     private static LiveMtdOptions Options(ParseResult r, CliOptions o, Option<int> agents, Option<string?> interval, Option<string?> poisson, Option<int?> moves, Option<string?> duration)
     {
+        // Its witness is the boot-sector guest's own memory check: a kernel guest has none (yet).
+        foreach (var q in new Option[] { o.QemuKernel, o.QemuInitrd, o.QemuAppend, o.QemuForward })
+            if (r.GetResult(q) is { Implicit: false }) throw new UsageException($"{q.Name}: mtd run moves the built-in VM or the boot-sector guest (--qemu IMAGE) only: docs/mtd.md");
         if (r.GetResult(o.MemoryFile) is { Implicit: false }) throw new UsageException("--memory-file: not with mtd run (the VM's memory moves from agent to agent)");
         var migration = o.MigrationOptions(r);
         var qemu = QemuCommands.Spec(o, r, migration);

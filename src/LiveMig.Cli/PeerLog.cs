@@ -11,7 +11,8 @@ namespace LiveMig.Cli;
 internal static class PeerLog
 {
     public static string Arrived(ArrivedVm a) =>
-        $"VM {PeerText.Escape(a.Vm.Name)} arrived ({Units.Bytes(a.Report.MemoryBytes)}, migration {a.Report.MigrationId}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here";
+        $"VM {PeerText.Escape(a.Vm.Name)} arrived ({Units.Bytes(a.Report.MemoryBytes)}, migration {a.Report.MigrationId}, downtime {a.Report.DowntimeMs:0.0} ms, verified {a.Report.Verified?.ToString() ?? "not asked"}) and runs here"
+        + (a.Vm is Qemu.QemuVm q && QemuCommands.Forwards(q.Process) is { } forwards ? $"; {forwards}" : "");
 
     public static string IncomingFailed(MigrationFailedException f) => $"livemig: incoming migration failed: {PeerText.Escape(f.Message)}";
 

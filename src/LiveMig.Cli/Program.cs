@@ -274,7 +274,7 @@ public static class Program
     {
         bool json = r.GetValue(o.Json);
         var arrived = new TaskCompletionSource<ArrivedVm>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var factory = new Qemu.QemuVmFactory(new Qemu.QemuHostOptions { AllowedImageDirectories = [Path.GetDirectoryName(spec.BootImage)!] });
+        var factory = new Qemu.QemuVmFactory(new Qemu.QemuHostOptions { AllowedImageDirectories = [.. spec.Files.Select(f => Path.GetDirectoryName(f)!).Distinct()] });
         using var listener = new MigrationListener(IPAddress.Loopback, 0, new DestinationOptions { Security = options.Security, VmFactories = [factory] });
         listener.Arrived += a => arrived.TrySetResult(a);
         listener.Start();
@@ -292,9 +292,11 @@ public static class Program
         // Let the guest run at the destination for a moment, then read its own verdict there.
         Thread.Sleep(TimeSpan.FromSeconds(2));
         string? broken = dest.CheckInvariant();
+        if (!json && QemuCommands.Forwards(((Qemu.QemuVm)dest).Process) is { } forwards) Console.Error.WriteLine($"destination guest: {forwards}");
         var there = Qemu.BootSectorSerial.Last(Qemu.BootSectorSerial.Read(((Qemu.QemuVm)dest).SerialLog));
         if (!json) Console.Error.WriteLine(there is { } t
             ? $"destination guest: {t.Passes} passes (source: {before?.Passes.ToString() ?? "?"} at warm-up), {t.Errors} stale or lost pages found{(broken is null ? "" : " — BROKEN")}"
+            : spec.Kernel is not null ? $"destination guest: running; its console is in {((Qemu.QemuVm)dest).SerialLog}"
             : "destination guest: no report on its serial port yet (not the boot-sector guest?)");
         int rc = Finish(r, o, report);
         return broken is null ? rc : 1;

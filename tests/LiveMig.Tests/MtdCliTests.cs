@@ -58,6 +58,7 @@ public class MtdCliTests
     [InlineData("--workload 'hotcold': mtd run needs kv", "mtd", "run", "--interval", "1s", "--moves", "2", "--workload", "hotcold")]
     [InlineData("--qemu /x.img: no such file", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img")]
     [InlineData("--workload: not with --qemu", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu", "/x.img", "--workload", "kv")]
+    [InlineData("--qemu-kernel: mtd run moves the built-in VM or the boot-sector guest (--qemu IMAGE) only", "mtd", "run", "--interval", "1s", "--moves", "2", "--qemu-kernel", "/x/vmlinuz")]
     [InlineData("--interval 'often': expected a duration", "mtd", "run", "--interval", "often", "--moves", "2")]
     public void Mtd_run_refuses_bad_options_in_one_line_with_exit_code_2(string expected, params string[] args)
     {

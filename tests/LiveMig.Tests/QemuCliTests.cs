@@ -35,6 +35,39 @@ public class QemuCliTests
         Assert.Single(err.TrimEnd().Split('\n'));
     }
 
+    [Theory]
+    [InlineData("--qemu IMG --qemu-kernel KERNEL", "--qemu and --qemu-kernel: give one (a boot image or a kernel)")]
+    [InlineData("--qemu IMG --qemu-initrd KERNEL", "--qemu-initrd: only with --qemu-kernel")]
+    [InlineData("--qemu-forward 6379", "--qemu-forward: only with --qemu IMAGE or --qemu-kernel KERNEL")]
+    [InlineData("--qemu-kernel KERNEL --qemu-forward 0", "--qemu-kernel: forward port 0 is out of range (1..65535)")]
+    [InlineData("--qemu-kernel KERNEL --qemu-forward 80,80", "--qemu-kernel: forward lists a port twice")]
+    [InlineData("--qemu-kernel KERNEL --qemu-forward redis", "--qemu-forward 'redis': expected guest TCP ports separated by commas")]
+    [InlineData("--qemu-kernel /nonexistent/vmlinuz", "--qemu-kernel /nonexistent/vmlinuz: no such file")]
+    public void A_kernel_guest_and_its_forwarded_ports_are_checked_in_one_line_before_QEMU_starts(string extra, string expected)
+    {
+        string dir = Directory.CreateTempSubdirectory("lmqemu-cli").FullName;
+        string image = Path.Combine(dir, "boot.img"), kernel = Path.Combine(dir, "vmlinuz");
+        File.WriteAllBytes(image, new byte[512]);
+        File.WriteAllBytes(kernel, new byte[512]);
+        var (code, _, err) = Run(["migrate", "--to", "127.0.0.1:1", .. extra.Replace("IMG", image).Replace("KERNEL", kernel).Split(' ')]);
+        Assert.Equal(2, code);
+        Assert.StartsWith("livemig: " + expected, err);
+        Assert.Single(err.TrimEnd().Split('\n'));
+    }
+
+    [SkippableFact]
+    public void Demo_boots_the_Linux_guest_and_each_side_forwards_the_guests_port_from_a_port_of_its_own()
+    {
+        string dir = LinuxGuest.Directory();
+        var (code, _, err) = Run("demo", "--qemu-kernel", Path.Combine(dir, "vmlinuz"), "--qemu-initrd", Path.Combine(dir, "initrd.gz"),
+            "--qemu-forward", "6379", "--memory", "256MiB", "--vcpus", "1", "--warmup", "3s");
+        Assert.True(code == 0, err);
+        var ports = Regex.Matches(err, @"guest port 6379 at 127\.0\.0\.1:(\d+)").Select(m => int.Parse(m.Groups[1].Value)).ToList();
+        Assert.Equal(2, ports.Count); // the source's, then the destination's
+        Assert.NotEqual(ports[0], ports[1]);
+        Assert.Contains("destination guest: running; its console is in", err);
+    }
+
     [Fact]
     public void Demo_refuses_another_demand_paging_for_a_QEMU_guest()
     {

@@ -358,6 +358,49 @@ public class QemuTests
         Assert.DoesNotContain("Kernel panic", BootSectorSerial.Read(dest.SerialLog));
     }
 
+    [SkippableFact]
+    public void A_redis_client_reconnects_to_the_destinations_port_and_reads_back_every_key_it_wrote()
+    {
+        string dir = LinuxGuest.Directory();
+        // Guest port 6379 forwarded on each side from a port that side's kernel picks: on one host the two do not collide.
+        var spec = LinuxGuest.Spec(dir) with { Forward = [6379] };
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new Loopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start("qemu-redis", spec, QemuGuest.Host(dir));
+        LinuxGuest.WaitFor(() => BootSectorSerial.Read(source.SerialLog).Contains("Ready to accept connections"), "redis came up in the guest", TimeSpan.FromSeconds(90));
+        int sourcePort = source.Process.ForwardedPorts[6379];
+        int? destPort = null;
+        using var probe = new LiveMig.Bench.RedisProbe(() =>
+        {
+            destPort ??= factory.WaitingProcesses.FirstOrDefault()?.ForwardedPorts[6379] ?? (loop.Listener.Vms.OfType<QemuVm>().FirstOrDefault()?.Process.ForwardedPorts[6379]);
+            return destPort is int d ? [sourcePort, d] : [sourcePort];
+        });
+        probe.Start(TimeSpan.FromSeconds(60));
+        LinuxGuest.WaitFor(() => probe.Requests >= 200, "200 replies from redis before the move", TimeSpan.FromSeconds(60));
+
+        var (report, arrived) = loop.Migrate(source, Options());
+
+        Assert.Equal("completed", report.Outcome);
+        Assert.True(report.Verified);
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        int arrivedPort = dest.Process.ForwardedPorts[6379];
+        Assert.NotEqual(sourcePort, arrivedPort);
+        long atMove = probe.Requests;
+        LinuxGuest.WaitFor(() => probe.Requests >= atMove + 200, $"200 more replies after the move (from port {arrivedPort})", TimeSpan.FromSeconds(60));
+        var seen = probe.Stop();
+        var keys = probe.CheckKeys(TimeSpan.FromSeconds(30));
+
+        // The client went from the source's port to the destination's, and every key it saw acknowledged is there with its value.
+        Assert.Equal([sourcePort, arrivedPort], seen.PortsUsed);
+        Assert.True(seen.Reconnects >= 1);
+        Assert.Equal(0, seen.WrongAnswers);
+        Assert.True(keys.Checked >= 200, $"only {keys.Checked} keys were written");
+        Assert.True(keys.AllThere, keys.ToString());
+        // The interruption it saw is at least the VM's pause and bounded by the test's waits.
+        Assert.InRange(seen.LongestGapMs, report.DowntimeMs * 0.5, 60_000); // the pause ends a moment before the source hears it did
+        Console.WriteLine($"redis through the move: longest gap {seen.LongestGapMs:0} ms (downtime {report.DowntimeMs:0} ms), {seen.Requests} replies, {seen.Errors} errors, {keys}");
+    }
+
     /// <summary>Kills the QEMU waiting at the destination as the source pauses for the stop-and-copy.</summary>
     private sealed class KillAtPause(QemuVmFactory factory) : IMigrationObserver
     {

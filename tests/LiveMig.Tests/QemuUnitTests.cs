@@ -144,6 +144,43 @@ public class QemuUnitTests
     }
 
     [Fact]
+    public void Forwarded_guest_ports_are_validated_and_each_host_chooses_its_own_host_port()
+    {
+        var spec = new QemuVmSpec { MemoryBytes = 256 << 20, Kernel = "/g/vmlinuz", Network = "user", Forward = [6379, 22] };
+        Assert.Equal(spec, QemuVmSpec.Parse(spec.ToJson()));
+        Assert.Contains("\"forward\":[6379,22]", spec.ToJson());
+        Assert.NotEqual(spec, spec with { Forward = [6379] });
+        Assert.Contains("forward needs network \"user\"", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","forward":[6379]}""")).Message);
+        Assert.Contains("port 70000 is out of range", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"user","forward":[70000]}""")).Message);
+        Assert.Contains("port 0 is out of range", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"user","forward":[0]}""")).Message);
+        Assert.Contains("lists a port twice", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"user","forward":[80,80]}""")).Message);
+        Assert.Contains("at most 8 ports", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"user","forward":[1,2,3,4,5,6,7,8,9]}""")).Message);
+        Assert.Contains("other than a port number", Assert.Throws<InvalidDataException>(() => QemuVmSpec.Parse("""{"memoryBytes":134217728,"kernel":"/k","network":"user","forward":["6379:16379"]}""")).Message);
+
+        // The description names guest ports only: the host port is the host's (a fixed one, or 0 for one the kernel picks), always on 127.0.0.1.
+        string Netdev(IReadOnlyDictionary<int, int>? hostPorts)
+        {
+            var a = QemuCommandLine.Build(spec, "/dev/shm/r", "/tmp/q.sock", "/tmp/s.log", incoming: true, hostPorts);
+            return a[a.IndexOf("-netdev") + 1];
+        }
+        Assert.Equal("user,id=net0,hostfwd=tcp:127.0.0.1:0-:6379,hostfwd=tcp:127.0.0.1:0-:22", Netdev(null));
+        Assert.Equal("user,id=net0,hostfwd=tcp:127.0.0.1:16379-:6379,hostfwd=tcp:127.0.0.1:0-:22", Netdev(new Dictionary<int, int> { [6379] = 16379 }));
+    }
+
+    [Fact]
+    public void The_ports_QEMU_bound_are_read_from_info_usernet()
+    {
+        const string text = "Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+            + "  TCP[HOST_FORWARD]   8       127.0.0.1 33095       10.0.2.15  6379     0     0\r\n"
+            + "  TCP[ESTABLISHED]   27       127.0.0.1 41000       10.0.2.15  6379     0     0\r\n"
+            + "  TCP[HOST_FORWARD]   9       127.0.0.1 2222       10.0.2.15    22     0     0\r\n";
+        var ports = QemuProcess.UserNetForwards(text);
+        Assert.Equal(2, ports.Count);
+        Assert.Equal(33095, ports[6379]);
+        Assert.Equal(2222, ports[22]);
+    }
+
+    [Fact]
     public void The_destination_allows_boot_images_only_inside_its_directories_after_resolving_links()
     {
         var root = Directory.CreateTempSubdirectory("lmqemu-allow").FullName;

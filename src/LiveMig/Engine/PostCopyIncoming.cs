@@ -216,6 +216,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
 
     private void PriorityLoop(Channel ch)
     {
+        Linux.Native.RaiseCurrentThread(); // a faulting vCPU waits on this thread (where permitted)
         byte* scratch = (byte*)NativeMemory.Alloc(ScratchBytes);
         var placed = new EncodingCounters(); // this reader's: another may overlap it briefly after a re-attach
         try

@@ -613,6 +613,7 @@ public sealed class PostCopyMigration
     /// <summary>The page-request server: answers each request at once on the priority connection with the pages not sent yet.</summary>
     private void Serve(Link link)
     {
+        Linux.Native.RaiseCurrentThread(); // a faulting vCPU waits on this thread (where permitted; docs/protocol.md)
         var frames = link.PriorityFrames!;
         var writer = new PageBatchWriter(frames, _vm.Memory) { Hashes = _hashes };
         lock (_counters) _counters.Add(writer.Counters);

@@ -27,6 +27,14 @@ public sealed record QemuHostOptions
     /// <summary>The dirty-page agent preloaded into QEMU (native/qemu_dirty_agent.c, built next to LiveMig's assemblies when gcc is there).</summary>
     public string AgentLibrary { get; init; } = Path.Combine(AppContext.BaseDirectory, "liblivemig_qemu_agent.so");
 
+    /// <summary>
+    /// The port of this host's loopback (127.0.0.1) each forwarded guest port of a description
+    /// (<see cref="QemuVmSpec.Forward"/>) listens on; a guest port not listed, or listed as 0,
+    /// gets a free port the kernel picks (<see cref="QemuProcess.ForwardedPorts"/> says which).
+    /// The host's choice, never the description's: a destination opens only ports it chose.
+    /// </summary>
+    public IReadOnlyDictionary<int, int> ForwardHostPorts { get; init; } = new Dictionary<int, int>();
+
     /// <summary>How long QEMU may take to start and answer on QMP.</summary>
     public TimeSpan StartTimeout { get; init; } = TimeSpan.FromSeconds(15);
 
@@ -67,14 +75,15 @@ public sealed record QemuHostOptions
 /// <summary>
 /// QEMU's command line for a <see cref="QemuVmSpec"/>, built the same way on both sides: no
 /// default devices, guest RAM in a shared file (so LiveMig maps the pages QEMU runs on), the boot
-/// image as a read-only floppy or a kernel and initramfs QEMU loads, user networking if asked,
+/// image as a read-only floppy or a kernel and initramfs QEMU loads, user networking if asked
+/// (with the description's guest ports forwarded from this host's loopback, on ports this host chose),
 /// the first serial port into a log file, QMP on a Unix socket, and
 /// at a destination <c>-incoming defer -S</c> (the device state comes later, over QMP; the guest
 /// runs only when LiveMig says <c>cont</c>). Arguments are passed as a list, never through a shell.
 /// </summary>
 public static class QemuCommandLine
 {
-    public static List<string> Build(QemuVmSpec spec, string ramFile, string qmpSocket, string serialLog, bool incoming)
+    public static List<string> Build(QemuVmSpec spec, string ramFile, string qmpSocket, string serialLog, bool incoming, IReadOnlyDictionary<int, int>? hostPorts = null)
     {
         foreach (string p in new[] { ramFile, qmpSocket, serialLog })
             if (QemuVmSpec.PathError(p) is { } bad) throw new ArgumentException($"QEMU file {bad}");
@@ -96,8 +105,21 @@ public static class QemuCommandLine
         if (spec.Kernel is not null) a.AddRange(["-kernel", spec.Kernel]);
         if (spec.Initrd is not null) a.AddRange(["-initrd", spec.Initrd]);
         if (spec.Append is not null) a.AddRange(["-append", spec.Append]);
-        if (spec.Network == "user") a.AddRange(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
+        if (spec.Network == "user") a.AddRange(["-netdev", UserNetwork(spec, hostPorts), "-device", "virtio-net-pci,netdev=net0"]);
         if (incoming) a.AddRange(["-incoming", "defer", "-S"]);
         return a;
+    }
+
+    /// <summary>QEMU user networking, each forwarded guest port from 127.0.0.1 only (port 0: the kernel picks one).</summary>
+    private static string UserNetwork(QemuVmSpec spec, IReadOnlyDictionary<int, int>? hostPorts)
+    {
+        var b = new System.Text.StringBuilder("user,id=net0");
+        foreach (int guest in spec.Forward)
+        {
+            int host = hostPorts is not null && hostPorts.TryGetValue(guest, out int h) ? h : 0;
+            if (host is < 0 or > 65535) throw new ArgumentException($"host port {host} for guest port {guest} is out of range (0..65535)");
+            b.Append(System.Globalization.CultureInfo.InvariantCulture, $",hostfwd=tcp:127.0.0.1:{host}-:{guest}");
+        }
+        return b.ToString();
     }
 }

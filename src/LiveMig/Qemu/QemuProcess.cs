@@ -44,6 +44,31 @@ public sealed class QemuProcess : IDisposable
     public string? AgentSocket { get; private init; }
     internal QemuDirtyLog DirtyLogKind { get; private init; }
 
+    /// <summary>Guest TCP port → the port of this host's 127.0.0.1 QEMU forwards to it (<see cref="QemuVmSpec.Forward"/>), as QEMU bound them.</summary>
+    public IReadOnlyDictionary<int, int> ForwardedPorts { get; private set; } = new Dictionary<int, int>();
+
+    /// <summary>The forwards QEMU listens on, from <c>info usernet</c> (the only place QEMU says which port the kernel picked for a port 0).</summary>
+    private Dictionary<int, int> ReadForwards()
+    {
+        string text = Qmp.Execute("human-monitor-command", new JsonObject { ["command-line"] = "info usernet" })?.GetValue<string>() ?? "";
+        var ports = UserNetForwards(text);
+        foreach (int guest in Spec.Forward)
+            if (!ports.ContainsKey(guest)) throw new QmpException($"QEMU does not list a forward to guest port {guest} in 'info usernet'");
+        return ports;
+    }
+
+    /// <summary>Parses <c>info usernet</c>: its <c>TCP[HOST_FORWARD]  FD  127.0.0.1 HOSTPORT  10.0.2.15 GUESTPORT ...</c> lines.</summary>
+    internal static Dictionary<int, int> UserNetForwards(string text)
+    {
+        var ports = new Dictionary<int, int>();
+        foreach (string line in text.Split('\n'))
+        {
+            string[] f = line.Split(' ', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            if (f.Length >= 6 && f[0] == "TCP[HOST_FORWARD]" && int.TryParse(f[3], out int host) && int.TryParse(f[5], out int guest)) ports[guest] = host;
+        }
+        return ports;
+    }
+
     /// <summary>Null while QEMU runs; how it ended otherwise (exit code or signal, and its last line on stderr).</summary>
     public string? ExitReason
     {
@@ -83,7 +108,7 @@ public sealed class QemuProcess : IDisposable
         {
             RedirectStandardError = true, RedirectStandardOutput = true, RedirectStandardInput = true, UseShellExecute = false,
         };
-        foreach (string a in QemuCommandLine.Build(spec, ramFile, Path.Combine(runDir, "qmp.sock"), Path.Combine(runDir, "serial.log"), incoming)) psi.ArgumentList.Add(a);
+        foreach (string a in QemuCommandLine.Build(spec, ramFile, Path.Combine(runDir, "qmp.sock"), Path.Combine(runDir, "serial.log"), incoming, host.ForwardHostPorts)) psi.ArgumentList.Add(a);
         string? agentSocket = null;
         // A destination preloads the agent whatever the dirty log: post-copy's demand paging needs it.
         if ((host.DirtyLog != QemuDirtyLog.PageHash || incoming) && File.Exists(host.AgentLibrary))
@@ -116,6 +141,7 @@ public sealed class QemuProcess : IDisposable
             });
             // QEMU caps its migration at 128 MiB/s by default: the device state LiveMig carries goes as fast as it can.
             q.Qmp.Execute("migrate-set-parameters", new JsonObject { ["max-bandwidth"] = 1L << 40 });
+            q.ForwardedPorts = spec.Forward.Count == 0 ? new Dictionary<int, int>() : q.ReadForwards();
             return q;
         }
         catch (QmpException e)

@@ -10,7 +10,7 @@ namespace LiveMig.Qemu;
 /// same devices from the same description, which QEMU's device-state stream needs.
 /// <code>
 /// {"machine":"pc","accel":"tcg","memoryBytes":134217728,"vcpus":1,"bootImage":"/path/bootsector.img"}
-/// {"machine":"pc","accel":"tcg","memoryBytes":536870912,"vcpus":1,"kernel":"/p/vmlinuz","initrd":"/p/initrd.gz","append":"console=ttyS0 quiet","network":"user"}
+/// {"machine":"pc","accel":"tcg","memoryBytes":536870912,"vcpus":1,"kernel":"/p/vmlinuz","initrd":"/p/initrd.gz","append":"console=ttyS0 quiet","network":"user","forward":[6379]}
 /// </code>
 /// The guest boots either a raw image (<see cref="BootImage"/>) or a kernel (<see cref="Kernel"/>,
 /// optionally <see cref="Initrd"/> and <see cref="Append"/>), never both.
@@ -38,10 +38,30 @@ public sealed record QemuVmSpec
     public string? Initrd { get; init; }
     /// <summary>With <see cref="Kernel"/>: its command line (printable ASCII, at most 512 characters).</summary>
     public string? Append { get; init; }
-    /// <summary>"none", or "user": a virtio-net card on QEMU's user networking (no forwarded ports yet).</summary>
+    /// <summary>"none", or "user": a virtio-net card on QEMU's user networking.</summary>
     public string Network { get; init; } = "none";
 
     public static readonly IReadOnlyList<string> Networks = ["none", "user"];
+
+    /// <summary>Most forwarded ports a description may ask for.</summary>
+    public const int MaxForwards = 8;
+
+    /// <summary>
+    /// With <c>network: "user"</c>: guest TCP ports each host forwards a port of its own loopback
+    /// to. The description names only the guest's side: which host port each side listens on is
+    /// that host's choice (<see cref="QemuHostOptions.ForwardHostPorts"/>, by default one the
+    /// kernel picks; <see cref="QemuProcess.ForwardedPorts"/> says which), so a source never
+    /// makes a destination listen on a port of its choosing, and two sides on one host do not collide.
+    /// </summary>
+    public IReadOnlyList<int> Forward { get; init; } = [];
+
+    /// <summary>Field by field, <see cref="Forward"/> by its ports (a record compares lists by reference).</summary>
+    public bool Equals(QemuVmSpec? other) =>
+        other is not null && Machine == other.Machine && Accel == other.Accel && MemoryBytes == other.MemoryBytes && Vcpus == other.Vcpus
+        && BootImage == other.BootImage && Kernel == other.Kernel && Initrd == other.Initrd && Append == other.Append
+        && Network == other.Network && Forward.SequenceEqual(other.Forward);
+
+    public override int GetHashCode() => HashCode.Combine(Machine, MemoryBytes, Vcpus, BootImage, Kernel, Network, Forward.Count);
 
     /// <summary>The files the guest boots from (the destination checks each against its allowed directories).</summary>
     public IEnumerable<string> Files => new[] { BootImage, Kernel, Initrd }.OfType<string>();
@@ -54,12 +74,24 @@ public sealed record QemuVmSpec
         if (MemoryBytes < MinMemoryBytes || MemoryBytes % (1 << 20) != 0) return $"{where}: memory {MemoryBytes} bytes is not a whole number of MiB of at least 2 MiB";
         if (Vcpus < 1 || Vcpus > MaxVcpus) return $"{where}: {Vcpus} vCPUs is out of range (1..{MaxVcpus})";
         if (!Networks.Contains(Network)) return $"{where}: network '{Printable(Network)}' is not one of {string.Join(", ", Networks)}";
+        if (ForwardError() is { } badForward) return $"{where}: forward {badForward}";
         if ((BootImage is null) == (Kernel is null)) return $"{where}: give either bootImage or kernel (and not both)";
         if (BootImage is not null && PathError(BootImage) is { } bad) return $"{where}: bootImage {bad}";
         if (Kernel is not null && PathError(Kernel) is { } badKernel) return $"{where}: kernel {badKernel}";
         if (Initrd is not null && (Kernel is null || PathError(Initrd) is not null)) return $"{where}: initrd {(Kernel is null ? "needs a kernel" : PathError(Initrd))}";
         if (Append is not null && (Kernel is null || Append.Length > 512 || Append.Any(c => c is < ' ' or > '~')))
             return $"{where}: append {(Kernel is null ? "needs a kernel" : "must be at most 512 printable ASCII characters")}";
+        return null;
+    }
+
+    private string? ForwardError()
+    {
+        if (Forward.Count == 0) return null;
+        if (Network != "user") return "needs network \"user\"";
+        if (Forward.Count > MaxForwards) return $"lists {Forward.Count} ports (at most {MaxForwards})";
+        foreach (int port in Forward)
+            if (port is < 1 or > 65535) return $"port {port} is out of range (1..65535)";
+        if (Forward.Distinct().Count() != Forward.Count) return "lists a port twice";
         return null;
     }
 
@@ -95,6 +127,12 @@ public sealed record QemuVmSpec
             if (Initrd is not null) w.WriteString("initrd", Initrd);
             if (Append is not null) w.WriteString("append", Append);
             if (Network != "none") w.WriteString("network", Network);
+            if (Forward.Count > 0)
+            {
+                w.WriteStartArray("forward");
+                foreach (int port in Forward) w.WriteNumberValue(port);
+                w.WriteEndArray();
+            }
             w.WriteEndObject();
         }
         return Encoding.UTF8.GetString(m.ToArray());
@@ -118,6 +156,7 @@ public sealed record QemuVmSpec
             string? machine = null, accel = null, image = null, kernel = null, initrd = null, append = null, network = null;
             long? memory = null;
             int? vcpus = null;
+            List<int>? forward = null;
             foreach (var p in doc.RootElement.EnumerateObject())
             {
                 switch (p.Name)
@@ -130,6 +169,7 @@ public sealed record QemuVmSpec
                     case "append": append = Text(p); break;
                     case "network": network = Text(p); break;
                     case "memoryBytes": memory = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt64(out long m) ? m : throw new InvalidDataException($"{where}: memoryBytes is not an integer"); break;
+                    case "forward": forward = Ports(p); break;
                     case "vcpus": vcpus = p.Value.ValueKind == JsonValueKind.Number && p.Value.TryGetInt32(out int v) ? v : throw new InvalidDataException($"{where}: vcpus is not an integer"); break;
                     default: throw new InvalidDataException($"{where}: unknown field '{Printable(p.Name)}'");
                 }
@@ -140,9 +180,19 @@ public sealed record QemuVmSpec
                 MemoryBytes = memory ?? throw new InvalidDataException($"{where}: memoryBytes is missing"),
                 Vcpus = vcpus ?? 1,
                 BootImage = image, Kernel = kernel, Initrd = initrd, Append = append, Network = network ?? "none",
+                Forward = forward ?? [],
             };
             if (spec.Error(where) is { } why) throw new InvalidDataException(why);
             return spec;
+        }
+
+        static List<int> Ports(JsonProperty p)
+        {
+            if (p.Value.ValueKind != JsonValueKind.Array || p.Value.GetArrayLength() > MaxForwards) throw new InvalidDataException($"{where}: forward is not a list of at most {MaxForwards} ports");
+            var ports = new List<int>();
+            foreach (var e in p.Value.EnumerateArray())
+                ports.Add(e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int port) ? port : throw new InvalidDataException($"{where}: forward holds something other than a port number"));
+            return ports;
         }
 
         static string Text(JsonProperty p) => p.Value.ValueKind == JsonValueKind.String ? p.Value.GetString()! : throw new InvalidDataException($"{where}: {p.Name} is not a string");
