@@ -591,15 +591,15 @@ public class CodecTests
     [Fact]
     public void Codec_dedup_steps_aside_in_memory_without_duplicates_and_comes_back_at_a_hit()
     {
-        // 8,192 unique pages, then 256 copies of the very first, then unique again.
-        const int Unique = 8192, Copies = 256, N = Unique + Copies + 2048;
+        // Unique pages (twice the run after which dedup steps aside), then 256 copies of the very first, then unique again.
+        const int Unique = 2 * PipelineEncoder.DedupMissRun, Copies = 256, N = Unique + Copies + 2048;
         using var src = GuestMemory.Create((long)N * Size, "codec-dedup-sample");
         for (int p = 0; p < N; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
         for (int p = Unique; p < Unique + Copies; p++) src.Page(0).CopyTo(src.Page(p));
         var (encodings, c, equal) = DedupRound0(src);
         Assert.Equal(N, c.PagesOffered);
-        // Past 512 misses it passes pages by, more and more of them (63 in 64 after 3,072 misses).
-        Assert.InRange(c.Counters["unsampled"], Unique / 2, Unique);
+        // Past DedupMissRun misses it passes pages by: one in two, then three in four once the run is twice as long.
+        Assert.InRange(c.Counters["unsampled"], PipelineEncoder.DedupMissRun / 3, Unique / 2);
         // Page 0 was looked at (and indexed): the first copy dedup looks at is found (within 64
         // pages), and from that hit on it looks at every page again, so all the later copies too.
         int firstHit = Array.IndexOf(encodings, PageEncoding.Dedup);
@@ -614,10 +614,10 @@ public class CodecTests
     {
         // Unique pages until dedup steps aside, then every page a copy of one passed by or looked
         // at: only the latter may be named as holders (the others were never hashed into the index).
-        const int N = 6000;
+        const int Run = PipelineEncoder.DedupMissRun, N = 3 * Run;
         using var src = GuestMemory.Create((long)N * Size, "codec-dedup-passed");
-        for (int p = 0; p < 5000; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
-        for (int p = 5000; p < N; p++) src.Page(4000 + (p - 5000) % 1000).CopyTo(src.Page(p));
+        for (int p = 0; p < 2 * Run; p++) Pages.Random(p + 1).CopyTo(src.Page(p));
+        for (int p = 2 * Run; p < N; p++) src.Page(Run + (p - 2 * Run)).CopyTo(src.Page(p)); // copies of pages it looked at and passed by
         var (_, c, equal) = DedupRound0(src);
         Assert.True(c.Counters["unsampled"] > 0);
         Assert.True(c.Counters["withinVm"] > 0); // the copies of pages it did look at are still found

@@ -40,8 +40,11 @@ public class QemuTraceTests(ITestOutputHelper output)
         Assert.InRange(result.PageSpace, rangePages, ramPages); // the RAM file only: QEMU's heap and code would add thousands
         Assert.True(counts.Length >= 5, $"only {counts.Length} intervals");
         Assert.True(last.Passes - first.Passes >= counts.Length, $"the guest made {last.Passes - first.Passes} passes in {counts.Length} intervals: too slow for this check");
-        // Each interval holds at least one whole pass: the whole range, plus the few pages of the guest's own stack and serial output.
-        foreach (int c in counts) Assert.InRange(c, rangePages, rangePages + 64);
+        // Never more than the range plus the few pages of the guest's own stack and serial output
+        // (QEMU's own memory would add thousands), and the whole range in an interval that held a
+        // whole pass — most of them, unless TCG was starved by a loaded machine for a while.
+        foreach (int c in counts) Assert.InRange(c, 1, rangePages + 64);
+        Assert.True(counts.Count(c => c >= rangePages) * 2 >= counts.Length, $"fewer than half the intervals saw the whole range: {string.Join(", ", counts)}");
         // One byte a page per pass (a few passes an interval): the content model must say "a few bytes changed".
         var changed = trace.Intervals.Skip(1).SelectMany(iv => iv.BytesChanged).Order().ToArray();
         Assert.True(changed[changed.Length / 2] <= 8, $"median bytes changed per page {changed[changed.Length / 2]}");

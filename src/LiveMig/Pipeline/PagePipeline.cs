@@ -346,9 +346,10 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
     /// Whether dedup looks at the next page. Memory without duplicates should cost dedup next to
     /// nothing (issue 11: every stage on incompressible memory ≤ 1.2× the time of none; hashing a
     /// page and two index operations cost about 1 µs a page, a third of a raw page's whole path).
-    /// After 512 misses in a row the next page is passed by unhashed, after 1,024 the next 3, …
-    /// up to 63 of every 64; a hit ends the run. What is lost: duplicates among (and of) the pages
-    /// passed by — in memory where fewer than 1 page in 512 has a twin.
+    /// After <see cref="DedupMissRun"/> misses in a row (16 MiB of memory without one duplicate)
+    /// the next page is passed by unhashed, after twice as many the next 3, … up to 63 of every
+    /// 64; a hit ends the run. What is lost: duplicates among (and of) the pages passed by — in
+    /// memory where fewer than 1 page in 4,096 has a twin, at most a page or two per distinct content.
     /// </summary>
     private bool DedupSampled()
     {
@@ -363,8 +364,11 @@ public sealed class PipelineEncoder : IPageEncoder, IDisposable
     {
         if (hit) { _dedupMissRun = 0; return; }
         _dedupMissRun++;
-        if (_dedupMissRun >= 512) _dedupUnsampled = (1 << Math.Min(6, _dedupMissRun / 512)) - 1;
+        if (_dedupMissRun >= DedupMissRun) _dedupUnsampled = (1 << Math.Min(6, _dedupMissRun / DedupMissRun)) - 1;
     }
+
+    /// <summary>Dedup misses in a row after which it starts passing pages by.</summary>
+    internal const int DedupMissRun = 4096;
 
     private int _dedupMissRun, _dedupUnsampled;
 
