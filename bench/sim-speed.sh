@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 counts=${1:-"1000 10000"}
 rates=${2:-"0 2000 8000"}
 dotnet build -c Release bench/LiveMig.Bench >/dev/null
+# The simulator is a batch job: its hot loops compiled once, optimised (no tier-0 pass first); unset to compare.
+export DOTNET_TieredCompilation=${DOTNET_TieredCompilation:-0}
 bench="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate"
-echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); commit $(git rev-parse --short HEAD)"
+echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); DOTNET_TieredCompilation=$DOTNET_TieredCompilation; commit $(git rev-parse --short HEAD)"
 echo
 header=--header
 for mode in sequential concurrent; do

@@ -29,13 +29,15 @@ if [ ! -x "$sg" ] || [ bench/simgrid/migrate.cpp -nt "$sg" ]; then
   g++ -std=c++17 -O2 bench/simgrid/migrate.cpp -o "$sg" -lsimgrid
 fi
 dotnet build -c Release bench/LiveMig.Bench >/dev/null
+# The simulator is a batch job: its hot loops compiled once, optimised (no tier-0 pass first); unset to compare.
+export DOTNET_TieredCompilation=${DOTNET_TieredCompilation:-0}
 lm="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate --memory 2GiB --bandwidth 1Gbit --latency 0.1ms --working-set 1843MiB --downtime-limit 30ms --state 0"
 ideal="--cfg=network/model:CM02 --cfg=network/crosstraffic:0"
 big="--cfg=contexts/guard-size:0 --cfg=contexts/stack-size:128"   # SimGrid's actors' stacks, for thousands of them
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p"; }
 col() { awk -F'|' -v c="$1" '{gsub(/ /, "", $c); print $c}'; }   # a column of LiveMig's Markdown row
 
-echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); SimGrid $(dpkg-query -W -f '${Version}' libsimgrid-dev 2>/dev/null || echo '?'); commit $(git rev-parse --short HEAD)"
+echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); DOTNET_TieredCompilation=$DOTNET_TieredCompilation; SimGrid $(dpkg-query -W -f '${Version}' libsimgrid-dev 2>/dev/null || echo '?'); commit $(git rev-parse --short HEAD)"
 echo
 echo "Agreement (one migration):"
 echo

@@ -92,7 +92,6 @@ internal static class PredictCommand
         var rows = new List<string[]> { new[] { "strategy", "total ms", "downtime ms", "bytes", "rounds", "stop reason", "outcome" } };
         foreach (var s in p.Strategies)
             rows.Add([s.Strategy, $"{s.TotalMs:0.0}", s.Outcome == "completed" ? $"{s.DowntimeMs:0.0}" : "-", Units.Bytes(s.BytesOnWire), s.Rounds.ToString(), s.StopReason, s.Outcome]);
-        rows.Add(["postcopy, hybrid", "-", "-", "-", "-", "-", "not simulated yet"]);
         if (actual is not null)
             rows.Add(["actual (precopy)", $"{actual.TotalTimeMs:0.0}", $"{actual.DowntimeMs:0.0}", Units.Bytes(actual.BytesOnWire), actual.Rounds.Count.ToString(), actual.StopReason, actual.Outcome]);
         int[] width = new int[rows[0].Length];

@@ -43,12 +43,17 @@ internal static class ValidateCommand
         var rows = new List<string[]> { new[] { "VM", "figure", "real", "simulated", "error" } };
         foreach (var m in v.Migrations)
         {
-            string vm = $"{PeerText.Escape(m.Vm)} ({PeerText.Escape(m.Workload)}, {m.Fill}, {Units.Bytes(m.MemoryBytes)}, cap {Units.Rate(m.CapBytesPerSecond)})";
+            string vm = $"{PeerText.Escape(m.Vm)} ({m.Strategy}, {PeerText.Escape(m.Workload)}, {m.Fill}, {Units.Bytes(m.MemoryBytes)}, cap {Units.Rate(m.CapBytesPerSecond)})";
             rows.Add([vm, "total time ms", $"{m.Real.TotalMs:0.0}", $"{m.Simulated.TotalMs:0.0}", Percent(m.Errors.TotalTime)]);
             rows.Add(["", "downtime ms", $"{m.Real.DowntimeMs:0.0}", $"{m.Simulated.DowntimeMs:0.0}", Percent(m.Errors.Downtime)]);
             rows.Add(["", "bytes", Units.Bytes(m.Real.BytesOnWire), Units.Bytes(m.Simulated.BytesOnWire), Percent(m.Errors.Bytes)]);
             rows.Add(["", "rounds", m.Real.Rounds.ToString(), m.Simulated.Rounds.ToString(), Percent(m.Errors.Rounds)]);
             rows.Add(["", "stop reason", Or(m.Real.StopReason), Or(m.Simulated.StopReason), ""]);
+            if (m.Real.Faults is not null || m.Simulated.Faults is not null)
+            {
+                rows.Add(["", "faults", $"{m.Real.Faults:N0}", $"{m.Simulated.Faults:N0}", Percent(m.Errors.Faults)]);
+                rows.Add(["", "fault p50 µs", $"{m.Real.FaultP50Us:0}", $"{m.Simulated.FaultP50Us:0}", ""]);
+            }
             rows.Add(["", "outcome", m.Real.Outcome + (m.Verified == true ? ", verified" : ""), m.Simulated.Outcome, ""]);
             rows.Add(["", "page writes/s", $"{m.RealWritesPerSecond:0} (warm-up)", "the workload's rate", ""]);
         }

@@ -198,7 +198,7 @@ public class MtdModelTests
     [InlineData("victim: {memory: 1GiB}\nattacker: {attack-time: 1h}\npolicies: [{kind: periodic, every: [1h, never]}]\n", "test.yaml:3: policies[0].every: expected a positive duration such as 30m or 2h, got 'never'")]
     [InlineData("victim: {memory: 1GiB}\nattacker: {attack-time: 1h}\npolicies: [{kind: cost-aware, min: 2h, max: 1h}]\n", "test.yaml:3: policies[0].max: 1h is not longer than min (2h)")]
     [InlineData("victim: {memory: 1GiB, workload: {rate: 1k, wss: 1GiB}}\nattacker: {attack-time: 1h}\npolicies: [none]\n", "test.yaml:1: victim.workload.wss: unknown field")]
-    [InlineData("victim: {memory: 1GiB, migration: {strategy: postcopy}}\nattacker: {attack-time: 1h}\npolicies: [none]\n", "test.yaml:1: victim.migration.strategy: 'postcopy' is not simulated yet")]
+    [InlineData("victim: {memory: 1GiB, migration: {strategy: postcopyy}}\nattacker: {attack-time: 1h}\npolicies: [none]\n", "test.yaml:1: victim.migration.strategy: expected precopy, postcopy, hybrid; got 'postcopyy'")]
     [InlineData("cloud: {hosts: 2, slots: 1, load: 50%}\nvictim: {memory: 1GiB}\nattacker: {attack-time: 1h}\npolicies: [none]\n", "test.yaml:1: cloud.load: leaves no slot")]
     [InlineData("victim: {memory: 1GiB}\nattacker: {attack-time: 1h}\npolicies: [{kind: periodic, every: 1h, destination: nearest}]\n", "test.yaml:3: policies[0].destination: expected random, least-loaded, attacker-aware; got 'nearest'")]
     [InlineData("victim: {memory: 1GiB}\npolicies: [none]\n", "test.yaml:1: attacker: missing (required)")]

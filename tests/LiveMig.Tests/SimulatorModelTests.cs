@@ -203,7 +203,7 @@ public sealed class SimulatorModelTests
     [Theory]
     [InlineData(StallAction.Abort, "aborted")]
     [InlineData(StallAction.Throttle, "completed")]
-    [InlineData(StallAction.PostCopy, "postcopy-not-simulated")]
+    [InlineData(StallAction.PostCopy, "completed")]
     [InlineData(StallAction.Pause, "completed")]
     public void A_stall_ends_as_on_stall_says(StallAction onStall, string outcome)
     {
@@ -218,6 +218,7 @@ public sealed class SimulatorModelTests
         Assert.Equal(outcome == "completed" ? B : A, vm.Host);
         if (onStall == StallAction.Pause) Assert.True(m.Result.DowntimeMs > 300);
         if (onStall == StallAction.Throttle) Assert.True(m.Result.MaxThrottle > 0);
+        Assert.Equal(onStall == StallAction.PostCopy, m.Result.SwitchedToPostCopy);
         Assert.False(vm.Migrating);
         Assert.Equal(0, vm.Guest.ThrottleFraction);
     }
@@ -369,8 +370,11 @@ public sealed class SimulatorModelTests
     }
 
     [Theory]
-    [InlineData(0.01)]   // sparse: geometric skips
-    [InlineData(0.3)]    // dense: 64-page words
+    [InlineData(0.0001)] // sparse: a Poisson number of uniform writes (its mean below 30: products of uniforms)
+    [InlineData(0.01)]   // sparse (its mean above 30: transformed rejection)
+    [InlineData(0.06)]   // sparse, just below the dense threshold of 1/16
+    [InlineData(0.07)]   // dense: 64-page words, e = 3
+    [InlineData(0.3)]    // dense
     [InlineData(0.9)]
     [InlineData(0.99999)]
     public void The_hand_model_dirties_the_expected_share_of_its_working_set_and_nothing_outside_it(double share)
@@ -405,6 +409,31 @@ public sealed class SimulatorModelTests
         }
         Assert.Equal(Dirty(7), Dirty(7));
         Assert.NotEqual(Dirty(7), Dirty(8));
+    }
+
+    [Theory]
+    [InlineData(0.5)]
+    [InlineData(7)]
+    [InlineData(29.9)]
+    [InlineData(30)]
+    [InlineData(450)]
+    [InlineData(250_000)]
+    public void The_poisson_draw_has_the_mean_and_variance_of_its_law(double mean)
+    {
+        var rng = new LiveMig.Workloads.Xoshiro256(5);
+        const int n = 20_000;
+        double sum = 0, sum2 = 0;
+        for (int i = 0; i < n; i++)
+        {
+            long k = PageScatter.Poisson(ref rng, mean);
+            Assert.True(k >= 0);
+            sum += k;
+            sum2 += (double)k * k;
+        }
+        double m = sum / n, v = sum2 / n - m * m;
+        // The sample mean within 5 standard errors; the variance (= the mean) within 5%.
+        Assert.InRange(m, mean - 5 * Math.Sqrt(mean / n), mean + 5 * Math.Sqrt(mean / n));
+        Assert.InRange(v, mean * 0.95, mean * 1.05);
     }
 }
 

@@ -129,7 +129,12 @@ public sealed class SimulatorScenarioTests
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms:\n  - name: v\n    host: a\n    memory: 1GiB\n    vcpu: 2\nmigrations: [{vm: v, to: b}]", "scenario:7: vms[0].vcpu: unknown field")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: c, memory: 1GiB}]\nmigrations: [{vm: v, to: b}]", "scenario:3: vms[0].host: no host 'c'")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: w, to: b}", "scenario:5: migrations[0].vm: no VM 'w'")]
-    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, strategy: postcopy}", "scenario:5: migrations[0].strategy: 'postcopy' is not simulated yet")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, strategy: postcopyy}", "scenario:5: migrations[0].strategy: expected precopy, postcopy, hybrid; got 'postcopyy'")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, hybrid-budget: {rounds: 3}}", "scenario:5: migrations[0].hybrid-budget: only with strategy: hybrid")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, strategy: hybrid, hybrid-budget: {roundz: 3}}", "scenario:5: migrations[0].hybrid-budget.roundz: unknown field (expected one of: bytes, rounds, time)")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, strategy: postcopy, dedup: true}", "scenario:5: migrations[0].dedup: not with strategy: postcopy")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, strategy: postcopy, downtime-limit: 1s}", "scenario:5: migrations[0].downtime-limit: not with strategy: postcopy (it has no pre-copy rounds)")]
+    [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, prepaging: false}", "scenario:5: migrations[0].prepaging: only when the migration may switch to post-copy")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB}]\nmigrations:\n  - {vm: v, to: b, on-stall: pause}", "scenario:5: migrations[0].on-stall: pause needs max-downtime")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms:\n  - name: v\n    host: a\n    memory: 1GiB\n    content: {zero: 70%, compressible: 50%}\nmigrations: [{vm: v, to: b}]", "scenario:7: vms[0].content.zero: the shares add up to more than 1 (1.2)")]
     [InlineData("hosts: [a, b]\nlinks: [{name: l, bandwidth: 1Gbit, between: [a, b]}]\nvms: [{name: v, host: a, memory: 1GiB, workload: {rate: 10, working-set: 2GiB}}]\nmigrations: [{vm: v, to: b}]", "scenario:3: vms[0].workload.working-set: larger than the VM's memory")]
@@ -182,6 +187,65 @@ public sealed class SimulatorScenarioTests
             Assert.Equal($"livemig: simulate: {bad}:3: vms[0].memory: expected a size such as 4GiB (at least 4.0 KiB), got 'lots'", error.Trim());
         }
         finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public void Livemig_simulate_png_draws_the_timeline_and_the_links_into_a_png_file()
+    {
+        string dir = Path.Combine(Path.GetTempPath(), $"livemig-simpng-{Environment.ProcessId}-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(dir);
+        try
+        {
+            string good = Path.Combine(dir, "good.yaml"), png = Path.Combine(dir, "out.png");
+            File.WriteAllText(good, """
+                hosts: [a, b]
+                links: [{name: ab, bandwidth: 1Gbit, latency: 0.2ms, between: [a, b]}]
+                vms: [{name: v, host: a, memory: 256MiB, workload: {rate: 20k, working-set: 64MiB}}]
+                migrations:
+                  - {vm: v, to: b, at: 0s}
+                  - {vm: v, to: a, at: 5s, strategy: postcopy}
+                  - {vm: v, to: b, at: 10s, strategy: hybrid}
+                """);
+            var (code, output, error) = Cli("simulate", good, "--png", png);
+            Assert.True(code == 0, error);
+            Assert.Contains("postcopy", output);
+            Assert.Contains("hybrid", output);
+            byte[] bytes = File.ReadAllBytes(png);
+            Assert.Equal(new byte[] { 0x89, (byte)'P', (byte)'N', (byte)'G', 0x0D, 0x0A, 0x1A, 0x0A }, bytes[..8]);
+            Assert.True(bytes.Length > 20_000, $"{bytes.Length} bytes");
+            // IHDR: the width and height, big-endian, after the signature and the chunk's length and type.
+            int width = System.Buffers.Binary.BinaryPrimitives.ReadInt32BigEndian(bytes.AsSpan(16)), height = System.Buffers.Binary.BinaryPrimitives.ReadInt32BigEndian(bytes.AsSpan(20));
+            Assert.True(width >= 1000 && height >= 500, $"{width}×{height}");
+            // A directory that does not exist: one line, exit 2.
+            (code, _, error) = Cli("simulate", good, "--png", Path.Combine(dir, "no", "such", "dir", "x.png"));
+            Assert.Equal(2, code);
+            Assert.StartsWith("livemig: simulate: --png:", error.Trim());
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+    }
+
+    [Fact]
+    public void The_timeline_is_recorded_only_when_asked_and_follows_the_phases()
+    {
+        var scenario = Scenario.Parse(TwoVms);
+        var plain = ScenarioRunner.Run(scenario);
+        Assert.All(plain.Migrations, m => Assert.Null(m.Phases));
+        Assert.All(plain.Links, l => Assert.Null(l.Rates));
+        var timed = new ScenarioRunner(scenario) { RecordTimeline = true }.Run();
+        Assert.Equal(plain.Migrations.Select(m => m.TotalS), timed.Migrations.Select(m => m.TotalS));
+        foreach (var m in timed.Migrations)
+        {
+            Assert.Equal("handshake", m.Phases![0].Kind);
+            Assert.Equal("downtime", m.Phases[^1].Kind);
+            Assert.Equal(m.Rounds - 1, m.Phases.Count(p => p.Kind == "round")); // the stop-and-copy is the downtime
+            Assert.Equal(m.StartS + m.TotalS, m.Phases[^1].EndS, 6);
+            Assert.Equal(m.DowntimeMs, (m.Phases[^1].EndS - m.Phases[^1].StartS) * 1000, 3);
+            for (int i = 1; i < m.Phases.Count; i++) Assert.True(m.Phases[i].StartS >= m.Phases[i - 1].EndS - 1e-9);
+        }
+        var rates = Assert.Single(timed.Links).Rates!;
+        Assert.All(rates, p => Assert.InRange(p.BytesPerSecond, 0, timed.Links[0].BytesPerSecond * (1 + 1e-9)));
+        Assert.Contains(rates, p => p.BytesPerSecond > 0);
+        Assert.Equal(0, rates[^1].BytesPerSecond);
     }
 
     private static (int Code, string Out, string Err) Cli(params string[] args) => CliChild.Run(args);

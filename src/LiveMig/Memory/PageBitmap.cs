@@ -85,10 +85,17 @@ public sealed class PageBitmap
     }
 
     /// <summary>ORs <paramref name="other"/> into this bitmap (single-threaded).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public void Or(PageBitmap other)
     {
         if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
-        for (int i = 0; i < _words.Length; i++) _words[i] |= other._words[i];
+        var a = _words.AsSpan();
+        ReadOnlySpan<ulong> b = other._words;
+        int i = 0;
+        // A vector of words at a time: the simulator runs this per round over every page.
+        for (; i + Vector<ulong>.Count <= a.Length; i += Vector<ulong>.Count)
+            (new Vector<ulong>(a[i..]) | new Vector<ulong>(b[i..])).CopyTo(a[i..]);
+        for (; i < a.Length; i++) a[i] |= b[i];
     }
 
     /// <summary>Makes this bitmap a copy of <paramref name="other"/> (single-threaded).</summary>
@@ -99,25 +106,36 @@ public sealed class PageBitmap
     }
 
     /// <summary>Clears every page set in <paramref name="other"/>; returns how many were set here (single-threaded).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public long AndNot(PageBitmap other)
     {
         if (other.PageCount != PageCount) throw new ArgumentException("bitmaps differ in size", nameof(other));
+        var a = _words.AsSpan();
+        ReadOnlySpan<ulong> b = other._words;
         long cleared = 0;
-        for (int i = 0; i < _words.Length; i++)
+        // No branch on the words: on scattered pages a branch per word mispredicts half the time.
+        for (int i = 0; i < a.Length; i++)
         {
-            ulong both = _words[i] & other._words[i];
-            if (both == 0) continue;
+            ulong both = a[i] & b[i];
             cleared += BitOperations.PopCount(both);
-            _words[i] &= ~both;
+            a[i] &= ~b[i];
         }
         return cleared;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // a pass over every page, per round: straight to optimised code
     public long Count()
     {
-        long n = 0;
-        foreach (ulong w in _words) n += BitOperations.PopCount(w);
-        return n;
+        long n0 = 0, n1 = 0;
+        ReadOnlySpan<ulong> w = _words;
+        int i = 0;
+        for (; i + 2 <= w.Length; i += 2)
+        {
+            n0 += BitOperations.PopCount(w[i]);
+            n1 += BitOperations.PopCount(w[i + 1]);
+        }
+        if (i < w.Length) n0 += BitOperations.PopCount(w[i]);
+        return n0 + n1;
     }
 
     /// <summary>Next set page at or after <paramref name="from"/>, or -1.</summary>

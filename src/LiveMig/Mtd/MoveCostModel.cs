@@ -5,7 +5,7 @@ namespace LiveMig.Mtd;
 /// <summary>What one defensive move costs, from the simulator's migration of the victim.</summary>
 /// <param name="TotalS">Start to resume at the destination (the victim stays on the source meanwhile).</param>
 /// <param name="DegradationS">The application's loss, in seconds of its work: the downtime plus the work that throttling (auto-converge, dirty limit) took away.</param>
-/// <param name="Completed">False: the migration aborted (or asked for post-copy, not simulated), the VM stays where it was.</param>
+/// <param name="Completed">False: the migration aborted, the VM stays where it was.</param>
 public sealed record MoveCost(double TotalS, double DowntimeMs, long Bytes, double DegradationS, bool Completed, string Outcome, int Rounds)
 {
     public double Metric(CostMetric m) => m switch
@@ -85,6 +85,7 @@ public sealed class MoveCostModel
         var r = migration.Result ?? throw new ArgumentException($"the victim's migration over a {Units.Rate(link.BytesPerSecond)} link does not end within a day of virtual time; the model cannot price a move");
         bool done = r.Outcome == "completed";
         double lostS = r.OperationsLost is { } lost && rate > 0 ? lost / rate : 0;
+        lostS += r.GuestStallMs / 1000; // post-copy: the work the guest did not do while its vCPUs waited for pages
         return new MoveCost(r.TotalS, done ? r.DowntimeMs : 0, r.BytesOnWire, (done ? r.DowntimeMs / 1000 : 0) + lostS, done, r.Outcome, r.Rounds);
     }
 

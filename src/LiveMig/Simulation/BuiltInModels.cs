@@ -123,6 +123,8 @@ public sealed class ClassMixModel : IContentModel
 
     public bool NeedsWrittenPages => !_image.SequenceEqual(_written);
 
+    public double HoleShare => _image[(int)PageContent.Zero];
+
     public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null)
     {
         into.Clear();

@@ -38,6 +38,42 @@ public interface IContentModel
 
     /// <summary>The pages went on the wire: their bytes changed count from zero again.</summary>
     void Sent(PageBitmap pages) { }
+
+    /// <summary>
+    /// The share of the initial image's pages that are holes — zero pages never populated, which
+    /// the engine's post-copy leaves out of the pages to come (a statistical model's zero pages;
+    /// a trace's absent pages are not in its populated set at all). Pre-copy's round 0 sends no
+    /// zero page either.
+    /// </summary>
+    double HoleShare => 0;
+}
+
+/// <summary>Which pages of a statistical image are its holes: a fixed hash of the page number below the share (deterministic, spread evenly).</summary>
+internal static class ImageHoles
+{
+    /// <summary>Clears from <paramref name="pages"/> the image's holes that the guest has not written since it started (<paramref name="written"/>, if known).</summary>
+    public static void Remove(PageBitmap pages, double share, PageBitmap? written)
+    {
+        if (!(share > 0)) return;
+        ulong limit = share >= 1 ? ulong.MaxValue : (ulong)(share * 18446744073709551616.0);
+        ulong[] words = pages.Words;
+        ulong[]? w = written?.Words;
+        for (long i = 0; i < words.Length; i++)
+        {
+            ulong bits = words[i] & ~(w?[i] ?? 0);
+            ulong holes = 0;
+            while (bits != 0)
+            {
+                int b = System.Numerics.BitOperations.TrailingZeroCount(bits);
+                bits &= bits - 1;
+                ulong x = (ulong)(i * 64 + b) + 0x9E3779B97F4A7C15UL;
+                x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
+                x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
+                if ((x ^ (x >> 31)) < limit || share >= 1) holes |= 1UL << b;
+            }
+            words[i] &= ~holes;
+        }
+    }
 }
 
 /// <summary>Counting the pages of a round the guest wrote before (statistical content models).</summary>
@@ -91,6 +127,8 @@ public sealed class ContentMixModel : IContentModel
     public double BytesChangedPerPage { get; }
 
     public bool NeedsWrittenPages => Image != Written;
+
+    public double HoleShare => Image.Zero;
 
     public void Classify(PageBitmap pages, long count, bool initialImage, RoundContent into, PageBitmap? written = null)
     {

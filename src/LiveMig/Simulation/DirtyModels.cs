@@ -140,34 +140,36 @@ public sealed class DirtyModel : IDirtyProcess
 /// <summary>Seeded per-page draws of which pages some writes hit: the dirty models' one random source.</summary>
 internal sealed class PageScatter(ulong seed)
 {
+    /// <summary>From this share of pages written on, whole 64-page words are drawn; below it, the writes one by one.</summary>
+    private const double DenseFrom = 1.0 / 16;
     private Xoshiro256 _rng = new(seed);
 
     /// <summary>
-    /// Marks each page of [first, first + size) with probability q = 1 − e^(−writes/size); returns
-    /// the pages newly set. Sparse (q under 1/16: a few pages a word) by geometric skips, one draw
-    /// per page written; dense by whole 64-page words, each bit a Bernoulli(q) draw built from 16
-    /// random words (q to 1/65536), so a round that dirties most of a large working set costs a
-    /// pass over its words, not a logarithm per page.
+    /// Marks each page of [first, first + size) with probability q = 1 − e^(−writes/size),
+    /// independently; returns the pages newly set. Sparse (q under 1/8): a Poisson number of
+    /// writes, mean <paramref name="writes"/>, each on a uniform page — which leaves every page
+    /// written with exactly that probability, independently (Poissonisation), at one draw per
+    /// write. Dense: by whole 64-page words, each bit a Bernoulli draw built from random words
+    /// (about 9 a word), so a round that dirties most of a large working set costs a pass over
+    /// its words, not a draw per page.
     /// </summary>
     public long Scatter(PageBitmap into, long first, long size, double writes)
     {
         if (size <= 0 || !(writes > 0)) return 0;
         double q = -double.ExpM1(-writes / size);
         if (q >= 1 - 1e-12) return SetAll(into, first, size);
-        return q < 1.0 / 16 ? ScatterSparse(into, first, size, q) : ScatterDense(into, first, size, q);
+        return q < DenseFrom ? ScatterWrites(into, first, size, writes) : ScatterDense(into, first, size, q);
     }
 
-    private long ScatterSparse(PageBitmap into, long first, long size, double q)
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)] // a hot loop: straight to optimised code, no tier-0 pass
+    private long ScatterWrites(PageBitmap into, long first, long size, double writes)
     {
-        double logMiss = double.LogP1(-q);
+        long n = Poisson(ref _rng, writes), newly = 0;
+        ulong stream = _rng.Next(); // a SplitMix64 stream for the pages: its draws do not wait on each other
         ulong[] words = into.Words;
-        long newly = 0, end = first + size, page = first - 1;
-        while (true)
+        for (long i = 0; i < n; i++)
         {
-            double u = 1 - _rng.NextDouble(); // (0, 1]
-            double skip = Math.Floor(Math.Log(u) / logMiss);
-            if (skip >= end - page - 1) break;
-            page += 1 + (long)skip;
+            long page = first + (long)Math.BigMul(Xoshiro256.SplitMix(ref stream), (ulong)size, out _);
             ulong bit = 1UL << (int)(page & 63);
             ref ulong w = ref words[page >> 6];
             if ((w & bit) == 0)
@@ -179,19 +181,40 @@ internal sealed class PageScatter(ulong seed)
         return newly;
     }
 
+    /// <summary>
+    /// Each bit of a word with probability q: q = m/256 × 2^−e with m in [128, 256] drawn per word
+    /// as ⌊m⌋ or ⌈m⌉ (dithered by 16 random bits, so the mean is q to 1/2^23 of it); m/256 from
+    /// its bits, least significant up — OR with a random word for a 1, AND for a 0 — then e ANDs
+    /// halving it.
+    /// </summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)] // a hot loop: straight to optimised code, no tier-0 pass
     private long ScatterDense(PageBitmap into, long first, long size, double q)
     {
-        const int Bits = 16;
-        uint fraction = (uint)Math.Round(q * (1 << Bits));
-        if (fraction >= 1 << Bits) return SetAll(into, first, size); // q rounds to 1 at this precision
+        int e = 0;
+        double m = q * 256;
+        while (m < 128) { m *= 2; e++; }
+        int whole = (int)m;
+        uint frac = (uint)((m - whole) * 65536);
+        ulong stream = _rng.Next(); // a SplitMix64 stream for the words: its draws do not wait on each other, as xoshiro's do
         ulong[] words = into.Words;
         long newly = 0, end = first + size;
+        ulong dither = 0;
+        int ditherLeft = 0;
         for (long w = first >> 6; w <= (end - 1) >> 6; w++)
         {
-            // Bits of q from the least significant up: OR with a random word for a 1, AND for a 0 — each bit ends 1 with probability q.
-            ulong mask = 0;
-            for (int i = 0; i < Bits; i++)
-                mask = ((fraction >> i) & 1) != 0 ? mask | _rng.Next() : mask & _rng.Next();
+            if (ditherLeft == 0) { dither = Xoshiro256.SplitMix(ref stream); ditherLeft = 4; }
+            int mw = whole + ((uint)(dither & 0xFFFF) < frac ? 1 : 0);
+            dither >>= 16;
+            ditherLeft--;
+            ulong mask;
+            if (mw >= 256) mask = ~0UL;
+            else
+            {
+                mask = 0;
+                for (int i = System.Numerics.BitOperations.TrailingZeroCount(mw); i < 8; i++)
+                    mask = ((mw >> i) & 1) != 0 ? mask | Xoshiro256.SplitMix(ref stream) : mask & Xoshiro256.SplitMix(ref stream);
+            }
+            for (int i = 0; i < e; i++) mask &= Xoshiro256.SplitMix(ref stream);
             long lo = Math.Max(first, w << 6) - (w << 6), hi = Math.Min(end, (w + 1) << 6) - (w << 6); // [lo, hi) within the word
             ulong inRange = (hi == 64 ? ~0UL : (1UL << (int)hi) - 1) & ~((1UL << (int)lo) - 1);
             mask &= inRange;
@@ -199,6 +222,41 @@ internal sealed class PageScatter(ulong seed)
             words[w] |= mask;
         }
         return newly;
+    }
+
+    /// <summary>A Poisson draw of mean <paramref name="mean"/>: by products of uniforms below 30, by Hörmann's transformed rejection (PTRS, 1993) above.</summary>
+    internal static long Poisson(ref Xoshiro256 rng, double mean)
+    {
+        if (mean < 30)
+        {
+            double limit = Math.Exp(-mean), p = 1;
+            long k = -1;
+            do { k++; p *= rng.NextDouble(); } while (p > limit);
+            return k;
+        }
+        double slam = Math.Sqrt(mean), loglam = Math.Log(mean);
+        double b = 0.931 + 2.53 * slam, a = -0.059 + 0.02483 * b, invalpha = 1.1239 + 1.1328 / (b - 3.4), vr = 0.9277 - 3.6224 / (b - 2);
+        while (true)
+        {
+            double u = rng.NextDouble() - 0.5, v = rng.NextDouble(), us = 0.5 - Math.Abs(u);
+            double k = Math.Floor((2 * a / us + b) * u + mean + 0.43);
+            if (us >= 0.07 && v <= vr) return (long)k;
+            if (k < 0 || us < 0.013 && v > us) continue;
+            if (Math.Log(v) + Math.Log(invalpha) - Math.Log(a / (us * us) + b) <= -mean + k * loglam - LogFactorial(k)) return (long)k;
+        }
+    }
+
+    /// <summary>ln k! (exact below 10, Stirling's series above: error under 1e-10).</summary>
+    private static double LogFactorial(double k)
+    {
+        if (k < 10)
+        {
+            double f = 1;
+            for (int i = 2; i <= (int)k; i++) f *= i;
+            return Math.Log(f);
+        }
+        double x = k + 1, inv = 1 / x, inv2 = inv * inv;
+        return (x - 0.5) * Math.Log(x) - x + 0.9189385332046727 + inv * (1.0 / 12 - inv2 * (1.0 / 360 - inv2 / 1260));
     }
 
     internal static long SetAll(PageBitmap into, long first, long size)

@@ -148,6 +148,8 @@ public sealed class FlowNetwork
     public long ActiveFlows => _active;
     /// <summary>Rate allocations computed so far (a measure of the simulator's work).</summary>
     public long Allocations { get; private set; }
+    /// <summary>Told after each new allocation (the links' rates have just changed), e.g. to record link utilisation over time.</summary>
+    public Action? Reallocated { get; set; }
 
     /// <summary>
     /// Starts <paramref name="bytes"/> along <paramref name="route"/> now; <paramref name="done"/>
@@ -215,6 +217,7 @@ public sealed class FlowNetwork
         FinishDone();
         Allocate();
         ScheduleNextCompletion();
+        Reallocated?.Invoke();
     }
 
     private void FinishDone()

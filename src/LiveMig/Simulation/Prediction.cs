@@ -269,7 +269,7 @@ internal partial class PredictionJson : JsonSerializerContext;
 /// </summary>
 public static class MigrationPredictor
 {
-    /// <summary>The strategies predicted when none are given: pre-copy with the engine's defaults, with auto-converge on a stall, with LZ4, with the adaptive codec choice.</summary>
+    /// <summary>The strategies predicted when none are given: pre-copy with the engine's defaults, with auto-converge on a stall, with LZ4, with the adaptive codec choice; post-copy; hybrid with the engine's default budget.</summary>
     public static IReadOnlyList<PredictionCase> DefaultCases(PreCopyOptions? precopy = null)
     {
         var o = precopy ?? new PreCopyOptions();
@@ -279,6 +279,8 @@ public static class MigrationPredictor
             new("precopy, on-stall throttle", new SimMigrationOptions { PreCopy = o with { OnStall = StallAction.Throttle } }),
             new("precopy, lz4", new SimMigrationOptions { PreCopy = o, Pipeline = new SimPipeline(SimCompression.Lz4) }),
             new("precopy, adaptive", new SimMigrationOptions { PreCopy = o, Pipeline = new SimPipeline(SimCompression.Adaptive) }),
+            new("postcopy", new SimMigrationOptions { Strategy = Engine.MigrationStrategy.PostCopy }),
+            new("hybrid", new SimMigrationOptions { Strategy = Engine.MigrationStrategy.Hybrid, PreCopy = o }),
         ];
     }
 

@@ -1,3 +1,4 @@
+using LiveMig.Engine;
 using LiveMig.Memory;
 using LiveMig.Policies;
 using LiveMig.Traces;
@@ -295,11 +296,8 @@ internal sealed class ScenarioReader(string file, string directory)
     internal SimMigrationOptions ReadOptions(YamlFields own, YamlFields? defaults)
     {
         YamlFields Src(string key) => own.Has(key) || defaults is null || !defaults.Has(key) ? own : defaults;
-        var strategy = Src("strategy");
-        if (strategy.String("strategy") is { } s && s.Trim().ToLowerInvariant() != "precopy")
-            throw strategy.Fail(strategy.Get("strategy")!, "strategy", s.Trim().ToLowerInvariant() is "postcopy" or "hybrid"
-                ? $"'{s}' is not simulated yet (post-copy is not on the round controller); only precopy"
-                : $"expected precopy, got '{YamlFields.Printable(s)}'");
+        var strategySrc = Src("strategy");
+        var strategy = strategySrc.Choice("strategy", ("precopy", MigrationStrategy.PreCopy), ("postcopy", MigrationStrategy.PostCopy), ("hybrid", MigrationStrategy.Hybrid)) ?? MigrationStrategy.PreCopy;
         var o = new PreCopyOptions();
         if (Src("downtime-limit").Duration("downtime-limit") is { } dl) o = o with { DowntimeLimit = dl };
         if (Src("max-rounds").Int("max-rounds", 1, 100_000) is { } mr) o = o with { MaxRounds = mr };
@@ -329,7 +327,46 @@ internal sealed class ScenarioReader(string file, string directory)
         bool dedup = Src("dedup").Bool("dedup") ?? false;
         try { o.Check(); }
         catch (ArgumentException e) { throw own.Fail(own.Node, "options", e.Message.Split('\n')[0]); }
-        return new SimMigrationOptions { PreCopy = o, BandwidthCap = cap, Pipeline = new SimPipeline(compress, xbzrle, dedup) };
+        var postCopy = ReadPostCopy(Src, own, strategySrc, strategy, o);
+        if (strategy == MigrationStrategy.PostCopy && (xbzrle > 0 || dedup))
+        {
+            var src = xbzrle > 0 ? xbSrc : Src("dedup");
+            string key = xbzrle > 0 ? "xbzrle-cache" : "dedup";
+            throw src.Fail(src.Get(key)!, key, "not with strategy: postcopy (each page is sent once while the VM runs at the destination: nothing for a delta or a reference to lean on; use hybrid)");
+        }
+        return new SimMigrationOptions { Strategy = strategy, PreCopy = o, PostCopy = postCopy, BandwidthCap = cap, Pipeline = new SimPipeline(compress, xbzrle, dedup) };
+    }
+
+    /// <summary>hybrid-budget (hybrid only) and prepaging (whenever the migration may switch to post-copy), the engine's post-copy options.</summary>
+    private static PostCopyOptions ReadPostCopy(Func<string, YamlFields> src, YamlFields own, YamlFields strategySrc, MigrationStrategy strategy, PreCopyOptions o)
+    {
+        var p = new PostCopyOptions();
+        var budgetSrc = src("hybrid-budget");
+        if (budgetSrc.Map("hybrid-budget") is { } b)
+        {
+            if (strategy != MigrationStrategy.Hybrid) throw budgetSrc.Fail(budgetSrc.Get("hybrid-budget")!, "hybrid-budget", "only with strategy: hybrid");
+            var h = new HybridOptions();
+            if (b.Int("rounds", 0, 100_000) is { } r) h = h with { MaxRounds = r };
+            if (b.Duration("time") is { } t) h = h with { TimeBudget = t };
+            if (b.Bytes("bytes", 1) is { } by) h = h with { ByteBudget = by };
+            b.CheckNoOthers();
+            p = p with { Hybrid = h };
+        }
+        var prepSrc = src("prepaging");
+        if (prepSrc.Bool("prepaging") is { } prep)
+        {
+            bool switches = strategy != MigrationStrategy.PreCopy || o.OnStall == StallAction.PostCopy;
+            if (!switches) throw prepSrc.Fail(prepSrc.Get("prepaging")!, "prepaging", "only when the migration may switch to post-copy (strategy: postcopy or hybrid, or on-stall: postcopy)");
+            p = p with { Prepaging = p.Prepaging with { Enabled = prep } };
+        }
+        if (strategy == MigrationStrategy.PostCopy)
+        {
+            // Pure post-copy has no rounds: their options, given with it (or by defaults that make every migration post-copy), would be ignored, so they are refused.
+            foreach (string key in (string[])["downtime-limit", "max-rounds", "timeout", "on-stall", "max-downtime", "defer-hot-pages", "predictive-stop", "auto-converge", "dirty-limit"])
+                foreach (var f in (YamlFields[])[own, strategySrc])
+                    if (f.Get(key) is { } n) throw f.Fail(n, key, "not with strategy: postcopy (it has no pre-copy rounds)");
+        }
+        return p;
     }
 
     private static AutoConvergeOptions? ReadAutoConverge(YamlFields f, YamlNode node)

@@ -6,7 +6,15 @@ using LiveMig.Workloads;
 namespace LiveMig.Simulation;
 
 /// <summary>A link's share of the work over the whole simulation.</summary>
-public sealed record LinkUsage(string Name, double BytesPerSecond, double BytesCarried, double Utilisation);
+public sealed record LinkUsage(string Name, double BytesPerSecond, double BytesCarried, double Utilisation)
+{
+    /// <summary>With <see cref="ScenarioRunner.RecordTimeline"/>: the link's rate (bytes/s) from each time on (seconds), until the next point.</summary>
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public IReadOnlyList<RatePoint>? Rates { get; init; }
+}
+
+/// <summary>A link's carried rate from <see cref="AtS"/> on.</summary>
+public sealed record RatePoint(double AtS, double BytesPerSecond);
 
 /// <summary>What a simulated scenario came to: every migration (in the order they were asked for), every link's load.</summary>
 public sealed record SimulationResult
@@ -56,6 +64,8 @@ public sealed class ScenarioRunner
     }
 
     public ulong Seed { get; }
+    /// <summary>Keep each migration's timeline and each link's rate over time (for plots); off by default: it costs memory per round and per rate change.</summary>
+    public bool RecordTimeline { get; init; }
     public EventScheduler Scheduler => _scheduler;
     public FlowNetwork Network => _network;
 
@@ -121,8 +131,29 @@ public sealed class ScenarioRunner
         return new SimVm(name, host, spec.Pages, spec.Vcpus, dirty, spec.Content!, spec.StateBytes, _scheduler.Clock);
     }
 
+    private readonly Dictionary<SimLink, List<RatePoint>> _rates = [];
+
+    /// <summary>After each reallocation: every link whose rate changed gets a point.</summary>
+    private void RecordRates()
+    {
+        double now = _scheduler.NowSeconds;
+        foreach (var l in _links)
+        {
+            var points = _rates[l];
+            double rate = l.CurrentRate;
+            if (points.Count > 0 && points[^1].BytesPerSecond == rate) continue;
+            if (points.Count > 0 && points[^1].AtS == now) points[^1] = new RatePoint(now, rate);
+            else points.Add(new RatePoint(now, rate));
+        }
+    }
+
     public SimulationResult Run()
     {
+        if (RecordTimeline)
+        {
+            foreach (var l in _links) _rates[l] = [new RatePoint(0, 0)];
+            _network.Reallocated = RecordRates;
+        }
         foreach (var m in _scenario.Migrations)
             _scheduler.After(m.At, () => StartMigration(_vms[m.Vm], m.To, m.Options, null));
         foreach (var e in _scenario.Evacuations)
@@ -143,7 +174,10 @@ public sealed class ScenarioRunner
             EndS = end,
             Events = _scheduler.EventsRun,
             Migrations = results,
-            Links = _links.Select(l => new LinkUsage(l.Name, l.BytesPerSecond, Math.Round(l.BytesCarried), end > 0 ? l.BytesCarried / (l.BytesPerSecond * end) : 0)).ToList(),
+            Links = _links.Select(l => new LinkUsage(l.Name, l.BytesPerSecond, Math.Round(l.BytesCarried), end > 0 ? l.BytesCarried / (l.BytesPerSecond * end) : 0)
+            {
+                Rates = RecordTimeline ? _rates[l] : null,
+            }).ToList(),
         };
     }
 
@@ -168,7 +202,7 @@ public sealed class ScenarioRunner
             ended?.Invoke();
             return;
         }
-        var m = new SimMigration(_scheduler, _network, vm, _routes[(vm.Host, dest)], options);
+        var m = new SimMigration(_scheduler, _network, vm, _routes[(vm.Host, dest)], options) { RecordPhases = RecordTimeline };
         if (ended is not null) m.Ended += _ => ended();
         _asked.Add((m, null));
         m.Start();

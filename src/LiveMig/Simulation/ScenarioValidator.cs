@@ -10,18 +10,23 @@ using LiveMig.Vm;
 namespace LiveMig.Simulation;
 
 /// <summary>One side of a validation: what a migration came to, real or simulated.</summary>
-public sealed record RunFigures(string Outcome, double TotalMs, double DowntimeMs, long BytesOnWire, int Rounds, string StopReason, string? Error = null)
+/// <param name="Faults">Post-copy: the demand faults (pages requested); null when the migration did not switch.</param>
+/// <param name="FaultP50Us">Post-copy: the faults' median latency, microseconds.</param>
+public sealed record RunFigures(string Outcome, double TotalMs, double DowntimeMs, long BytesOnWire, int Rounds, string StopReason, string? Error = null, long? Faults = null, double? FaultP50Us = null)
 {
-    public static RunFigures Of(MigrationReport r) => new(r.Outcome, r.TotalTimeMs, r.DowntimeMs, r.BytesOnWire, r.Rounds.Count, r.StopReason, r.Error);
-    public static RunFigures Of(SimMigrationResult r) => new(r.Outcome, r.TotalS * 1000, r.DowntimeMs, r.BytesOnWire, r.Rounds, r.StopReason, r.Error);
+    public static RunFigures Of(MigrationReport r) => new(r.Outcome, r.TotalTimeMs, r.DowntimeMs, r.BytesOnWire, r.Rounds.Count, r.StopReason, r.Error,
+        r.PostCopyMs > 0 || r.PagesPushed > 0 || r.PagesRequested > 0 ? r.PagesRequested : null, r.FaultLatencyUs?.P50);
+    public static RunFigures Of(SimMigrationResult r) => new(r.Outcome, r.TotalS * 1000, r.DowntimeMs, r.BytesOnWire, r.Rounds, r.StopReason, r.Error,
+        r.SwitchedToPostCopy ? r.PagesRequested : null, r.FaultLatencyUs?.P50);
 }
 
 /// <summary>The simulator's relative error against the real run, (simulated − real) ÷ real; null where the real figure is 0.</summary>
-public sealed record RelativeErrors(double? TotalTime, double? Downtime, double? Bytes, double? Rounds)
+public sealed record RelativeErrors(double? TotalTime, double? Downtime, double? Bytes, double? Rounds, double? Faults = null)
 {
     public static RelativeErrors Between(RunFigures real, RunFigures simulated) => new(
         Relative(simulated.TotalMs, real.TotalMs), Relative(simulated.DowntimeMs, real.DowntimeMs),
-        Relative(simulated.BytesOnWire, real.BytesOnWire), Relative(simulated.Rounds, real.Rounds));
+        Relative(simulated.BytesOnWire, real.BytesOnWire), Relative(simulated.Rounds, real.Rounds),
+        real.Faults is { } f && simulated.Faults is { } g ? Relative(g, f) : null);
 
     private static double? Relative(double simulated, double real) => real > 0 ? (simulated - real) / real : null;
 }
@@ -30,6 +35,7 @@ public sealed record RelativeErrors(double? TotalTime, double? Downtime, double?
 public sealed record ValidatedMigration
 {
     public required string Vm { get; init; }
+    public string Strategy { get; init; } = "precopy";
     public required string Workload { get; init; }
     public required string Fill { get; init; }
     public long MemoryBytes { get; init; }
@@ -86,7 +92,6 @@ public static class ScenarioValidator
         {
             var vm = vms[m.Vm];
             if (vm.BuiltIn is null) throw new ScenarioException($"{file}: VM {m.Vm}: validate runs built-in VMs only: give it workload: \"random:rate=…\" (a workload the built-in VM runs) and fill:");
-            if (m.Options.PreCopy.OnStall == StallAction.PostCopy) throw new ScenarioException($"{file}: migration of {m.Vm}: on-stall: postcopy is not simulated yet, so it cannot be validated");
             if (vm.Pages * Memory.GuestMemory.PageSize * 2 > MachineMemory.TotalBytes / 2)
                 throw new ScenarioException($"{file}: VM {m.Vm}: {Units.Bytes(vm.Pages * Memory.GuestMemory.PageSize)} is too large to run twice (source and destination) in half this machine's memory");
             _ = LinkRate(s, vm.Host, m.To, file);
@@ -112,7 +117,7 @@ public static class ScenarioValidator
         var seeds = ScenarioRunner.VmSeeds(s, runSeed);
         var vms = s.Vms.SelectMany(v => v.Names().Select(n => (n, v))).ToDictionary(x => x.n, x => x.v);
         progress?.Invoke("warm-up migration (untimed): compiles the engine's code, as in a long-running agent");
-        WarmUp();
+        WarmUp(s.Migrations.Any(m => m.Options.MaySwitch));
         var results = new List<ValidatedMigration>();
         foreach (var m in s.Migrations)
         {
@@ -128,7 +133,7 @@ public static class ScenarioValidator
             var sim = RunFigures.Of(simulated);
             results.Add(new ValidatedMigration
             {
-                Vm = m.Vm, Workload = spec.BuiltIn!, Fill = spec.Fill.ToString().ToLowerInvariant(),
+                Vm = m.Vm, Strategy = Migrations.Name(m.Options.Strategy), Workload = spec.BuiltIn!, Fill = spec.Fill.ToString().ToLowerInvariant(),
                 MemoryBytes = spec.Pages * Memory.GuestMemory.PageSize, CapBytesPerSecond = cap, WarmupS = m.At.TotalSeconds,
                 RealWritesPerSecond = writes, Real = r, Simulated = sim, Errors = RelativeErrors.Between(r, sim),
                 Verified = real.Verified, RealRounds = real.Rounds, SimulatedRounds = simulated.RoundDetails,
@@ -156,10 +161,12 @@ public static class ScenarioValidator
         return ScenarioRunner.Run(scenario).Migrations[0];
     }
 
-    /// <summary>The engine's options for the simulator's: the same pre-copy options, the cap as the rate limiter, the same pipeline stages.</summary>
+    /// <summary>The engine's options for the simulator's: the same strategy, pre-copy and post-copy options, the cap as the rate limiter, the same pipeline stages.</summary>
     public static MigrationOptions EngineOptions(SimMigrationOptions o) => new()
     {
+        Strategy = o.Strategy,
         PreCopy = o.PreCopy,
+        PostCopy = o.PostCopy,
         BandwidthLimit = (long)Math.Round(o.BandwidthCap),
         Pipeline = new PipelineOptions
         {
@@ -192,7 +199,7 @@ public static class ScenarioValidator
         if (warmup > TimeSpan.Zero) Thread.Sleep(warmup); // the guest runs until the migration's start time, as in the scenario
         double writes = (vm.Operations - ops) / Math.Max(System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalSeconds, 1e-9);
         MigrationReport report;
-        try { report = new PreCopyMigration(vm, EngineOptions(options)).MigrateTo("127.0.0.1", listener.Port); }
+        try { report = new OutgoingMigration(vm, EngineOptions(options)).MigrateTo("127.0.0.1", listener.Port); }
         catch (MigrationFailedException e) { return (e.Report, writes); }
         // The arrived VM is the destination's: stop it before the listener frees its memory.
         if (arrived.Task.Wait(TimeSpan.FromSeconds(30))) arrived.Task.Result.Vm.Stop();
@@ -204,11 +211,15 @@ public static class ScenarioValidator
     /// and first-use costs of the engine's code (a few hundred milliseconds here), which neither an
     /// agent that has run before nor the model has.
     /// </summary>
-    public static void WarmUp()
+    /// <param name="postCopy">Also one of hybrid (its rounds, then post-copy's switch, push and fault service).</param>
+    public static void WarmUp(bool postCopy = false)
     {
         var vm = new VmSpec { Name = "validate-warmup", Host = "source", Pages = (64L << 20) / Memory.GuestMemory.PageSize, BuiltIn = "random:rate=2000", Fill = MemoryFill.Mixed, Seed = 1 };
-        var (report, _) = RunReal(vm, new SimMigrationOptions(), TimeSpan.FromMilliseconds(100));
-        if (report.Outcome != "completed") throw new InvalidOperationException($"the warm-up migration over loopback failed: {report.Error}");
+        foreach (var o in postCopy ? [new SimMigrationOptions(), new SimMigrationOptions { Strategy = MigrationStrategy.Hybrid }] : new[] { new SimMigrationOptions() })
+        {
+            var (report, _) = RunReal(vm, o, TimeSpan.FromMilliseconds(100));
+            if (report.Outcome != "completed") throw new InvalidOperationException($"the warm-up migration over loopback failed: {report.Error}");
+        }
     }
 
     private static double LoadAverage()

@@ -19,7 +19,7 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
 {
     private readonly TimeProvider _time;
     private readonly IDirtyProcess _process;
-    private long _lastTs;
+    private long _lastTs, _stalledUntil;
     private double _progress, _writtenUpTo, _throttle, _dirtyLimit;
     private bool _paused;
 
@@ -53,7 +53,9 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
         get
         {
             if (_paused) return _progress;
-            double dt = _time.GetElapsedTime(_lastTs).TotalSeconds;
+            long now = _time.GetTimestamp(), from = Math.Max(_lastTs, _stalledUntil);
+            if (now <= from) return _progress;
+            double dt = _time.GetElapsedTime(from, now).TotalSeconds;
             return _progress + dt * Speed(_progress);
         }
     }
@@ -110,6 +112,23 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
         _lastTs = _time.GetTimestamp();
         _paused = false;
     }
+
+    /// <summary>
+    /// The vCPUs wait, doing no work, for <paramref name="seconds"/> more (after any wait already
+    /// owed): post-copy's demand faults, each vCPU-second of waiting spread over the vCPUs.
+    /// </summary>
+    public void Stall(double seconds)
+    {
+        if (!(seconds > 0)) return;
+        Settle();
+        long now = _time.GetTimestamp();
+        long from = Math.Max(now, _stalledUntil);
+        _stalledUntil = from + (long)Math.Round(seconds * _time.TimestampFrequency);
+        StalledSeconds += seconds;
+    }
+
+    /// <summary>Seconds the guest has waited in <see cref="Stall"/> in all.</summary>
+    public double StalledSeconds { get; private set; }
 
     public void Throttle(double fraction)
     {
