@@ -269,7 +269,7 @@ static void *serve(void *arg) {
     lm_uffd_ctx *c = arg;
     // Faulting vCPUs wait on this thread: a higher weight than the push, placing and guest threads
     // (nice -10; needs root or CAP_SYS_NICE, else it stays at 0).
-    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10) != 0) { /* not permitted here: run at the default weight */ }
+    (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), -10); // not permitted: the default weight
     // Room for the largest frame, and under TLS one more record after a partial frame (so every record opens).
     uint8_t *rx = malloc(MAX_FRAME + MAX_RECORD);
     uint8_t *bounce = aligned_alloc(PAGE, PAGE);

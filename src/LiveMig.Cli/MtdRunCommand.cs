@@ -85,16 +85,17 @@ internal static class MtdRunCommand
                 ? $"move  from → to                          total ms  downtime ms       bytes  rounds  verified  {(options.Qemu is null ? "client" : "redis")}: requests  {(options.Qemu is null ? "max latency" : "longest gap")} ms  errors"
                 : "move  from → to                          total ms  downtime ms       bytes  rounds  verified  guest: passes  errors");
         }
-        var result = mtd.Run(m => { if (!json) Console.WriteLine(Line(m, options.Qemu is { Kernel: null })); }, cancel.Token);
+        var result = mtd.Run(m => { if (!json) Console.WriteLine(Line(m, options.Qemu is { Kernel: null }, options.Qemu is { Kernel: not null })); }, cancel.Token);
         if (json) Console.WriteLine(JsonSerializer.Serialize(result, MtdCliJson.Default.LiveMtdResult));
         else Totals(result, Console.Out);
         if (result.Stopped is { } why) Console.Error.WriteLine($"livemig: mtd run: {PeerText.Escape(why)}");
         return result.Clean ? 0 : 1;
     }
 
-    private static string Line(LiveMove m, bool guest) =>
+    /// <param name="guest">the boot-sector guest (its passes and errors); <paramref name="redis"/>: the Linux guest's redis client (its longest gap, not its longest request).</param>
+    private static string Line(LiveMove m, bool guest, bool redis) =>
         $"{m.Index,4}  {m.From} → {m.To}  {m.TotalMs,11:0.0}  {m.DowntimeMs,11:0.0}  {Units.Bytes(m.BytesOnWire),10}  {m.Rounds,6}  {(m.Verified ? "yes" : "NO"),8}  " +
-        (guest ? $"{m.GuestPasses,13}  {m.GuestErrors,6}" : $"{m.ClientRequests,15}  {(m.Redis ? m.ClientLongestGapMs : m.ClientMaxLatencyMs),14:0.0}  {m.ClientErrors,6}") +
+        (guest ? $"{m.GuestPasses,13}  {m.GuestErrors,6}" : $"{m.ClientRequests,15}  {(redis ? m.ClientLongestGapMs : m.ClientMaxLatencyMs),14:0.0}  {m.ClientErrors,6}") +
         (m.Outcome == "completed" ? "" : $"  {m.Outcome}: {PeerText.Escape(m.Error)}");
 
     private static void Totals(LiveMtdResult r, TextWriter o)

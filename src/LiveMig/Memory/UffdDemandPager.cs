@@ -228,21 +228,15 @@ public sealed unsafe class UffdDemandPager : DemandPager
     /// <summary>Whether the native thread can serve <paramref name="stream"/>: a plain TCP socket, or TLS records (<see cref="AeadStream"/>) on one.</summary>
     public static bool CanServe(Stream stream) => SocketOf(stream) is not null;
 
-    private static NetworkStream? SocketOf(Stream stream) => stream switch
+    private static NetworkStream? SocketOf(Stream stream) => Connection(stream) switch
     {
         NetworkStream ns => ns,
         AeadStream { Inner: NetworkStream ns } => ns,
-        // The listener's look at a connection's first bytes, once they are read again: the connection itself.
-        ReplayStream { Drained: true } r => SocketOf(r.Connection),
         _ => null,
     };
 
-    private static AeadStream? RecordsOf(Stream stream) => stream switch
-    {
-        AeadStream a => a,
-        ReplayStream { Drained: true } r => RecordsOf(r.Connection),
-        _ => null,
-    };
+    /// <summary>The stream itself, or, past the listener's look at its first bytes (once they are read again), the connection under it.</summary>
+    private static Stream Connection(Stream stream) => stream is ReplayStream { Drained: true } r ? Connection(r.Connection) : stream;
 
     /// <summary>
     /// Gives the native thread the page-request connection; <paramref name="onBroken"/> runs (on a
@@ -256,7 +250,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
         {
             Volatile.Write(ref _onBroken, onBroken);
             // Written before the hand-over, which the native thread reads under its lock; no hand-over is pending now (each waits for its acknowledgement).
-            if (RecordsOf(stream) is { } tls) SetRecordLayer(tls.Lend().State);
+            if (Connection(stream) is AeadStream tls) SetRecordLayer(tls.Lend().State);
             else _ctx->NextAead = 0;
             lm_uffd_set_socket(_ctx, (long)ns.Socket.Handle);
         }

@@ -73,7 +73,7 @@ public sealed record LiveMove
     public bool Verified { get; init; }
     public string Outcome { get; init; } = "completed";
     public string? Error { get; init; }
-    /// <summary>The client's requests answered while the move ran, its errors, the longest of them (the downtime it saw) and the longest gap between replies.</summary>
+    /// <summary>The client's requests answered while the move ran, its errors, the longest of them (the downtime it saw) and the longest gap between replies (the Linux guest's redis client: its replies, errors — a connection broken by the move counts — and longest gap).</summary>
     public long ClientRequests { get; init; }
     public long ClientErrors { get; init; }
     public double ClientMaxLatencyMs { get; init; }
@@ -81,8 +81,6 @@ public sealed record LiveMove
     /// <summary>A QEMU guest: the passes its self-check made from before the move to its first report after it, and the stale or lost pages it found since the last move.</summary>
     public long GuestPasses { get; init; }
     public long GuestErrors { get; init; }
-    /// <summary>The client fields are the redis client's (Linux guest): replies, errors (a broken connection at the move counts), the longest gap.</summary>
-    public bool Redis { get; init; }
 }
 
 /// <summary>What the monitor saw of the agents' registries: the VM on exactly one host at every look.</summary>
@@ -282,14 +280,12 @@ public sealed class LiveMtd : IDisposable
         var where = _agents[error is null ? to : from].Registry;
         var seen = _witness.Moved(t0, Stopwatch.GetTimestamp(), () => where.Find(name));
         bool guest = _witness is BootSectorWitness;
-        bool redis = _witness is RedisWitness;
         return new LiveMove
         {
             Index = index, From = AgentNames[from], To = AgentNames[to], MigrationId = report.MigrationId, StartS = startS,
             TotalMs = report.TotalTimeMs, DowntimeMs = report.DowntimeMs, BytesOnWire = report.BytesOnWire, Rounds = report.Rounds.Count,
             Verified = report.Verified == true, Outcome = error is null ? report.Outcome : "failed", Error = error ?? report.Error,
             ClientRequests = guest ? 0 : seen.Requests, ClientErrors = guest ? 0 : seen.Errors, ClientMaxLatencyMs = seen.MaxLatencyMs, ClientLongestGapMs = seen.LongestGapMs,
-            Redis = redis,
             GuestPasses = guest ? seen.Requests : 0, GuestErrors = guest ? seen.Errors : 0,
         };
     }
