@@ -144,6 +144,8 @@ public sealed class IncomingMigration
                     if ((hello.Requested & Capabilities.Verify) != 0) placer!.Hashes = new PageHashes(memory!.PageCount);
                     // The vCPU threads wait from now on, so restoring the VM in the downtime (pre-copy's or post-copy's switch) creates none.
                     vcpuThreads = factory.PrepareThreads(incoming);
+                    // And post-copy's fault service (thread, descriptor), so that the switch only registers the memory.
+                    postCopy?.Prepare(memory!);
                 }
                 switch (state, type)
                 {

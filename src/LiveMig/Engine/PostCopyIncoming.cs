@@ -39,6 +39,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private readonly ManualResetEventSlim _mainArrived = new(false);
     private readonly ManualResetEventSlim _priorityArrived = new(false);
     private DemandPager? _pager;
+    private UffdDemandPager.Preparation? _prepared; // the fault service made before the pause, until a pager takes it
     private Thread? _priorityThread;
     private volatile bool _priorityBroken;
     private volatile bool _resumed, _finished;
@@ -83,12 +84,32 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
         return s;
     }
 
+    /// <summary>
+    /// Before the pause (at the first frame after the Hello): the userfaultfd and the native
+    /// fault thread for this process's own mapping of <paramref name="memory"/>, so the switch only
+    /// registers the memory. Nothing is registered yet: hybrid's rounds still write the memory.
+    /// Where it cannot be made the switch tries again and falls back as it always did.
+    /// </summary>
+    public void Prepare(GuestMemory memory)
+    {
+        if (_options.PostCopy.Mode is not (DemandPagingMode.Userfaultfd or DemandPagingMode.Auto)) return;
+        lock (_lock) _prepared ??= UffdDemandPager.Prepare(memory, out _);
+    }
+
+    private void DropPreparation()
+    {
+        UffdDemandPager.Preparation? p;
+        lock (_lock) (p, _prepared) = (_prepared, null);
+        p?.Dispose();
+    }
+
     public void Unregister() => _sessions.TryRemove(new KeyValuePair<Guid, PostCopyIncoming>(_hello.MigrationId, this));
 
     /// <summary>The migration failed before the switch, or ended in a stop-and-copy without one: forget it and let its page-request connection go.</summary>
     public void Abort()
     {
         Unregister();
+        DropPreparation();
         Channel? p;
         lock (_sendLock) { p = _priority; _priority = null; }
         p?.Close();
@@ -528,14 +549,17 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     {
         var (memory, hashes) = (h.Memory, h.Placer.Hashes);
         // vCPUs of another process (QEMU): its faults, in its mapping, served by the native thread — no portable fallback.
-        if (h.Factory.OpenRemoteFaults(h.Vm) is { } remote) return RemotePager(memory, remote, present, pending, hashes);
+        if (h.Factory.OpenRemoteFaults(h.Vm) is { } remote) { DropPreparation(); return RemotePager(memory, remote, present, pending, hashes); }
         var mode = _options.PostCopy.Mode;
         // Auto = userfaultfd where it can work (docs/reliability.md: why it is safe in a .NET
         // process), else the portable pager with a note.
         if (mode is DemandPagingMode.Userfaultfd or DemandPagingMode.Auto)
         {
             string? why = PriorityProblem();
-            if (why is null && UffdDemandPager.TryCreate(memory, present, pending, hashes, _options.PostCopy.CheckAccess, out var u, out why)) return u!;
+            var prepared = _prepared;
+            _prepared = null; // taken, or disposed below (CreatePager runs under _lock)
+            using (prepared)
+                if (why is null && UffdDemandPager.TryCreate(memory, present, pending, hashes, _options.PostCopy.CheckAccess, prepared, out var u, out why)) return u!;
             if (mode == DemandPagingMode.Userfaultfd) throw new ProtocolException($"userfaultfd demand paging unavailable: {why}");
             _options.PostCopy.Note?.Invoke($"demand paging: portable (userfaultfd unavailable: {why})");
             Trace?.Invoke($"auto demand paging falls back to portable: {why}");
@@ -646,6 +670,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     {
         _finished = true;
         Unregister();
+        DropPreparation();
         var pager = _pager;
         if (pager is not null)
         {

@@ -96,30 +96,102 @@ public sealed unsafe class UffdDemandPager : DemandPager
     private Action? _onBroken;
     private readonly Lock _connLock = new();
 
-    private UffdDemandPager(GuestMemory memory, NativePageBitmap present, PageHashes? hashes, bool checkAccess, int uffd, RemoteFaults? remote = null)
+    private UffdDemandPager(GuestMemory memory, NativePageBitmap present, PageHashes? hashes, bool checkAccess, Ctx* ctx, RemoteFaults? remote = null)
         : base(memory, present, hashes)
     {
         _remote = remote;
         _checkAccess = checkAccess && remote is null;
-        _base = remote?.Address ?? (ulong)memory.Base;
-        _ctx = (Ctx*)NativeMemory.AllocZeroed((nuint)sizeof(Ctx));
-        _ctx->Uffd = uffd;
-        _ctx->Ctl = eventfd(0, EFD_CLOEXEC);
-        _ctx->Notify = eventfd(0, EFD_CLOEXEC);
-        _ctx->Base = _base;
-        _ctx->PageCount = (ulong)memory.PageCount;
+        _base = ctx->Base;
+        _ctx = ctx;
+        // The native thread reads these only for a fault, and a fault comes only after the range is registered.
         _ctx->Present = present.Words;
         _ctx->Hashes = Hashes;
-        _ctx->LatNs = (long*)NativeMemory.Alloc(LatencyCapacity * sizeof(long));
-        _ctx->LatCap = LatencyCapacity;
-        _ctx->NextSock = -1;
-        _ctx->Sock = -1;
-        if (_ctx->Ctl < 0 || _ctx->Notify < 0) throw new IOException($"eventfd failed: {Native.ErrorText(Marshal.GetLastPInvokeError())}");
-        int r = lm_uffd_start(_ctx);
-        if (r != 0) throw new IOException($"cannot start the fault-service thread: {Native.ErrorText(-r)}");
         _watcher = new Thread(Watch) { IsBackground = true, Name = "livemig-uffd-watch" };
         _watcher.Start();
     }
+
+    /// <summary>
+    /// The native thread's context over <paramref name="uffd"/> (owned from here on: closed if
+    /// this fails), with the thread running and waiting: nothing in it depends on which pages are
+    /// present, so it can be made before the pause.
+    /// </summary>
+    private static Ctx* StartContext(int uffd, ulong baseAddress, long pageCount)
+    {
+        var c = (Ctx*)NativeMemory.AllocZeroed((nuint)sizeof(Ctx));
+        c->Uffd = uffd;
+        c->Ctl = eventfd(0, EFD_CLOEXEC);
+        c->Notify = eventfd(0, EFD_CLOEXEC);
+        c->Base = baseAddress;
+        c->PageCount = (ulong)pageCount;
+        c->LatNs = (long*)NativeMemory.Alloc(LatencyCapacity * sizeof(long));
+        c->LatCap = LatencyCapacity;
+        c->NextSock = -1;
+        c->Sock = -1;
+        string? failed = c->Ctl < 0 || c->Notify < 0 ? $"eventfd failed: {Native.ErrorText(Marshal.GetLastPInvokeError())}" : null;
+        int r = failed is null ? lm_uffd_start(c) : 0;
+        if (r != 0) failed = $"cannot start the fault-service thread: {Native.ErrorText(-r)}";
+        if (failed is null) return c;
+        FreeContext(c, threadStarted: false);
+        throw new IOException(failed);
+    }
+
+    private static void FreeContext(Ctx* c, bool threadStarted)
+    {
+        if (threadStarted) lm_uffd_stop(c);
+        Native.close((int)c->Uffd);
+        if (c->Ctl >= 0) Native.close((int)c->Ctl);
+        if (c->Notify >= 0) Native.close((int)c->Notify);
+        NativeMemory.Free(c->LatNs);
+        NativeMemory.Free(c);
+    }
+
+    /// <summary>
+    /// What a pager of this process's own mapping needs that does not depend on the pages — the
+    /// userfaultfd (API agreed, nothing registered yet), the native thread and its context —
+    /// made before the pause (<see cref="Prepare"/>), so that the switch only punches, registers
+    /// and starts watching: made in the switch these cost 2–6 ms of downtime here (the thread
+    /// start, the buffers, and on first use the native library's load).
+    /// </summary>
+    public sealed class Preparation : IDisposable
+    {
+        private nint _ctx; // a Ctx*, owned until taken
+        internal Preparation(nint ctx) => _ctx = ctx;
+        internal nint Take() => Interlocked.Exchange(ref _ctx, 0);
+
+        /// <summary>Stops the thread and closes the descriptor, unless a pager took them.</summary>
+        public void Dispose()
+        {
+            nint c = Take();
+            if (c != 0) FreeContext((Ctx*)c, threadStarted: true);
+        }
+    }
+
+    /// <summary>Makes a <see cref="Preparation"/> for <paramref name="memory"/>, or says why it cannot (then the switch will fall back as it would have).</summary>
+    public static Preparation? Prepare(GuestMemory memory, out string? why)
+    {
+        int fd = OpenLocal(out why);
+        if (fd < 0) return null;
+        try { return new Preparation((nint)StartContext(fd, (ulong)memory.Base, memory.PageCount)); }
+        catch (IOException e) { why = e.Message; return null; }
+    }
+
+    /// <summary>A userfaultfd for this process, with the API (shared-memory MISSING faults) agreed; -1 and why when it cannot be had.</summary>
+    private static int OpenLocal(out string? why)
+    {
+        why = LibraryProblem.Value;
+        if (why is not null) return -1;
+        // Not UFFD_USER_MODE_ONLY: the access path's madvise faults from the kernel.
+        int fd = (int)Native.syscall(Native.SYS_userfaultfd, Native.O_CLOEXEC | Native.O_NONBLOCK);
+        if (fd < 0) { why = $"userfaultfd: {Native.ErrorText(Native.Errno)} (needs root or vm.unprivileged_userfaultfd=1)"; return -1; }
+        var api = new UffdioApi { Api = UFFD_API, Features = UFFD_FEATURE_MISSING_SHMEM };
+        if (Native.ioctl(fd, UFFDIO_API, &api) == 0) return fd;
+        why = $"UFFDIO_API (MISSING_SHMEM): {Native.ErrorText(Native.Errno)}";
+        Native.close(fd);
+        return -1;
+    }
+
+    /// <summary>Loads the native helper now (a few milliseconds on first use), so that no switch pays for it.</summary>
+    public static void LoadLibrary() => _ = LibraryProblem.Value;
 
     public override string Mode => _remote is null ? "userfaultfd" : "userfaultfd-remote";
 
@@ -159,37 +231,37 @@ public sealed unsafe class UffdDemandPager : DemandPager
     /// content of the pages still to come, and starts the native fault-service thread (no
     /// connection yet: <see cref="ServeConnection"/>).
     /// </summary>
-    public static bool TryCreate(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes, bool checkAccess, out UffdDemandPager? pager, out string? why)
+    public static bool TryCreate(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes, bool checkAccess, out UffdDemandPager? pager, out string? why) =>
+        TryCreate(memory, present, pending, hashes, checkAccess, null, out pager, out why);
+
+    /// <summary>As above, with the thread and descriptor of <paramref name="prepared"/> if given (taken: the preparation is empty afterwards).</summary>
+    public static bool TryCreate(GuestMemory memory, NativePageBitmap present, NativePageBitmap pending, PageHashes? hashes, bool checkAccess, Preparation? prepared,
+        out UffdDemandPager? pager, out string? why)
     {
         pager = null;
-        why = LibraryProblem.Value;
-        if (why is not null) return false;
-        // Not UFFD_USER_MODE_ONLY: the access path's madvise faults from the kernel.
-        int fd = (int)Native.syscall(Native.SYS_userfaultfd, Native.O_CLOEXEC | Native.O_NONBLOCK);
-        if (fd < 0) { why = $"userfaultfd: {Native.ErrorText(Native.Errno)} (needs root or vm.unprivileged_userfaultfd=1)"; return false; }
-        bool ok = false;
-        try
+        why = null;
+        Ctx* ctx = prepared is null ? null : (Ctx*)prepared.Take();
+        if (ctx == null)
         {
-            var api = new UffdioApi { Api = UFFD_API, Features = UFFD_FEATURE_MISSING_SHMEM };
-            if (Native.ioctl(fd, UFFDIO_API, &api) != 0) { why = $"UFFDIO_API (MISSING_SHMEM): {Native.ErrorText(Native.Errno)}"; return false; }
-            if (PunchPending(memory, pending) is { } failed) { why = failed; return false; }
-            var reg = new UffdioRegister { Range = new UffdioRange { Start = (ulong)memory.Base, Len = (ulong)memory.Size }, Mode = UFFDIO_REGISTER_MODE_MISSING };
-            if (Native.ioctl(fd, UFFDIO_REGISTER, &reg) != 0) { why = $"UFFDIO_REGISTER(MISSING): {Native.ErrorText(Native.Errno)}"; return false; }
-            const ulong need = (1UL << 3) | (1UL << 4); // _UFFDIO_COPY, _UFFDIO_ZEROPAGE
-            if ((reg.Ioctls & need) != need)
-            {
-                Native.ioctl(fd, UFFDIO_UNREGISTER, &reg.Range);
-                why = "this kernel offers no UFFDIO_COPY/UFFDIO_ZEROPAGE on shared memory";
-                return false;
-            }
-            pager = new UffdDemandPager(memory, present, hashes, checkAccess, fd);
-            ok = true;
-            return true;
+            int fd = OpenLocal(out why);
+            if (fd < 0) return false;
+            try { ctx = StartContext(fd, (ulong)memory.Base, memory.PageCount); }
+            catch (IOException e) { why = e.Message; return false; }
         }
-        finally
+        if (PunchPending(memory, pending) is { } failed) { FreeContext(ctx, threadStarted: true); why = failed; return false; }
+        // The thread may see a fault as soon as the range is registered: it has the bitmaps first.
+        ctx->Present = present.Words;
+        ctx->Hashes = hashes is null ? null : hashes.Pointer;
+        var reg = new UffdioRegister { Range = new UffdioRange { Start = (ulong)memory.Base, Len = (ulong)memory.Size }, Mode = UFFDIO_REGISTER_MODE_MISSING };
+        if (Native.ioctl((int)ctx->Uffd, UFFDIO_REGISTER, &reg) != 0) why = $"UFFDIO_REGISTER(MISSING): {Native.ErrorText(Native.Errno)}";
+        else if ((reg.Ioctls & ((1UL << 3) | (1UL << 4))) != ((1UL << 3) | (1UL << 4))) why = "this kernel offers no UFFDIO_COPY/UFFDIO_ZEROPAGE on shared memory"; // _UFFDIO_COPY, _UFFDIO_ZEROPAGE
+        if (why is not null)
         {
-            if (!ok) Native.close(fd);
+            FreeContext(ctx, threadStarted: true); // closing the descriptor ends any registration
+            return false;
         }
+        pager = new UffdDemandPager(memory, present, hashes, checkAccess, ctx);
+        return true;
     }
 
     /// <summary>Pages still to come may hold an older copy (hybrid): make them holes, so that they fault.</summary>
@@ -220,8 +292,10 @@ public sealed unsafe class UffdDemandPager : DemandPager
         why = LibraryProblem.Value ?? (remote.Length != memory.Size ? $"the registered range is {remote.Length} bytes, the guest memory {memory.Size}" : null)
             ?? PunchPending(memory, pending);
         if (why is not null) { Native.close(remote.Userfaultfd); return false; }
-        try { pager = new UffdDemandPager(memory, present, hashes, checkAccess: false, remote.Userfaultfd, remote); }
-        catch (IOException e) { Native.close(remote.Userfaultfd); why = e.Message; return false; }
+        Ctx* ctx;
+        try { ctx = StartContext(remote.Userfaultfd, remote.Address, memory.PageCount); } // closes the descriptor if it fails
+        catch (IOException e) { why = e.Message; return false; }
+        pager = new UffdDemandPager(memory, present, hashes, checkAccess: false, ctx, remote);
         return true;
     }
 
