@@ -180,10 +180,10 @@ public sealed class SimMigration
             WrittenPages = Vm.Guest.EverWritten,
             LinkEstimate = _options.BandwidthCap > 0 ? Math.Min(_options.BandwidthCap, Route.BottleneckBytesPerSecond) : Route.BottleneckBytesPerSecond,
         };
-        _controller = new RoundController(_policy, _sender, Vm.Guest, Vm.Guest, Clock);
+        _controller = new RoundController(_policy, _sender, Vm.Guest, Vm.Guest, Clock) { CompactPageSets = true };
         _sender.Bandwidth = StateBandwidth;
         Vm.Guest.Start();
-        var first = new PageBitmap(Vm.PageCount);
+        var first = PageBitmap.Compact(Vm.PageCount);
         Vm.Guest.Process.Populated(first);
         _controller.Begin(first);
         NextRound();
