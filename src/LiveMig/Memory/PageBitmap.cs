@@ -15,6 +15,7 @@ namespace LiveMig.Memory;
 public sealed class PageBitmap
 {
     private ulong[]? _words;
+    private ulong[]? _spare; // a compact bitmap's words from before it became uniform: reused, not reallocated, when it needs words again
     private bool _uniformSet; // with no words: every page set (else every page clear)
     private readonly bool _compact;
 
@@ -47,8 +48,11 @@ public sealed class PageBitmap
 
     private ulong[] Materialise()
     {
-        var words = new ulong[WordCount];
+        var words = _spare ?? new ulong[WordCount];
+        bool reused = _spare is not null;
+        _spare = null;
         if (_uniformSet) FillSet(words, PageCount);
+        else if (reused) Array.Clear(words);
         _words = words;
         return words;
     }
@@ -65,6 +69,8 @@ public sealed class PageBitmap
     {
         if (_compact)
         {
+            // A round's harvest clears and refills the same set every round: keep the words for that.
+            if (_words is not null) _spare = _words;
             _words = null;
             _uniformSet = set && PageCount > 0;
         }

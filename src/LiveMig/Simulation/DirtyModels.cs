@@ -252,9 +252,12 @@ internal sealed class PageScatter(ulong seed)
         var one = Vector512<ulong>.One;
         int from0 = whole + 1 >= 256 ? BitOperations.TrailingZeroCount(whole) : Math.Min(BitOperations.TrailingZeroCount(whole), BitOperations.TrailingZeroCount(whole + 1));
         long w = from;
-        for (; w + 8 <= to; w += 8)
+        var dither = Vector512<ulong>.Zero;
+        for (int round = 0; w + 8 <= to; w += 8, round++)
         {
-            var up = Vector512.LessThan(Next(ref state) & low16, fracV); // the lanes whose m rounds up
+            if ((round & 3) == 0) dither = Next(ref state); // 16 bits a lane a word: one draw dithers four rounds of lanes
+            var up = Vector512.LessThan(dither & low16, fracV); // the lanes whose m rounds up
+            dither = Vector512.ShiftRightLogical(dither, 16);
             var mw = Vector512.ConditionalSelect(up, hi, lo);
             var mask = Vector512<ulong>.Zero;
             for (int i = from0; i < 8; i++)
