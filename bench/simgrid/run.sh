@@ -36,7 +36,7 @@ fi
 dotnet build -c Release bench/LiveMig.Bench >/dev/null
 # The simulator is a batch job: its hot loops compiled once, optimised (no tier-0 pass first); unset to compare.
 export DOTNET_TieredCompilation=${DOTNET_TieredCompilation:-0}
-lm="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate --memory 2GiB --bandwidth 1Gbit --latency 0.1ms --working-set 1843MiB --downtime-limit 30ms --state 0"
+lm="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate --warmup --memory 2GiB --bandwidth 1Gbit --latency 0.1ms --working-set 1843MiB --downtime-limit 30ms --state 0"
 ideal="--cfg=network/model:CM02 --cfg=network/crosstraffic:0"
 big="--cfg=contexts/guard-size:0 --cfg=contexts/stack-size:128"   # SimGrid's actors' stacks, for thousands of them
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p"; }
