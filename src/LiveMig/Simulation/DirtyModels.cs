@@ -138,6 +138,19 @@ public sealed class DirtyModel : IDirtyProcess
     }
 }
 
+/// <summary>
+/// What a guest reads (the hand model's <c>reads</c>): <see cref="Rate"/> page reads per second of
+/// its work, all vCPUs together, uniform over pages [0, <see cref="WorkingSet"/>). A read costs
+/// nothing while the VM runs at its source (pre-copy does not see it); after a switch to
+/// post-copy a read of a page not yet at the destination is a demand fault, as a write is.
+/// </summary>
+public sealed record ReadModel(double Rate, long WorkingSet)
+{
+    /// <summary>Sets in <paramref name="into"/> the pages read by the work between progress times <paramref name="from"/> and <paramref name="to"/> (each with probability 1 − e^(−reads/set)).</summary>
+    internal long Read(PageScatter scatter, double from, double to, PageBitmap into) =>
+        to > from && Rate > 0 ? scatter.Scatter(into, 0, WorkingSet, Rate * (to - from)) : 0;
+}
+
 /// <summary>Seeded per-page draws of which pages some writes hit: the dirty models' one random source.</summary>
 internal sealed class PageScatter(ulong seed)
 {
