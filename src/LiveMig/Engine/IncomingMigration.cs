@@ -445,7 +445,7 @@ public sealed class IncomingMigration
         DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
     };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.LateZeros | Capabilities.PreCopyResume | Capabilities.MultiStream
         | Capabilities.PageHashCheck | Capabilities.TlsUnchecked | CodecBits;
 
     internal static bool IsSecured(Stream stream) => ChannelSecurity.IsSecured(stream);
