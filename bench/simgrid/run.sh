@@ -49,13 +49,15 @@ echo
 echo "| intensity | SimGrid total s (ideal link) | SimGrid rounds | SimGrid total s (its default LV08) | LiveMig total s | LiveMig rounds | LiveMig vs SimGrid (ideal) |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 for i in $intensities; do
-  line=$(timeout "$bound" "$sg" --count 1 --intensity "$i" $ideal --log=vm_live_migration.thres:debug 2>/tmp/livemig-simgrid.log | tail -1)
+  line=$(timeout "$bound" "$sg" --count 1 --intensity "$i" $ideal --log=vm_live_migration.thres:debug 2>/tmp/livemig-simgrid.log | tail -1) || true
   s_total=$(echo "$line" | field mean_total_s)
   s_rounds=$(grep -c ': sent ' /tmp/livemig-simgrid.log || true)
-  d_total=$(timeout "$bound" "$sg" --count 1 --intensity "$i" 2>/dev/null | tail -1 | field mean_total_s)
+  d_total=$(timeout "$bound" "$sg" --count 1 --intensity "$i" 2>/dev/null | tail -1 | field mean_total_s) || true
+  [ -n "$s_total" ] || s_total="did not finish in ${bound} s"
+  [ -n "$d_total" ] || d_total="did not finish in ${bound} s"
   row=$($lm --count 1 --mode sequential --intensity "$i")
   l_total=$(echo "$row" | col 9); l_rounds=$(echo "$row" | col 8)
-  diff=$(awk -v a="$l_total" -v b="$s_total" 'BEGIN { printf "%+.1f%%", (a - b) / b * 100 }')
+  diff=$(awk -v a="$l_total" -v b="$s_total" 'BEGIN { if (b + 0 > 0) printf "%+.1f%%", (a - b) / b * 100; else print "-" }')
   echo "| $i | $s_total | $s_rounds | $d_total | $l_total | $l_rounds | $diff |"
 done
 echo
