@@ -63,4 +63,29 @@ public sealed class CompactPageBitmapTests
         }
         for (int k = 0; k < 3; k++) Assert.Equal(plain[k].Runs(), compact[k].Runs());
     }
+
+    [Fact]
+    public void Count_and_AndNot_count_every_bit_whatever_the_word_path()
+    {
+        // 8,195 pages: vectors of eight words, then single words, then a partial word.
+        const long pages = 8195;
+        var rng = new Xoshiro256(3);
+        var a = new PageBitmap(pages);
+        var b = new PageBitmap(pages);
+        for (long p = 0; p < pages; p++)
+        {
+            if (rng.Next() % 3 == 0) a.Set(p);
+            if (rng.Next() % 2 == 0) b.Set(p);
+        }
+        long both = 0, inA = 0;
+        for (long p = 0; p < pages; p++)
+        {
+            if (a.IsSet(p)) inA++;
+            if (a.IsSet(p) && b.IsSet(p)) both++;
+        }
+        Assert.Equal(inA, a.Count());
+        Assert.Equal(both, a.AndNot(b));
+        Assert.Equal(inA - both, a.Count());
+        for (long p = 0; p < pages; p++) Assert.False(a.IsSet(p) && b.IsSet(p));
+    }
 }

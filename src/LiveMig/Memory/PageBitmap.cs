@@ -1,5 +1,8 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace LiveMig.Memory;
 
@@ -193,8 +196,23 @@ public sealed class PageBitmap
         var a = Words.AsSpan();
         ReadOnlySpan<ulong> b = other._words;
         long cleared = 0;
+        int i = 0;
+        if (Avx512BW.IsSupported)
+        {
+            var sum = Vector512<ulong>.Zero;
+            ref ulong pa = ref MemoryMarshal.GetReference(a);
+            ref ulong pb = ref MemoryMarshal.GetReference(b);
+            for (; i + 8 <= a.Length; i += 8)
+            {
+                var va = Vector512.LoadUnsafe(ref pa, (nuint)i);
+                var vb = Vector512.LoadUnsafe(ref pb, (nuint)i);
+                sum += PopCount8(va & vb);
+                Vector512.AndNot(va, vb).StoreUnsafe(ref pa, (nuint)i);
+            }
+            cleared = (long)Vector512.Sum(sum);
+        }
         // No branch on the words: on scattered pages a branch per word mispredicts half the time.
-        for (int i = 0; i < a.Length; i++)
+        for (; i < a.Length; i++)
         {
             ulong both = a[i] & b[i];
             cleared += BitOperations.PopCount(both);
@@ -210,6 +228,13 @@ public sealed class PageBitmap
         ReadOnlySpan<ulong> w = _words;
         int i = 0;
         long n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+        if (Avx512BW.IsSupported)
+        {
+            var sum = Vector512<ulong>.Zero;
+            ref ulong at = ref MemoryMarshal.GetReference(w);
+            for (; i + 8 <= w.Length; i += 8) sum += PopCount8(Vector512.LoadUnsafe(ref at, (nuint)i));
+            n0 = (long)Vector512.Sum(sum);
+        }
         // Four sums: the popcounts do not wait on one another.
         for (; i + 4 <= w.Length; i += 4)
         {
@@ -220,6 +245,22 @@ public sealed class PageBitmap
         }
         for (; i < w.Length; i++) n0 += BitOperations.PopCount(w[i]);
         return n0 + n1 + n2 + n3;
+    }
+
+    /// <summary>
+    /// The bits set in each of eight words (AVX-512BW: a nibble table lookup per byte, then the
+    /// bytes summed per word — Muła's method; the simulator counts every page set a few times a
+    /// round, and word-by-word popcounts were a third of a dirtying run).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static Vector512<ulong> PopCount8(Vector512<ulong> v)
+    {
+        var table = Vector512.Create((byte)0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                     0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+        var low = Vector512.Create((byte)0x0F);
+        var bytes = v.AsByte();
+        var counts = Avx512BW.Shuffle(table, bytes & low) + Avx512BW.Shuffle(table, Vector512.ShiftRightLogical(bytes.AsUInt16(), 4).AsByte() & low);
+        return Avx512BW.SumAbsoluteDifferences(counts, Vector512<byte>.Zero).AsUInt64();
     }
 
     /// <summary>Next set page at or after <paramref name="from"/>, or -1.</summary>

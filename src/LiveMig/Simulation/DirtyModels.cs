@@ -266,6 +266,7 @@ internal sealed class PageScatter(ulong seed)
         int from0 = whole + 1 >= 256 ? BitOperations.TrailingZeroCount(whole) : Math.Min(BitOperations.TrailingZeroCount(whole), BitOperations.TrailingZeroCount(whole + 1));
         long w = from;
         var dither = Vector512<ulong>.Zero;
+        var counted = Vector512<ulong>.Zero; // the pages newly set, per lane
         for (int round = 0; w + 8 <= to; w += 8, round++)
         {
             if ((round & 3) == 0) dither = Next(ref state); // 16 bits a lane a word: one draw dithers four rounds of lanes
@@ -285,8 +286,10 @@ internal sealed class PageScatter(ulong seed)
             var old = Vector512.LoadUnsafe(ref at);
             (old | mask).StoreUnsafe(ref at);
             var fresh = mask & ~old;
-            for (int k = 0; k < 8; k++) newly += BitOperations.PopCount(fresh.GetElement(k));
+            if (System.Runtime.Intrinsics.X86.Avx512BW.IsSupported) counted += PageBitmap.PopCount8(fresh);
+            else for (int k = 0; k < 8; k++) newly += BitOperations.PopCount(fresh.GetElement(k));
         }
+        newly += (long)Vector512.Sum(counted);
         return w;
     }
 
