@@ -479,6 +479,7 @@ public sealed class PostCopyMigration
             {
                 // Recovery: both connections go; the paused memory stays here until the destination has every page.
                 _networkFaults++;
+                CheckProgress(e);
                 // Close both connections first: the server may be blocked reading a live
                 // page-request connection (e.g. the main one timed out), and would never end.
                 link.Break();
@@ -491,6 +492,26 @@ public sealed class PostCopyMigration
             }
         }
     }
+
+    /// <summary>
+    /// A link that fails again and again right after reattaching, with no page delivered in
+    /// between, is not a flaky network but a destination that cannot go on (e.g. its page-request
+    /// reader rejects what it is sent): reconnecting at once each time would spin forever. After
+    /// <see cref="MaxFailuresWithoutProgress"/> such failures in a row the source stops trying
+    /// and keeps the paused VM for the operator, as for any failure reconnecting cannot mend.
+    /// </summary>
+    private void CheckProgress(Exception e)
+    {
+        long delivered = Interlocked.Read(ref _pagesPushed) + Interlocked.Read(ref _pagesRequested);
+        _failuresWithoutProgress = delivered == _deliveredAtLastFailure ? _failuresWithoutProgress + 1 : 0;
+        _deliveredAtLastFailure = delivered;
+        if (_failuresWithoutProgress >= MaxFailuresWithoutProgress)
+            throw new MigrationAbort($"the connection to the destination failed {_failuresWithoutProgress + 1} times in a row with no page delivered in between (last: {OneLine(e)}): reconnecting does not mend it");
+    }
+
+    private const int MaxFailuresWithoutProgress = 4;
+    private int _failuresWithoutProgress;
+    private long _deliveredAtLastFailure = -1;
 
     /// <summary>
     /// A failure after the switch that reconnecting cannot mend (the destination aborted, broke
