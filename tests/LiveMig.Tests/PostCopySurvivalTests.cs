@@ -145,27 +145,31 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
     [Fact]
     public void A_link_that_fails_after_every_reattach_with_no_page_delivered_stops_the_retries_and_keeps_the_paused_vm()
     {
-        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable } });
+        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable, RecoveryTimeout = TimeSpan.FromMinutes(5) } });
         using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Mixed, Seed = 4 });
         vm.Start();
         var phases = new Phases(output);
         int priorityConnections = 0;
         // Every page-request connection takes its Attach and dies at the next write (the late-zeros
-        // bitmap after the resume, before any page): each reattach succeeds, then fails at once.
+        // bitmap after the resume, before any page; 33 bytes: the Attach frame, not a byte more): each
+        // reattach succeeds, then fails at once.
         Stream Connect(ChannelKind kind, int attempt)
         {
             var s = loop.Connect();
             if (kind != ChannelKind.Priority) return s;
             Interlocked.Increment(ref priorityConnections);
-            return new FaultInjectingStream(s, new FaultPlan { DropAfter = 40 });
+            return new FaultInjectingStream(s, new FaultPlan { DropAfter = 33 });
         }
-        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = Connect };
+        // A recovery window far longer than the test: only the no-progress rule may end the retries (a
+        // reattach slowed by a loaded machine is retried, and must not end them with another reason).
+        var options = Options() with { PostCopy = Options().PostCopy with { RecoveryTimeout = TimeSpan.FromMinutes(5) } };
+        var engine = new PostCopyMigration(vm, options, phases) { Connector = Connect };
         var run = Run(() => engine.MigrateTo("127.0.0.1", loop.Port));
         Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused") || run.IsCompleted, Bound), "the source never stopped retrying");
         Assert.False(run.IsCompleted, "the source ended instead of keeping the paused VM");
         Assert.True(phases.Saw("post-copy paused: the post-copy phase failed (the connection to the destination failed 5 times in a row with no page delivered"), "the source did not say why it stopped retrying");
         Assert.Equal(VmRunState.Paused, vm.State);
-        Assert.InRange(Volatile.Read(ref priorityConnections), 5, 6);
+        Assert.True(Volatile.Read(ref priorityConnections) >= 5, $"{priorityConnections} page-request connections");
         engine.Target!.Abandon();
         Assert.True(run.Wait(Bound), "discarding did not end the migration");
         Assert.Contains("abandoned by the operator", run.Error!.Message);

@@ -230,8 +230,10 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             return;
         }
         var t = new Thread(() => PriorityLoop(ch)) { IsBackground = true, Name = "livemig-postcopy-answers" };
-        _priorityThread = t;
+        // Published once started: a recovery on another thread joins it, and joining an unstarted thread throws
+        // (it ended the migration, "Thread has not been started", when a source reattached and failed at once).
         t.Start();
+        _priorityThread = t;
         ResendOutstanding();
     }
 
