@@ -107,7 +107,6 @@ public sealed class QemuVm : IVirtualMachine
         _save = BeginSave();
         if (_save is null) Run("stop");
         State = VmRunState.Paused;
-        QemuVmFactory.Dbg($"paused jit#{System.Runtime.JitInfo.GetCompiledMethodCount()}");
     }
 
     private QemuDeviceStateSave? _save;
@@ -127,10 +126,8 @@ public sealed class QemuVm : IVirtualMachine
             _save = null;
             using (save) save.Cancel();
         }
-        QemuVmFactory.Dbg($"resume jit#{System.Runtime.JitInfo.GetCompiledMethodCount()}");
         if (!IsRunning()) Run("cont");
         State = VmRunState.Running;
-        QemuVmFactory.Dbg($"resumed jit#{System.Runtime.JitInfo.GetCompiledMethodCount()}");
         _savedState = null; // it runs again: its device state moves on
     }
 
@@ -173,6 +170,8 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>The pause's QMP path (QEMU's paused migration, its events) compiled before the pause.</summary>
     public void WarmSwitchover()
     {
+        // The pending set's count in the pause was compiled there (FullOpts) even from the ReadyToRun build.
+        _ = new PageBitmap(64).Count();
         Engine.SwitchoverWarmup.Prepare(typeof(QemuDeviceStateSave));
         Engine.SwitchoverWarmup.Prepare(typeof(QmpClient));
     }

@@ -64,9 +64,7 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
     {
         if (!_waiting.TryGetValue(vm.MigrationId, out var qemu)) throw new VmFailedException($"no QEMU is waiting for migration {vm.MigrationId}");
         // Registered before the pause (PrepareThreads) where it could be: the switch only takes it.
-        long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
         var faults = _early.TryGetValue(vm.MigrationId, out var early) && early.TakeFaults() is { } f ? f : QemuAgentFaults.Open(qemu, vm.MemoryBytes);
-        Dbg($"open-remote-faults early={early is not null} {System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds:0.00} ms");
         _demandPaged[vm.MigrationId] = true;
         return faults;
     }
@@ -95,8 +93,6 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
         WarmSwitch();
         return null;
     }
-
-    internal static void Dbg(string s) { if (Environment.GetEnvironmentVariable("LM_QDBG") is not null) Console.Error.WriteLine($"QDBG {System.Diagnostics.Stopwatch.GetTimestamp() / 10000.0:0.00} {s}"); }
 
     public IEnumerable<Type> SwitchoverTypes => [typeof(QemuVm), typeof(QemuAgentFaults), typeof(QmpClient), typeof(QemuProcess), typeof(EarlyIncoming)];
 
@@ -211,13 +207,11 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
         Socket socket;
         if (early is { State: { } opened, Ended: { } e }) { (socket, ended) = (opened, e); early.State = null; }
         else socket = OpenIncoming(qemu, out ended);
-        long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
         using (socket)
         {
             socket.Send(state);
             socket.Shutdown(SocketShutdown.Send);
         }
-        Dbg($"state sent early={early is not null} {System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds:0.00} ms");
         string status;
         try
         {
@@ -225,7 +219,6 @@ public sealed class QemuVmFactory(QemuHostOptions host) : IVmFactory
             status = ended.Result.Data?["status"]?.GetValue<string>() ?? "?";
         }
         catch (AggregateException a) when (a.InnerException is QmpException q) { throw q; }
-        Dbg($"state loaded {System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds:0.00} ms");
         if (status == "completed") return;
         string? error = (qemu.Qmp.Execute("query-migrate") as JsonObject)?["error-desc"]?.GetValue<string>();
         throw new QmpException($"QEMU's incoming migration ended '{status}'{(error is null ? "" : ": " + error)}");
