@@ -21,6 +21,13 @@ internal sealed class QemuDeviceStateSave : IDisposable
     private readonly string _path;
     private readonly TimeSpan _timeout;
     private Socket? _connection;
+    // QEMU writes the non-shared RAM blocks (ROMs: about 0.45 MB for the Linux guest) before it
+    // stops the guest: more than a Unix socket buffers, so the stream is read from the start, on a
+    // thread of its own doing blocking reads (no asynchronous code to compile in the pause).
+    private readonly Thread _reader;
+    private readonly MemoryStream _state = new(1 << 20);
+    private Exception? _readError;
+    private volatile bool _ended;
 
     private QemuDeviceStateSave(QemuProcess qemu, string path, TimeSpan timeout)
     {
@@ -30,6 +37,8 @@ internal sealed class QemuDeviceStateSave : IDisposable
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         _listener.Bind(new UnixDomainSocketEndPoint(path));
         _listener.Listen(1);
+        _reader = new Thread(ReadLoop) { IsBackground = true, Name = "qemu-device-state" };
+        _reader.Start();
     }
 
     /// <summary>
@@ -46,8 +55,6 @@ internal sealed class QemuDeviceStateSave : IDisposable
             qemu.Qmp.Execute("migrate", new JsonObject { ["uri"] = "unix:" + path });
             string status = save.Wait(paused).Data?["status"]?.GetValue<string>() ?? "?";
             if (status != "pre-switchover") { save.Dispose(); return null; }
-            // QEMU connected before its set-up (its migration thread starts on the connection): taken now, read in the pause.
-            save.Accept();
             return save;
         }
         catch
@@ -62,7 +69,9 @@ internal sealed class QemuDeviceStateSave : IDisposable
     {
         var ended = NextStatus(_qemu, "completed", "failed", "cancelled");
         _qemu.Qmp.Execute("migrate-continue", new JsonObject { ["state"] = "pre-switchover" });
-        byte[] state = ReadAll();
+        if (!_reader.Join(_timeout)) throw new QmpException($"QEMU did not save its device state within {_timeout.TotalSeconds:0.#} s{Gone()}");
+        if (_readError is { } e) throw e;
+        byte[] state = _state.ToArray();
         string status = Wait(ended).Data?["status"]?.GetValue<string>() ?? "?";
         if (status != "completed") throw new QmpException($"QEMU's device-state migration ended '{status}'{ErrorDesc()}");
         return state;
@@ -94,35 +103,36 @@ internal sealed class QemuDeviceStateSave : IDisposable
 
     private string Gone() => _qemu.ExitReason is { } gone ? $" (QEMU {gone})" : "";
 
-    private void Accept()
+    private void ReadLoop()
     {
-        if (!_listener.Poll(_timeout, SelectMode.SelectRead)) throw new QmpException($"QEMU did not connect to {_path} for its device state{Gone()}");
-        _connection = _listener.Accept();
-        _connection.ReceiveTimeout = (int)_timeout.TotalMilliseconds;
-    }
-
-    /// <summary>The stream to its end, by blocking reads on this thread: no asynchronous code to compile in the pause.</summary>
-    private byte[] ReadAll()
-    {
-        var state = new MemoryStream(512 << 10);
-        var buffer = new byte[256 << 10];
         try
         {
+            // In slices, so that a save given up before QEMU connected ends this thread soon.
+            long deadline = Environment.TickCount64 + (long)_timeout.TotalMilliseconds;
+            while (!_listener.Poll(TimeSpan.FromMilliseconds(100), SelectMode.SelectRead))
+                if (_ended) return;
+                else if (Environment.TickCount64 > deadline) throw new QmpException($"QEMU did not connect to {_path} for its device state{Gone()}");
+            Volatile.Write(ref _connection, _listener.Accept());
+            if (_ended) return;
+            var buffer = new byte[256 << 10];
             while (true)
             {
                 int n = _connection!.Receive(buffer);
-                if (n == 0) return state.ToArray();
-                state.Write(buffer, 0, n);
-                if (state.Length > QemuVm.MaxStateBytes) throw new QmpException($"QEMU's device state exceeds {QemuVm.MaxStateBytes >> 20} MiB");
+                if (n == 0) return;
+                _state.Write(buffer, 0, n);
+                if (_state.Length > QemuVm.MaxStateBytes) throw new QmpException($"QEMU's device state exceeds {QemuVm.MaxStateBytes >> 20} MiB");
             }
         }
-        catch (SocketException e) when (e.SocketErrorCode == SocketError.TimedOut) { throw new QmpException($"QEMU did not save its device state within {_timeout.TotalSeconds:0.#} s{Gone()}"); }
-        catch (SocketException e) { throw new QmpException($"QEMU's device state could not be read from {_path}: {e.Message}{Gone()}", e); }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException) { if (!_ended) _readError = new QmpException($"QEMU's device state could not be read from {_path}: {e.Message}{Gone()}", e); }
+        catch (QmpException e) { _readError = e; }
     }
 
     public void Dispose()
     {
-        _connection?.Dispose();
+        _ended = true;
+        try { Volatile.Read(ref _connection)?.Shutdown(SocketShutdown.Both); } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
+        _reader.Join(TimeSpan.FromSeconds(2)); // its blocking read ends with the shutdown, its wait for QEMU within 100 ms
+        Volatile.Read(ref _connection)?.Dispose();
         _listener.Dispose();
         try { File.Delete(_path); } catch (IOException) { }
     }

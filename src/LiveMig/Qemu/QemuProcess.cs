@@ -84,6 +84,9 @@ public sealed class QemuProcess : IDisposable
         }
     }
 
+    /// <summary>Waits (bounded) for QEMU to end, e.g. once its address space is known gone; whether it has.</summary>
+    public bool WaitForExit(TimeSpan timeout) => Volatile.Read(ref _disposed) != 0 || _process.WaitForExit(timeout);
+
     /// <summary>Starts QEMU for <paramref name="spec"/>: a new RAM file (or <paramref name="ramFile"/>, which stays the caller's), QMP connected, x-ignore-shared set.</summary>
     public static QemuProcess Start(QemuVmSpec spec, QemuHostOptions host, string name, bool incoming, string? ramFile = null)
     {
