@@ -17,7 +17,7 @@ header=--header
 for mode in sequential concurrent; do
   for n in $counts; do
     for rate in $rates; do
-      $bench --count "$n" --mode "$mode" --memory 2GiB --bandwidth 1Gbit --rate "$rate" $header
+      $bench --warmup --count "$n" --mode "$mode" --memory 2GiB --bandwidth 1Gbit --rate "$rate" $header
       header=
     done
   done

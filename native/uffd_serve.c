@@ -49,6 +49,7 @@ extern unsigned long long XXH3_64bits_withSeed(const void *data, size_t len, uns
 #define T_PAGEBATCH 4
 #define T_ERROR 11
 #define T_PAGEREQUEST 34
+#define T_LATEZEROS 39
 #define MAX_FRAME ((2 << 20) + 16)
 #define MAX_OUT 65536
 #define MAX_REQ 4096
@@ -98,6 +99,7 @@ typedef struct {
     uint64_t next_send_seq, next_recv_seq;
     uint8_t next_send_key[32], next_recv_key[32];
     uint8_t next_send_iv[16], next_recv_iv[16]; // 12 bytes used
+    uint64_t late_zero;     // of placed: pages a LateZeros frame made present (nothing placed)
 } lm_uffd_ctx;
 
 // One connection's record layer, as this thread keeps it.
@@ -265,6 +267,34 @@ static int send_request(uint8_t *buf, uint8_t *sealed, aead *a, int sock, const 
 
 typedef struct { uint64_t page, t; } outstanding;
 
+// A LateZeros frame (S->D): u64 first page (a multiple of 64) | u32 n | n x u64 bitmap words.
+// The pages whose bits are set were announced as still to come at the switch and turned out
+// zero (the source learned it after the resume): they become present as zero pages without
+// being placed (they are holes: a later fault gets UFFDIO_ZEROPAGE above). Pages already
+// present are left alone. 0, or -1 for a malformed frame.
+static int mark_zero(lm_uffd_ctx *c, const uint8_t *pl, uint32_t len, uint64_t zero_hash) {
+    if (len < 12) return -1;
+    uint64_t first = rd64(pl);
+    uint32_t n = rd32(pl + 8);
+    if (first % 64 || len != 12 + (uint64_t)n * 8) return -1;
+    uint64_t words = (c->page_count + 63) / 64;
+    if (first / 64 > words || n > words - first / 64) return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t bits = rd64(pl + 12 + (size_t)i * 8);
+        while (bits) {
+            uint64_t page = first + (uint64_t)i * 64 + (uint64_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            if (page >= c->page_count) return -1;
+            if (test_bit(c->present, page)) continue;
+            if (c->hashes) c->hashes[page] = zero_hash;
+            set_bit(c->present, page);
+            __atomic_fetch_add(&c->late_zero, 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&c->placed, 1, __ATOMIC_SEQ_CST);
+        }
+    }
+    return 0;
+}
+
 static void *serve(void *arg) {
     lm_uffd_ctx *c = arg;
     // Faulting vCPUs wait on this thread: a higher weight than the push, placing and guest threads
@@ -396,8 +426,13 @@ static void *serve(void *arg) {
                     if (rd32(h) != FRAME_MAGIC || h[5] || h[6] || h[7] || len > MAX_FRAME - 16) { bad = 1; break; }
                     if (rx_len - at < 16 + (size_t)len) break;
                     const uint8_t *pl = h + 16;
-                    if ((uint32_t)XXH3_64bits_withSeed(pl, len, rd64(h)) != rd32(h + 12) || h[4] != T_PAGEBATCH || len < 8) { bad = 1; break; }
+                    if ((uint32_t)XXH3_64bits_withSeed(pl, len, rd64(h)) != rd32(h + 12) || (h[4] != T_PAGEBATCH && h[4] != T_LATEZEROS) || len < 8) { bad = 1; break; }
                     c->frames_in++;
+                    if (h[4] == T_LATEZEROS) {
+                        if (mark_zero(c, pl, len, zero_hash) != 0) { bad = 1; break; }
+                        at += 16 + len;
+                        continue;
+                    }
                     uint32_t count = rd32(pl + 4);
                     size_t e = 8;
                     uint64_t t = 0;
@@ -410,7 +445,18 @@ static void *serve(void *arg) {
                         if (page >= c->page_count || pl[e - 3] != 0 || len - e < plen) { bad = 1; break; }
                         int res;
                         uint64_t hash;
-                        if (enc == 1 && plen == 0) { res = zeropage(c, page, zero); hash = zero_hash; }
+                        // Present already: placed by the push, or marked zero by a LateZeros frame (then absent
+                        // from memory, and a thread may wait on it: placing it wakes that thread; its content is
+                        // zero either way). Not counted again.
+                        if (test_bit(c->present, page)) {
+                            if (enc == 1 && plen == 0) res = zeropage(c, page, zero);
+                            else if (enc == 0 && plen == PAGE) { memcpy(bounce, pl + e, PAGE); res = copypage(c, page, bounce); }
+                            else { bad = 1; break; }
+                            if (res == 1) wake(c, page);
+                            if (res >= 0) res = 1;
+                            hash = 0;
+                        }
+                        else if (enc == 1 && plen == 0) { res = zeropage(c, page, zero); hash = zero_hash; }
                         else if (enc == 0 && plen == PAGE) { memcpy(bounce, pl + e, PAGE); res = copypage(c, page, bounce); hash = res == 0 ? XXH3_64bits(bounce, PAGE) : 0; }
                         else { bad = 1; break; }
                         e += plen;

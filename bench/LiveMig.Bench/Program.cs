@@ -142,7 +142,7 @@ public static class Program
                            [--memory 128MiB (linux 256MiB)] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE]
                            [--systems TEXT,...] (only the rows whose name contains one of them)
               simulate     the simulator's speed: --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
-                           [--rate PAGE_WRITES_PER_S] [--working-set SIZE] [--seed N] [--header] (one Markdown row; bench/sim-speed.sh)
+                           [--rate PAGE_WRITES_PER_S | --intensity X] [--working-set SIZE] [--seed N] [--warmup] [--header] (one Markdown row; bench/sim-speed.sh)
             options:
               --memory SIZE      guest memory (throughput 4GiB, downtime, profile and streams 1GiB by default)
               --reps N           repetitions, median reported (default 3)

@@ -13,8 +13,11 @@ namespace LiveMig.Bench;
 /// <code>
 /// LiveMig.Bench simulate --count 1000 --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit]
 ///                        [--rate PAGES_PER_S | --intensity X] [--working-set SIZE] [--latency TIME]
-///                        [--downtime-limit TIME] [--state SIZE] [--seed N] [--header]
+///                        [--downtime-limit TIME] [--state SIZE] [--seed N] [--warmup] [--header]
 /// </code>
+/// <c>--warmup</c> first runs the same scenario with at most 20 VMs, untimed: the timed run then
+/// excludes the JIT's first compilation of the simulator (as SimGrid's figure excludes its C++
+/// build), which otherwise is 0.1–0.2 s of a cell — most of a 1,000-migration cell's time.
 /// <c>--intensity X</c> is SimGrid's dirty page intensity: dirty bytes per second = X × the link's
 /// rate (the migration speed), so page writes per second = X × bandwidth ÷ 4096 (bench/simgrid).
 /// <code>
@@ -25,7 +28,7 @@ internal static class SimulateScenario
     public static int Run(string[] args)
     {
         int count = 1000;
-        bool concurrent = false, header = false;
+        bool concurrent = false, header = false, warmup = false;
         long memory = 2L << 30, workingSet = 0;
         double bandwidth = 125e6, rate = 0, intensity = -1;
         long state = 64 << 10;
@@ -54,6 +57,7 @@ internal static class SimulateScenario
                     case "--state": state = Units.TryParseBytes(Next(), out long st) ? st : throw new ArgumentException("--state: a size such as 64KiB"); break;
                     case "--seed": seed = ulong.TryParse(Next(), out ulong s) ? s : throw new ArgumentException("--seed: a whole number"); break;
                     case "--header": header = true; break;
+                    case "--warmup": warmup = true; break;
                     default: throw new ArgumentException($"unknown option {a}");
                 }
             }
@@ -66,15 +70,17 @@ internal static class SimulateScenario
         if (intensity >= 0) rate = intensity * bandwidth / 4096;
         long pages = memory / 4096;
         long wws = workingSet > 0 ? Math.Min(pages, workingSet / 4096) : Math.Max(1, pages / 10);
-        var scenario = new Scenario
+        Scenario Make(int n) => new()
         {
             Seed = seed,
             Hosts = ["src", "dst"],
             Links = [new LinkSpec("shared", bandwidth, latency, ("src", "dst"))],
-            Vms = [new VmSpec { Name = "vm", Host = "src", Pages = pages, Count = count, StateBytes = state, Phases = [new DirtyPhase(0, rate, wws)], Content = new ContentMixModel(new ContentShares()) }],
+            Vms = [new VmSpec { Name = "vm", Host = "src", Pages = pages, Count = n, StateBytes = state, Phases = [new DirtyPhase(0, rate, wws)], Content = new ContentMixModel(new ContentShares()) }],
             Evacuations = [new EvacuationSpec("src", ["dst"], concurrent, concurrent ? int.MaxValue : 1, TimeSpan.Zero, new SimMigrationOptions { PreCopy = precopy })],
             Horizon = TimeSpan.FromDays(3650),
         };
+        if (warmup) ScenarioRunner.Run(Make(Math.Min(count, 20)));
+        var scenario = Make(count);
         var wall = Stopwatch.StartNew();
         var result = ScenarioRunner.Run(scenario);
         wall.Stop();

@@ -9,11 +9,16 @@
 #      CM02 without cross-traffic, as LiveMig's links; its default LV08 figure beside);
 #   2. speed: migrations per wall second and peak RSS, N sequential and N concurrent over the link.
 # Wall times need a quiet machine; on a loaded one the figures only show that it runs.
+# Each SimGrid cell has a wall-time bound, SIMGRID_TIMEOUT seconds (default 300): a cell that has not
+# finished by then is stopped and reported as "did not finish in T s", its rate as under N / T and the
+# ratio as over LiveMig's rate ÷ (N / T) (SimGrid's 10,000 sequential cells keep all 10,000 VMs
+# computing while they wait their turn, and ran for minutes here).
 #   bench/simgrid/run.sh [COUNTS] [INTENSITIES]     e.g. bench/simgrid/run.sh "1000 10000" "0 0.1 0.5"
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 counts=${1:-"1000 10000"}
 intensities=${2:-"0 0.1 0.5"}
+bound=${SIMGRID_TIMEOUT:-300}
 
 if [ ! -f /usr/include/simgrid/plugins/live_migration.h ]; then
   if ! command -v apt-get >/dev/null; then
@@ -31,26 +36,28 @@ fi
 dotnet build -c Release bench/LiveMig.Bench >/dev/null
 # The simulator is a batch job: its hot loops compiled once, optimised (no tier-0 pass first); unset to compare.
 export DOTNET_TieredCompilation=${DOTNET_TieredCompilation:-0}
-lm="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate --memory 2GiB --bandwidth 1Gbit --latency 0.1ms --working-set 1843MiB --downtime-limit 30ms --state 0"
+lm="dotnet bench/LiveMig.Bench/bin/Release/net10.0/LiveMig.Bench.dll simulate --warmup --memory 2GiB --bandwidth 1Gbit --latency 0.1ms --working-set 1843MiB --downtime-limit 30ms --state 0"
 ideal="--cfg=network/model:CM02 --cfg=network/crosstraffic:0"
 big="--cfg=contexts/guard-size:0 --cfg=contexts/stack-size:128"   # SimGrid's actors' stacks, for thousands of them
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p"; }
 col() { awk -F'|' -v c="$1" '{gsub(/ /, "", $c); print $c}'; }   # a column of LiveMig's Markdown row
 
-echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); DOTNET_TieredCompilation=$DOTNET_TieredCompilation; SimGrid $(dpkg-query -W -f '${Version}' libsimgrid-dev 2>/dev/null || echo '?'); commit $(git rev-parse --short HEAD)"
+echo "Machine: $(nproc) cores, $(uname -r); load average $(cut -d' ' -f1-3 /proc/loadavg); DOTNET_TieredCompilation=$DOTNET_TieredCompilation; SimGrid cells bounded at ${bound} s of wall time; SimGrid $(dpkg-query -W -f '${Version}' libsimgrid-dev 2>/dev/null || echo '?'); commit $(git rev-parse --short HEAD)"
 echo
 echo "Agreement (one migration):"
 echo
 echo "| intensity | SimGrid total s (ideal link) | SimGrid rounds | SimGrid total s (its default LV08) | LiveMig total s | LiveMig rounds | LiveMig vs SimGrid (ideal) |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 for i in $intensities; do
-  line=$(timeout 300 "$sg" --count 1 --intensity "$i" $ideal --log=vm_live_migration.thres:debug 2>/tmp/livemig-simgrid.log | tail -1)
+  line=$(timeout "$bound" "$sg" --count 1 --intensity "$i" $ideal --log=vm_live_migration.thres:debug 2>/tmp/livemig-simgrid.log | tail -1) || true
   s_total=$(echo "$line" | field mean_total_s)
   s_rounds=$(grep -c ': sent ' /tmp/livemig-simgrid.log || true)
-  d_total=$(timeout 300 "$sg" --count 1 --intensity "$i" 2>/dev/null | tail -1 | field mean_total_s)
+  d_total=$(timeout "$bound" "$sg" --count 1 --intensity "$i" 2>/dev/null | tail -1 | field mean_total_s) || true
+  [ -n "$s_total" ] || s_total="did not finish in ${bound} s"
+  [ -n "$d_total" ] || d_total="did not finish in ${bound} s"
   row=$($lm --count 1 --mode sequential --intensity "$i")
   l_total=$(echo "$row" | col 9); l_rounds=$(echo "$row" | col 8)
-  diff=$(awk -v a="$l_total" -v b="$s_total" 'BEGIN { printf "%+.1f%%", (a - b) / b * 100 }')
+  diff=$(awk -v a="$l_total" -v b="$s_total" 'BEGIN { if (b + 0 > 0) printf "%+.1f%%", (a - b) / b * 100; else print "-" }')
   echo "| $i | $s_total | $s_rounds | $d_total | $l_total | $l_rounds | $diff |"
 done
 echo
@@ -64,11 +71,20 @@ for mode in sequential concurrent; do
   modes_intensities=$intensities; [ "$mode" = concurrent ] && modes_intensities=0
   for n in $counts; do
     for i in $modes_intensities; do
-      line=$(timeout 1200 "$sg" --count "$n" --mode "$mode" --intensity "$i" $big 2>/dev/null | tail -1 || echo "timeout")
+      rc=0
+      line=$(timeout "$bound" "$sg" --count "$n" --mode "$mode" --intensity "$i" $big 2>/dev/null | tail -1) || rc=$?
       row=$($lm --count "$n" --mode "$mode" --intensity "$i")
-      s_rate=$(echo "$line" | field per_wall_s)
       l_rate=$(echo "$row" | col 13 | tr -d ,)
-      ratio=$(awk -v a="$l_rate" -v b="$s_rate" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+      if [ "$rc" -ne 0 ] || [ -z "$(echo "$line" | field per_wall_s)" ]; then
+        # Stopped at the bound (timeout's 124) or failed: say so; its rate is below N / T at most.
+        why="did not finish in ${bound} s"; [ "$rc" -ne 124 ] && why="failed (exit $rc)"
+        ratio=$(awk -v a="$l_rate" -v n="$n" -v t="$bound" -v rc="$rc" 'BEGIN { if (rc == 124) printf "> %.1f", a / (n / t); else print "-" }')
+        srate=$([ "$rc" -eq 124 ] && awk -v n="$n" -v t="$bound" 'BEGIN { printf "< %.0f", n / t }' || echo "-")
+        echo "| $mode | $n | $i | $why | > $bound | $srate | - | $(echo "$row" | col 7) | $(echo "$row" | col 12) | $l_rate | $(echo "$row" | col 14) | $ratio |"
+        continue
+      fi
+      s_rate=$(echo "$line" | field per_wall_s)
+      ratio=$(awk -v a="$l_rate" -v b="$s_rate" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "-" }')
       rss=$(echo "$line" | field peak_rss_kib); rss=$(awk -v k="${rss:-0}" 'BEGIN { printf "%.0f", k / 1024 }')
       echo "| $mode | $n | $i | $(echo "$line" | field completed) | $(echo "$line" | field wall_s) | $s_rate | $rss | $(echo "$row" | col 7) | $(echo "$row" | col 12) | $l_rate | $(echo "$row" | col 14) | $ratio |"
     done

@@ -143,6 +143,35 @@ public sealed class PostCopySurvivalTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void A_link_that_fails_after_every_reattach_with_no_page_delivered_stops_the_retries_and_keeps_the_paused_vm()
+    {
+        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable } });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Mixed, Seed = 4 });
+        vm.Start();
+        var phases = new Phases(output);
+        int priorityConnections = 0;
+        // Every page-request connection takes its Attach and dies at the next write (the late-zeros
+        // bitmap after the resume, before any page): each reattach succeeds, then fails at once.
+        Stream Connect(ChannelKind kind, int attempt)
+        {
+            var s = loop.Connect();
+            if (kind != ChannelKind.Priority) return s;
+            Interlocked.Increment(ref priorityConnections);
+            return new FaultInjectingStream(s, new FaultPlan { DropAfter = 40 });
+        }
+        var engine = new PostCopyMigration(vm, Options(), phases) { Connector = Connect };
+        var run = Run(() => engine.MigrateTo("127.0.0.1", loop.Port));
+        Assert.True(SpinWait.SpinUntil(() => phases.Saw("post-copy paused") || run.IsCompleted, Bound), "the source never stopped retrying");
+        Assert.False(run.IsCompleted, "the source ended instead of keeping the paused VM");
+        Assert.True(phases.Saw("post-copy paused: the post-copy phase failed (the connection to the destination failed 5 times in a row with no page delivered"), "the source did not say why it stopped retrying");
+        Assert.Equal(VmRunState.Paused, vm.State);
+        Assert.InRange(Volatile.Read(ref priorityConnections), 5, 6);
+        engine.Target!.Abandon();
+        Assert.True(run.Wait(Bound), "discarding did not end the migration");
+        Assert.Contains("abandoned by the operator", run.Error!.Message);
+    }
+
+    [Fact]
     public void Destination_lost_after_the_switch_an_operator_discard_ends_the_source_saying_what_is_lost()
     {
         using var first = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = DemandPagingMode.Portable } });

@@ -253,6 +253,37 @@ public class PostCopyTests(ITestOutputHelper output)
     }
 
     [Theory]
+    [InlineData(DemandPagingMode.Portable)]
+    [InlineData(DemandPagingMode.Userfaultfd)]
+    public void Postcopy_holes_written_after_the_scan_arrive_and_the_others_are_declared_zero_after_the_resume(DemandPagingMode mode)
+    {
+        using var loop = new PostCopyLoopback(new DestinationOptions { PostCopy = new() { Mode = mode } });
+        using var vm = BuiltInVm.Create(new VmConfig { MemoryBytes = 32L << 20, Workload = "idle", Fill = MemoryFill.Zero, Seed = 3 });
+        for (long p = 0; p < 64; p++) vm.Memory.Page(p * 7)[5] = (byte)(p + 1); // populated at the scan
+        vm.Start();
+        // Between the scan of populated pages and the pause: the guest writes pages that were holes
+        // at the scan. The pause asks the dirty log nothing (LateZeros), so only the harvest after
+        // the resume can find them: they must arrive, and every other hole be declared zero.
+        long[] late = [3, 1000, 1001, 5000, vm.Memory.PageCount - 1];
+        var observer = new OnPhase("paused", () =>
+        {
+            foreach (long p in late) { vm.Memory.Page(p)[100] = 0xA5; vm.Memory.NoteWrite(p); }
+        });
+        var (src, arrived) = loop.Migrate(vm, PostCopy(), observer: observer);
+        output.WriteLine(src.ToJson(indented: true));
+        CheckVerified(src, arrived);
+        foreach (long p in late) Assert.Equal(0xA5, arrived.Vm.Memory.Page(p)[100]);
+        Assert.Equal(64 + late.Length, src.PagesPushed + src.PagesRequested);
+        Assert.Equal(vm.Memory.PageCount - 64 - late.Length, src.PagesByEncoding["zero"]);
+        Assert.Equal(vm.Memory.PageCount - 64 - late.Length, arrived.Report.PagesByEncoding["zero"]); // the destination counts them too (never sent)
+    }
+
+    private sealed class OnPhase(string phase, Action action) : IMigrationObserver
+    {
+        public void Phase(string p) { if (p == phase) action(); }
+    }
+
+    [Theory]
     [InlineData(DemandPagingMode.Portable, ChannelKind.Main)]
     [InlineData(DemandPagingMode.Portable, ChannelKind.Priority)]
     [InlineData(DemandPagingMode.Userfaultfd, ChannelKind.Main)]

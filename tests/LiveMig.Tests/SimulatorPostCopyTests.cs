@@ -20,12 +20,12 @@ public sealed class SimulatorPostCopyTests
     private const long State = 64 << 10;
     private static readonly SimHost A = new("a"), B = new("b");
 
-    private static SimMigrationResult Run(long pages, SimMigrationOptions options, IDirtyProcess? dirty = null, int vcpus = 1, SimVm[]? keep = null)
+    private static SimMigrationResult Run(long pages, SimMigrationOptions options, IDirtyProcess? dirty = null, int vcpus = 1, SimVm[]? keep = null, ReadModel? reads = null)
     {
         var s = new EventScheduler();
         var net = new FlowNetwork(s);
         var route = new SimRoute(A, B, [new SimLink("ab", Gbit, Latency)]);
-        var vm = new SimVm("vm", A, pages, vcpus, dirty ?? DirtyModel.Constant(pages, 0), new ContentMixModel(new ContentShares()), State, s.Clock);
+        var vm = new SimVm("vm", A, pages, vcpus, dirty ?? DirtyModel.Constant(pages, 0), new ContentMixModel(new ContentShares()), State, s.Clock).WithReads(reads, 99);
         var m = new SimMigration(s, net, vm, route, options) { RecordPhases = true };
         s.At(0, m.Start);
         s.Run(until: EventScheduler.Nanoseconds(TimeSpan.FromHours(1)), maxEvents: 50_000_000);
@@ -52,6 +52,34 @@ public sealed class SimulatorPostCopyTests
     {
         double entries = pages * 4104.0;
         return entries + Math.Ceiling(entries / (1 << 20)) * 24;
+    }
+
+    [Fact]
+    public void Reads_of_pages_not_yet_pushed_fault_at_half_the_read_rate_times_the_push_time()
+    {
+        // Pure post-copy in address order (no prepaging), a guest (one vCPU) that only reads, uniformly
+        // over all its memory at r pages/s of its work: page p arrives at about p/N of the push's time
+        // T, so a read faults while a share u = 1 − t/T of the pages is still pending; each fault stalls
+        // the vCPU for its latency L (a round trip and a page), so the guest works at 1/(1 + r·L·u) and
+        // faults at r·u/(1 + r·L·u): in all T·∫₀¹ r·u/(1 + a·u) du = T·(r/a²)·(a − ln(1 + a)), a = r·L
+        // (r·T/2 without the stalls). Each page is read at most about once: r·T ≪ N.
+        const double r = 200;
+        var options = PostCopy with { PostCopy = new PostCopyOptions { Prepaging = new PrepagingOptions { Enabled = false } } };
+        var idle = Run(Pages1GiB, options);
+        Assert.Equal(0, idle.PagesRequested);
+        var reading = Run(Pages1GiB, options, reads: new ReadModel(r, Pages1GiB));
+        double push = reading.PostCopyMs / 1000, a = r * reading.FaultLatencyUs!.P50 / 1e6;
+        double expected = push * r / (a * a) * (a - Math.Log(1 + a));
+        Assert.InRange(reading.PagesRequested, expected * 0.9, expected * 1.1); // the draws' noise: √750 ≈ 4%
+        Assert.True(reading.PagesRequested < r * push / 2 * 0.95, "the stalls slow the reads");
+        // Every page still goes once: the faults' pages are not pushed again.
+        Assert.Equal(idle.PagesPushed, reading.PagesPushed + reading.PagesRequested);
+        Assert.True(reading.FaultLatencyUs.P50 >= Rtt * 1e6, $"a fault costs at least a round trip: {reading.FaultLatencyUs.P50} µs");
+        // Reads cost nothing before the switch: pre-copy's time and bytes are as without them.
+        var pre = Run(Pages1GiB, new SimMigrationOptions());
+        var preReading = Run(Pages1GiB, new SimMigrationOptions(), reads: new ReadModel(r, Pages1GiB));
+        Assert.Equal(pre.TotalS, preReading.TotalS);
+        Assert.Equal(pre.BytesOnWire, preReading.BytesOnWire);
     }
 
     [Fact]

@@ -61,6 +61,10 @@ public sealed class RoundController
     public ThrottleMeter Meter { get; }
     /// <summary>Whether live rounds skip pages written again since their harvest (the policy wants it and the dirty log can tell cheaply).</summary>
     public bool SkipsRewritten => _skipRewritten;
+    /// <summary>Hold the page sets as <see cref="PageBitmap.Compact"/> bitmaps (no words while all clear or all set): for the simulator's single thread, where thousands of migrations run at once; the engine keeps plain ones.</summary>
+    public bool CompactPageSets { get; init; }
+
+    private PageBitmap NewPageSet(long pages) => CompactPageSets ? PageBitmap.Compact(pages) : new PageBitmap(pages);
 
     /// <summary>
     /// Starts the migration's rounds with <paramref name="firstRound"/> as round 0's pages (the
@@ -68,11 +72,11 @@ public sealed class RoundController
     /// </summary>
     public void Begin(PageBitmap firstRound)
     {
-        Pending = new PageBitmap(firstRound.PageCount);
+        Pending = NewPageSet(firstRound.PageCount);
         Pending.CopyFrom(firstRound);
-        _sendNow = new PageBitmap(firstRound.PageCount);
+        _sendNow = NewPageSet(firstRound.PageCount);
         _sendNow.CopyFrom(firstRound);
-        _dirtied = new PageBitmap(firstRound.PageCount);
+        _dirtied = NewPageSet(firstRound.PageCount);
         _sendCount = firstRound.Count();
         _lastHarvest = _time.GetTimestamp();
         _skipRewritten = _policy.SkipRewrittenPages && _dirtyLog.CanPeek;

@@ -446,7 +446,7 @@ public sealed class IncomingMigration
         MayPostCopy = (h.Requested & Capabilities.PostCopy) != 0,
     };
 
-    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.PreCopyResume | Capabilities.MultiStream
+    private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.LateZeros | Capabilities.PreCopyResume | Capabilities.MultiStream
         | Capabilities.PageHashCheck | Capabilities.TlsUnchecked | CodecBits;
 
     internal static bool IsSecured(Stream stream) => ChannelSecurity.IsSecured(stream);

@@ -245,6 +245,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             while (!ch.Broken)
             {
                 var type = ch.Reader.Read(out var payload);
+                if (type == FrameType.LateZeros && (_hello.Requested & Capabilities.LateZeros) != 0) { MarkLateZeros(payload, ch.Reader.FramesRead - 1); continue; }
                 if (type != FrameType.PageBatch) throw new ProtocolException($"unexpected {type} on the page-request connection");
                 long n = PlaceBatch(payload, ch.Reader.FramesRead - 1, scratch, BasicPageDecoder.Instance, placed);
                 Interlocked.Add(ref _placedFromRequests, n);
@@ -262,6 +263,20 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             lock (_requested) _requested.Merge(placed);
             ch.Released.Set();
         }
+    }
+
+    /// <summary>One LateZeros frame (portable pager; the native thread reads its own): the pages it lists become present as zero pages.</summary>
+    private void MarkLateZeros(ReadOnlySpan<byte> payload, long frame)
+    {
+        var pager = (PortableDemandPager)_pager!;
+        using var zeros = new NativePageBitmap(pager.Memory.PageCount);
+        int words;
+        try { words = PageBitmapChunks.Apply(payload, zeros); }
+        catch (ProtocolException e) { throw new ProtocolException($"LateZeros (frame {frame} on the page-request connection): {e.Message}"); }
+        long first = (long)System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(payload) / 64;
+        for (long w = first; w < first + words; w++)
+            for (ulong bits = zeros.Word(w); bits != 0; bits &= bits - 1)
+                pager.MarkZero(w * 64 + System.Numerics.BitOperations.TrailingZeroCount(bits));
     }
 
     /// <summary>Pages a reader decodes back to back before placing them as one run (its scratch holds this many).</summary>
@@ -365,6 +380,9 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             if (start.Round != h.CurrentRound + 1) throw new ProtocolException($"PostCopyStart: round {start.Round} after round {h.CurrentRound}");
             (h.Report.StopReason, h.Report.FreePagesSkipped) = (start.Reason, start.FreePagesSkipped);
             using var pending = new NativePageBitmap(memory.PageCount);
+            // LateZeros: a switch that announces every page sends no bitmap.
+            if ((_hello.Requested & Capabilities.LateZeros) != 0 && start.PendingPages == memory.PageCount)
+                for (long w = 0; w < pending.WordCount; w++) pending.SetWord(w, ulong.MaxValue);
             var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
             while (true)
             {
@@ -510,6 +528,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             report.Pages.AddPages(PageEncoding.Zero, zero);
             requested += raw + zero;
         }
+        if (pager is not null && !report.FirstRoundCounted) report.UnsentPages += pager.LateZeros; // holes at the source's scan, zero after all: never sent
         report.PagesPushed = Interlocked.Read(ref _placedFromPush);
         report.PagesRequested = requested;
         report.PagesPlaced = preCopy.PagesPlaced + report.PagesPushed + requested;

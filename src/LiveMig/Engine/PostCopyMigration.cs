@@ -342,7 +342,8 @@ public sealed class PostCopyMigration
         _switchClock.Mark("pending-set");
         var start = new PostCopyStartMessage(_postCopyRound, pendingCount, StopReasonName, AllCounters().Skipped);
         link.MainFrames.Send(FrameType.PostCopyStart, small[..start.Write(small)]);
-        PageBitmapChunks.Send(link.MainFrames, _pending);
+        // LateZeros announcing every page: the count says it all, no bitmap follows.
+        if (!(_lateZeros && pendingCount == _vm.Memory.PageCount)) PageBitmapChunks.Send(link.MainFrames, _pending);
         _switchClock.Mark("send-pending-pages");
         _stateBytes = VmStateChunks.Send(link.MainFrames, _vm.SaveState());
         _switchClock.Mark("save-vm-state");
@@ -375,6 +376,15 @@ public sealed class PostCopyMigration
         // Populated before the pause (ScanPopulated), or written since.
         var pending = _populated!;
         _populated = null;
+        if (_lateZeros)
+        {
+            // Nothing asked of the dirty log in the pause: every hole of the scan is announced as
+            // still to come too, and those that stayed zero are told after the resume (ResolveLateZeros).
+            _populatedAtScan = pending;
+            var all = new PageBitmap(_vm.Memory.PageCount);
+            all.SetAll();
+            return all;
+        }
         // Every page populated at the scan is pending anyway: only the holes of then need asking about.
         if (_holesAtScan is { } holes) _vm.DirtyLog.HarvestWithin(holes, pending);
         else _vm.DirtyLog.Harvest(pending);
@@ -386,6 +396,9 @@ public sealed class PostCopyMigration
     }
 
     private PageBitmap? _populated;
+    private bool _lateZeros; // capability LateZeros accepted: the scan's holes are announced pending and resolved after the resume
+    private PageBitmap? _populatedAtScan; // LateZeros: the scan's populated pages, until the holes are resolved
+    private NativePageBitmap? _zeroAfterResume; // LateZeros: the holes that stayed zero (sent on each page-request connection)
 
     /// <summary>
     /// Pure post-copy, before the pause: one Sync before any round. The destination makes what
@@ -446,6 +459,7 @@ public sealed class PostCopyMigration
                     _resumedAt = _time.GetTimestamp();
                     _switchClock.Mark("await-resumed");
                 }
+                ResolveLateZeros(link, pendingAtSwitch);
                 if (_vm.DirtyLog.IsTracking) _vm.DirtyLog.Stop(); // the paused VM writes nothing more: its log goes, after the downtime
                 PushAll(link, cancel);
                 // Every page is claimed; the server may still be sending its last answer.
@@ -465,6 +479,7 @@ public sealed class PostCopyMigration
             {
                 // Recovery: both connections go; the paused memory stays here until the destination has every page.
                 _networkFaults++;
+                CheckProgress(e);
                 // Close both connections first: the server may be blocked reading a live
                 // page-request connection (e.g. the main one timed out), and would never end.
                 link.Break();
@@ -477,6 +492,26 @@ public sealed class PostCopyMigration
             }
         }
     }
+
+    /// <summary>
+    /// A link that fails again and again right after reattaching, with no page delivered in
+    /// between, is not a flaky network but a destination that cannot go on (e.g. its page-request
+    /// reader rejects what it is sent): reconnecting at once each time would spin forever. After
+    /// <see cref="MaxFailuresWithoutProgress"/> such failures in a row the source stops trying
+    /// and keeps the paused VM for the operator, as for any failure reconnecting cannot mend.
+    /// </summary>
+    private void CheckProgress(Exception e)
+    {
+        long delivered = Interlocked.Read(ref _pagesPushed) + Interlocked.Read(ref _pagesRequested);
+        _failuresWithoutProgress = delivered == _deliveredAtLastFailure ? _failuresWithoutProgress + 1 : 0;
+        _deliveredAtLastFailure = delivered;
+        if (_failuresWithoutProgress >= MaxFailuresWithoutProgress)
+            throw new MigrationAbort($"the connection to the destination failed {_failuresWithoutProgress + 1} times in a row with no page delivered in between (last: {OneLine(e)}): reconnecting does not mend it");
+    }
+
+    private const int MaxFailuresWithoutProgress = 4;
+    private int _failuresWithoutProgress;
+    private long _deliveredAtLastFailure = -1;
 
     /// <summary>
     /// A failure after the switch that reconnecting cannot mend (the destination aborted, broke
@@ -573,7 +608,9 @@ public sealed class PostCopyMigration
         // Sync: hybrid's rounds, and pure post-copy's preamble (ProvisionDestination); every stage asked for is required.
         var caps = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.PostCopy | Capabilities.RoundSync | (_options.Verify ? Capabilities.Verify : 0)
             | _options.Pipeline.Capabilities;
-        var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0);
+        // Late zeros only where the pause would ask the dirty log about the holes (pure post-copy), and free-page skipping does not need the harvest there.
+        bool lateZeros = _rounds is null && !_recovering && !_options.Pipeline.SkipFreePages;
+        var wanted = caps | (_rounds is not null ? Capabilities.Extents : 0) | (lateZeros ? Capabilities.LateZeros : 0);
         var hello = new HelloMessage(ProtocolVersion.Version, ProtocolVersion.MinSupported, wanted, caps,
             _vm.Memory.Size, GuestMemory.PageSize, _vm.VcpuCount, _id, _vm.Name, _vm.Kind, _vm.Spec); // the description a QEMU guest's destination starts its QEMU from
         link.MainFrames.SendNow(FrameType.Hello, small[..hello.Write(small)]);
@@ -585,6 +622,7 @@ public sealed class PostCopyMigration
         if ((caps & ~ack.Accepted) != 0)
             throw new MigrationAbort($"destination does not support {StrategyName} migration (missing capabilities: {caps & ~ack.Accepted})");
         _announceExtents = (ack.Accepted & Capabilities.Extents) != 0;
+        _lateZeros = lateZeros && (ack.Accepted & Capabilities.LateZeros) != 0;
     }
 
     /// <summary>Opens the page-request connection of <paramref name="link"/>.</summary>
@@ -668,6 +706,40 @@ public sealed class PostCopyMigration
             link.ServerError ??= e;
             if (!Volatile.Read(ref _endSent) && Volatile.Read(ref _committed)) link.Break();
         }
+    }
+
+    /// <summary>
+    /// LateZeros, after the resume: which of the scan's holes the guest wrote before the pause
+    /// (the dirty log, asked now instead of in the pause) — those stay to be sent — and which stayed
+    /// zero: those are neither pushed nor kept for a reconnection, and the destination is told on
+    /// the page-request connection (once per connection), so their faults need no answer. A hole
+    /// requested meanwhile was answered with its content (zero), which is what the destination has.
+    /// </summary>
+    private void ResolveLateZeros(Link link, PageBitmap pendingAtSwitch)
+    {
+        if (!_lateZeros) return;
+        if (_zeroAfterResume is null)
+        {
+            var populated = _populatedAtScan!;
+            var written = new PageBitmap(_vm.Memory.PageCount);
+            if (_holesAtScan is { } holes) _vm.DirtyLog.HarvestWithin(holes, written);
+            else _vm.DirtyLog.Harvest(written);
+            var zeros = new NativePageBitmap(_vm.Memory.PageCount);
+            long count = 0;
+            for (long w = 0; w < zeros.WordCount; w++)
+            {
+                ulong z = ~(populated.Word(w) | written.Word(w));
+                zeros.SetWord(w, z); // masks the last word's tail
+                z = zeros.Word(w);
+                count += System.Numerics.BitOperations.PopCount(z);
+                pendingAtSwitch.SetWord(w, pendingAtSwitch.Word(w) & ~z);
+                _pending!.ClearBits(w, z);
+            }
+            _holes.AddPages(PageEncoding.Zero, count);
+            _zeroAfterResume = zeros;
+            _populatedAtScan = null;
+        }
+        lock (_serveLock) PageBitmapChunks.Send(link.PriorityFrames!, _zeroAfterResume, FrameType.LateZeros);
     }
 
     /// <summary>Pushes every pending page on the main connection, in prepaging order, in small frames.</summary>

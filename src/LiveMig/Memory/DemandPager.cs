@@ -67,6 +67,9 @@ public abstract unsafe class DemandPager : IDisposable
     /// <summary>Places a page's final content (empty span = zero page); false when it was already placed.</summary>
     public abstract bool Place(long page, ReadOnlySpan<byte> content);
 
+    /// <summary>Pages made present as zero pages without being placed (capability LateZeros: announced pending, then declared zero by the source).</summary>
+    public virtual long LateZeros => 0;
+
     /// <summary>Most pages <see cref="PlaceRun"/> takes at once (one bit each in its answer).</summary>
     public const int MaxRunPages = 64;
 
@@ -207,6 +210,25 @@ public sealed unsafe class PortableDemandPager : DemandPager
         WaitPresent(page);
         Latency.Record(Stopwatch.GetTimestamp() - t0);
     }
+
+    /// <summary>
+    /// A page announced as still to come that the source then declared zero (a LateZeros frame):
+    /// present as a zero page. Nothing is written — it was never placed, so its memory is zero —
+    /// and nothing is counted if it is here already.
+    /// </summary>
+    public bool MarkZero(long page)
+    {
+        if ((ulong)page >= (ulong)Memory.PageCount) throw new ArgumentOutOfRangeException(nameof(page));
+        if (!_claimed.TrySet(page)) return false;
+        RecordHash(page, ReadOnlySpan<byte>.Empty);
+        Present.Set(page);
+        Interlocked.Increment(ref _lateZeros);
+        OnPlaced(1);
+        return true;
+    }
+
+    private long _lateZeros;
+    public override long LateZeros => Interlocked.Read(ref _lateZeros);
 
     public override bool Place(long page, ReadOnlySpan<byte> content)
     {

@@ -93,6 +93,9 @@ public sealed unsafe class NativePageBitmap : IDisposable
     /// <summary>Word <paramref name="index"/> (64 pages from index × 64).</summary>
     public ulong Word(long index) => Volatile.Read(ref _words[index]);
 
+    /// <summary>Clears <paramref name="bits"/> in word <paramref name="index"/> atomically; returns those of them that were set.</summary>
+    public ulong ClearBits(long index, ulong bits) => Interlocked.And(ref _words[index], ~bits) & bits;
+
     public void SetWord(long index, ulong value)
     {
         if (index == WordCount - 1 && (PageCount & 63) != 0) value &= (1UL << (int)(PageCount & 63)) - 1;

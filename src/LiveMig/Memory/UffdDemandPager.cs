@@ -73,6 +73,7 @@ public sealed unsafe class UffdDemandPager : DemandPager
         public fixed byte NextRecvKey[32];
         public fixed byte NextSendIv[16];
         public fixed byte NextRecvIv[16];
+        public ulong LateZero;
     }
 
     [DllImport(Lib)] private static extern int lm_uffd_start(Ctx* c);
@@ -204,10 +205,12 @@ public sealed unsafe class UffdDemandPager : DemandPager
         {
             Ctx* c = _ctx;
             if (c == null) return (0, 0, 0); // disposed
-            long zero = (long)Volatile.Read(ref c->PlacedZero);
-            return ((long)Volatile.Read(ref c->Placed) - zero, zero, (long)Volatile.Read(ref c->BytesIn));
+            long zero = (long)Volatile.Read(ref c->PlacedZero), late = (long)Volatile.Read(ref c->LateZero);
+            return ((long)Volatile.Read(ref c->Placed) - zero - late, zero, (long)Volatile.Read(ref c->BytesIn));
         }
     }
+
+    public override long LateZeros => _ctx == null ? 0 : (long)Volatile.Read(ref _ctx->LateZero);
 
     /// <summary>Why the native thread last dropped its connection.</summary>
     public string? DropReason => Marshal.PtrToStringUTF8((nint)_ctx->Why);

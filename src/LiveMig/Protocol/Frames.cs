@@ -57,6 +57,11 @@ public enum FrameType : byte
     PostCopyDone = 36,
     Attach = 37,
     Attached = 38,
+    /// <summary>
+    /// S→D on the page-request connection after the resume (capability LateZeros): pages announced
+    /// pending at the switch that turned out zero — bitmap chunks as in PendingPages.
+    /// </summary>
+    LateZeros = 39,
 }
 
 /// <summary>
@@ -85,7 +90,7 @@ public static class FrameFormat
 
     public static bool IsKnown(byte type) =>
         (type >= (byte)FrameType.Hello && type <= (byte)FrameType.StreamRoundEnd) || type == (byte)FrameType.Delivered
-        || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.Attached);
+        || (type >= (byte)FrameType.PostCopyStart && type <= (byte)FrameType.LateZeros);
 
     public static uint Checksum(ReadOnlySpan<byte> header8, ReadOnlySpan<byte> payload) =>
         (uint)XxHash3.HashToUInt64(payload, (long)BinaryPrimitives.ReadUInt64LittleEndian(header8));

@@ -60,6 +60,12 @@ public enum Capabilities : ulong
     Verify = 1UL << 16,
     /// <summary>Post-copy: the switch with pages still to come, page requests on a second connection, recovery (docs/protocol.md).</summary>
     PostCopy = 1UL << 24,
+    /// <summary>
+    /// Pure post-copy: the switch announces the pages that were holes at the source's last scan as
+    /// pending too (the pause then asks the dirty log nothing), and the source says after the resume
+    /// which of them stayed zero (LateZeros frames; docs/protocol.md, "Zero pages after the resume").
+    /// </summary>
+    LateZeros = 1UL << 25,
 }
 
 /// <summary>

@@ -49,12 +49,12 @@ public static class PageBitmapChunks
     /// <summary>Words per frame: 7,680 words = 60 KiB, under the 64 KiB limit of small frames.</summary>
     public const int MaxWords = 7680;
 
-    public static void Send(FrameWriter frames, NativePageBitmap bitmap)
+    public static void Send(FrameWriter frames, NativePageBitmap bitmap, FrameType type = FrameType.PendingPages)
     {
         for (long first = 0; first < bitmap.WordCount; first += MaxWords)
         {
             int n = (int)Math.Min(MaxWords, bitmap.WordCount - first);
-            Span<byte> p = frames.Begin(FrameType.PendingPages, 12 + n * 8);
+            Span<byte> p = frames.Begin(type, 12 + n * 8);
             BinaryPrimitives.WriteUInt64LittleEndian(p, (ulong)(first * 64));
             BinaryPrimitives.WriteUInt32LittleEndian(p[8..], (uint)n);
             for (int i = 0; i < n; i++) BinaryPrimitives.WriteUInt64LittleEndian(p[(12 + i * 8)..], bitmap.Word(first + i));

@@ -23,6 +23,8 @@ public sealed record VmSpec
     public int Count { get; init; } = 1;
     /// <summary>Phases of the hand model (null: a trace drives the VM).</summary>
     public IReadOnlyList<DirtyPhase>? Phases { get; init; }
+    /// <summary>The hand model's reads (null: none modelled): they cost nothing but in post-copy, where a read of a page not yet there is a fault.</summary>
+    public ReadModel? Reads { get; init; }
     public IContentModel? Content { get; init; }
     /// <summary>A recorded trace (absolute path), with where the replay starts and whether it loops.</summary>
     public string? Trace { get; init; }
@@ -172,7 +174,8 @@ internal sealed class ScenarioReader(string file, string directory)
         }
         else
         {
-            spec = spec with { Phases = ReadWorkload(workload, pages), Content = ReadContent(f.Map("content")) };
+            var reads = ReadReads(workload, pages); // before ReadWorkload checks the workload's fields
+            spec = spec with { Reads = reads, Phases = ReadWorkload(workload, pages), Content = ReadContent(f.Map("content")) };
         }
         if (spec.BuiltIn is null && f.Get("fill") is { } fillNode) throw f.Fail(fillNode, "fill", "only with a built-in workload (workload: \"random:rate=20000\")");
         f.CheckNoOthers();
@@ -211,6 +214,21 @@ internal sealed class ScenarioReader(string file, string directory)
         }
         w.CheckNoOthers();
         return phases;
+    }
+
+    /// <summary>The workload's <c>reads: {rate, working-set}</c>, or null.</summary>
+    private ReadModel? ReadReads(YamlFields? w, long pages)
+    {
+        if (w?.Map("reads") is not { } r) return null;
+        double rate = r.Number("rate", 0, 1e12, "page reads per second, e.g. 50000 or 50k") ?? throw r.Fail(r.Node, "rate", "missing (required): page reads per second, e.g. 50k");
+        long set = pages;
+        if (r.Get("working-set") is { } ws)
+        {
+            set = (r.Bytes("working-set", GuestMemory.PageSize)!.Value + GuestMemory.PageSize - 1) / GuestMemory.PageSize;
+            if (set > pages) throw r.Fail(ws, "working-set", "larger than the VM's memory");
+        }
+        r.CheckNoOthers();
+        return new ReadModel(rate, set);
     }
 
     /// <summary>A phase: what it gives, the rest carried over from the phase before.</summary>

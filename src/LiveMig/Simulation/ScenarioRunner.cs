@@ -128,7 +128,8 @@ public sealed class ScenarioRunner
             return new SimVm(name, host, spec.Pages, spec.Vcpus, BuiltInModels.Dirty(w, spec.Pages, spec.Vcpus, seed), BuiltInModels.Content(spec.Fill, w.Name), spec.StateBytes, _scheduler.Clock);
         }
         var dirty = new DirtyModel(spec.Pages, spec.Phases!, seed);
-        return new SimVm(name, host, spec.Pages, spec.Vcpus, dirty, spec.Content!, spec.StateBytes, _scheduler.Clock);
+        return new SimVm(name, host, spec.Pages, spec.Vcpus, dirty, spec.Content!, spec.StateBytes, _scheduler.Clock)
+            .WithReads(spec.Reads, seed ^ 0x5EAD5EAD5EAD5EADUL); // the reads' own stream: adding them leaves the writes' draws as they were
     }
 
     private readonly Dictionary<SimLink, List<RatePoint>> _rates = [];

@@ -27,7 +27,7 @@ public sealed class SimGuest : IDirtyLog, IGuestBrakes
     /// <param name="trackWritten">Keep <see cref="EverWritten"/> (for a content model that must know which pages are no longer as the image had them).</param>
     public SimGuest(TimeProvider time, IDirtyProcess process, int vcpus, long pageCount, double startProgress = 0, bool trackWritten = false)
     {
-        if (trackWritten) EverWritten = new PageBitmap(pageCount);
+        if (trackWritten) EverWritten = PageBitmap.Compact(pageCount);
         ArgumentOutOfRangeException.ThrowIfLessThan(vcpus, 1);
         if (process.PageCount > pageCount) throw new ArgumentException($"the dirty process uses {process.PageCount} pages, the memory has {pageCount}", nameof(process));
         _time = time;

@@ -31,6 +31,17 @@ public sealed class SimVm
     public SimGuest Guest { get; }
     /// <summary>A migration of it is under way.</summary>
     public bool Migrating { get; internal set; }
+    /// <summary>What the guest reads (null: reads not modelled); with its own seeded draws.</summary>
+    public ReadModel? Reads { get; private set; }
+    internal PageScatter? ReadDraws { get; private set; }
+
+    /// <summary>Gives the guest reads (the hand model's <c>reads</c>), drawn from <paramref name="seed"/>.</summary>
+    public SimVm WithReads(ReadModel? reads, ulong seed)
+    {
+        Reads = reads;
+        ReadDraws = reads is null ? null : new PageScatter(seed);
+        return this;
+    }
 }
 
 /// <summary>How one simulated migration is to run: the engine's strategy, pre-copy and post-copy options and pipeline, and a bandwidth cap (the engine's rate limiter; 0: none).</summary>
@@ -180,10 +191,10 @@ public sealed class SimMigration
             WrittenPages = Vm.Guest.EverWritten,
             LinkEstimate = _options.BandwidthCap > 0 ? Math.Min(_options.BandwidthCap, Route.BottleneckBytesPerSecond) : Route.BottleneckBytesPerSecond,
         };
-        _controller = new RoundController(_policy, _sender, Vm.Guest, Vm.Guest, Clock);
+        _controller = new RoundController(_policy, _sender, Vm.Guest, Vm.Guest, Clock) { CompactPageSets = true };
         _sender.Bandwidth = StateBandwidth;
         Vm.Guest.Start();
-        var first = new PageBitmap(Vm.PageCount);
+        var first = PageBitmap.Compact(Vm.PageCount);
         Vm.Guest.Process.Populated(first);
         _controller.Begin(first);
         NextRound();

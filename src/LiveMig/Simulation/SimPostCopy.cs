@@ -26,8 +26,9 @@ namespace LiveMig.Simulation;
 /// <item>PostCopyEnd → PostCopyDone: one round trip after the last page.</item>
 /// </list>
 /// Each page goes out once (pushed or requested), so post-copy's bytes are the memory's whatever
-/// the dirty rate. Assumed: the guest touches pages only by the writes its dirty model makes (its
-/// reads of missing pages are not modelled); a page in a chunk on the wire counts as arrived.
+/// the dirty rate. Assumed: the guest touches pages by the writes its dirty model makes and, when
+/// the hand model has <c>reads</c>, by its reads (<see cref="ReadModel"/>); a page in a chunk on the
+/// wire counts as arrived.
 /// </summary>
 internal sealed class SimPostCopy : IDisposable
 {
@@ -52,6 +53,7 @@ internal sealed class SimPostCopy : IDisposable
     private long _left, _lastCheck, _serverFreeAt;
     private int _chunkPages;
     private bool _pushing;
+    private double? _readProgress; // the guest's progress at the last look for reads (null: not yet resumed here)
 
     public SimPostCopy(EventScheduler scheduler, FlowNetwork network, SimVm vm, SimRoute route, SimMigrationOptions options)
     {
@@ -136,6 +138,7 @@ internal sealed class SimPostCopy : IDisposable
     {
         _lastCheck = _scheduler.Now;
         _guestResumes();
+        _readProgress = _vm.Guest.Progress; // reads fault from the resume at the destination on
     }
 
     private void ResumedAtSource()
@@ -190,7 +193,8 @@ internal sealed class SimPostCopy : IDisposable
     {
         long now = _scheduler.Now, from = _lastCheck;
         _lastCheck = now;
-        if (_left == 0 || _vm.Guest.Harvest(_touched) == 0)
+        long touched0 = _left == 0 ? 0 : _vm.Guest.Harvest(_touched) + Reads();
+        if (_left == 0 || touched0 == 0)
         {
             if (_left == 0) _touched.ClearAll();
             return;
@@ -210,6 +214,14 @@ internal sealed class SimPostCopy : IDisposable
             }
         }
         if (_faulted.Count > 0) Serve(from, now);
+    }
+
+    /// <summary>The pages the guest read since the last look (its progress since then), into the touched set: a read of a pending page faults as a write does.</summary>
+    private long Reads()
+    {
+        double progress = _vm.Guest.Progress, from = _readProgress ?? progress;
+        _readProgress = progress;
+        return _vm.Reads is { } r ? r.Read(_vm.ReadDraws!, from, progress, _touched) : 0;
     }
 
     private void Serve(long from, long now)

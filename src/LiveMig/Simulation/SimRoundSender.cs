@@ -32,7 +32,7 @@ public sealed class SimRoundSender : IRoundSender
         Pipeline = pipeline;
         if (pipeline.XbzrleCacheBytes > 0)
         {
-            _cached = new PageBitmap(pageCount);
+            _cached = PageBitmap.Compact(pageCount);
             _cacheCapacityPages = Math.Max(1, pipeline.XbzrleCacheBytes / GuestMemory.PageSize);
         }
     }
