@@ -12,7 +12,7 @@ namespace LiveMig.Bench;
 /// LiveMig.Bench round0     [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench stage-cost [--memory 1GiB] [--reps 5]
 /// LiveMig.Bench all        [--reps 3]
-/// LiveMig.Bench qemu-postcopy [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
+/// LiveMig.Bench qemu-postcopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
 /// LiveMig.Bench qemu-precopy [--guest bootsector|linux] [--image IMG] [--kernel-dir DIR] [--memory 128MiB] [--bandwidth 128MiB] [--give-up 30s] [--switch-after 5s] [--reps 1] [--png FILE] [--systems TEXT,...]
 /// LiveMig.Bench simulate   --count N --mode sequential|concurrent [--memory 2GiB] [--bandwidth 1Gbit] [--rate P] (bench/sim-speed.sh)
 /// </code>
@@ -132,8 +132,10 @@ public static class Program
               streams      1 GiB random-filled idle guest at 1, 2, 4 data streams, TLS off/on, vs plain TCP copies over 1, 2, 4 sockets
                            (--bandwidth RATE caps the migrations: TLS ÷ clear where the link sets the pace)
               all          throughput and downtime, default sizes
-              qemu-postcopy  the boot-sector guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,
-                           same cap, bytes counted at the socket: [--image IMG] [--memory 128MiB] [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
+              qemu-postcopy  one guest by QEMU's postcopy-ram (and postcopy-preempt) and LiveMig's post-copy and hybrid,
+                           same cap, bytes counted at the socket; with --guest linux a redis client's longest gap per row:
+                           [--guest bootsector|linux] [--image IMG] [--kernel-dir guests/linux/out] [--memory 128MiB (linux 256MiB)]
+                           [--bandwidth 128MiB] [--switch-after 5s] [--reps 1]
               qemu-precopy   one guest by QEMU's own migration (default, xbzrle, multifd+zstd, auto-converge, postcopy after
                            --switch-after) and by LiveMig (best, each stage alone), alternating, same cap, bytes at the socket;
                            QEMU cancelled after --give-up: [--guest bootsector|linux] [--image IMG] [--kernel-dir guests/linux/out]

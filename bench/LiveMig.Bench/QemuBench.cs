@@ -159,7 +159,8 @@ internal static class QemuBench
         using var source = QemuVm.Start("bench-native-src", guest.Spec, guest.Host);
         guest.WaitReady(source);
         using var dest = QemuProcess.Start(guest.Spec, guest.Host, "bench-native-dst", incoming: true);
-        var caps = new JsonArray(new JsonObject { ["capability"] = "x-ignore-shared", ["state"] = false });
+        // QEMU's own migration as it comes: not LiveMig's pause before the switch-over.
+        var caps = new JsonArray(new JsonObject { ["capability"] = "x-ignore-shared", ["state"] = false }, new JsonObject { ["capability"] = "pause-before-switchover", ["state"] = false });
         foreach (var (name, on) in s.Capabilities) caps.Add(new JsonObject { ["capability"] = name, ["state"] = on });
         foreach (var q in new[] { source.Process, dest }) q.Qmp.Execute("migrate-set-capabilities", new JsonObject { ["capabilities"] = caps.DeepClone() });
         // multifd-channels and multifd-compression must match on both sides; the others are the source's.

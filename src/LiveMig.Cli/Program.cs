@@ -289,6 +289,9 @@ public static class Program
         using var dest = arrived.Task.Result.Vm;
         // Post-copy: how the destination caught QEMU's faults (its report; the fault figures came in PostCopyDone).
         if (arrived.Task.Result.Report.DemandPaging is { } paging) report = report with { DemandPaging = paging };
+        // Both sides' steps of the switch-over in one report (same process, same clock).
+        if (report.DowntimeBreakdown is { } db && arrived.Task.Result.Report.DowntimeBreakdown is { } dd)
+            report = report with { DowntimeBreakdown = db with { Destination = dd.Destination, DestinationJitMs = dd.DestinationJitMs } };
         // Let the guest run at the destination for a moment, then read its own verdict there.
         Thread.Sleep(TimeSpan.FromSeconds(2));
         string? broken = dest.CheckInvariant();

@@ -99,6 +99,48 @@ public class QemuPostCopyTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.DoesNotContain("Kernel panic", BootSectorSerial.Read(dest.SerialLog));
     }
 
+    [SkippableTheory]
+    [InlineData(MigrationStrategy.PostCopy)]
+    [InlineData(MigrationStrategy.Hybrid)]
+    public void A_redis_client_through_a_post_copy_move_of_the_Linux_guest_reads_back_every_key_it_wrote(MigrationStrategy strategy)
+    {
+        string dir = LinuxGuest.Directory();
+        SkipWithoutHelpers();
+        var spec = LinuxGuest.Spec(dir) with { Forward = [6379] };
+        var factory = new QemuVmFactory(QemuGuest.Host(dir));
+        using var loop = new PostCopyLoopback(new DestinationOptions { VmFactories = [factory] });
+        using var source = QemuVm.Start($"qemu-redis-{Migrations.Name(strategy)}", spec, QemuGuest.Host(dir));
+        LinuxGuest.WaitFor(() => BootSectorSerial.Read(source.SerialLog).Contains("Ready to accept connections"), "redis came up in the guest", TimeSpan.FromSeconds(90));
+        int sourcePort = source.Process.ForwardedPorts[6379];
+        int? destPort = null;
+        using var probe = new RedisProbe(() =>
+        {
+            destPort ??= factory.WaitingProcesses.FirstOrDefault()?.ForwardedPorts[6379] ?? loop.Listener.Vms.OfType<QemuVm>().FirstOrDefault()?.Process.ForwardedPorts[6379];
+            return destPort is int d ? [sourcePort, d] : [sourcePort];
+        });
+        probe.Start(TimeSpan.FromSeconds(60));
+        LinuxGuest.WaitFor(() => probe.Requests >= 200, "200 replies from redis before the move", TimeSpan.FromSeconds(60));
+
+        var (report, arrived) = loop.Migrate(source, Options(strategy, 128L << 20));
+
+        PostCopyTests.CheckVerified(report, arrived);
+        Assert.Equal("userfaultfd-remote", arrived.Report.DemandPaging);
+        using var dest = Assert.IsType<QemuVm>(arrived.Vm);
+        int arrivedPort = dest.Process.ForwardedPorts[6379];
+        long atMove = probe.Requests;
+        // redis's pages arrive on demand: its replies go on at the destination while the rest is pushed.
+        LinuxGuest.WaitFor(() => probe.Requests >= atMove + 200, $"200 more replies after the move (from port {arrivedPort})", TimeSpan.FromSeconds(60));
+        var seen = probe.Stop();
+        var keys = probe.CheckKeys(TimeSpan.FromSeconds(30));
+
+        Assert.Equal([sourcePort, arrivedPort], seen.PortsUsed);
+        Assert.Equal(0, seen.WrongAnswers);
+        Assert.True(keys.Checked >= 200, $"only {keys.Checked} keys were written");
+        Assert.True(keys.AllThere, keys.ToString());
+        Assert.InRange(seen.LongestGapMs, report.DowntimeMs * 0.5, 60_000);
+        output.WriteLine($"redis through {Migrations.Name(strategy)}: longest gap {seen.LongestGapMs:0} ms (downtime {report.DowntimeMs:0} ms), {seen.Requests} replies, {seen.Errors} errors, {keys}; faults {arrived.Report.Faults}");
+    }
+
     /// <summary>The report's post-copy figures, as the destination's fault loop measured QEMU's faults and the source counted the pages.</summary>
     private static void CheckPostCopyFigures(MigrationReport report, ArrivedVm arrived)
     {

@@ -186,6 +186,29 @@ public class QemuTests
         Assert.Throws<NotSupportedException>(() => vm.LimitDirtyRate(100));
     }
 
+    [SkippableFact]
+    public void A_pause_is_QEMUs_own_stop_before_its_switch_over_and_a_resume_before_the_save_cancels_it()
+    {
+        string image = QemuGuest.Image(24);
+        using var vm = QemuVm.Start("qemu-preswitch", QemuGuest.Spec(image, 32), QemuGuest.Host(QemuGuest.ImageDirectory()));
+        var before = QemuGuest.WaitForReports(vm.SerialLog, 0, 2, TimeSpan.FromSeconds(60));
+        vm.Pause();
+        // QEMU has stopped the guest itself, its set-up done, and waits for LiveMig's word.
+        Assert.Equal("pre-switchover", vm.Process.Qmp.Execute("query-migrate")?["status"]?.GetValue<string>());
+        Assert.Equal(false, vm.Process.Qmp.Execute("query-status")?["running"]?.GetValue<bool>());
+        vm.Resume(); // a failure before the save: the migration is cancelled and the guest runs on
+        Assert.Equal("cancelled", vm.Process.Qmp.Execute("query-migrate")?["status"]?.GetValue<string>());
+        Assert.Equal(true, vm.Process.Qmp.Execute("query-status")?["running"]?.GetValue<bool>());
+        var after = QemuGuest.WaitForReports(vm.SerialLog, before.Passes, 2, TimeSpan.FromSeconds(60));
+        Assert.Equal(0, after.Errors);
+        // And again, this time saved: the same path a switch-over takes.
+        vm.Pause();
+        Assert.InRange(vm.SaveState().Length, 1 << 10, 16 << 20);
+        Assert.Equal("completed", vm.Process.Qmp.Execute("query-migrate")?["status"]?.GetValue<string>());
+        vm.Resume();
+        Assert.Equal(0, QemuGuest.WaitForReports(vm.SerialLog, after.Passes, 2, TimeSpan.FromSeconds(60)).Errors);
+    }
+
     [SkippableTheory]
     [InlineData(QemuDirtyLog.PageHash)]
     [InlineData(QemuDirtyLog.Agent)]

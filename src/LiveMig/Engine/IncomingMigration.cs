@@ -443,6 +443,7 @@ public sealed class IncomingMigration
     {
         MigrationId = h.MigrationId, Name = h.VmName, Kind = h.VmKind, MemoryBytes = h.MemoryBytes, Vcpus = h.Vcpus, Spec = h.VmSpec,
         DirtyLog = _options.DirtyLog, MemoryPool = _options.MemoryPool, Time = _options.Time,
+        MayPostCopy = (h.Requested & Capabilities.PostCopy) != 0,
     };
 
     private const Capabilities All = Capabilities.Raw | Capabilities.ZeroPages | Capabilities.Verify | Capabilities.RoundSync | Capabilities.Extents | Capabilities.PostCopy | Capabilities.LateZeros | Capabilities.PreCopyResume | Capabilities.MultiStream

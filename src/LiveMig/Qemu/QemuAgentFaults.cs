@@ -48,7 +48,7 @@ internal static unsafe class QemuAgentFaults
                 ulong address = BinaryPrimitives.ReadUInt64LittleEndian(payload);
                 long length = (long)BinaryPrimitives.ReadUInt64LittleEndian(payload.AsSpan(8));
                 if (length != memoryBytes) throw Failed($"QEMU's RAM mapping is {length} bytes, the guest {memoryBytes}");
-                var faults = new RemoteFaults(fd, address, length, Gone, () => Release(qemu));
+                var faults = new RemoteFaults(fd, address, length, () => GoneAfterPlacementFailed(qemu, Gone), () => Release(qemu));
                 fd = -1;
                 return faults;
             }
@@ -58,6 +58,16 @@ internal static unsafe class QemuAgentFaults
             }
         }
         catch (SocketException e) { throw Failed(e.Message); }
+    }
+
+    /// <summary>
+    /// Asked when a placement found QEMU's address space gone (ESRCH): QEMU is exiting, but its exit
+    /// may not be observable yet — a moment's wait, so the failure names how it ended.
+    /// </summary>
+    private static string? GoneAfterPlacementFailed(QemuProcess qemu, Func<string?> gone)
+    {
+        qemu.WaitForExit(TimeSpan.FromSeconds(2));
+        return gone();
     }
 
     /// <summary>Every page has arrived: the agent unregisters the range and closes its copy of the descriptor. Best effort (QEMU may be gone).</summary>

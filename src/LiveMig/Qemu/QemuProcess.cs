@@ -84,6 +84,9 @@ public sealed class QemuProcess : IDisposable
         }
     }
 
+    /// <summary>Waits (bounded) for QEMU to end, e.g. once its address space is known gone; whether it has.</summary>
+    public bool WaitForExit(TimeSpan timeout) => Volatile.Read(ref _disposed) != 0 || _process.WaitForExit(timeout);
+
     /// <summary>Starts QEMU for <paramref name="spec"/>: a new RAM file (or <paramref name="ramFile"/>, which stays the caller's), QMP connected, x-ignore-shared set.</summary>
     public static QemuProcess Start(QemuVmSpec spec, QemuHostOptions host, string name, bool incoming, string? ramFile = null)
     {
@@ -137,7 +140,12 @@ public sealed class QemuProcess : IDisposable
             q.Qmp = QmpClient.ConnectAsync(q.QmpSocket, host.StartTimeout, () => q.ExitReason).GetAwaiter().GetResult();
             q.Qmp.Execute("migrate-set-capabilities", new JsonObject
             {
-                ["capabilities"] = new JsonArray(new JsonObject { ["capability"] = "x-ignore-shared", ["state"] = true }),
+                // pause-before-switchover and events: LiveMig's pause is QEMU's own stop at the end of
+                // its save set-up (QemuDeviceStateSave), learnt from MIGRATION events.
+                ["capabilities"] = new JsonArray(
+                    new JsonObject { ["capability"] = "x-ignore-shared", ["state"] = true },
+                    new JsonObject { ["capability"] = "pause-before-switchover", ["state"] = true },
+                    new JsonObject { ["capability"] = "events", ["state"] = true }),
             });
             // QEMU caps its migration at 128 MiB/s by default: the device state LiveMig carries goes as fast as it can.
             q.Qmp.Execute("migrate-set-parameters", new JsonObject { ["max-bandwidth"] = 1L << 40 });

@@ -95,19 +95,43 @@ public sealed class QemuVm : IVirtualMachine
     /// <summary>The arrival this VM was restored for (destination), so that an undone restore can start over.</summary>
     internal IncomingVm? Arrival { get; init; }
 
+    /// <summary>
+    /// Pauses by beginning QEMU's device-state migration (<see cref="QemuDeviceStateSave"/>): QEMU
+    /// does its save set-up while the guest runs, then stops it and waits in pre-switchover, so
+    /// <see cref="SaveState"/> in the pause only lets it write the state. Where QEMU ends that
+    /// migration otherwise, a plain <c>stop</c>.
+    /// </summary>
     public void Pause()
     {
         if (State == VmRunState.Paused) return;
-        Run("stop");
+        _save = BeginSave();
+        if (_save is null) Run("stop");
         State = VmRunState.Paused;
+    }
+
+    private QemuDeviceStateSave? _save;
+
+    private QemuDeviceStateSave? BeginSave()
+    {
+        string path = Path.Combine(_qemu.RunDirectory, $"state-out-{++_stateSaves}.sock");
+        try { return QemuDeviceStateSave.BeginPaused(_qemu, path, _host.DeviceStateTimeout); }
+        catch (QmpException e) when (e is not QmpError && _qemu.ExitReason is { } gone) { throw new QmpException($"QEMU (pid {_qemu.Pid}) of VM {Name} {gone}: pausing failed", e); }
     }
 
     public void Resume()
     {
-        Run("cont");
+        // Paused before the state was saved: QEMU's cancelled migration restarts the guest itself.
+        if (_save is { } save)
+        {
+            _save = null;
+            using (save) save.Cancel();
+        }
+        if (!IsRunning()) Run("cont");
         State = VmRunState.Running;
         _savedState = null; // it runs again: its device state moves on
     }
+
+    private bool IsRunning() => Run("query-status") is JsonObject o && o["running"]?.GetValue<bool>() == true;
 
     /// <summary>After a completed switch-over: QEMU quits (it runs elsewhere now); the RAM file stays mapped until Dispose.</summary>
     public void Stop()
@@ -128,54 +152,10 @@ public sealed class QemuVm : IVirtualMachine
         // Paused since it was saved (e.g. a post-copy source starting over from its paused VM): the same state.
         if (_savedState is { } saved) return saved;
         if (_host.HashRamAtSwitchover) RamHashAtPause = Memory.ComputeHash();
-        string path = Path.Combine(_qemu.RunDirectory, $"state-out-{++_stateSaves}.sock");
-        var deadline = TimeSpan.FromTicks(_host.DeviceStateTimeout.Ticks);
-        using var cancel = new CancellationTokenSource(deadline);
-        using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        try
-        {
-            listener.Bind(new UnixDomainSocketEndPoint(path));
-            listener.Listen(1);
-            Run("migrate", new JsonObject { ["uri"] = "unix:" + path });
-            byte[] state;
-            using (var connection = listener.AcceptAsync(cancel.Token).AsTask().GetAwaiter().GetResult())
-                state = ReadAll(connection, cancel.Token);
-            string status = AwaitMigration(cancel.Token, out string? error);
-            if (status != "completed") throw new QmpException($"QEMU's device-state migration ended '{status}'{(error is null ? "" : ": " + error)}");
-            return _savedState = state;
-        }
-        catch (OperationCanceledException) { throw new QmpException($"QEMU did not save its device state within {deadline.TotalSeconds:0.#} s{Gone()}"); }
-        catch (SocketException e) { throw new QmpException($"QEMU's device state could not be read from {path}: {e.Message}{Gone()}", e); }
-        finally { File.Delete(path); }
-    }
-
-    private static byte[] ReadAll(Socket connection, CancellationToken cancel)
-    {
-        var state = new MemoryStream();
-        var buffer = new byte[256 << 10];
-        while (true)
-        {
-            int n = connection.ReceiveAsync(buffer, SocketFlags.None, cancel).AsTask().GetAwaiter().GetResult();
-            if (n == 0) return state.ToArray();
-            state.Write(buffer, 0, n);
-            if (state.Length > MaxStateBytes) throw new QmpException($"QEMU's device state exceeds {MaxStateBytes >> 20} MiB");
-        }
-    }
-
-    /// <summary>Polls <c>query-migrate</c> until QEMU's migration (either direction) is over; its status and error.</summary>
-    internal string AwaitMigration(CancellationToken cancel, out string? error) => AwaitMigration(_qemu, cancel, out error);
-
-    internal static string AwaitMigration(QemuProcess qemu, CancellationToken cancel, out string? error)
-    {
-        while (true)
-        {
-            var info = qemu.Qmp.Execute("query-migrate") as JsonObject;
-            string status = info?["status"]?.GetValue<string>() ?? "none";
-            error = info?["error-desc"]?.GetValue<string>();
-            if (status is "completed" or "failed" or "cancelled") return status;
-            cancel.ThrowIfCancellationRequested();
-            Thread.Sleep(2);
-        }
+        // Paused by a plain stop: QEMU's migration from a stopped guest waits in pre-switchover too.
+        var save = _save ?? BeginSave() ?? throw new QmpException($"QEMU's device-state migration of VM {Name} did not reach pre-switchover{Gone()}");
+        _save = null;
+        using (save) return _savedState = save.Finish();
     }
 
     private string Gone() => _qemu.ExitReason is { } gone ? $" (QEMU {gone})" : "";
@@ -185,6 +165,15 @@ public sealed class QemuVm : IVirtualMachine
     {
         try { return _qemu.Qmp.Execute(command, args); }
         catch (QmpException e) when (e is not QmpError && _qemu.ExitReason is { } gone) { throw new QmpException($"QEMU (pid {_qemu.Pid}) of VM {Name} {gone}: '{command}' failed", e); }
+    }
+
+    /// <summary>The pause's QMP path (QEMU's paused migration, its events) compiled before the pause.</summary>
+    public void WarmSwitchover()
+    {
+        // The pending set's count in the pause was compiled there (FullOpts) even from the ReadyToRun build.
+        _ = new PageBitmap(64).Count();
+        Engine.SwitchoverWarmup.Prepare(typeof(QemuDeviceStateSave));
+        Engine.SwitchoverWarmup.Prepare(typeof(QmpClient));
     }
 
     public void Throttle(double fraction)
@@ -223,6 +212,8 @@ public sealed class QemuVm : IVirtualMachine
 
     public void Dispose()
     {
+        _save?.Dispose();
+        _save = null;
         if (_dirtyLog.IsValueCreated) _dirtyLog.Value.Dispose();
         _qemu.Dispose();
         _memory?.Dispose();

@@ -23,6 +23,8 @@ public sealed record IncomingVm
     public MemoryPool? MemoryPool { get; init; }
     /// <summary>The destination's clock, for the VM to run by.</summary>
     public TimeProvider Time { get; init; } = TimeProvider.System;
+    /// <summary>The source asked for post-copy (post-copy, hybrid, or a pre-copy that may switch to it): a factory may set demand paging up before the switch.</summary>
+    public bool MayPostCopy { get; init; }
 }
 
 /// <summary>The destination's guest memory for an arriving VM; <see cref="Populated"/>: faulted in ahead already (prefaulting would only repeat it).</summary>
