@@ -229,6 +229,8 @@ public sealed class PostCopyMigration
         {
             _gate.End();
             _pipeline?.Dispose();
+            _zeroAfterResume?.Dispose(); // native memory, read only by this thread (ResolveLateZeros)
+            _zeroAfterResume = null;
         }
     }
 
