@@ -146,6 +146,20 @@ internal sealed record LiveMigResult(MigrationReport Report, string? Failure, lo
 internal static class QemuBench
 {
     /// <summary>
+    /// A table row's cells after the system's own (both scenarios): the guest's error count, or for
+    /// the Linux guest the redis client's longest gap, replies, errors and keys read back; then the notes.
+    /// </summary>
+    public static string GuestCells(GuestOutcome guest, string rowNotes, bool linux)
+    {
+        if (!linux) return $" {(guest.GuestErrors < 0 ? "–" : guest.GuestErrors.ToString())} | {rowNotes} |";
+        var c = guest.Client;
+        string client = c is null ? " – | – | – |" : $" {c.LongestGapMs:0} | {c.Requests:N0} | {c.Errors} |";
+        string keys = guest.Keys is { } k ? (k.AllThere ? $"all {k.Checked:N0}" : k.ToString()) : "–";
+        string notes = string.Join("; ", new[] { rowNotes, c is null ? null : $"client reconnects {c.Reconnects}, keys in doubt {c.KeysInDoubt}, wrong answers {c.WrongAnswers}", guest.Note }.Where(n => !string.IsNullOrEmpty(n)));
+        return $"{client} {keys} | {notes} |";
+    }
+
+    /// <summary>
     /// QEMU to QEMU on this host: the source from the guest's description, a destination with
     /// <c>-incoming defer -S</c>, <c>x-ignore-shared</c> off (QEMU moves the RAM itself here) and
     /// <paramref name="s"/>'s capabilities on both, its parameters on the source, <c>migrate</c>

@@ -95,12 +95,7 @@ internal static class QemuPostCopyScenario
     private static void Emit(TextWriter o, Row r, bool linux)
     {
         string head = $"| {r.System} | {r.Outcome} | {r.TotalS:0.00} | {r.DowntimeMs:0.0} | {Units.Bytes(r.SocketBytes)} | {r.Faults:N0} |";
-        if (!linux) { o.WriteLine($"{head} {(r.Guest.GuestErrors < 0 ? "–" : r.Guest.GuestErrors.ToString())} | {r.Notes} |"); return; }
-        var c = r.Guest.Client;
-        string client = c is null ? " – | – | – |" : $" {c.LongestGapMs:0} | {c.Requests:N0} | {c.Errors} |";
-        string keys = r.Guest.Keys is { } k ? (k.AllThere ? $"all {k.Checked:N0}" : k.ToString()) : "–";
-        string notes = string.Join("; ", new[] { r.Notes, c is null ? null : $"client reconnects {c.Reconnects}, keys in doubt {c.KeysInDoubt}, wrong answers {c.WrongAnswers}", r.Guest.Note }.Where(n => !string.IsNullOrEmpty(n)));
-        o.WriteLine($"{head}{client} {keys} | {notes} |");
+        o.WriteLine(head + QemuBench.GuestCells(r.Guest, r.Notes, linux));
     }
 
     /// <summary>The name of QEMU's post-copy preemption capability, if this QEMU has one.</summary>

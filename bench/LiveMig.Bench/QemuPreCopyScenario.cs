@@ -119,12 +119,7 @@ internal static class QemuPreCopyScenario
     {
         all.Add(r);
         string head = $"| {rep} | {r.System} | {r.Outcome} | {r.TotalS:0.00} | {(r.Completed ? r.DowntimeMs.ToString("0.0") : "–")} | {Units.Bytes(r.SocketBytes)} | {r.Rounds} |";
-        if (!linux) { o.WriteLine($"{head} {(r.Guest.GuestErrors < 0 ? "–" : r.Guest.GuestErrors.ToString())} | {r.Notes} |"); return; }
-        var c = r.Guest.Client;
-        string client = c is null ? " – | – | – |" : $" {c.LongestGapMs:0} | {c.Requests:N0} | {c.Errors} |";
-        string keys = r.Guest.Keys is { } k ? (k.AllThere ? $"all {k.Checked:N0}" : k.ToString()) : "–";
-        string notes = string.Join("; ", new[] { r.Notes, c is null ? null : $"client reconnects {c.Reconnects}, keys in doubt {c.KeysInDoubt}, wrong answers {c.WrongAnswers}", r.Guest.Note }.Where(n => !string.IsNullOrEmpty(n)));
-        o.WriteLine($"{head}{client} {keys} | {notes} |");
+        o.WriteLine(head + QemuBench.GuestCells(r.Guest, r.Notes, linux));
     }
 
     private static List<NativeSettings> NativeConfigurations(Settings s)
