@@ -39,6 +39,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private readonly ManualResetEventSlim _mainArrived = new(false);
     private readonly ManualResetEventSlim _priorityArrived = new(false);
     private DemandPager? _pager;
+    private bool LateZerosOn => (_hello.Requested & Capabilities.LateZeros) != 0; // requested: a source the destination did not accept it from sends a bitmap and no LateZeros, so this is safe either way
     private UffdDemandPager.Preparation? _prepared; // the fault service made before the pause, until a pager takes it
     private Thread? _priorityThread;
     private volatile bool _priorityBroken;
@@ -247,7 +248,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             while (!ch.Broken)
             {
                 var type = ch.Reader.Read(out var payload);
-                if (type == FrameType.LateZeros && (_hello.Requested & Capabilities.LateZeros) != 0) { MarkLateZeros(payload, ch.Reader.FramesRead - 1); continue; }
+                if (type == FrameType.LateZeros && LateZerosOn) { MarkLateZeros(payload, ch.Reader.FramesRead - 1); continue; }
                 if (type != FrameType.PageBatch) throw new ProtocolException($"unexpected {type} on the page-request connection");
                 long n = PlaceBatch(payload, ch.Reader.FramesRead - 1, scratch, BasicPageDecoder.Instance, placed);
                 Interlocked.Add(ref _placedFromRequests, n);
@@ -271,14 +272,17 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
     private void MarkLateZeros(ReadOnlySpan<byte> payload, long frame)
     {
         var pager = (PortableDemandPager)_pager!;
-        using var zeros = new NativePageBitmap(pager.Memory.PageCount);
-        int words;
-        try { words = PageBitmapChunks.Apply(payload, zeros); }
+        ReadOnlySpan<byte> words;
+        long first;
+        try { words = PageBitmapChunks.Words(payload, pager.Present.WordCount, pager.Memory.PageCount, out first); }
         catch (ProtocolException e) { throw new ProtocolException($"LateZeros (frame {frame} on the page-request connection): {e.Message}"); }
-        long first = (long)System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(payload) / 64;
-        for (long w = first; w < first + words; w++)
-            for (ulong bits = zeros.Word(w); bits != 0; bits &= bits - 1)
-                pager.MarkZero(w * 64 + System.Numerics.BitOperations.TrailingZeroCount(bits));
+        for (int i = 0; i < words.Length / 8; i++)
+            for (ulong bits = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(words[(i * 8)..]); bits != 0; bits &= bits - 1)
+            {
+                long page = (first + i) * 64 + System.Numerics.BitOperations.TrailingZeroCount(bits);
+                if (page >= pager.Memory.PageCount) throw new ProtocolException($"LateZeros (frame {frame} on the page-request connection): page {page} past memory of {pager.Memory.PageCount} pages");
+                pager.MarkZero(page);
+            }
     }
 
     /// <summary>Pages a reader decodes back to back before placing them as one run (its scratch holds this many).</summary>
@@ -383,7 +387,7 @@ internal sealed unsafe class PostCopyIncoming : IPageRequester
             (h.Report.StopReason, h.Report.FreePagesSkipped) = (start.Reason, start.FreePagesSkipped);
             using var pending = new NativePageBitmap(memory.PageCount);
             // LateZeros: a switch that announces every page sends no bitmap.
-            if ((_hello.Requested & Capabilities.LateZeros) != 0 && start.PendingPages == memory.PageCount)
+            if (LateZerosOn && start.PendingPages == memory.PageCount)
                 for (long w = 0; w < pending.WordCount; w++) pending.SetWord(w, ulong.MaxValue);
             var stateChunks = new VmStateAssembler(_options.MaxVmStateBytes);
             while (true)

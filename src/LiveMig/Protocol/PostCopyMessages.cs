@@ -65,15 +65,23 @@ public static class PageBitmapChunks
     /// <summary>Applies one chunk; returns the words covered. Checks bounds and alignment.</summary>
     public static int Apply(ReadOnlySpan<byte> payload, NativePageBitmap into)
     {
+        var words = Words(payload, into.WordCount, into.PageCount, out long firstWord);
+        for (int i = 0; i < words.Length / 8; i++) into.SetWord(firstWord + i, BinaryPrimitives.ReadUInt64LittleEndian(words[(i * 8)..]));
+        return words.Length / 8;
+    }
+
+    /// <summary>One chunk's words (8 bytes each, little-endian) and the index of the first, checked against a bitmap of <paramref name="wordCount"/> words.</summary>
+    public static ReadOnlySpan<byte> Words(ReadOnlySpan<byte> payload, long wordCount, long pageCount, out long firstWord)
+    {
         if (payload.Length < 12) throw new ProtocolException($"PendingPages: {payload.Length} bytes is shorter than its header");
         ulong first = BinaryPrimitives.ReadUInt64LittleEndian(payload);
         uint n = BinaryPrimitives.ReadUInt32LittleEndian(payload[8..]);
         if (first % 64 != 0) throw new ProtocolException($"PendingPages: first page {first} is not a multiple of 64");
         if (n > MaxWords || payload.Length != 12 + n * 8) throw new ProtocolException($"PendingPages: {n} words do not match a payload of {payload.Length} bytes");
-        ulong firstWord = first / 64;
-        if (firstWord + n > (ulong)into.WordCount) throw new ProtocolException($"PendingPages: words {firstWord}..{firstWord + n} run past memory of {into.PageCount} pages");
-        for (int i = 0; i < n; i++) into.SetWord((long)firstWord + i, BinaryPrimitives.ReadUInt64LittleEndian(payload[(12 + i * 8)..]));
-        return (int)n;
+        ulong fw = first / 64;
+        if (fw + n > (ulong)wordCount) throw new ProtocolException($"PendingPages: words {fw}..{fw + n} run past memory of {pageCount} pages");
+        firstWord = (long)fw;
+        return payload.Slice(12, (int)n * 8);
     }
 }
 
